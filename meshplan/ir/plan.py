@@ -1,0 +1,238 @@
+"""Plan: per op, a strategy on a model axis, input/output placements per mesh axis, and collective precisions.
+
+The planner writes Plans; codegen and runtime read them; users may write or edit them as YAML. A Plan is data:
+`Plan.to_yaml` / `Plan.from_yaml` round-trip it losslessly, and `Plan.validate(graph)` rejects a plan that does
+not fit the model with one PlanError naming the field and the constraint.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sympy
+import yaml
+
+from . import graph as G
+from .graph import Graph, Op
+from .mesh import Mesh
+from .placement import Placement, Replicate, Shard, parse_placement
+from .strategies import (
+    BATCH, DEFAULT_STRATEGY, STRATEGIES, allowed_precisions, collective_names, divisibility_error,
+)
+
+FORMAT_VERSION = 1
+
+
+class PlanError(ValueError):
+    """A plan does not fit its model or mesh. The message names the field: plan.ops['layers.3.attention'].axis."""
+
+
+@dataclass
+class OpPlan:
+    strategy: str
+    axis: str | None  # the model axis the strategy splits over (None: data parallel on every axis)
+    input: tuple[Placement, ...]  # placement of every input, one per mesh axis
+    output: tuple[Placement, ...]
+    precision: dict[str, str] = field(default_factory=dict)  # collective name -> fp32 | bf16 | fp8 (default fp32)
+
+    def to_dict(self) -> dict:
+        d = {"strategy": self.strategy, "axis": self.axis, "input": [str(p) for p in self.input],
+             "output": [str(p) for p in self.output]}
+        if self.precision:
+            d["precision"] = dict(sorted(self.precision.items()))
+        return d
+
+
+@dataclass
+class Plan:
+    model: str
+    mesh: Mesh
+    ops: dict[str, OpPlan]
+    meta: dict = field(default_factory=dict)  # free-form provenance (planner objective, cluster, ...)
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, graph: Graph, mesh: Mesh, strategies: dict[str, str] | None = None, axis: str | None = None,
+              precision: dict[str, str] | None = None) -> "Plan":
+        """A plan that gives each op its strategy's native placements. `strategies` maps an op name, template
+        ("layers.*.attention") or kind ("attention") to a strategy; unnamed ops get DEFAULT_STRATEGY. `axis` is
+        the model axis (default: the mesh's last, innermost axis). `precision` maps collective names to dtypes
+        for every op that has that collective."""
+        strategies = strategies or {}
+        axis = axis if axis is not None else mesh.names[-1]
+        if axis not in mesh.names:
+            raise PlanError(f"plan.axis: {axis!r} is not a mesh axis (axes: {list(mesh.names)})")
+        ops = {}
+        for op in graph.ops():
+            if op.kind in (G.INPUT, G.OUTPUT):
+                continue
+            name = strategies.get(op.name) or strategies.get(op.template) or strategies.get(op.kind) \
+                or DEFAULT_STRATEGY[op.kind]
+            strat = STRATEGIES[op.kind].get(name)
+            if strat is None:
+                raise PlanError(f"plan.ops[{op.name!r}].strategy: {name!r} is not valid for {op.kind} "
+                                f"(valid: {', '.join(STRATEGIES[op.kind])})")
+            i, o = strat.native
+            on_axis = lambda p: tuple(p if a == axis else BATCH for a in mesh.names)  # noqa: E731
+            prec = {c: precision[c] for c in collective_names(op, name) if precision and c in precision}
+            ops[op.name] = OpPlan(name, axis, on_axis(i), on_axis(o), prec)
+        return cls(graph.name, mesh, ops)
+
+    # ---- YAML ---------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = {"meshplan_plan": FORMAT_VERSION, "model": self.model, "mesh": self.mesh.to_dict(),
+             "ops": {name: op.to_dict() for name, op in self.ops.items()}}
+        if self.meta:
+            d["meta"] = self.meta
+        return d
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=120)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        if not isinstance(d, dict):
+            raise PlanError(f"plan: expected a mapping at the top level, got {type(d).__name__}")
+        unknown = set(d) - {"meshplan_plan", "model", "mesh", "ops", "meta"}
+        if unknown:
+            raise PlanError(f"plan.{sorted(unknown)[0]}: unknown field")
+        if d.get("meshplan_plan", FORMAT_VERSION) != FORMAT_VERSION:
+            raise PlanError(f"plan.meshplan_plan: format {d['meshplan_plan']!r} unsupported (expected {FORMAT_VERSION})")
+        for key in ("model", "mesh", "ops"):
+            if key not in d:
+                raise PlanError(f"plan.{key}: missing")
+        try:
+            mesh = Mesh.from_dict(d["mesh"])
+        except ValueError as e:
+            raise PlanError(f"plan.{e}") from None
+        if not isinstance(d["ops"], dict):
+            raise PlanError("plan.ops: expected a mapping op name -> entry")
+        ops = {}
+        for name, e in d["ops"].items():
+            where = f"plan.ops[{name!r}]"
+            if not isinstance(e, dict):
+                raise PlanError(f"{where}: expected a mapping")
+            extra = set(e) - {"strategy", "axis", "input", "output", "precision"}
+            if extra:
+                raise PlanError(f"{where}.{sorted(extra)[0]}: unknown field")
+            for key in ("strategy", "input", "output"):
+                if key not in e:
+                    raise PlanError(f"{where}.{key}: missing")
+            placements = {}
+            for key in ("input", "output"):
+                if not isinstance(e[key], list) or len(e[key]) != len(mesh.axes):
+                    raise PlanError(f"{where}.{key}: expected a list of {len(mesh.axes)} placements, one per mesh "
+                                    f"axis {list(mesh.names)}, got {e[key]!r}")
+                try:
+                    placements[key] = tuple(parse_placement(p) for p in e[key])
+                except ValueError as err:
+                    raise PlanError(f"{where}.{key}: {err}") from None
+            precision = e.get("precision") or {}
+            if not isinstance(precision, dict):
+                raise PlanError(f"{where}.precision: expected a mapping collective -> dtype")
+            ops[name] = OpPlan(str(e["strategy"]), e.get("axis"), placements["input"], placements["output"],
+                               {str(k): str(v) for k, v in precision.items()})
+        return cls(str(d["model"]), mesh, ops, dict(d.get("meta") or {}))
+
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> "Plan":
+        """A path to a YAML file, or YAML text."""
+        text = Path(source).read_text() if isinstance(source, Path) or (
+            "\n" not in str(source) and Path(str(source)).exists()) else str(source)
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise PlanError(f"plan: not valid YAML: {e}") from None
+        return cls.from_dict(d)
+
+    # ---- validation -----------------------------------------------------------------------------------
+    def validate(self, graph: Graph, batch: int | None = None, seq: int | None = None) -> "Plan":
+        """Check the plan against the model's IR (and, when given, the run's batch and sequence sizes)."""
+        ops = {op.name: op for op in graph.ops() if op.kind not in (G.INPUT, G.OUTPUT)}
+        for name in self.ops:
+            if name not in ops:
+                close = difflib.get_close_matches(name, list(ops), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise PlanError(f"plan.ops[{name!r}]: no such op in model {graph.name!r}{hint}")
+        for name, op in ops.items():
+            if name not in self.ops:
+                raise PlanError(f"plan.ops[{name!r}]: missing (every op of the model needs an entry)")
+            self._validate_op(op, self.ops[name], batch, seq)
+        return self
+
+    def _validate_op(self, op: Op, p: OpPlan, batch: int | None, seq: int | None) -> None:
+        where = f"plan.ops[{op.name!r}]"
+        valid = STRATEGIES[op.kind]
+        if p.strategy not in valid:
+            raise PlanError(f"{where}.strategy: {p.strategy!r} is not valid for {op.kind} (valid: {', '.join(valid)})")
+        strat = valid[p.strategy]
+        if p.axis is not None and p.axis not in self.mesh.names:
+            raise PlanError(f"{where}.axis: {p.axis!r} is not a mesh axis (axes: {list(self.mesh.names)})")
+        for axis, size in self.mesh.axes:
+            i, o = p.input[self.mesh.index(axis)], p.output[self.mesh.index(axis)]
+            if axis == p.axis:
+                if (i, o) not in strat.io:
+                    allowed = " or ".join(f"{a} -> {b}" for a, b in strat.io)
+                    raise PlanError(f"{where}: on its model axis {axis}, strategy {p.strategy} takes {allowed}, "
+                                    f"not {i} -> {o}")
+                if err := divisibility_error(op, p.strategy, axis, size):
+                    raise PlanError(f"{where}: {err}")
+            elif (i, o) != (BATCH, BATCH) and size > 1:
+                raise PlanError(f"{where}: mesh axis {axis} is data parallel for this op, so its input and output "
+                                f"must be {BATCH} (batch-sharded), not {i} -> {o}")
+            self._check_sizes(where, op, axis, size, (i, o), batch, seq)
+        if p.strategy == "seq" and op.kind == G.GENERIC:
+            dims = [m.shape for m in op.input_metas] + ([op.output.shape] if op.output else [])
+            if any(len(s) < 2 or s[1] != G.S for s in dims) and p.axis is not None:
+                raise PlanError(f"{where}.strategy: seq needs the sequence as dim 1 of every input and the output "
+                                f"of {op.attrs.get('target')}; use replicate")
+        names = collective_names(op, p.strategy)
+        for c, dtype in p.precision.items():
+            if c not in names:
+                raise PlanError(f"{where}.precision.{c}: no such collective for {op.kind}/{p.strategy} "
+                                f"(has: {', '.join(names) or 'none'})")
+            if dtype not in allowed_precisions(c):
+                raise PlanError(f"{where}.precision.{c}: {dtype!r} not allowed (allowed: "
+                                f"{', '.join(allowed_precisions(c))})")
+
+    def _check_sizes(self, where, op, axis, size, io, batch, seq) -> None:
+        for p in io:
+            if not isinstance(p, Shard) or size == 1:
+                continue
+            if p.dim == 0 and batch is not None and batch % size:
+                raise PlanError(f"{where}: mesh axis {axis}={size} does not divide the batch size {batch}")
+            if p.dim == 1 and seq is not None and seq % size:
+                raise PlanError(f"{where}: mesh axis {axis}={size} does not divide the sequence length {seq}")
+
+    # ---- views ------------------------------------------------------------------------------------------
+    def reshards(self, graph: Graph) -> list[tuple[str, str, int, tuple[Placement, ...], tuple[Placement, ...]]]:
+        """(producer, consumer, input index, producer's output placement, consumer's input placement) for every
+        edge whose placements differ: the collectives the plan implies between ops. Graph inputs (token ids) are
+        loaded by each rank as its first consumer wants them, so they never reshard."""
+        out = []
+        for op in graph.ops():
+            if op.name not in self.ops:
+                continue
+            for idx, src in enumerate(op.inputs):
+                if src not in self.ops:
+                    continue
+                src_p, dst_p = self.ops[src].output, self.ops[op.name].input
+                if src_p != dst_p:
+                    out.append((src, op.name, idx, src_p, dst_p))
+        return out
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for p in self.ops.values():
+            key = f"{p.strategy}"
+            counts[key] = counts.get(key, 0) + 1
+        parts = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+        return f"plan for {self.model} on mesh {self.mesh}: {len(self.ops)} ops ({parts})"
+
+
+def evaluate_shape(shape, batch: int, seq: int) -> tuple[int, ...]:
+    return tuple(int(sympy.sympify(d).subs({G.B: batch, G.S: seq})) for d in shape)

@@ -1,0 +1,116 @@
+"""ModelConfig: the named sizes of the reference MoE transformer, loadable from YAML."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the constraint."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    vocab_size: int = 256
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_dim: int = 128  # hidden size of one expert (h_ffn)
+    n_experts: int = 4
+    top_k: int = 2
+    n_shared_experts: int = 0  # shared experts every token passes through, each ffn_dim wide
+    n_dense_layers: int = 0  # the first n layers use a dense SwiGLU FFN instead of MoE
+    dense_ffn_dim: int = 0  # 0 -> ffn_dim
+    norm_topk_prob: bool = True  # renormalise the top-k router weights to sum to 1 (Mixtral)
+    capacity_factor: float | None = None  # None: dropless
+    max_seq_len: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def gqa_ratio(self) -> int:
+        """m in REFERENCE.md: query heads per KV head."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def dense_hidden(self) -> int:
+        return self.dense_ffn_dim or self.ffn_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.n_dense_layers
+
+    def validate(self) -> None:
+        positive = ["vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"]
+        for f in positive:
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"model.{f}: must be a positive integer, got {v!r}")
+        for f in ["n_experts", "top_k", "n_shared_experts", "n_dense_layers", "dense_ffn_dim"]:
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"model.{f}: must be a non-negative integer, got {v!r}")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"model.dim: {self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"model.dim: head_dim={self.head_dim} must be even for RoPE")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"model.n_kv_heads: {self.n_kv_heads} does not divide n_heads={self.n_heads}")
+        if self.n_dense_layers > self.n_layers:
+            raise ConfigError(f"model.n_dense_layers: {self.n_dense_layers} > n_layers={self.n_layers}")
+        if self.n_dense_layers < self.n_layers:
+            if self.n_experts < 1:
+                raise ConfigError("model.n_experts: MoE layers need at least one expert")
+            if not 1 <= self.top_k <= self.n_experts:
+                raise ConfigError(f"model.top_k: must be in [1, n_experts={self.n_experts}], got {self.top_k}")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ConfigError(f"model.capacity_factor: must be > 0 or null, got {self.capacity_factor}")
+
+    # ---- YAML -------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"model config: expected a mapping, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"model.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ModelConfig":
+        with open(path) as f:
+            d = yaml.safe_load(f)
+        if isinstance(d, dict) and "model" in d and isinstance(d["model"], dict):
+            d = d["model"]
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+
+
+def load_config(name_or_path: str | Path) -> ModelConfig:
+    """A path to a YAML file, or the name of one in configs/models/ ("tiny", "internal-352b", ...)."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return ModelConfig.from_yaml(p)
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return ModelConfig.from_yaml(candidate)
+    known = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.exists() else []
+    raise ConfigError(f"model config {str(name_or_path)!r}: no such file, and not one of {known}")
