@@ -162,8 +162,8 @@ class Graph:
         return len(layers)
 
     def summary(self) -> str:
-        return (f"{self.name}: {len(self)} ops, {self.n_layers()} layers, {self.total_params / 1e9:.3f}B params, "
-                f"{self.active_params / 1e9:.3f}B active per token")
+        return (f"{self.name}: {len(self)} ops, {self.n_layers()} layers, {human(self.total_params)} params, "
+                f"{human(self.active_params)} active per token")
 
 
 def human(n: float) -> str:

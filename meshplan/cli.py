@@ -1,0 +1,162 @@
+"""The `meshplan` command: trace, show, plan, simulate, calibrate, run, schedule, train.
+
+Each stage owns its subcommands (planner/cli.py, runtime/launch.py, ...); this file only wires them up, so that
+`meshplan --help` lists everything a user can do.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .table import format_table
+
+
+# ---- trace -------------------------------------------------------------------------------------------------
+def _load_model(config: str, head: str = "lm"):
+    from .models import build_model, load_config
+
+    cfg = load_config(config)
+    big = cfg.n_layers * cfg.dim * cfg.dim > 50_000_000  # anything past CPU size stays on the meta device
+    return build_model(cfg, head=head, device="meta" if big else "cpu")
+
+
+def trace_table(graph, batch: int, seq: int) -> str:
+    from .ir.graph import human
+
+    rows = []
+    for op in graph.ops():
+        ins = ", ".join(str(m) for m in op.input_metas)
+        rows.append([op.name, op.kind, ins, str(op.output) if op.output else "", str(op.flops),
+                     human(graph.evaluate(op.flops, batch, seq)), human(op.params)])
+    return format_table(["op", "kind", "inputs", "output", "FLOPs (fwd)", f"@B={batch},S={seq}", "params"], rows,
+                        align="lllllrr")
+
+
+def cmd_trace(args) -> int:
+    from .ir import trace
+    from .ir.graph import human
+
+    model = _load_model(args.config, args.head)
+    graph = trace(model)
+    seq = args.seq or model.config.max_seq_len
+    print(trace_table(graph, args.batch, seq))
+    tokens = args.batch * seq
+    fwd = graph.evaluate(graph.total_flops, args.batch, seq)
+    print(f"\n{graph.name}: {len(graph)} ops, {graph.n_layers()} layers")
+    print(f"total parameters:            {graph.total_params:,} ({human(graph.total_params)})")
+    print(f"activated parameters/token:  {graph.active_params:,} ({human(graph.active_params)})")
+    print(f"forward FLOPs at B={args.batch}, S={seq}: {human(fwd)} ({human(fwd / tokens)} per token; "
+          f"training ~3x)")
+    return 0
+
+
+# ---- show --------------------------------------------------------------------------------------------------
+def plan_rows(plan) -> list[list[str]]:
+    """One row per run of identical layers: layers.[0-59].attention stands for 60 equal entries."""
+    from .ir.graph import Op
+
+    rows: list[list[str]] = []
+    runs: list[tuple[str, list[int], dict]] = []
+    for name, p in plan.ops.items():
+        op = Op(name, "generic", [], [], None)
+        d = p.to_dict()
+        if runs and op.layer is not None and runs[-1][0] == op.template and runs[-1][2] == d:
+            runs[-1][1].append(op.layer)
+            continue
+        runs.append((op.template if op.layer is not None else name, [op.layer] if op.layer is not None else [], d))
+    # Merge runs that repeat the same template across consecutive layers (layer 0's ops, then layer 1's, ...).
+    merged: dict[tuple, list[int]] = {}
+    order: list[tuple] = []
+    for template, layers, d in runs:
+        key = (template, repr(d))
+        if key not in merged:
+            merged[key] = []
+            order.append((template, d))
+        merged[key].extend(layers)
+    for template, d in order:
+        layers = sorted(merged[(template, repr(d))])
+        name = template.replace("*", _ranges(layers)) if layers else template
+        prec = ", ".join(f"{k}={v}" for k, v in (d.get("precision") or {}).items())
+        rows.append([name, d["strategy"], d["axis"] or "-", " ".join(d["input"]), " ".join(d["output"]), prec or "-"])
+    return rows
+
+
+def _ranges(xs: list[int]) -> str:
+    if len(xs) == 1:
+        return str(xs[0])
+    if xs == list(range(xs[0], xs[-1] + 1)):
+        return f"[{xs[0]}-{xs[-1]}]"
+    return "[" + ",".join(map(str, xs)) + "]"
+
+
+def cmd_show(args) -> int:
+    from .ir import Plan, trace
+
+    plan = Plan.from_yaml(args.plan)
+    if args.model:
+        plan.validate(trace(_load_model(args.model)))
+    print(f"plan for {plan.model} on mesh {plan.mesh} ({plan.mesh.size} ranks)")
+    for k, v in plan.meta.items():
+        print(f"  {k}: {v}")
+    print(format_table(["op", "strategy", "axis", f"input {list(plan.mesh.names)}", "output", "precision"],
+                       plan_rows(plan), align="llllll"))
+    if getattr(args, "code", False):
+        codegen = _optional("meshplan.codegen.emit")
+        if codegen is None:
+            print("\n(--code: codegen is not available in this build)")
+        else:
+            print("\n" + codegen.emit_for_plan_file(args.plan, args.model))
+    return 0
+
+
+def _optional(module: str):
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            return None
+        raise
+
+
+# ---- wiring ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshplan", description="A declarative compiler for MoE parallelism plans.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("trace", help="trace a model config into the IR and print it as a table")
+    t.add_argument("config", help="configs/models/NAME.yaml, or a NAME in configs/models/ (tiny, internal-352b, ...)")
+    t.add_argument("--batch", type=int, default=1, help="batch size B to evaluate FLOPs at (default 1)")
+    t.add_argument("--seq", type=int, default=None, help="sequence length S (default: the model's max_seq_len)")
+    t.add_argument("--head", choices=["lm", "value"], default="lm", help="LM head or value head (critic)")
+    t.set_defaults(func=cmd_trace)
+
+    s = sub.add_parser("show", help="print a plan YAML readably (identical layers collapsed)")
+    s.add_argument("plan", help="a plan YAML file")
+    s.add_argument("--model", help="also validate the plan against this model config")
+    s.add_argument("--code", action="store_true", help="also print the module codegen emits for this plan")
+    s.set_defaults(func=cmd_show)
+
+    # Stages register their own subcommands; a stage missing from this build simply has none.
+    for module, adder in [("meshplan.demo", "add_parsers"), ("meshplan.planner.cli", "add_parsers"), ("meshplan.runtime.launch", "add_parsers"),
+                          ("meshplan.codegen.cli", "add_parsers"), ("meshplan.rl.cli", "add_parsers")]:
+        m = _optional(module)
+        if m is not None and hasattr(m, adder):
+            getattr(m, adder)(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .ir import PlanError, TraceError
+    from .models import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, PlanError, TraceError, FileNotFoundError) as e:
+        print(f"meshplan {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
