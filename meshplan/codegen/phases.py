@@ -1,0 +1,193 @@
+"""What one op becomes in a training step: its phases, by strategy, with per-rank FLOPs and bytes.
+
+An op whose strategy has collectives inside it is split at them, so that a scheduler can run one micro-batch
+chunk's collective while another chunk computes (MegaScale-MoE's inter-operator overlap, REFERENCE.md "Overlap"):
+  EP MoE:            route -> dispatch (all-to-all) -> experts -> combine (all-to-all) -> unpermute,
+                     with shared experts (when the model has them) beside the all-to-alls;
+  Ulysses attention: qkv -> qkv_a2a (all-to-all) -> core -> out_a2a (all-to-all) -> out_proj.
+Every other op is one "compute" phase; the collectives between ops (TP's all-gather and reduce-scatter) are the
+plan's edge reshardings, built by task_graph.py. All numbers are forward, per rank, for the whole step (before
+splitting into chunks). A collective's `nbytes` is the tensor it moves as its group sees it (see
+durations.wire_bytes for what one rank sends).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..ir import graph as G
+from ..ir.graph import Graph, Op, dtype_size
+from ..ir.plan import Plan, evaluate_shape
+from ..ir.placement import Shard
+
+COMPUTE, COMM = "compute", "comm"
+STREAMS = (COMPUTE, COMM)
+
+# The gradient of a forward collective is the mirror collective (DTensor's redistribute backward, Megatron's f/g):
+# an all-gather's gradient is a reduce-scatter and back; an all-to-all's is the inverse all-to-all; an all-reduce
+# of a partial sum passes its (replicated) gradient through; a local slice's gradient must be all-gathered.
+MIRROR = {"all_to_all": "all_to_all", "all_gather": "reduce_scatter", "reduce_scatter": "all_gather",
+          "all_reduce": None, "slice": "all_gather", None: None}
+PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
+DDP_BUCKET_BYTES = 25 * 2**20  # PyTorch DDP's default bucket_cap_mb
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    stream: str  # COMPUTE or COMM
+    flops: float = 0.0  # forward FLOPs on one rank
+    mem_bytes: float = 0.0  # activations and weights one rank reads and writes (the roofline's memory term)
+    collective: str | None = None  # all_to_all | all_gather | reduce_scatter | all_reduce (COMM only)
+    nbytes: float = 0.0  # the tensor the collective moves, as its group sees it
+    axes: tuple[str, ...] = ()  # mesh axes the collective spans
+    group: int = 1  # ranks in the collective's group
+    after: tuple[str, ...] = ()  # phases of the same op it waits for; () means the op's inputs
+
+
+class OpView:
+    """One op of the plan at a concrete batch and sequence length: the sizes every phase formula needs."""
+
+    def __init__(self, graph: Graph, plan: Plan, op: Op, batch: int, seq: int):
+        self.graph, self.plan, self.op, self.batch, self.seq = graph, plan, op, batch, seq
+        self.p = plan.ops[op.name]
+        mesh = plan.mesh
+        self.n = mesh.axis_size(self.p.axis) if self.p.axis is not None else 1
+        # Ranks that split this op's work: all of them, except that "replicate" repeats the work across its axis.
+        self.div = mesh.size // self.n if self.p.strategy == "replicate" else mesh.size
+        self.dp = mesh.size // self.n  # data-parallel ranks: the batch is split over every axis but the model axis
+        self.act = dtype_size(op.output.dtype) if op.output is not None else 4
+
+    @property
+    def tokens(self) -> int:
+        """Rows of the first input (B·S of the whole, global step) for ops taking [B, S, features]."""
+        t = 1
+        for d in evaluate_shape(self.op.input_metas[0].shape, self.batch, self.seq)[:-1]:
+            t *= d
+        return t
+
+    def flops(self) -> float:
+        return float(self.graph.evaluate(self.op.flops, self.batch, self.seq))
+
+    def local(self, meta, placements) -> float:
+        """Bytes of a tensor on one rank, given its placement on each mesh axis."""
+        total = float(self.graph.evaluate(meta.nbytes, self.batch, self.seq))
+        for (_, size), pl in zip(self.plan.mesh.axes, placements):
+            if isinstance(pl, Shard):
+                total /= size
+        return total
+
+    def io_bytes(self) -> float:
+        ins = sum(self.local(m, self.p.input) for m in self.op.input_metas)
+        return ins + (self.local(self.op.output, self.p.output) if self.op.output is not None else 0.0)
+
+    def comm_bytes(self, collective: str) -> int:
+        """Element size on the wire: the plan's precision for this collective, else the activation's dtype."""
+        prec = self.p.precision.get(collective)
+        return PRECISION_BYTES[prec] if prec else self.act
+
+
+# ---- parameters and their gradient reductions ------------------------------------------------------------------
+def param_split(op: Op, strategy: str) -> tuple[int, int]:
+    """(parameters split over the model axis, parameters every rank of the axis holds whole)."""
+    a = op.attrs
+    if op.kind == G.MOE and strategy in ("ep", "ag_scatter"):
+        experts = a["n_experts"] * 3 * a["dim"] * a["ffn_dim"]
+        return experts, op.params - experts
+    if op.kind == G.MOE and strategy == "tp":
+        router = a["dim"] * a["n_experts"]
+        return op.params - router, router
+    if strategy in ("tp", "vocab"):
+        return op.params, 0
+    return 0, op.params
+
+
+def grad_phases(v: OpView, bucket_bytes: float = DDP_BUCKET_BYTES) -> list[Phase]:
+    """Data-parallel gradient reductions of one op (all-reduces), issued after the op's whole backward.
+
+    Split parameters reduce over the data-parallel axes; whole ones also over the model axis when its ranks saw
+    different tokens (sequence- or batch-sharded input), as SP's replicated attention weights do (REFERENCE.md).
+    A reduction larger than `bucket_bytes` is cut into buckets ("grad.0", "grad.1", ...) as DDP does: one
+    collective cannot be preempted, so a single multi-GB reduction would hold the comm stream while the next
+    layer's all-to-all waits.
+    """
+    mesh, p = v.plan.mesh, v.p
+    split, whole = param_split(v.op, p.strategy)
+    dp_axes = tuple(a for a, s in mesh.axes if a != p.axis and s > 1)
+    model_sharded = p.axis is not None and v.n > 1 and isinstance(p.input[mesh.index(p.axis)], Shard)
+    elem = PRECISION_BYTES[p.precision["grad"]] if "grad" in p.precision else dtype_size(v.op.param_dtype)
+    groups = [("grad", split / max(v.n, 1), dp_axes),
+              ("grad_whole" if split else "grad", whole, dp_axes + ((p.axis,) if model_sharded else ()))]
+    out = []
+    for name, count, axes in groups:
+        size = 1
+        for a in axes:
+            size *= mesh.axis_size(a)
+        if count and size > 1:
+            axes = tuple(a for a in mesh.names if a in axes)  # mesh order, outermost first
+            k = max(1, math.ceil(count * elem / bucket_bytes))
+            for i in range(k):
+                out.append(Phase(f"{name}.{i}" if k > 1 else name, COMM, collective="all_reduce",
+                                 nbytes=count * elem / k, axes=axes, group=size))
+    return out
+
+
+# ---- forward phases by strategy ---------------------------------------------------------------------------------
+def op_phases(v: OpView) -> list[Phase]:
+    """The op's forward phases in a valid order; the last one produces the op's output."""
+    if v.n > 1 and v.op.kind == G.ATTENTION and v.p.strategy == "sp":
+        return _ulysses_attention(v)
+    if v.n > 1 and v.op.kind == G.MOE and v.p.strategy == "ep":
+        return _expert_parallel_moe(v)
+    split, whole = param_split(v.op, v.p.strategy)
+    weights = (split / v.n + whole) * dtype_size(v.op.param_dtype)
+    return [Phase("compute", COMPUTE, v.flops() / v.div, v.io_bytes() + weights)]
+
+
+def _ulysses_attention(v: OpView) -> list[Phase]:
+    # Shapes from REFERENCE.md: qkv [b, s/n, h(1+2/m)] -> all-to-all -> [b, s, h(1+2/m)/n]; core; out [b, s, h/n]
+    # -> all-to-all -> [b, s/n, h]. Per rank everything is 1/size of the global step (heads or sequence split).
+    a, t, r = v.op.attrs, v.tokens, v.plan.mesh.size
+    d, hd = a["dim"], a["head_dim"]
+    qkv_w, out_w = d * (a["n_heads"] + 2 * a["n_kv_heads"]) * hd, a["n_heads"] * hd * d
+    qkv_f, out_f = 2 * t * qkv_w, 2 * t * out_w
+    core_f = v.flops() - qkv_f - out_f  # the causal S² products: whatever ops.py counted beyond the projections
+    qkv_el, out_el = t * qkv_w // d, t * out_w // d  # q,k,v and attention-output elements of the whole step
+    pb, ab = dtype_size(v.op.param_dtype), v.act
+    group_tokens = v.batch // v.dp * v.seq  # the tokens one model-axis group holds (the all-to-all's tensor)
+    axis = (v.p.axis,)
+    return [
+        Phase("qkv", COMPUTE, qkv_f / r, (t * d + qkv_el) * ab / r + qkv_w * pb),
+        Phase("qkv_a2a", COMM, collective="all_to_all", axes=axis, group=v.n, after=("qkv",),
+              nbytes=group_tokens * qkv_w // d * v.comm_bytes("qkv_a2a")),
+        Phase("core", COMPUTE, core_f / r, (qkv_el + out_el) * ab / r, after=("qkv_a2a",)),
+        Phase("out_a2a", COMM, collective="all_to_all", axes=axis, group=v.n, after=("core",),
+              nbytes=group_tokens * out_w // d * v.comm_bytes("out_a2a")),
+        Phase("out_proj", COMPUTE, out_f / r, (out_el + t * d) * ab / r + out_w * pb, after=("out_a2a",)),
+    ]
+
+
+def _expert_parallel_moe(v: OpView) -> list[Phase]:
+    # Each token goes to k experts: dispatch and combine each move k·b·s·h per group (V_EP, REFERENCE.md).
+    a, t, r = v.op.attrs, v.tokens, v.plan.mesh.size
+    d, k, e, f, sh = a["dim"], a["top_k"], a["n_experts"], a["ffn_dim"], a["shared_hidden"]
+    pb, ab = dtype_size(v.op.param_dtype), v.act
+    group_tokens = v.batch // v.dp * v.seq
+    axis = (v.p.axis,)
+    a2a = dict(collective="all_to_all", axes=axis, group=v.n)
+    phases = [
+        # router GEMM, then a copy of each token per chosen expert (the permute is memory-bound)
+        Phase("route", COMPUTE, 2 * t * d * e / r, t * d * (1 + k) * ab / r + d * e * pb),
+        Phase("dispatch", COMM, nbytes=k * group_tokens * d * v.comm_bytes("dispatch"), after=("route",), **a2a),
+        Phase("experts", COMPUTE, k * 6 * t * d * f / r, 2 * k * t * d * ab / r + e // v.n * 3 * d * f * pb,
+              after=("dispatch",)),
+        Phase("combine", COMM, nbytes=k * group_tokens * d * v.comm_bytes("combine"), after=("experts",), **a2a),
+    ]
+    last_after = ("combine",)
+    if sh:
+        # Shared experts need only the op's input: they fill the compute stream while the all-to-alls run.
+        phases.append(Phase("shared", COMPUTE, 6 * t * d * sh / r, 2 * t * d * ab / r + 3 * d * sh * pb))
+        last_after += ("shared",)
+    # The weighted sum of each token's k expert outputs (+ shared): elementwise, counted as memory traffic only.
+    phases.append(Phase("unpermute", COMPUTE, 0.0, t * d * (k + 2) * ab / r, after=last_after))
+    return phases
