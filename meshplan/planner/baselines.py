@@ -1,0 +1,92 @@
+"""Baseline plans, expressed as ordinary Plans and priced by the planner's own model (plans.price_plan).
+
+megatron: Megatron-LM with sequence parallelism (REFERENCE.md's baseline): TP over the node (mp = 8) for attention,
+    the experts and dense FFNs; norms and residual adds sequence-sharded; vocab-parallel embedding; PP across
+    nodes; DP outermost. Activation collectives and gradients in BF16 (Megatron's defaults).
+ep_dp: all-EP/DP: the MoE FFN expert-parallel over the node, every other op data parallel on every axis (one
+    sequence per GPU per micro-batch), so the only model-axis communication is the EP all-to-all and the
+    batch <-> sequence all-to-all around it.
+Both pick the pipeline depth that fits memory fastest unless `pp` is given (REFERENCE.md quotes PP=15).
+"""
+from __future__ import annotations
+
+from ..ir import graph as G
+from ..ir.graph import Graph
+from ..ir.plan import OpPlan, Plan, PlanError
+from ..ir.strategies import STRATEGIES, collective_names, divisibility_error
+from . import cost_model as cm
+from .cluster import Cluster
+from .mesh_search import PlannerError, divisors
+from .plans import MODEL_AXIS, Priced, fits, price_plan
+from .pricing import MeshConfig, Options, layers_per_stage
+
+MEGATRON = {G.ATTENTION: "tp", G.MOE: "tp", G.FFN: "tp", G.EMBEDDING: "vocab", G.NORM: "seq", G.LINEAR: "tp",
+            G.LM_HEAD: "seq", G.GENERIC: "seq"}
+BF16 = "bf16"
+
+
+def _op_plan(op, strategy: str | None, n: int) -> OpPlan:
+    """strategy None: data parallel on the model axis too (axis null, batch-sharded everywhere)."""
+    if strategy is not None and divisibility_error(op, strategy, MODEL_AXIS, n):
+        strategy = "seq" if "seq" in STRATEGIES[op.kind] else "replicate"
+    if strategy is None:
+        prec = {c: BF16 for c in collective_names(op, "replicate")}
+        return OpPlan("replicate", None, (cm.BATCH, cm.BATCH), (cm.BATCH, cm.BATCH), prec)
+    i, o = STRATEGIES[op.kind][strategy].native
+    prec = {c: BF16 for c in collective_names(op, strategy)}
+    return OpPlan(strategy, MODEL_AXIS, (cm.BATCH, i), (cm.BATCH, o), prec)
+
+
+def _plan(graph: Graph, mc: MeshConfig, pick, name: str) -> Plan:
+    ops = {op.name: _op_plan(op, pick(op), mc.n) for op in graph.ops() if op.kind not in (G.INPUT, G.OUTPUT)}
+    meta = {"baseline": name, "pipeline": {"stages": mc.pp, "layers_per_stage": layers_per_stage(graph.n_layers(),
+            mc.pp), "micro_batch_size": mc.b, "microbatches": mc.m},
+            "activation_recompute": "full" if mc.recompute else "none"}
+    return Plan(graph.name, mc.mesh, ops, meta)
+
+
+def megatron_plan(graph: Graph, mc: MeshConfig) -> Plan:
+    return _plan(graph, mc, lambda op: MEGATRON[op.kind], "megatron")
+
+
+def ep_dp_plan(graph: Graph, mc: MeshConfig) -> Plan:
+    return _plan(graph, mc, lambda op: "ep" if op.kind == G.MOE else None, "ep_dp")
+
+
+BUILDERS = {"megatron": megatron_plan, "ep_dp": ep_dp_plan}
+
+
+def baseline(kind: str, graph: Graph, cluster: Cluster, gpus: int, global_batch: int,
+             options: Options | None = None, pp: int | None = None) -> Priced:
+    """The baseline's plan on `gpus` GPUs, priced: the fastest pipeline depth (or the given `pp`) and activation
+    recomputation setting that fits memory; with `pp` given and nothing fitting, the smallest-memory variant."""
+    options = options or Options()
+    n = min(cluster.gpus_per_node, gpus)
+    while n > 1 and gpus % n:
+        n //= 2
+    b = n if kind == "ep_dp" else 1  # ep_dp shards the batch over the model axis: one sequence per GPU
+    depths = [pp] if pp else divisors(max(graph.n_layers(), 1))
+    recompute = {"auto": (False, True), "never": (False,), "always": (True,)}[options.recompute]
+    best = smallest = None
+    for p in depths:
+        if gpus % (n * p) or global_batch % (gpus // (n * p) * b):
+            continue
+        d = gpus // (n * p)
+        for rc in recompute:
+            mc = MeshConfig(n, d, p, b, global_batch // (d * b), rc)
+            try:
+                priced = price_plan(graph, cluster, BUILDERS[kind](graph, mc), global_batch, options)
+            except PlanError:
+                continue
+            if smallest is None or max(priced.breakdown.memory) < max(smallest.breakdown.memory):
+                smallest = priced
+            if fits(priced) and (best is None or priced.breakdown.step < best.breakdown.step):
+                best = priced
+    if best is None and pp and smallest is not None:
+        return smallest  # the caller asked for this depth: report it, marked as not fitting
+    if best is None:
+        why = (f"the smallest needs {max(smallest.breakdown.memory) / 1e9:.1f} GB/GPU ({smallest.mesh}) > "
+               f"{smallest.problem.mem_limit / 1e9:.1f} GB" if smallest else
+               "no pipeline depth divides the GPUs, layers and global batch")
+        raise PlannerError(f"{kind} baseline does not fit {gpus} x {cluster.name} at mp={n}: {why}")
+    return best

@@ -1,0 +1,157 @@
+"""The planner's subcommands: `meshplan plan`, `meshplan simulate`, `meshplan calibrate`.
+
+meshplan/cli.py calls `add_parsers(subparsers)`; each command is also usable alone via its add_*_parser helper.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _graph(config: str):
+    from ..ir import trace
+    from ..models import build_model, load_config
+
+    cfg = load_config(config)
+    return trace(build_model(cfg, device="meta")), cfg  # planning needs shapes only: never allocate weights
+
+
+def _options(args, cfg):
+    from .pricing import Options
+
+    budget = None if args.error_budget is not None and args.error_budget < 0 else args.error_budget
+    opts = Options(seq=args.seq or cfg.max_seq_len, overlap=args.overlap, zero=not args.no_zero, dp_ops=args.dp_ops,
+                   recompute=args.recompute)
+    if args.error_budget is not None:
+        opts.error_budget = budget
+    if args.memory_gb is not None:
+        opts.mem_limit = args.memory_gb * 1e9
+    return opts
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="configs/models/NAME.yaml or a NAME in configs/models/ (tiny, internal-352b, ...)")
+    p.add_argument("--cluster", default="h800", help="configs/clusters/NAME.yaml or a NAME (h800, h100, h200, local)")
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs G")
+    p.add_argument("--global-batch", type=int, default=720, help="sequences per step (default 720, REFERENCE.md)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's max_seq_len)")
+    p.add_argument("--error-budget", type=float, default=None,
+                   help="root-sum-square relative error allowed over all collectives (default 0.2; <0: unlimited)")
+    p.add_argument("--overlap", type=float, default=0.5,
+                   help="fraction of an op's communication that can hide behind compute (default 0.5: two chunks)")
+    p.add_argument("--memory-gb", type=float, default=None, help="per-GPU memory limit (default: the cluster's)")
+    p.add_argument("--no-zero", action="store_true", help="do not shard optimizer state over data-parallel ranks")
+    p.add_argument("--recompute", choices=["auto", "never", "always"], default="auto",
+                   help="full activation recomputation: searched (auto, default), never, always")
+    p.add_argument("--dp-ops", action="store_true", help="also consider ops data parallel on the model axis "
+                                                         "(batch-sharded; needs micro-batches of >= mp sequences)")
+
+
+# ---- plan ------------------------------------------------------------------------------------------------------
+def add_plan_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("plan", help="choose strategies, precisions and a mesh for a model on a cluster (ILP)")
+    _common(p)
+    p.add_argument("--out", help="write the plan YAML here")
+    p.add_argument("--explain", metavar="OP", help="print the formulas and values behind one op's (or template's) "
+                                                   "costs, e.g. layers.0.attention or layers.*.feed_forward")
+    p.set_defaults(func=cmd_plan)
+    return p
+
+
+def cmd_plan(args) -> int:
+    from . import load_cluster, plan_model
+    from .explain import explain_op, op_table, stage_table
+
+    t0 = time.perf_counter()
+    graph, cfg = _graph(args.model)
+    cluster = load_cluster(args.cluster)
+    opts = _options(args, cfg)
+    plan, r = plan_model(graph, cluster, args.gpus, args.global_batch, opts)
+    plan.validate(graph, batch=r.mesh.b * r.mesh.d, seq=opts.seq)
+    s = plan.meta["planner"]
+    print(f"{graph.name} on {args.gpus} x {cluster.name}: mesh {r.mesh}; searched {r.searched} meshes, solved "
+          f"{r.solved} ILPs in {r.seconds:.2f} s (total {time.perf_counter() - t0:.2f} s with tracing)")
+    print(f"step {s['step_time_s']:.4g} s, {s['tokens_per_s']:,.0f} tokens/s, MFU {100 * s['mfu']:.1f}%, "
+          f"{s['memory_gb']:.1f} GB/GPU (limit {r.problem.mem_limit / 1e9:.1f}), bubble {100 * s['bubble']:.1f}%, "
+          f"error {s['error']:.3g} (budget {s['error_budget']})\n")
+    print(stage_table(r.problem, r.breakdown) + "\n")
+    print(op_table(r.problem, r.assignment, r.breakdown))
+    if args.explain:
+        print("\n" + explain_op(r.cost_model, r.mesh, r.problem, r.assignment, args.explain))
+    if args.out:
+        plan.to_yaml(args.out)
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+# ---- simulate --------------------------------------------------------------------------------------------------
+def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("simulate", help="predict step time, tokens/s, MFU and memory of the planner's plan "
+                                               "and the baselines at scale")
+    _common(p)
+    p.add_argument("--json", help="also write the rows as JSON here")
+    p.set_defaults(func=cmd_simulate)
+    return p
+
+
+def cmd_simulate(args) -> int:
+    from . import load_cluster
+    from .simulate import simulate, table
+
+    graph, cfg = _graph(args.model)
+    cluster = load_cluster(args.cluster)
+    opts = _options(args, cfg)
+    rows = simulate(graph, cluster, args.gpus, args.global_batch, opts)
+    print(f"{graph.name}: {args.gpus} x {cluster.name}, global batch {args.global_batch} x {opts.seq} tokens")
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.to_dict() for r in rows], f, indent=1, default=str)
+    return 0
+
+
+# ---- calibrate -------------------------------------------------------------------------------------------------
+def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("calibrate", help="measure this machine (matmul, gloo collectives) into a cluster YAML")
+    p.add_argument("--out", default=None, help="output YAML (default configs/clusters/local.yaml)")
+    p.add_argument("--ranks", default="2,4", help="rank counts to measure, comma-separated (default 2,4)")
+    p.add_argument("--sizes", default=None, help="bytes held per rank, comma-separated (default 4K..4M)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per point (median)")
+    p.set_defaults(func=cmd_calibrate)
+    return p
+
+
+def cmd_calibrate(args) -> int:
+    from ..table import format_table
+    from .calibrate import DEFAULT_SIZES, calibrate
+
+    ranks = tuple(int(x) for x in args.ranks.split(","))
+    sizes = tuple(int(x) for x in args.sizes.split(",")) if args.sizes else DEFAULT_SIZES
+    cluster, samples = calibrate(args.out, ranks, sizes, args.reps)
+    print(f"matmul peak {cluster.peak_flops / 1e9:.1f} GFLOP/s (size efficiency c = {cluster.gemm_half_size:.0f}), "
+          f"copy bandwidth {cluster.hbm_bandwidth / 1e9:.1f} GB/s")
+    rows = [[k, f"{ab.latency * 1e6:.1f}", f"{ab.bandwidth / 1e9:.3f}"]
+            for k, ab in cluster.intra_node.collectives.items()]
+    print(format_table(["collective", "alpha us/step", "bandwidth GB/s"], rows, align="lrr"))
+    print(f"wrote {args.out or 'configs/clusters/local.yaml'} ({len(samples)} samples)")
+    return 0
+
+
+def add_parsers(subparsers) -> None:
+    add_plan_parser(subparsers)
+    add_simulate_parser(subparsers)
+    add_calibrate_parser(subparsers)
+
+
+def main(argv=None) -> int:
+    """Standalone use: python -m meshplan.planner.cli plan tiny --gpus 4."""
+    parser = argparse.ArgumentParser(prog="meshplan-planner")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

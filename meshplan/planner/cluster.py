@@ -1,0 +1,173 @@
+"""Clusters as data: one YAML per machine type (configs/clusters/), loaded into a typed Cluster.
+
+Numbers are per GPU. Bandwidths are bytes/s in one direction (what one GPU can send while it also receives),
+latencies are seconds per step of a collective. `gemm_efficiency` is the achievable fraction of peak for large
+BF16 GEMMs (an assumption, stated in each file); `collective_efficiency` is the fraction of link bandwidth each
+collective reaches. A link may carry measured per-collective alpha/beta (`collectives:`, written by
+`meshplan calibrate`), which then replace its nominal latency, bandwidth and efficiency for that collective.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..models.config import ConfigError
+
+CLUSTER_DIR = Path(__file__).resolve().parents[2] / "configs" / "clusters"
+COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "p2p")
+
+
+class ClusterError(ConfigError):
+    """A cluster file is invalid; the message names the field (cluster.intra_node.bandwidth: ...)."""
+
+
+@dataclass(frozen=True)
+class AlphaBeta:
+    latency: float  # seconds per step (alpha)
+    bandwidth: float  # bytes/s (1/beta)
+
+
+@dataclass(frozen=True)
+class Link:
+    bandwidth: float
+    latency: float
+    collectives: dict[str, AlphaBeta] = field(default_factory=dict)  # measured, per collective kind
+
+    def alpha_beta(self, kind: str, efficiency: float) -> AlphaBeta:
+        if kind in self.collectives:
+            return self.collectives[kind]
+        return AlphaBeta(self.latency, self.bandwidth * efficiency)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    name: str
+    peak_flops: float  # dense BF16 FLOP/s per GPU
+    gemm_efficiency: float  # achievable fraction of peak for large GEMMs
+    hbm_bytes: float
+    hbm_bandwidth: float
+    gpus_per_node: int
+    intra_node: Link
+    inter_node: Link
+    gemm_half_size: float = 64.0  # a GEMM dimension of this size halves throughput: efficiency x/(x + c) per dim
+    memory_fraction: float = 0.9  # usable share of HBM (allocator fragmentation, workspaces, NCCL buffers)
+    collective_efficiency: dict[str, float] = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def memory_limit(self) -> float:
+        return self.hbm_bytes * self.memory_fraction
+
+    @property
+    def achievable_flops(self) -> float:
+        return self.peak_flops * self.gemm_efficiency
+
+    def link(self, inter: bool) -> Link:
+        return self.inter_node if inter else self.intra_node
+
+    def efficiency(self, kind: str) -> float:
+        return self.collective_efficiency.get(kind, 1.0)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for key in ("intra_node", "inter_node"):
+            if not d[key]["collectives"]:
+                del d[key]["collectives"]
+        return d
+
+    def to_yaml(self, path: str | Path | None = None, header: str = "") -> str:
+        text = header + yaml.safe_dump(self.to_dict(), sort_keys=False, width=120)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+
+def _number(where: str, v, positive: bool = True, at_most_one: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ClusterError(f"{where}: must be a number, got {v!r}")
+    if positive and v <= 0:
+        raise ClusterError(f"{where}: must be > 0, got {v!r}")
+    if at_most_one and v > 1:
+        raise ClusterError(f"{where}: is a fraction, must be <= 1, got {v!r}")
+    return float(v)
+
+
+def _fields(where: str, d, required: set[str], optional: set[str]) -> dict:
+    if not isinstance(d, dict):
+        raise ClusterError(f"{where}: expected a mapping, got {type(d).__name__}")
+    for key in d:
+        if key not in required | optional:
+            close = difflib.get_close_matches(str(key), sorted(required | optional), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(required | optional))})"
+            raise ClusterError(f"{where}.{key}: unknown field{hint}")
+    for key in sorted(required):
+        if key not in d:
+            raise ClusterError(f"{where}.{key}: missing")
+    return d
+
+
+def _link(where: str, d) -> Link:
+    d = _fields(where, d, {"bandwidth", "latency"}, {"collectives"})
+    measured = {}
+    coll = d.get("collectives") or {}
+    if not isinstance(coll, dict):
+        raise ClusterError(f"{where}.collectives: expected a mapping collective -> {{latency, bandwidth}}")
+    for kind, ab in coll.items():
+        if kind not in COLLECTIVES:
+            raise ClusterError(f"{where}.collectives.{kind}: unknown collective (known: {', '.join(COLLECTIVES)})")
+        ab = _fields(f"{where}.collectives.{kind}", ab, {"latency", "bandwidth"}, set())
+        measured[kind] = AlphaBeta(_number(f"{where}.collectives.{kind}.latency", ab["latency"], positive=False),
+                                   _number(f"{where}.collectives.{kind}.bandwidth", ab["bandwidth"]))
+    return Link(_number(f"{where}.bandwidth", d["bandwidth"]), _number(f"{where}.latency", d["latency"], False),
+                measured)
+
+
+def cluster_from_dict(d) -> Cluster:
+    required = {"name", "peak_flops", "gemm_efficiency", "hbm_bytes", "hbm_bandwidth", "gpus_per_node",
+                "intra_node", "inter_node"}
+    optional = {"gemm_half_size", "memory_fraction", "collective_efficiency", "description"}
+    d = _fields("cluster", d, required, optional)
+    gpn = d["gpus_per_node"]
+    if isinstance(gpn, bool) or not isinstance(gpn, int) or gpn < 1:
+        raise ClusterError(f"cluster.gpus_per_node: must be a positive integer, got {gpn!r}")
+    eff = d.get("collective_efficiency") or {}
+    if not isinstance(eff, dict):
+        raise ClusterError("cluster.collective_efficiency: expected a mapping collective -> fraction")
+    for kind, v in eff.items():
+        if kind not in COLLECTIVES:
+            raise ClusterError(f"cluster.collective_efficiency.{kind}: unknown collective "
+                               f"(known: {', '.join(COLLECTIVES)})")
+        _number(f"cluster.collective_efficiency.{kind}", v, at_most_one=True)
+    return Cluster(
+        name=str(d["name"]),
+        peak_flops=_number("cluster.peak_flops", d["peak_flops"]),
+        gemm_efficiency=_number("cluster.gemm_efficiency", d["gemm_efficiency"], at_most_one=True),
+        hbm_bytes=_number("cluster.hbm_bytes", d["hbm_bytes"]),
+        hbm_bandwidth=_number("cluster.hbm_bandwidth", d["hbm_bandwidth"]),
+        gpus_per_node=gpn,
+        intra_node=_link("cluster.intra_node", d["intra_node"]),
+        inter_node=_link("cluster.inter_node", d["inter_node"]),
+        gemm_half_size=_number("cluster.gemm_half_size", d.get("gemm_half_size", 64.0), positive=False),
+        memory_fraction=_number("cluster.memory_fraction", d.get("memory_fraction", 0.9), at_most_one=True),
+        collective_efficiency={str(k): float(v) for k, v in eff.items()},
+        description=str(d.get("description", "")),
+    )
+
+
+def load_cluster(name_or_path: str | Path) -> Cluster:
+    """A YAML path, or the name of a file in configs/clusters/ ("h800", "h100", "h200", "local")."""
+    p = Path(name_or_path)
+    if p.suffix not in (".yaml", ".yml") or not p.exists():
+        p = CLUSTER_DIR / f"{name_or_path}.yaml"
+    if not p.exists():
+        known = sorted(q.stem for q in CLUSTER_DIR.glob("*.yaml")) if CLUSTER_DIR.exists() else []
+        raise ClusterError(f"cluster {str(name_or_path)!r}: no such file, and not one of {known}")
+    try:
+        d = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ClusterError(f"cluster {str(p)!r}: not valid YAML: {e}") from None
+    return cluster_from_dict(d)

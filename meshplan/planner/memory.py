@@ -1,0 +1,123 @@
+"""Per-GPU memory of one op under one strategy: parameters, gradients, optimizer state, saved activations.
+
+Training state per parameter (mixed precision, Megatron-style): BF16 weight (2 B) + FP32 gradient accumulator
+(4 B, REFERENCE.md: "accumulate FP32") + Adam's FP32 master copy, m and v (12 B). With the distributed optimizer
+(ZeRO-1, on by default) the 12 B are sharded over every rank that holds a replica of the parameter: the d data
+ranks for parameters split on the model axis, all n·d ranks for parameters replicated on it.
+
+Parameters come in two kinds per strategy: `split` (divided over the model axis; gradients reduced over the d
+data-parallel ranks) and `replicated` (whole on every rank of the model axis, which then also sees different
+tokens, so gradients are reduced over n·d ranks). An op computed redundantly ("replicate") has identical gradients
+on its model axis: its parameters count as split-group (reduced over d only) but whole.
+
+With full activation recomputation (pricing.MeshConfig.recompute) an op keeps only its inputs and reruns its
+forward, collectives included, during backward.
+
+Activations are what backward needs, in BF16 (FP32 for router logits, norm statistics and the loss's logits),
+per micro-batch, for B sequences of S tokens per data-parallel replica. Symbols: B, S (graph.py) and n.
+"""
+from __future__ import annotations
+
+import sympy
+
+from ..ir import graph as G
+from ..ir.graph import Op
+
+N = sympy.Symbol("n", positive=True, integer=True)  # size of the model axis
+ACT_BYTES, FP32 = 2, 4
+WEIGHT_GRAD_BYTES = 2 + 4  # bf16 weight + fp32 gradient
+OPTIMIZER_BYTES = 12  # fp32 master + Adam m, v
+DP = "dp"  # pseudo-strategy: the op is data parallel on the model axis too (Plan: strategy replicate, axis None)
+SEQ_LIKE = {"sp", "ep", "seq", DP}  # strategies whose input is sharded (tokens / n per GPU)
+
+
+def _kv_shards(op: Op):
+    """KV heads are split over min(n, n_kv_heads) ranks and replicated beyond (strategies.divisibility_error)."""
+    return sympy.Min(N, op.attrs["n_kv_heads"])
+
+
+def param_split(op: Op, cand: str) -> tuple[sympy.Expr, sympy.Expr]:
+    """(split-group, replicated-group) parameter elements on one GPU, as functions of n."""
+    p, a = sympy.Integer(op.params), op.attrs
+    if op.params == 0:
+        return sympy.Integer(0), sympy.Integer(0)
+    if cand == "replicate":
+        return p, sympy.Integer(0)
+    if cand in ("seq", "sp", DP):
+        return sympy.Integer(0), p
+    if op.kind == G.ATTENTION:  # tp: wq, wo split by heads; wk, wv by KV heads
+        q, kv = a["n_heads"] * a["head_dim"], 2 * a["n_kv_heads"] * a["head_dim"]
+        return 2 * a["dim"] * q / N + a["dim"] * kv / _kv_shards(op), sympy.Integer(0)
+    if op.kind == G.MOE:
+        d, e = a["dim"], a["n_experts"]
+        experts, router, shared = 3 * e * d * a["ffn_dim"], d * e, 3 * d * a["shared_hidden"]
+        if cand == "ep":  # local experts; router and shared experts replicated, run on local tokens
+            return experts / N, sympy.Integer(router + shared)
+        # tp / ag_scatter: the router runs redundantly on the gathered tokens; shared experts split like TP
+        return experts / N + shared / N + router, sympy.Integer(0)
+    return p / N, sympy.Integer(0)  # ffn / linear tp, embedding vocab
+
+
+def static_bytes(split, replicated, n: int, d: int, zero: bool = True):
+    """Weights + gradients + optimizer state of one op on one GPU (ZeRO-1 over each parameter's replica group)."""
+    opt = OPTIMIZER_BYTES * (split / d + replicated / (n * d)) if zero else OPTIMIZER_BYTES * (split + replicated)
+    return WEIGHT_GRAD_BYTES * (split + replicated) + opt
+
+
+def checkpoint_bytes(op: Op, sharded_input: bool) -> sympy.Expr:
+    """What an op keeps under full activation recomputation: its inputs as this rank holds them (backward reruns
+    the forward from them: REFERENCE.md's rematerialisation, taken to the whole op)."""
+    total = sympy.Integer(0)
+    for m in op.input_metas:
+        total += m.numel * (ACT_BYTES if m.dtype.startswith(("float", "bfloat")) else 8)
+    return total / N if sharded_input else total
+
+
+def activation_bytes(op: Op, cand: str) -> sympy.Expr:
+    """Bytes saved for backward by one op on one GPU, per micro-batch (B sequences of S tokens per replica)."""
+    t = G.B * G.S
+    a = op.attrs
+    loc = t / N if cand in SEQ_LIKE else t  # tokens whose input this rank holds
+    whole = cand == "replicate"
+    if op.kind == G.ATTENTION:
+        q, kv = a["n_heads"] * a["head_dim"], 2 * a["n_kv_heads"] * a["head_dim"]
+        lse = FP32 * t * a["n_heads"]  # softmax statistics per head and token
+        if whole:
+            return ACT_BYTES * t * (a["dim"] + 2 * q + kv) + lse
+        if cand == DP:
+            return (ACT_BYTES * t * (a["dim"] + 2 * q + kv) + lse) / N
+        # sp: input, q, core output (head-sharded) and wo input (sequence-sharded) are 1/n each; tp: the input is
+        # whole (replicated), core output is wo's input.
+        shards = 3 if cand == "sp" else 2
+        return ACT_BYTES * (loc * a["dim"] + shards * t * q / N + t * kv / _kv_shards(op)) + lse / N
+    if op.kind == G.MOE:
+        d, f, e, k, sh = a["dim"], a["ffn_dim"], a["n_experts"], a["top_k"], a["shared_hidden"]
+        # input, routed copies in and out of the experts, w1/w3 outputs and w2 input, shared expert internals
+        routed = k * t * (2 * d + 3 * f)
+        if whole:
+            return ACT_BYTES * (t * d + routed + 3 * t * sh) + FP32 * t * e
+        if cand in ("ep", "seq", DP):
+            return (ACT_BYTES * (t * d + routed + 3 * t * sh) + FP32 * t * e) / N
+        if cand == "tp":  # every rank permutes all tokens; only the expert hidden is split
+            return ACT_BYTES * (t * d + k * t * 2 * d + 3 * k * t * f / N + 3 * t * sh / N) + FP32 * t * e
+        # ag_scatter: gathered input and router logits whole, local experts' share of the routed tokens
+        return ACT_BYTES * (t * d + routed / N + 3 * t * sh / N) + FP32 * t * e
+    if op.kind == G.FFN:
+        h = a["hidden"]
+        if cand == "tp":
+            return ACT_BYTES * (t * a["dim"] + 3 * t * h / N)
+        return ACT_BYTES * loc * (a["dim"] + 3 * h)
+    if op.kind == G.NORM:
+        return (ACT_BYTES * a["dim"] + FP32) * loc
+    if op.kind in (G.LINEAR, G.LM_HEAD):
+        inp = ACT_BYTES * a["in_features"] * (t / N if cand == "tp" else loc)
+        logits = FP32 * a["out_features"] * loc if op.kind == G.LM_HEAD else 0  # the loss keeps its softmax
+        return inp + logits
+    if op.kind == G.EMBEDDING:
+        return 8 * (loc if cand != "vocab" else t / N)  # int64 token ids
+    if op.kind == G.GENERIC:
+        if op.attrs.get("target") in ("add", "sub", "iadd", "neg"):
+            return sympy.Integer(0)  # linear ops keep nothing for backward
+        elems = sum((m.numel for m in op.input_metas), sympy.Integer(0))
+        return ACT_BYTES * elems * (1 / N if cand in SEQ_LIKE else 1)
+    return sympy.Integer(0)

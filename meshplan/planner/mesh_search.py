@@ -1,0 +1,236 @@
+"""The outer search: every mesh factorisation G = pp · d · n (n <= GPUs per node divides the node, pp divides the
+layer count, d divides the global batch) and micro-batch size b, each priced by the ILP; the best wins.
+
+Meshes are visited in order of a lower bound on their step time (each op at its cheapest strategy, communication
+only (1 - overlap) exposed, no reshardings), after a memory check that is exact (memory is separable per op, so
+the smallest per-op footprints are simultaneously achievable). The search stops once the next lower bound cannot
+beat the best ILP optimum, so only a handful of ILPs are solved even for 1440 GPUs.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from ..ir.graph import Graph
+from ..ir.plan import PlanError
+from . import ilp
+from .cluster import Cluster
+from .memory import static_bytes
+from .pricing import CostModel, MeshConfig, Options
+from .problem import Assignment, Breakdown, Problem, evaluate
+
+
+RECOMPUTE_CHOICES = {"auto": (False, True), "never": (False,), "always": (True,)}
+
+
+class PlannerError(PlanError):
+    """No plan fits; the message names the binding constraint and the smallest fix."""
+
+
+@dataclass
+class Result:
+    mesh: MeshConfig
+    problem: Problem
+    assignment: Assignment
+    breakdown: Breakdown
+    cost_model: CostModel
+    searched: int = 0  # meshes considered
+    solved: int = 0  # ILPs solved
+    seconds: float = 0.0
+    log: list[tuple[MeshConfig, float, float | None]] = field(default_factory=list)  # (mesh, bound, optimum)
+
+
+def divisors(x: int) -> list[int]:
+    return [i for i in range(1, x + 1) if x % i == 0]
+
+
+def meshes(gpus: int, global_batch: int, n_layers: int, gpus_per_node: int, max_micro_batch: int = 64,
+           model_axis: list[int] | None = None, pp: list[int] | None = None,
+           recompute: tuple[bool, ...] = (False, True)) -> list[MeshConfig]:
+    out = []
+    for n in model_axis or [x for x in divisors(gpus_per_node) if gpus % x == 0]:
+        for p in pp or divisors(max(n_layers, 1)):
+            if gpus % (n * p):
+                continue
+            d = gpus // (n * p)
+            if global_batch % d:
+                continue
+            per_replica = global_batch // d
+            b = 1
+            while b <= min(per_replica, max_micro_batch):
+                if per_replica % b == 0:
+                    out += [MeshConfig(n, d, p, b, per_replica // b, rc) for rc in recompute]
+                b *= 2
+    return out
+
+
+class Bounds:
+    """Cheap per-mesh bounds from per-(n, b) candidate values, cached."""
+
+    def __init__(self, cm: CostModel):
+        self.cm = cm
+        self._vals: dict[tuple, tuple] = {}
+        self._grad: dict[tuple, dict] = {}
+        self._stage_terms: dict[tuple, list] = {}
+        self.edge_ids = {k: i for i, k in enumerate(cm.edges)}
+
+    def _per_group(self, mc: MeshConfig) -> tuple[dict, dict]:
+        """Per group and candidate: (compute, cheapest own communication, activations, (split, replicated));
+        per edge and consumer candidate: the cheapest resharding over producer candidates and precisions."""
+        key = (mc.n, mc.b, mc.recompute)
+        if key not in self._vals:
+            vals, cands = {}, {}
+            for g, gi in self.cm.groups.items():
+                allv = self.cm.values(g, mc.n, mc.b)
+                cands[g] = self.cm.candidates(g, mc)
+                vals[g] = {}
+                for c in cands[g]:
+                    v = allv[gi.cands.index(c)]
+                    ch = self.cm.choice(g, c, mc, v, light=True)
+                    own = sum(min(t.values()) for t in ch.colls.values())
+                    vals[g][c] = (ch.compute, own, ch.act_mem, tuple(v[2:4]))
+            emin = {}
+            for ek in self.cm.edges:
+                gs, gd, idx = ek
+                cost, _ = self.cm.edge_costs(ek, cands[gs], cands[gd], mc, ("fp8",))
+                emin[self.edge_ids[ek]] = {t: min((min(cost[s, t].values()) if (s, t) in cost else 0.0)
+                                                  for s in cands[gs]) for t in cands[gd]}
+            self._vals[key] = (vals, emin)
+        return self._vals[key]
+
+    def _stage_list(self, mc: MeshConfig):
+        return self.cm.stages(mc.pp, mc.m)
+
+    def memory(self, mc: MeshConfig) -> float:
+        """The smallest achievable per-GPU memory of the worst stage (bytes): memory is separable per op."""
+        vals, _ = self._per_group(mc)
+        worst = 0.0
+        for st in self._stage_list(mc):
+            total = 0.0
+            for g, c in st.groups.items():
+                total += c * min(static_bytes(sp, rp, mc.n, mc.d, self.cm.opt.zero) + st.inflight * act
+                                 for _, _, act, (sp, rp) in vals[g].values())
+            worst = max(worst, total)
+        return worst
+
+    def _grads(self, mc: MeshConfig) -> dict:
+        """Per group and candidate, the gradient reduction time (bf16, s per step)."""
+        key = (mc.n, mc.d, mc.b, mc.recompute)
+        if key not in self._grad:
+            vals, _ = self._per_group(mc)
+            self._grad[key] = {g: {c: self.cm.grad_time(sp, rp, mc) for c, (_, _, _, (sp, rp)) in v.items()}
+                               for g, v in vals.items()}
+        return self._grad[key]
+
+    def _per_stage(self, mc: MeshConfig) -> list:
+        """Per stage, per group: (instances, [(candidate, per-micro-batch bound, compute)]), cached per (n, b,
+        recompute, stage composition)."""
+        key = (mc.n, mc.b, mc.recompute, mc.pp, min(mc.m, mc.pp))
+        if key not in self._stage_terms:
+            vals, emin = self._per_group(mc)
+            a = self.cm.opt.overlap
+            out = []
+            for st in self._stage_list(mc):
+                into = {}
+                for ei, c in st.edges.items():
+                    into.setdefault(self._dst[ei], []).append((ei, c))
+                rows = []
+                for g, c in st.groups.items():
+                    rows.append((g, c, [(t, c * (comp + (1 - a) * own) + (1 - a) * sum(
+                        k * emin[ei][t] for ei, k in into.get(g, ())), c * comp) for t, (comp, own, _, _) in
+                        vals[g].items()]))
+                out.append(rows)
+            self._stage_terms[key] = out
+        return self._stage_terms[key]
+
+    def time(self, mc: MeshConfig) -> float:
+        """A lower bound on the step time. For every stage k, step >= M·T_k + X_k (M = m + pp - 1), and both T_k
+        and X_k's two lower bounds are sums over op groups of a function of the group's strategy, so the sum of
+        per-group minima bounds it: compute, (1 - overlap) of its own communication and of its input reshardings
+        from the producer strategy that suits it best, fp8 everywhere; gradients bf16 as problem.py exposes them."""
+        a, M = self.cm.opt.overlap, mc.m + mc.pp - 1
+        grads = self._grads(mc)
+        best = 0.0
+        for rows in self._per_stage(mc):
+            b1 = b2 = 0.0
+            for g, c, terms in rows:
+                gr = grads[g]
+                b1 += min(M * per + (1 - a) * c * gr[t] for t, per, _ in terms)
+                b2 += min(M * per + c * gr[t] - 2 / 3 * comp for t, per, comp in terms)
+            best = max(best, b1, b2)
+        return best
+
+    @property
+    def _dst(self) -> list[str]:
+        if not hasattr(self, "_dst_cache"):
+            self._dst_cache = [k[1] for k in self.cm.edges]
+        return self._dst_cache
+
+
+def search(graph: Graph, cluster: Cluster, gpus: int, global_batch: int, options: Options | None = None,
+           cost_model: CostModel | None = None, model_axis: list[int] | None = None,
+           pp: list[int] | None = None) -> Result:
+    start = time.perf_counter()
+    options = options or Options()
+    cm = cost_model or CostModel(graph, cluster, options)
+    cands = meshes(gpus, global_batch, graph.n_layers(), cluster.gpus_per_node, model_axis=model_axis, pp=pp,
+                   recompute=RECOMPUTE_CHOICES[options.recompute])
+    if not cands:
+        raise PlannerError(f"no mesh factorises {gpus} GPUs for {graph.name}: need G = pp x dp x mp with mp dividing "
+                           f"{cluster.gpus_per_node} GPUs per node, pp dividing {graph.n_layers()} layers and dp "
+                           f"dividing the global batch {global_batch}")
+    bounds = Bounds(cm)
+    limit = options.mem_limit if options.mem_limit is not None else cluster.memory_limit
+    feasible, tightest = [], None
+    for mc in cands:
+        mem = bounds.memory(mc)
+        if mem <= limit:
+            feasible.append((bounds.time(mc), mc))
+        elif tightest is None or mem < tightest[0]:
+            tightest = (mem, mc)
+    if not feasible:
+        raise PlannerError(_memory_advice(graph, cluster, gpus, global_batch, options, cm, tightest, limit))
+    feasible.sort(key=lambda x: (x[0], x[1].recompute, x[1].pp, -x[1].n))
+    best: Result | None = None
+    log, solved = [], 0
+    for lb, mc in feasible:
+        if best is not None and lb >= best.breakdown.step * (1 - 1e-9):
+            break
+        problem = cm.problem(mc)
+        sol = ilp.solve(problem)
+        solved += 1
+        log.append((mc, lb, sol[1] if sol else None))
+        if sol is None:
+            continue
+        bd = evaluate(problem, sol[0])
+        if best is None or bd.step < best.breakdown.step:
+            best = Result(mc, problem, sol[0], bd, cm)
+    if best is None:  # only the error budget can make every memory-feasible mesh infeasible
+        raise PlannerError(f"no plan meets the error budget {options.error_budget} on any mesh that fits memory: "
+                           f"raise --error-budget")
+    best.searched, best.solved, best.log = len(cands), solved, log
+    best.seconds = time.perf_counter() - start
+    return best
+
+
+def _memory_advice(graph, cluster, gpus, global_batch, options, cm, tightest, limit) -> str:
+    mem, mc = tightest
+    ratio = mem / limit
+    bounds = Bounds(cm)
+    fix = None
+    g = gpus
+    for _ in range(64):  # the smallest larger GPU count (whole nodes) with a mesh that fits
+        g = (g // cluster.gpus_per_node + 1) * cluster.gpus_per_node if g >= cluster.gpus_per_node else g * 2
+        fits = [m for m in meshes(g, global_batch, graph.n_layers(), cluster.gpus_per_node,
+                                  recompute=RECOMPUTE_CHOICES[options.recompute]) if bounds.memory(m) <= limit]
+        if fits:
+            fix = min(fits, key=lambda m: (m.pp, bounds.time(m)))
+            break
+    msg = (f"{graph.name} does not fit {gpus} x {cluster.name}: binding constraint is per-GPU memory; the best mesh "
+           f"({mc}) needs {mem / 1e9:.1f} GB > {limit / 1e9:.1f} GB usable, i.e. >= {ratio:.2f}x memory")
+    if fix is not None:
+        msg += f". Smallest fix: use >= {fix.gpus} GPUs with pp >= {fix.pp} (e.g. {fix})"
+    else:
+        msg += f". Even {g} GPUs do not fit: reduce the global batch {global_batch} or use GPUs with more memory"
+    return msg + f", or a GPU with >= {math.ceil(mem / cluster.memory_fraction / 1e9)} GB"

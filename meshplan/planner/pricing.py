@@ -1,0 +1,310 @@
+"""Prices a traced graph on a mesh: groups identical ops, evaluates every candidate's symbolic cost (lambdified
+once per group), assigns ops to pipeline stages, and returns the numeric Problem the ILP and evaluate() share.
+
+The mesh is (pp, dp, mp), mp innermost: the model axis's n ranks are consecutive (one node when n <= GPUs per
+node), data-parallel peers are n apart, pipeline stages n·d apart.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+
+from ..ir import graph as G
+from ..ir.graph import Graph, Op
+from ..ir.mesh import Mesh
+from ..ir.placement import Shard
+from ..ir.strategies import PRECISIONS, STRATEGIES, allowed_precisions, collective_names
+from . import collectives_cost as cc
+from . import cost_model as cm
+from . import memory
+from .cluster import Cluster
+from .memory import DP, N
+from .problem import Choice, Edge, Group, Problem, Stage
+
+DEFAULT_ERROR_BUDGET = 0.2  # root-sum-square relative error over all collectives of one step (problem.py)
+RECOMPUTE = (4 / 3, 3 / 2)  # (compute, op-internal collectives) factors under full recomputation
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    n: int  # model axis (mp)
+    d: int  # data parallel
+    pp: int = 1
+    b: int = 1  # micro-batch: sequences per data-parallel replica
+    m: int = 1  # micro-batches per step
+    recompute: bool = False  # full activation recomputation (memory.checkpoint_bytes)
+
+    @property
+    def gpus(self) -> int:
+        return self.n * self.d * self.pp
+
+    @property
+    def mesh(self) -> Mesh:
+        return Mesh.of(dp=self.d, mp=self.n)
+
+    def __str__(self) -> str:
+        rc = ", recompute" if self.recompute else ""
+        return f"pp={self.pp} dp={self.d} mp={self.n} (micro-batch {self.b} x {self.m}{rc})"
+
+
+@dataclass
+class Options:
+    seq: int = 8192
+    overlap: float = 0.5
+    error_budget: float | None = DEFAULT_ERROR_BUDGET
+    zero: bool = True
+    mem_limit: float | None = None  # bytes; None: the cluster's
+    # Also offer each op the `dp` candidate: data parallel on the model axis too (batch-sharded, Plan axis None),
+    # reached from sequence-sharded neighbours by an all-to-all. Off by default: it needs micro-batches of >= n
+    # sequences per replica, and keeps the search to strategies.py's one-model-axis strategies.
+    dp_ops: bool = False
+    recompute: str = "auto"  # full activation recomputation: "auto" (searched), "never", "always"
+
+
+def group_key(op: Op, spec=None) -> tuple:
+    shapes = tuple((m.shape, m.dtype) for m in op.input_metas), (op.output.shape, op.output.dtype)
+    return (op.template, op.kind, repr(sorted(op.attrs.items())), op.params, shapes, spec)
+
+
+def plan_spec(op_plan) -> tuple:
+    cand = DP if op_plan.axis is None else op_plan.strategy
+    return cand, tuple(sorted(op_plan.precision.items()))
+
+
+def layers_per_stage(n_layers: int, pp: int) -> list[int]:
+    base, extra = divmod(n_layers, pp)
+    return [base + (1 if i < extra else 0) for i in range(pp)]
+
+
+def stage_of_ops(ops: list[Op], pp: int, layer_of: dict[str, int | None] | None = None) -> dict[str, int]:
+    """Contiguous layers per stage; ops before the first layer go to stage 0, the rest after it to the last."""
+    layer_of = layer_of or {op.name: op.layer for op in ops}
+    layers = sorted({layer_of[op.name] for op in ops if layer_of[op.name] is not None})
+    bounds, acc = {}, 0
+    for k, c in enumerate(layers_per_stage(len(layers), pp)):
+        for layer in layers[acc:acc + c]:
+            bounds[layer] = k
+        acc += c
+    out, seen_layer = {}, False
+    for op in ops:
+        if layer_of[op.name] is not None:
+            seen_layer = True
+            out[op.name] = bounds[layer_of[op.name]]
+        else:
+            out[op.name] = pp - 1 if seen_layer and pp > 1 else 0
+    return out
+
+
+@dataclass
+class GroupInfo:
+    name: str
+    ops: list[Op]
+    cands: list[str]  # candidates considered (before per-mesh divisibility filtering)
+    fn: object = None  # lambdified (B, S, n) -> per-candidate values
+    terms: dict[str, cm.OpTerms] = field(default_factory=dict)
+
+
+class CostModel:
+    """A graph and cluster, priced on any mesh. Restrict to a plan (plan=...) to price exactly that plan."""
+
+    def __init__(self, graph: Graph, cluster: Cluster, options: Options | None = None, plan=None):
+        self.graph, self.cluster, self.opt, self.plan = graph, cluster, options or Options(), plan
+        self.ops = [op for op in graph.ops() if op.kind not in (G.INPUT, G.OUTPUT)]
+        self.groups: dict[str, GroupInfo] = {}
+        self.group_of: dict[str, str] = {}
+        keys: dict[tuple, str] = {}
+        for op in self.ops:
+            spec = plan_spec(plan.ops[op.name]) if plan is not None else None
+            key = group_key(op, spec)
+            if key not in keys:
+                # Op.template can span kinds (deepseekmoe: layer 0's dense FFN and the MoE layers share
+                # "layers.*.feed_forward"), so a group is a template *and* identical hyperparameters.
+                name = op.template
+                if name in self.groups:
+                    name = f"{op.template}[{op.kind}]"
+                    while name in self.groups:
+                        name = f"{name}'"
+                keys[key] = name
+                cands = [spec[0]] if spec else list(STRATEGIES[op.kind]) + ([DP] if self.opt.dp_ops else [])
+                self.groups[name] = GroupInfo(name, [], cands)
+            self.groups[keys[key]].ops.append(op)
+            self.group_of[op.name] = keys[key]
+        for gi in self.groups.values():
+            rep = gi.ops[0]
+            gi.terms = {c: cm.terms(rep, c) for c in gi.cands}
+            # Small expressions lambdify fast; compute time is assembled numerically (cost_model.compute_time).
+            exprs = []
+            for c in gi.cands:
+                t = gi.terms[c]
+                exprs.append([t.flops, t.hbm_bytes, t.activations, t.params_split, t.params_replicated, t.checkpoint]
+                             + [x for coll in t.colls for x in (coll.elems, coll.rows)] + list(t.gemm_dims))
+            exprs.append([rep.output.numel, rep.output.shape[-1]])
+            gi.fn = sympy.lambdify((G.B, G.S, N), exprs, modules="math", docstring_limit=0)
+        # op-level edges between planned ops, grouped by (producer group, consumer group, argument index)
+        self.edges: dict[tuple[str, str, int], list[tuple[Op, Op]]] = {}
+        names = {op.name for op in self.ops}
+        for op in self.ops:
+            for idx, src in enumerate(op.inputs):
+                if src in names:
+                    key = (self.group_of[src], self.group_of[op.name], idx)
+                    self.edges.setdefault(key, []).append((graph.op(src), op))
+        self._layer = {op.name: op.layer for op in self.ops}
+        self._consumers = {op.name: graph.consumers(op.name) for op in self.ops}
+        self._stages: dict[tuple[int, int], list[Stage]] = {}
+        self._compositions: dict[int, list[Stage]] = {}
+        self._links: dict[str, tuple] = {}
+        self._vals: dict[tuple[str, int, int], list] = {}
+
+    def values(self, g: str, n: int, b: int) -> list:
+        """Per candidate of group g (in gi.cands order): [compute s/mb, activations, split params, replicated
+        params, checkpoint bytes, (X, rows) per own collective]; last entry: [output numel, its last dim]."""
+        key = (g, n, b)
+        if key not in self._vals:
+            gi = self.groups[g]
+            raw = gi.fn(b, self.opt.seq, n)
+            out = []
+            for c, r in zip(gi.cands, raw):
+                k = 6 + 2 * len(gi.terms[c].colls)
+                out.append([cm.compute_time(r[0], r[1], r[k:], self.cluster)] + r[2:k])
+            self._vals[key] = out + [raw[-1]]
+        return self._vals[key]
+
+    # ---- numbers for one mesh ----------------------------------------------------------------------------
+    def locality(self, mc: MeshConfig) -> dict[str, int]:
+        gpn = self.cluster.gpus_per_node
+        return {"mp": min(mc.n, gpn), "dp": 1 if mc.n >= gpn else min(mc.d, gpn // mc.n),
+                "all": min(mc.n * mc.d, gpn), "pp_inter": mc.n * mc.d >= gpn}
+
+    def _time(self, kind: str, nbytes, n: int, local: int) -> float:
+        if kind not in self._links:
+            self._links[kind] = cc.link_params(self.cluster, kind)
+        return cc.comm_time(kind, cc.traffic(kind, nbytes, n, local), self.cluster, links=self._links[kind])
+
+    def grad_time(self, split, rep, mc: MeshConfig, dtype: str = "bf16") -> float:
+        """All-reduce of the split parameters' gradients over d ranks and the replicated ones' over n·d (two-level,
+        collectives_cost.traffic), once per step."""
+        loc, size = self.locality(mc), cc.DTYPE_BYTES[dtype]
+        return (self._time("all_reduce", split * size, mc.d, loc["dp"])
+                + self._time("all_reduce", rep * size, mc.n * mc.d, loc["all"]))
+
+    def choice(self, g: str, cand: str, mc: MeshConfig, vals=None, light: bool = False) -> Choice:
+        """One candidate priced on a mesh (light: compute, own collectives and activations only)."""
+        gi, cl, loc = self.groups[g], self.cluster, self.locality(mc)
+        vals = vals if vals is not None else self.values(g, mc.n, mc.b)[gi.cands.index(cand)]
+        compute, act, split, rep, ckpt = vals[:5]
+        # full recomputation: one more forward (4/3 of the compute), forward collectives run again (3/2)
+        redo = RECOMPUTE if mc.recompute else (1.0, 1.0)
+        ch = Choice(compute=compute * redo[0], act_mem=ckpt if mc.recompute else act)
+        for j, coll in enumerate(gi.terms[cand].colls):
+            elems, rows = vals[5 + 2 * j], vals[6 + 2 * j]
+            ch.colls[coll.name] = {dt: 2 * redo[1] * self._time(coll.kind, cc.wire_bytes(elems, rows, dt), mc.n,
+                                                                 loc["mp"]) for dt in PRECISIONS}
+            ch.err2[coll.name] = {dt: 2 * cc.relative_error(coll.kind, dt, mc.n) ** 2 for dt in PRECISIONS}
+        if light:
+            return ch
+        if split or rep:
+            ch.grad = {dt: self.grad_time(split, rep, mc, dt) for dt in allowed_precisions("grad")}
+            group = mc.d if not rep else mc.n * mc.d
+            ch.err2["grad"] = {dt: cc.grad_relative_error(dt, group) ** 2 for dt in ch.grad}
+        ch.static_mem = memory.static_bytes(split, rep, mc.n, mc.d, self.opt.zero)
+        shard = split / mc.d + rep / (mc.n * mc.d) if self.opt.zero else split + rep
+        ch.opt_time = 32 * shard / cl.hbm_bandwidth  # Adam: read master, m, v, grad; write master, m, v, weight
+        out_elems = self.values(g, mc.n, mc.b)[-1][0]
+        sharded = isinstance(cm.placements(gi.ops[0], cand)[1], Shard)
+        ch.p2p = self._time("p2p", memory.ACT_BYTES * out_elems / (mc.n if sharded else 1), 2,
+                            1 if loc["pp_inter"] else 2)
+        return ch
+
+    def candidates(self, g: str, mc: MeshConfig) -> list[str]:
+        gi = self.groups[g]
+        if self.plan is not None:
+            return gi.cands
+        ok = cm.candidates(gi.ops[0], mc.n, mc.b, self.opt.seq)
+        return [c for c in gi.cands if c in ok and (c != DP or self.opt.dp_ops)]
+
+    def dtypes(self, g: str, cands: list[str]) -> dict[str, tuple[str, ...]]:
+        op = self.groups[g].ops[0]
+        names = []
+        for c in cands:
+            for name in collective_names(op, "replicate" if c == DP else c):
+                if name not in names:
+                    names.append(name)
+        if self.plan is not None:  # a plan fixes each collective's precision (default fp32)
+            prec = dict(self.plan.ops[op.name].precision)
+            return {c: (prec.get(c, "fp32"),) for c in names}
+        return {c: allowed_precisions(c) for c in names}
+
+    def problem(self, mc: MeshConfig) -> Problem:
+        groups = {}
+        for g, gi in self.groups.items():
+            cands = self.candidates(g, mc)
+            if not cands:
+                raise ValueError(f"{g}: no strategy divides the model axis mp={mc.n}")
+            allv = self.values(g, mc.n, mc.b)
+            choices = {c: self.choice(g, c, mc, allv[gi.cands.index(c)]) for c in cands}
+            groups[g] = Group(g, choices, len(gi.ops), self.dtypes(g, cands), [op.name for op in gi.ops])
+        edges = []  # in self.edges order, which Stage.edges indexes (_compose)
+        for key, pairs in self.edges.items():
+            gs, gd, idx = key
+            cost, err2 = self.edge_costs(key, list(groups[gs].choices), list(groups[gd].choices), mc,
+                                         groups[gd].dtypes[f"in{idx}"])
+            edges.append(Edge(gs, gd, f"in{idx}", len(pairs), cost, err2, groups[gd].dtypes[f"in{idx}"]))
+        stages = self.stages(mc.pp, mc.m)
+        limit = self.opt.mem_limit if self.opt.mem_limit is not None else self.cluster.memory_limit
+        return Problem(groups, edges, stages, mc.m, mc.pp, self.opt.overlap, limit, self.opt.error_budget)
+
+    def edge_costs(self, key: tuple, src_cands: list[str], dst_cands: list[str], mc: MeshConfig, dtypes):
+        """Resharding time (forward + backward) and squared error per (producer, consumer) strategy pair that
+        communicates, for each precision of the consumer's in{i} collective."""
+        u, v = self.edges[key][0]
+        numel, last = self.values(key[0], mc.n, mc.b)[-1]
+        local = self.locality(mc)["mp"]
+        cost, err2 = {}, {}
+        for s in src_cands:
+            for t in dst_cands:
+                kinds = cm.edge_kinds(u, s, v, t)
+                if set(kinds) <= {"none", "slice"}:
+                    continue
+                cost[s, t], err2[s, t] = {}, {}
+                for dt in dtypes:
+                    nbytes = cc.wire_bytes(numel, numel / last, dt)
+                    fwd_again = self._time(kinds[0], nbytes, mc.n, local) if mc.recompute else 0.0
+                    cost[s, t][dt] = sum(self._time(k, nbytes, mc.n, local) for k in kinds) + fwd_again
+                    err2[s, t][dt] = sum(cc.relative_error(k, dt, mc.n) ** 2 for k in kinds)
+        return cost, err2
+
+    def stages(self, pp: int, m: int) -> list[Stage]:
+        """The distinct stage compositions (1F1B: stage k holds min(pp - k, m) micro-batches; of identical
+        compositions the one holding most stands for all)."""
+        key = (pp, min(pp, m))
+        if key not in self._stages:
+            if pp not in self._compositions:
+                self._compositions[pp] = self._compose(pp)
+            unique: dict[tuple, Stage] = {}
+            for st in self._compositions[pp]:
+                ck = (tuple(sorted(st.groups.items())), tuple(sorted(st.edges.items())),
+                      tuple(sorted(st.sends.items())))
+                inflight = min(pp - st.index, m)
+                if ck not in unique or unique[ck].inflight < inflight:
+                    unique[ck] = Stage(st.groups, st.edges, st.sends, inflight, st.index)
+            self._stages[key] = list(unique.values())
+        return self._stages[key]
+
+    def _compose(self, pp: int) -> list[Stage]:
+        edge_index = {k: i for i, k in enumerate(self.edges)}  # the order problem() lists edges in
+        stage = stage_of_ops(self.ops, pp, self._layer)
+        comp = [Stage({}, {}, {}, 1, k) for k in range(pp)]
+        for op in self.ops:
+            st = comp[stage[op.name]]
+            g = self.group_of[op.name]
+            st.groups[g] = st.groups.get(g, 0) + 1
+        for key, pairs in self.edges.items():
+            for u, v in pairs:
+                st = comp[stage[v.name]]
+                st.edges[edge_index[key]] = st.edges.get(edge_index[key], 0) + 1
+        for op in self.ops:  # an output read by a later stage is sent once forward, its gradient once back
+            later = {stage[c] for c in self._consumers[op.name] if c in stage and stage[c] != stage[op.name]}
+            for k in {stage[op.name]} | later if later else ():
+                comp[k].sends[self.group_of[op.name]] = comp[k].sends.get(self.group_of[op.name], 0) + 1
+        return comp

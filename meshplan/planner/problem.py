@@ -1,0 +1,168 @@
+"""The planning problem on one mesh, as plain numbers, and the step-time model that prices an assignment.
+
+A Group is a set of identical ops (one op template: identical layers share it) with one Choice per candidate
+strategy; an Edge joins two groups (count = how many op-level edges it stands for); a Stage is one pipeline
+stage's share of the groups. The ILP (ilp.py) minimises exactly what `evaluate` computes, so brute force over
+assignments and the ILP agree (tests/planner/test_ilp_brute_force.py).
+
+Step-time model (all times in seconds):
+  per micro-batch on stage k, for each group g with c instances there:
+      compute_g = c · compute(s_g)
+      comm_g    = c · sum of the op's own collectives + the reshardings on its input edges (forward + backward)
+      exposed_g = max((1 - a) · comm_g, comm_g - compute_g)
+    Overlap: the op's micro-batch is split into chunks; one chunk's collective runs while another computes, so at
+    most a fraction a (`overlap`, default 1 - 1/chunks = 0.5 for two chunks) of the communication can hide, and
+    never more than the op's own compute.
+      T_k = sum_g (compute_g + exposed_g) + point-to-point sends to neighbouring stages
+  per step: gradient reduction G_k (once per step) hides behind the last micro-batch's backward (2/3 of its
+    compute) the same way: X_k = max((1 - a) · G_k, G_k - 2/3 · compute_k) + optimizer update time
+  step = (m + pp - 1) · max_k T_k + max_k X_k      (1F1B: bubble fraction (pp-1)/(m+pp-1))
+  memory_k = sum_g c · static(s_g) + inflight_k · sum_g c · activations(s_g) <= limit  (1F1B: stage k holds
+    min(pp - k, m) micro-batches)
+  error: sqrt(sum over every collective instance of its squared relative error) <= error budget (independent
+    roundings add in variance); fp32 adds none.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Choice:
+    compute: float  # s per micro-batch, forward + backward
+    colls: dict[str, dict[str, float]] = field(default_factory=dict)  # own collective -> dtype -> s per micro-batch
+    grad: dict[str, float] = field(default_factory=dict)  # dtype -> s per step (empty: no parameters)
+    err2: dict[str, dict[str, float]] = field(default_factory=dict)  # collective (incl. grad) -> dtype -> error²
+    static_mem: float = 0.0  # bytes: weights, gradients, optimizer state
+    act_mem: float = 0.0  # bytes per in-flight micro-batch
+    opt_time: float = 0.0  # s per step
+    p2p: float = 0.0  # s per micro-batch to move this op's output between pipeline stages (one direction)
+
+
+@dataclass
+class Group:
+    name: str
+    choices: dict[str, Choice]
+    count: int  # instances in the whole model
+    dtypes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # collective -> precisions it may use
+    ops: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Edge:
+    src: str
+    dst: str
+    coll: str  # the consumer's collective name: in0, in1, ...
+    count: int
+    cost: dict[tuple[str, str], dict[str, float]]  # (src choice, dst choice) -> dtype -> s per micro-batch
+    err2: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    dtypes: tuple[str, ...] = ("fp32",)  # precisions the resharding may use (each consumer op has one edge per
+    # input, so the precision is per edge: the in{i} of exactly the consumer ops this edge feeds)
+
+
+@dataclass
+class Stage:
+    groups: dict[str, int]  # group -> instances on this stage
+    edges: dict[int, int]  # edge index -> instances on this stage (counted at the consumer)
+    sends: dict[str, int] = field(default_factory=dict)  # group -> outputs crossing a stage boundary here
+    inflight: int = 1
+    index: int = 0  # first pipeline stage this composition stands for
+
+
+@dataclass
+class Problem:
+    groups: dict[str, Group]
+    edges: list[Edge]
+    stages: list[Stage]
+    microbatches: int = 1
+    pp: int = 1
+    overlap: float = 0.5
+    mem_limit: float = math.inf
+    error_budget: float | None = None  # None: unconstrained
+
+
+@dataclass
+class Assignment:
+    strategy: dict[str, str]
+    precision: dict[tuple[str, str], str] = field(default_factory=dict)  # (group, own collective | grad) -> dtype
+    edge_precision: dict[int, str] = field(default_factory=dict)  # edge index -> dtype of its resharding
+
+    def dtype(self, g: str, c: str, problem: Problem) -> str:
+        return self.precision.get((g, c)) or problem.groups[g].dtypes.get(c, ("fp32",))[0]
+
+    def edge_dtype(self, ei: int, problem: Problem) -> str:
+        return self.edge_precision.get(ei) or problem.edges[ei].dtypes[0]
+
+
+@dataclass
+class GroupCost:
+    compute: float = 0.0
+    comm: float = 0.0
+    exposed: float = 0.0
+
+
+@dataclass
+class Breakdown:
+    step: float
+    stage_times: list[float]
+    grad_exposed: float
+    memory: list[float]
+    error: float
+    feasible: bool
+    binding: str = ""  # why not feasible
+    groups: list[dict[str, GroupCost]] = field(default_factory=list)  # per stage
+
+
+def edge_time(ei: int, a: Assignment, p: Problem) -> tuple[float, float]:
+    """(seconds per micro-batch, squared error) of one instance of edge ei's resharding under `a`."""
+    e = p.edges[ei]
+    key = (a.strategy[e.src], a.strategy[e.dst])
+    if key not in e.cost:
+        return 0.0, 0.0
+    dt = a.edge_dtype(ei, p)
+    return e.cost[key][dt], e.err2.get(key, {}).get(dt, 0.0)
+
+
+def evaluate(p: Problem, a: Assignment) -> Breakdown:
+    alpha = p.overlap
+    t_stage, x_stage, mems, per_stage = [], [], [], []
+    for st in p.stages:
+        costs = {g: GroupCost() for g in st.groups}
+        for g, c in st.groups.items():
+            ch = p.groups[g].choices[a.strategy[g]]
+            costs[g].compute = c * ch.compute
+            costs[g].comm = c * sum(t[a.dtype(g, name, p)] for name, t in ch.colls.items())
+        for ei, c in st.edges.items():
+            costs[p.edges[ei].dst].comm += c * edge_time(ei, a, p)[0]
+        for gc in costs.values():
+            gc.exposed = max((1 - alpha) * gc.comm, gc.comm - gc.compute)
+        compute = sum(gc.compute for gc in costs.values())
+        p2p = sum(c * p.groups[g].choices[a.strategy[g]].p2p for g, c in st.sends.items())
+        t_stage.append(compute + sum(gc.exposed for gc in costs.values()) + p2p)
+        grad = opt = static = act = 0.0
+        for g, c in st.groups.items():
+            ch = p.groups[g].choices[a.strategy[g]]
+            if ch.grad:
+                grad += c * ch.grad[a.dtype(g, "grad", p)]
+            opt += c * ch.opt_time
+            static += c * ch.static_mem
+            act += c * ch.act_mem
+        x_stage.append(max((1 - alpha) * grad, grad - 2 / 3 * compute) + opt)
+        mems.append(static + st.inflight * act)
+        per_stage.append(costs)
+    err2 = 0.0
+    for g, grp in p.groups.items():
+        ch = grp.choices[a.strategy[g]]
+        for name, by_dt in ch.err2.items():
+            err2 += grp.count * by_dt.get(a.dtype(g, name, p), 0.0)
+    for ei, e in enumerate(p.edges):
+        err2 += e.count * edge_time(ei, a, p)[1]
+    step = (p.microbatches + p.pp - 1) * max(t_stage) + max(x_stage)
+    error = math.sqrt(err2)
+    binding = ""
+    if max(mems) > p.mem_limit * (1 + 1e-9):
+        binding = f"memory: {max(mems) / 1e9:.1f} GB per GPU > {p.mem_limit / 1e9:.1f} GB"
+    elif p.error_budget is not None and error > p.error_budget * (1 + 1e-9) + 1e-15:
+        binding = f"error: {error:.3g} > budget {p.error_budget:.3g}"
+    return Breakdown(step, t_stage, max(x_stage), mems, error, not binding, binding, per_stage)

@@ -1,0 +1,82 @@
+"""At-scale simulation: the planner's plan and the baselines on G GPUs, priced by one model (problem.evaluate):
+step time (pipeline bubbles and exposed communication included), tokens/s, MFU and memory per GPU."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..ir.graph import Graph
+from ..table import format_table
+from .baselines import baseline
+from .cluster import Cluster
+from .mesh_search import PlannerError, search
+from .plans import model_flops
+from .pricing import MeshConfig, Options
+from .problem import Breakdown
+
+
+@dataclass
+class Row:
+    name: str
+    mesh: MeshConfig
+    breakdown: Breakdown
+    tokens_per_s: float
+    mfu: float
+    fits: bool
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        m = self.mesh
+        return {"plan": self.name, "pp": m.pp, "dp": m.d, "mp": m.n, "micro_batch": m.b, "microbatches": m.m,
+                "step_time_s": self.breakdown.step, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
+                "memory_gb": max(self.breakdown.memory) / 1e9, "bubble": (m.pp - 1) / (m.m + m.pp - 1),
+                "recompute": m.recompute, "error": self.breakdown.error, "fits": self.fits, "note": self.note}
+
+
+def _row(name: str, graph: Graph, cluster: Cluster, mc: MeshConfig, bd: Breakdown, global_batch: int, seq: int,
+         limit: float, note: str = "") -> Row:
+    tokens = global_batch * seq
+    mfu = model_flops(graph, global_batch, seq) / (mc.gpus * cluster.peak_flops * bd.step)
+    return Row(name, mc, bd, tokens / bd.step, mfu, max(bd.memory) <= limit * (1 + 1e-9), note)
+
+
+def simulate(graph: Graph, cluster: Cluster, gpus: int, global_batch: int, options: Options | None = None,
+             reference_pp: int | None = 15) -> list[Row]:
+    """Rows for: the planner, Megatron at its best pipeline depth, Megatron at REFERENCE.md's PP=15 (when that
+    divides the model and GPUs), and all-EP/DP. A baseline that cannot run at all is reported, not raised."""
+    options = options or Options()
+    limit = options.mem_limit if options.mem_limit is not None else cluster.memory_limit
+    rows = []
+    r = search(graph, cluster, gpus, global_batch, options)
+    rows.append(_row("planner", graph, cluster, r.mesh, r.breakdown, global_batch, options.seq, limit,
+                     f"{r.solved} ILPs / {r.searched} meshes"))
+    variants = [("megatron", None, "best pp")]
+    if reference_pp:
+        variants.append(("megatron", reference_pp, f"pp={reference_pp} (REFERENCE.md)"))
+    variants.append(("ep_dp", None, "best pp"))
+    for kind, pp, note in variants:
+        try:
+            p = baseline(kind, graph, cluster, gpus, global_batch, options, pp=pp)
+        except PlannerError as e:
+            if pp is None:
+                rows.append(Row(kind, MeshConfig(1, 1), Breakdown(float("inf"), [0.0], 0.0, [0.0], 0.0, False),
+                                0.0, 0.0, False, str(e)[:80]))
+            continue
+        if pp is not None and any(x.name == kind and x.mesh == p.mesh for x in rows):
+            continue  # the best depth already is the reference one
+        rows.append(_row(kind, graph, cluster, p.mesh, p.breakdown, global_batch, options.seq, limit, note))
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    out = []
+    for r in rows:
+        if r.breakdown.step == float("inf"):
+            out.append([r.name, "-", "-", "-", "-", "-", "-", "no", r.note])
+            continue
+        d = r.to_dict()
+        rc = " +recompute" if r.mesh.recompute else ""
+        out.append([r.name, f"pp={d['pp']} dp={d['dp']} mp={d['mp']} b={d['micro_batch']}x{d['microbatches']}{rc}",
+                    f"{d['step_time_s']:.3f}", f"{d['tokens_per_s']:,.0f}", f"{100 * d['mfu']:.1f}%",
+                    f"{d['memory_gb']:.1f}", f"{100 * d['bubble']:.1f}%", "yes" if r.fits else "NO", r.note])
+    return format_table(["plan", "mesh", "step s", "tokens/s", "MFU", "mem GB/GPU", "bubble", "fits", "note"], out,
+                        align="llrrrrrll")
