@@ -1,0 +1,355 @@
+"""ParallelModel: run a model under a Plan on this rank, op by op, forward and backward.
+
+The executor walks the IR in topological order. Before each op it moves every input from its producer's output
+placement to the op's input placement (redistribute.py: the collectives follow from the placements alone), then
+calls the op's implementation for its (kind, strategy) with this rank's parameter shards. Generic ops re-run their
+fx node on local shards. The output is gathered to every rank, and its gradient seeded on one rank, which is what
+makes "every rank computes the same loss and calls backward" give each rank its shards' true gradients.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+import torch.nn as nn
+
+from ..ir import graph as G
+from ..ir.graph import Graph, Op
+from ..ir.placement import Placement, Replicate, Shard
+from ..ir.plan import Plan, PlanError
+from ..ir.tracer import trace
+from . import sharding
+from .collectives import seed_grad
+from .comm_stats import CommStats
+from .data_parallel import GradEntry, GradReducer
+from .expert_parallel import moe_ep
+from .local_ops import module_forward, run_module
+from .moe_tensor_parallel import moe_ag_scatter, moe_local
+from .op_context import OpContext
+from .process_groups import MeshGroups, check_world_size
+from .redistribute import redistribute
+from .tensor_parallel import attention_tp, embedding_vocab, ffn_tp, linear_tp
+from .ulysses_attention import attention_sp
+
+Impl = Callable[[OpContext, torch.Tensor], torch.Tensor]
+
+IMPLEMENTATIONS: dict[tuple[str, str], Impl] = {
+    (G.ATTENTION, "sp"): attention_sp,
+    (G.ATTENTION, "tp"): attention_tp,
+    (G.ATTENTION, "replicate"): module_forward,
+    (G.MOE, "ep"): moe_ep,
+    (G.MOE, "tp"): moe_local,
+    (G.MOE, "ag_scatter"): moe_ag_scatter,
+    (G.MOE, "seq"): moe_local,
+    (G.MOE, "replicate"): moe_local,
+    (G.FFN, "tp"): ffn_tp,
+    (G.FFN, "seq"): module_forward,
+    (G.FFN, "replicate"): module_forward,
+    (G.EMBEDDING, "vocab"): embedding_vocab,
+    (G.EMBEDDING, "seq"): module_forward,
+    (G.EMBEDDING, "replicate"): module_forward,
+    (G.NORM, "seq"): module_forward,
+    (G.NORM, "replicate"): module_forward,
+    (G.LINEAR, "tp"): linear_tp,
+    (G.LINEAR, "seq"): module_forward,
+    (G.LINEAR, "replicate"): module_forward,
+    (G.LM_HEAD, "seq"): module_forward,
+    (G.LM_HEAD, "replicate"): module_forward,
+}
+
+
+class ParallelModel(nn.Module):
+    """`model` under `plan` on this rank.
+
+    model: the full single-device model, built with the same seed on every rank (its weights are sliced into this
+        rank's shards; it must not be shared between the ranks of an in-process world: ops run its modules).
+    plan: validated against `graph` (default: trace(model)) and against the world size before any collective;
+        a misfit raises PlanError naming both numbers.
+    groups: the mesh's process groups (default: built from the initialised default group; a 1-rank mesh needs
+        none); LocalWorld.groups(mesh) gives them for in-process worlds.
+    bucket_mb: gradient bucket size of reduce_gradients; timeout_s: collective timeout of the groups it builds.
+
+    parameters() are the local shards (optimizers work on them); pm(tokens) takes the global [B, S] batch on every
+    rank and returns the full output on every rank; after loss.backward() on every rank and reduce_gradients(),
+    every shard holds its true gradient.
+    """
+
+    def __init__(self, model: nn.Module, plan: Plan, graph: Graph | None = None, *, groups: MeshGroups | None = None,
+                 bucket_mb: float = 25.0, timeout_s: float | None = None):
+        super().__init__()
+        # Everything that can be wrong with the plan is checked before any collective runs.
+        world = groups.mesh.size if groups is not None else (dist.get_world_size() if dist.is_initialized() else 1)
+        check_world_size(plan.mesh, world)
+        if groups is not None and groups.mesh != plan.mesh:
+            raise PlanError(f"plan.mesh {plan.mesh} differs from the process groups' mesh {groups.mesh}")
+        graph = graph if graph is not None else trace(model)
+        plan.validate(graph)
+        object.__setattr__(self, "_model", model)  # not a submodule: its full weights are not ours
+        self.graph, self.plan = graph, plan
+        self._ops = list(graph.ops())
+        self._fx_nodes = {n.name: n for n in graph.module.graph.nodes} if graph.module is not None else {}
+        self._modules_of = {op.name: self._module_of(op) for op in self._ops}
+        self._check_supported()
+
+        if groups is None:
+            world_groups = dist.is_initialized()
+            groups = MeshGroups.from_world(plan.mesh, timeout_s) if world_groups else MeshGroups.single(plan.mesh)
+        self.groups = groups
+        self.axes = groups.ordered()
+        self.comm_stats = CommStats()
+        self._op_of_node = {op.node: op.name for op in self._ops if op.node}
+        self._shard_parameters(model)
+        self._validated: set[tuple[int, int]] = set()
+        self._reducer = GradReducer(self._grad_entries(), self.comm_stats, bucket_mb)
+
+    # ---- set-up ------------------------------------------------------------------------------------------
+    def _module_of(self, op: Op) -> nn.Module | None:
+        if op.is_leaf:
+            return self._model.get_submodule(op.name)
+        node = self._fx_nodes.get(op.node)
+        if node is not None and node.op == "call_module":
+            return self._model.get_submodule(node.target)
+        return None
+
+    def _check_supported(self) -> None:
+        for op in self._ops:
+            if op.kind in (G.INPUT, G.OUTPUT):
+                continue
+            p = self.plan.ops[op.name]
+            if op.kind != G.GENERIC and (op.kind, p.strategy) not in IMPLEMENTATIONS:
+                raise PlanError(f"plan.ops[{op.name!r}].strategy: the runtime has no implementation of "
+                                f"{op.kind}/{p.strategy}")
+            have = {n for n, _ in self._modules_of[op.name].named_parameters()} if self._modules_of[op.name] else set()
+            missing = [n for n in sharding.REQUIRED.get((op.kind, p.strategy), ()) if n not in have]
+            if missing:
+                raise PlanError(f"plan.ops[{op.name!r}]: the runtime's {op.kind}/{p.strategy} needs the parameters "
+                                f"{missing} (as in meshplan.models); {type(self._modules_of[op.name]).__name__} "
+                                f"has {sorted(have)}")
+
+    def _shard_parameters(self, model: nn.Module) -> None:
+        """Cut this rank's shard of every parameter. A parameter used by two ops (tied weights) is stored once,
+        in its first op's layout; the other op gets a view redistributed to its own layout."""
+        canonical = {id(p): name for name, p in model.named_parameters()}
+        self._aliases = {name: canonical[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
+        self._placement: dict[str, tuple[Placement, ...]] = {}
+        self._owner: dict[str, str] = {}
+        self._local: dict[str, nn.Parameter] = {}
+        self._uses: dict[str, dict[str, tuple[str, tuple[Placement, ...]]]] = {}
+        self._buffers: dict[str, dict[str, torch.Tensor]] = {}
+        self.shards = nn.ParameterDict()
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for op in self._ops:
+            if op.kind == G.INPUT and op.attrs.get("param") in params:  # read by a generic op: replicated
+                self._add_shard(self._aliases[op.attrs["param"]], params[op.attrs["param"]], self._replicated(),
+                                op.name)
+            module = self._modules_of[op.name]
+            if module is None:
+                continue
+            p = self.plan.ops[op.name]
+            uses = {}
+            for pname, param in module.named_parameters():
+                cname = canonical[id(param)]
+                placement = sharding.param_placement(op, p.strategy, p.axis, self.plan.mesh.axes, pname)
+                uses[pname] = (cname, placement)
+                self._add_shard(cname, param, placement, op.name)
+            self._uses[op.name] = uses
+            self._buffers[op.name] = {n: b.to(self.groups.device) for n, b in module.named_buffers()}
+        for cname, param in model.named_parameters():  # used by no op: replicated, gradient zero
+            self._add_shard(cname, param, self._replicated(), "")
+
+    def _add_shard(self, cname: str, param: torch.Tensor, placement: tuple[Placement, ...], op: str) -> None:
+        if cname in self._local:
+            return
+        self._placement[cname], self._owner[cname] = placement, op
+        local = param.detach()
+        for g, pl in zip(self.axes, placement):
+            if isinstance(pl, Shard) and g.size > 1:
+                if local.shape[pl.dim] % g.size:
+                    raise PlanError(f"plan.ops[{op!r}]: mesh axis {g.name}={g.size} does not divide dim {pl.dim} "
+                                    f"of {cname} {tuple(param.shape)}")
+                local = local.chunk(g.size, pl.dim)[g.index]
+        shard = nn.Parameter(local.clone().to(self.groups.device), requires_grad=param.requires_grad)
+        self._local[cname] = shard
+        self.shards[cname.replace(".", "/")] = shard
+
+    def _grad_entries(self) -> list[GradEntry]:
+        out = []
+        for cname, param in self._local.items():
+            placement = self._placement[cname]
+            axes = tuple(g for g, pl in zip(self.axes, placement) if g.size > 1 and not isinstance(pl, Shard))
+            owner = self.plan.ops.get(self._owner[cname])
+            prec = owner.precision.get("grad", "fp32") if owner else "fp32"
+            out.append(GradEntry(cname, param, axes, prec, self._owner[cname]))
+        return out
+
+    # ---- parameters ------------------------------------------------------------------------------------------
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
+        """This rank's shards, named like the model's parameters."""
+        for name, p in self._local.items():
+            yield prefix + name, p
+
+    def placement_of(self, name: str) -> tuple[Placement, ...]:
+        """How parameter `name` is laid out over the mesh (one placement per axis)."""
+        return self._placement[self._aliases.get(name, name)]
+
+    def _op_params(self, op: Op) -> dict[str, torch.Tensor]:
+        out = dict(self._buffers.get(op.name, {}))
+        for pname, (cname, placement) in self._uses.get(op.name, {}).items():
+            t = self._local[cname]
+            if placement != self._placement[cname]:  # a tied weight laid out differently by this op
+                t = redistribute(t, self._placement[cname], placement, self.axes, op=op.name, tag="param",
+                                 stats=self.comm_stats)
+            out[pname] = t
+        return out
+
+    # ---- forward ---------------------------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The full output on every rank; differentiable with replicated semantics."""
+        local, placement = self._run_graph(tokens)
+        full = redistribute(local, placement, self._replicated(), self.axes, op="return", tag="in0",
+                            stats=self.comm_stats)
+        return seed_grad(full, keep=self.groups.is_root) if full.requires_grad else full
+
+    def local_forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, tuple[Placement, ...]]:
+        """This rank's shard of the output and its placement, without gathering it. A loss computed on shards is
+        the sum of the ranks' losses over the Shard axes (e.g. a token sum divided by the global token count);
+        ranks that hold the same Replicate shard compute the same loss, and it is counted once. A Partial output
+        (a row-parallel last op) is a summand: reduce it before any non-linear loss."""
+        local, placement = self._run_graph(tokens)
+        if local.requires_grad:
+            first = all(g.index == 0 for g, p in zip(self.axes, placement) if isinstance(p, Replicate))
+            local = seed_grad(local, keep=first)
+        return local, placement
+
+    def _run_graph(self, tokens: torch.Tensor) -> tuple[torch.Tensor, tuple[Placement, ...]]:
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens: expected [batch, seq], got shape {tuple(tokens.shape)}")
+        batch, seq = tokens.shape
+        self._validate_sizes(batch, seq)
+        tokens = tokens.to(self.groups.device)
+        env: dict[str, torch.Tensor] = {}
+        cache: dict[tuple, torch.Tensor] = {}
+        for op in self._ops:
+            if op.kind == G.INPUT:
+                env[op.name] = self._fetch_attr(op) if "param" in op.attrs else tokens
+            elif op.kind == G.OUTPUT:
+                if len(op.inputs) != 1:
+                    raise NotImplementedError(f"the runtime returns one output tensor; the model returns "
+                                              f"{len(op.inputs)}")
+                src = op.inputs[0]
+                return env[src], self.plan.ops[src].output
+            else:
+                ins = [self._input(op, i, src, env, cache) for i, src in enumerate(op.inputs)]
+                ctx = OpContext(op, self.plan.ops[op.name], self._modules_of[op.name], self._op_params(op), self.axes,
+                                self.comm_stats, batch, seq)
+                env[op.name] = self._run(op, ctx, ins, env)
+        raise RuntimeError("the graph has no output op")
+
+    def _input(self, op: Op, i: int, src: str, env: dict, cache: dict) -> torch.Tensor:
+        src_op = self.graph.op(src)
+        p = self.plan.ops[op.name]
+        if src_op.kind == G.INPUT:
+            if "param" in src_op.attrs:
+                return env[src]  # a parameter read by a generic op: replicated, passed as is
+            placement_from = self._replicated()  # token ids: every rank has the global batch
+        else:
+            placement_from = self.plan.ops[src].output
+        tag = f"in{i}"
+        prec = p.precision.get(tag, "fp32")
+        key = (src, p.input, prec)
+        if key not in cache:
+            cache[key] = redistribute(env[src], placement_from, p.input, self.axes, op=op.name, tag=tag,
+                                      precision=prec, stats=self.comm_stats)
+        return cache[key]
+
+    def _run(self, op: Op, ctx: OpContext, ins: list[torch.Tensor], env: dict) -> torch.Tensor:
+        if op.kind != G.GENERIC:
+            return IMPLEMENTATIONS[(op.kind, ctx.plan.strategy)](ctx, *ins)
+        node = self._fx_nodes[op.node]
+        produced = dict(zip(op.inputs, ins))
+        values: dict[str, object] = {}
+
+        def value(n: fx.Node):
+            if n.name in self._op_of_node and self._op_of_node[n.name] in produced:
+                return produced[self._op_of_node[n.name]]
+            if n.name in self._op_of_node:
+                return env[self._op_of_node[n.name]]
+            if n.name not in values:  # a non-tensor node (a size, a tuple): evaluate it on local values
+                values[n.name] = self._call(n, *fx.node.map_arg((n.args, n.kwargs), value), ctx)
+            return values[n.name]
+
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
+        return self._call(node, args, kwargs, ctx)
+
+    def _call(self, node: fx.Node, args, kwargs, ctx: OpContext):
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "call_module":
+            return run_module(ctx, list(args), kwargs)
+        raise NotImplementedError(f"fx node {node.format_node()}")
+
+    def _fetch_attr(self, op: Op) -> torch.Tensor:
+        target = op.attrs["param"]
+        if target in self._aliases:
+            return self._local[self._aliases[target]]
+        obj = self._model
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        return obj.to(self.groups.device) if isinstance(obj, torch.Tensor) else obj
+
+    def _replicated(self) -> tuple[Placement, ...]:
+        return tuple(Replicate() for _ in self.axes)
+
+    def _validate_sizes(self, batch: int, seq: int) -> None:
+        if (batch, seq) in self._validated:
+            return
+        self.plan.validate(self.graph, batch=batch, seq=seq)
+        sizes = {0: batch, 1: seq}
+        for op in self._ops:
+            if op.kind == G.ATTENTION:
+                rope = self._buffers[op.name].get("rope_cos")
+                if rope is not None and seq > rope.shape[0]:
+                    raise PlanError(f"sequence length {seq} exceeds {op.name}'s max_seq_len {rope.shape[0]}")
+            if op.name not in self.plan.ops:
+                continue
+            p = self.plan.ops[op.name]
+            for placements in (p.input, p.output):
+                for dim, size in sizes.items():
+                    ways = 1
+                    for (axis, n), pl in zip(self.plan.mesh.axes, placements):
+                        ways *= n if pl == Shard(dim) else 1
+                    if size % ways:
+                        what = "batch size" if dim == 0 else "sequence length"
+                        raise PlanError(f"plan.ops[{op.name!r}]: {ways} shards of dim {dim} do not divide the "
+                                        f"{what} {size}")
+        self._validated.add((batch, seq))
+
+    # ---- training utilities ----------------------------------------------------------------------------------
+    def reduce_gradients(self) -> None:
+        """Sum the gradients of replicated shards over the ranks that share them (after backward)."""
+        self._reducer.reduce()
+
+    def _gathered(self, t: torch.Tensor, placement) -> torch.Tensor:
+        with torch.no_grad():
+            return redistribute(t.detach(), placement, self._replicated(), self.axes).clone()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full tensors on every rank, keyed like model.state_dict()."""
+        out = {}
+        for key, value in self._model.state_dict().items():
+            cname = self._aliases.get(key)
+            out[key] = self._gathered(self._local[cname], self._placement[cname]).cpu() if cname else value.clone()
+        return out
+
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        """Full gradients on every rank, keyed like model.named_parameters() (call after reduce_gradients)."""
+        out = {}
+        for cname, p in self._local.items():
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            out[cname] = self._gathered(g, self._placement[cname]).cpu()
+        return out

@@ -1,0 +1,81 @@
+"""The MoE pieces every strategy shares: routing, the capacity decision, local experts, the weighted combine.
+
+All of it reuses the reference's functions (route, expert_capacity, keep_mask, GroupedExperts.expert), so a
+strategy only decides which tokens meet which experts where.
+
+Capacity: the single-device model keeps, per expert, the first `capacity` (token, slot) assignments in global
+token order over the whole batch. A rank sees only some tokens, so the routed expert ids (integers, k per token)
+are all-gathered over every axis the tokens are split on, the reference's keep_mask runs on the whole batch, and
+each rank keeps its own rows: the same tokens are dropped as on one device, under every strategy.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from ..models.moe_transformer import GroupedExperts, expert_capacity, keep_mask, route
+from .op_context import OpContext
+
+
+def route_tokens(ctx: OpContext, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """xt [T, D] -> (weights [T, k] float32, expert ids [T, k]), with the (replicated) router."""
+    return route(F.linear(xt, ctx.params["gate.weight"]), ctx.attrs["top_k"], ctx.attrs["norm_topk_prob"])
+
+
+def capacity_keep(ctx: OpContext, idx: torch.Tensor, local_shape: tuple[int, int]) -> torch.Tensor:
+    """[T, k] bool: which of this rank's assignments the single-device model keeps."""
+    a = ctx.attrs
+    cap = expert_capacity(ctx.batch * ctx.seq, a["top_k"], a["n_experts"], a["capacity_factor"])
+    if cap is None:
+        return torch.ones_like(idx, dtype=torch.bool)
+    b, s = local_shape
+    placement, full = ctx.plan.input, ctx.replicated()
+    with torch.no_grad():
+        every = ctx.redistribute(idx.view(b, s, -1), placement, full, "capacity")  # [B, S, k] on every rank
+        keep = keep_mask(every.reshape(-1, every.shape[-1]), a["n_experts"], cap).view(every.shape)
+        return ctx.redistribute(keep, full, placement, "capacity").reshape(idx.shape)
+
+
+def assignments(idx: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kept (token, slot) pairs in token order, and their experts."""
+    tok, slot = keep.nonzero(as_tuple=True)
+    return tok, slot, idx[tok, slot]
+
+
+def run_experts(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, expert: torch.Tensor,
+                x: torch.Tensor) -> torch.Tensor:
+    """Row i of x through expert expert[i] of the stacked (local) weights: sort rows by expert, one GEMM group
+    per expert (the reference's GroupedExperts.expert), and put the rows back in their order."""
+    order = torch.argsort(expert, stable=True)
+    counts = torch.bincount(expert, minlength=w1.shape[0]).tolist()
+    xs = x[order]
+    weights = SimpleNamespace(w1=w1, w2=w2, w3=w3)
+    outs, start = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            outs.append(GroupedExperts.expert(weights, e, xs[start:start + c]))
+            start += c
+    if not outs:
+        # No rows: still an autograd path from x and the weights, so that the backward of every collective around
+        # this call runs on this rank as on the others (a missing path would skip one and deadlock its peers).
+        return GroupedExperts.expert(weights, 0, xs)
+    return torch.cat(outs)[torch.argsort(order)]
+
+
+def combine(n_tokens: int, tok: torch.Tensor, slot: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
+            dtype: torch.dtype) -> torch.Tensor:
+    """Weighted sum of expert outputs per token, in float32 as the reference does."""
+    out = torch.zeros(n_tokens, y.shape[-1], dtype=torch.float32, device=y.device)
+    out = out.index_add(0, tok, y.float() * weights[tok, slot, None])
+    return out.to(dtype)
+
+
+def experts(ctx: OpContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    p = ctx.params
+    return p["experts.w1"], p["experts.w3"], p["experts.w2"]
+
+
+def shared_params(ctx: OpContext) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("shared."): v for k, v in ctx.params.items() if k.startswith("shared.")}

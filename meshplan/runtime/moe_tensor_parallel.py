@@ -1,0 +1,57 @@
+"""MoE strategies that take the tokens replicated on the model axis and leave a Partial sum ("tp", "ag_scatter"),
+and the communication-free ones ("seq", "replicate").
+
+- "tp": every expert's hidden dimension split (w1/w3 rows, w2 columns, and the shared experts likewise). Every
+  rank routes every token (the router is replicated), runs all experts on its hidden slice, and the weighted sum
+  of the slices is the Partial output.
+- "ag_scatter" (REFERENCE.md's adjusted pattern for large top-k): the all-gather is the edge into the op; each rank
+  routes every token, scatters the assignments of its own experts locally, runs them (grouped GEMM), gathers the
+  results back into token order, and its weighted sum is a Partial that the edge out reduce-scatters. Shared
+  experts (replicated weights) are computed on a 1/n slice of the tokens per rank, zero elsewhere, so that they
+  too add up exactly once.
+- "seq"/"replicate": all experts local; the same code with unsplit weights on the rows this rank holds.
+Capacity, when set, is decided on the whole batch (moe_routing.capacity_keep) under every strategy.
+"""
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call
+
+from .moe_routing import assignments, capacity_keep, combine, experts, route_tokens, run_experts, shared_params
+from .op_context import OpContext
+
+
+def _shared(ctx: OpContext, xt: torch.Tensor) -> torch.Tensor:
+    return functional_call(ctx.module.shared, shared_params(ctx), (xt,))
+
+
+def moe_local(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
+    """"tp", "seq" and "replicate": every expert on this rank, whole or split on its hidden dimension."""
+    b, s, d = x.shape
+    xt = x.reshape(-1, d)
+    weights, idx = route_tokens(ctx, xt)
+    tok, slot, expert = assignments(idx, capacity_keep(ctx, idx, (b, s)))
+    y = run_experts(*experts(ctx), expert, xt[tok])
+    out = combine(xt.shape[0], tok, slot, y, weights, x.dtype)
+    if ctx.module.shared is not None:
+        out = out + _shared(ctx, xt)
+    return out.view(b, s, d)
+
+
+def moe_ag_scatter(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
+    b, s, d = x.shape
+    xt = x.reshape(-1, d)
+    weights, idx = route_tokens(ctx, xt)
+    tok, slot, expert = assignments(idx, capacity_keep(ctx, idx, (b, s)))
+    w1, w3, w2 = experts(ctx)
+    per_rank = w1.shape[0]
+    mine = (expert // per_rank) == ctx.index
+    tok, slot, expert = tok[mine], slot[mine], expert[mine] - ctx.index * per_rank
+    y = run_experts(w1, w3, w2, expert, xt[tok])
+    out = combine(xt.shape[0], tok, slot, y, weights, x.dtype)
+    if ctx.module.shared is not None:
+        rows = torch.arange(xt.shape[0], device=x.device).tensor_split(ctx.n)[ctx.index]
+        lo, hi = (int(rows[0]), int(rows[-1]) + 1) if rows.numel() else (0, 0)
+        part = _shared(ctx, xt[lo:hi])
+        out = out + torch.cat([part.new_zeros(lo, d), part, part.new_zeros(xt.shape[0] - hi, d)])
+    return out.view(b, s, d)

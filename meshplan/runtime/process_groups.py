@@ -1,0 +1,134 @@
+"""Process groups for a plan's mesh: one group per axis slice (the ranks `Mesh.groups(axis)` lists).
+
+Two ways to build them. `MeshGroups.from_world` runs after `torch.distributed.init_process_group` (torchrun or
+`meshplan run`) and makes one `dist.new_group` per slice, with an explicit timeout so that a dead rank turns into
+an error instead of a hang. `MeshGroups.in_process` builds the same groups for one rank of a world whose ranks
+are threads of a single process (gloo groups over a shared HashStore): the fast path tests use to run many plans.
+Collectives are issued as methods of the group objects, which both kinds of group support.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..ir.mesh import Mesh
+from ..ir.plan import PlanError
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class AxisGroup:
+    """This rank's slice of one mesh axis."""
+
+    name: str
+    size: int
+    index: int  # this rank's coordinate on the axis
+    ranks: tuple[int, ...]  # global ranks of the slice, in coordinate order
+    pg: object | None  # torch ProcessGroup; None when size == 1 (nothing to communicate)
+
+    @property
+    def trivial(self) -> bool:
+        return self.size == 1
+
+
+@dataclass
+class MeshGroups:
+    mesh: Mesh
+    rank: int  # global rank
+    axes: dict[str, AxisGroup]
+    device: torch.device
+    backend: str
+
+    def axis(self, name: str) -> AxisGroup:
+        return self.axes[name]
+
+    def ordered(self) -> list[AxisGroup]:
+        """The axis groups in mesh order, outermost first."""
+        return [self.axes[n] for n in self.mesh.names]
+
+    @property
+    def is_root(self) -> bool:
+        """Coordinate 0 on every axis (global rank 0 of the mesh)."""
+        return all(g.index == 0 for g in self.axes.values())
+
+    # ---- construction -----------------------------------------------------------------------------------
+    @classmethod
+    def from_world(cls, mesh: Mesh, timeout_s: float | None = None) -> "MeshGroups":
+        """Groups over the default process group's ranks. Checks the world size first: no collective runs for
+        a mesh that does not fit the world."""
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised: call meshplan.runtime.init_distributed() "
+                               "(or dist.init_process_group) before building a ParallelModel")
+        world, rank = dist.get_world_size(), dist.get_rank()
+        check_world_size(mesh, world)
+        backend = dist.get_backend()
+        timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
+        axes = {}
+        for name, size in mesh.axes:
+            mine = None
+            for ranks in mesh.groups(name):
+                # every rank creates every group, in the same order (new_group's contract)
+                pg = dist.new_group(ranks, timeout=timeout) if size > 1 else None
+                if rank in ranks:
+                    mine = AxisGroup(name, size, ranks.index(rank), tuple(ranks), pg)
+            axes[name] = mine
+        return cls(mesh, rank, axes, _device_for(backend), backend)
+
+    @classmethod
+    def in_process(cls, mesh: Mesh, rank: int, store: dist.Store, timeout_s: float = 60.0,
+                   prefix: str = "meshplan") -> "MeshGroups":
+        """Gloo groups for one rank of an in-process world (ranks are threads sharing `store`). Only the members
+        of a slice take part in building its group, so each rank builds just its own slices."""
+        timeout = datetime.timedelta(seconds=timeout_s)
+        axes = {}
+        for name, size in mesh.axes:
+            for gi, ranks in enumerate(mesh.groups(name)):
+                if rank not in ranks:
+                    continue
+                pg = None
+                if size > 1:
+                    prefixed = dist.PrefixStore(f"{prefix}/{name}/{gi}", store)
+                    pg = dist.ProcessGroupGloo(prefixed, ranks.index(rank), size, timeout)
+                axes[name] = AxisGroup(name, size, ranks.index(rank), tuple(ranks), pg)
+        return cls(mesh, rank, axes, torch.device("cpu"), "gloo")
+
+    @classmethod
+    def single(cls, mesh: Mesh) -> "MeshGroups":
+        """A one-rank world (every axis of size 1): no process group needed."""
+        check_world_size(mesh, 1)
+        axes = {n: AxisGroup(n, 1, 0, (0,), None) for n in mesh.names}
+        return cls(mesh, 0, axes, torch.device("cpu"), "none")
+
+
+def check_world_size(mesh: Mesh, world: int) -> None:
+    if mesh.size != world:
+        raise PlanError(f"plan.mesh {mesh} needs {mesh.size} ranks, but the world has {world} "
+                        f"(launch with --nproc {mesh.size}, or write a mesh whose axis sizes multiply to {world})")
+
+
+def _device_for(backend: str) -> torch.device:
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def default_backend() -> str:
+    """NCCL when there is a GPU for every local rank, gloo otherwise."""
+    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "gloo"
+
+
+def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> tuple[int, int]:
+    """Initialise torch.distributed from torchrun's environment (env:// rendezvous). Returns (rank, world)."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    backend = backend or default_backend()
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, init_method="env://",
+                            timeout=datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S))
+    return dist.get_rank(), dist.get_world_size()
