@@ -53,15 +53,16 @@ class Plan:
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
-    def build(cls, graph: Graph, mesh: Mesh, strategies: dict[str, str] | None = None, axis: str | None = None,
+    def build(cls, graph: Graph, mesh: Mesh, strategies: dict[str, str] | None = None, axis: str | None = "auto",
               precision: dict[str, str] | None = None) -> "Plan":
         """A plan that gives each op its strategy's native placements. `strategies` maps an op name, template
         ("layers.*.attention") or kind ("attention") to a strategy; unnamed ops get DEFAULT_STRATEGY. `axis` is
-        the model axis (default: the mesh's last, innermost axis). `precision` maps collective names to dtypes
-        for every op that has that collective."""
+        the model axis: "auto" is the mesh's last (innermost) axis; None makes every axis data parallel (pure DP:
+        batch-sharded everywhere, strategies moot). `precision` maps collective names to dtypes for every op that
+        has that collective."""
         strategies = strategies or {}
-        axis = axis if axis is not None else mesh.names[-1]
-        if axis not in mesh.names:
+        axis = mesh.names[-1] if axis == "auto" else axis
+        if axis is not None and axis not in mesh.names:
             raise PlanError(f"plan.axis: {axis!r} is not a mesh axis (axes: {list(mesh.names)})")
         ops = {}
         for op in graph.ops():
@@ -184,7 +185,8 @@ class Plan:
             elif (i, o) != (BATCH, BATCH) and size > 1:
                 raise PlanError(f"{where}: mesh axis {axis} is data parallel for this op, so its input and output "
                                 f"must be {BATCH} (batch-sharded), not {i} -> {o}")
-            self._check_sizes(where, op, axis, size, (i, o), batch, seq)
+        for key in ("input", "output"):
+            self._check_sizes(f"{where}.{key}", getattr(p, key), batch, seq)
         if p.strategy == "seq" and op.kind == G.GENERIC:
             dims = [m.shape for m in op.input_metas] + ([op.output.shape] if op.output else [])
             if any(len(s) < 2 or s[1] != G.S for s in dims) and p.axis is not None:
@@ -199,14 +201,17 @@ class Plan:
                 raise PlanError(f"{where}.precision.{c}: {dtype!r} not allowed (allowed: "
                                 f"{', '.join(allowed_precisions(c))})")
 
-    def _check_sizes(self, where, op, axis, size, io, batch, seq) -> None:
-        for p in io:
-            if not isinstance(p, Shard) or size == 1:
-                continue
-            if p.dim == 0 and batch is not None and batch % size:
-                raise PlanError(f"{where}: mesh axis {axis}={size} does not divide the batch size {batch}")
-            if p.dim == 1 and seq is not None and seq % size:
-                raise PlanError(f"{where}: mesh axis {axis}={size} does not divide the sequence length {seq}")
+    def _check_sizes(self, where: str, placements: tuple[Placement, ...], batch: int | None,
+                     seq: int | None) -> None:
+        """Every sharded dim must divide by the product of the axes sharding it (dim 0 batch, dim 1 sequence)."""
+        for dim, label, size_of_dim in ((0, "batch size", batch), (1, "sequence length", seq)):
+            axes = [(a, n) for (a, n), p in zip(self.mesh.axes, placements) if p == Shard(dim) and n > 1]
+            total = 1
+            for _, n in axes:
+                total *= n
+            if axes and size_of_dim is not None and size_of_dim % total:
+                names = " x ".join(f"{a}={n}" for a, n in axes)
+                raise PlanError(f"{where}: mesh axis {names} does not divide the {label} {size_of_dim}")
 
     # ---- views ------------------------------------------------------------------------------------------
     def reshards(self, graph: Graph) -> list[tuple[str, str, int, tuple[Placement, ...], tuple[Placement, ...]]]:

@@ -14,9 +14,6 @@ import sympy
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch._dynamo.source import ConstantSource
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 from . import graph as G
 from .graph import Graph, Op, TensorMeta
@@ -73,6 +70,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def trace(model: nn.Module, example_inputs: tuple | None = None, name: str | None = None) -> Graph:
     """Trace `model` into the IR. example_inputs fix the inputs' ranks and dtypes (default: int64 tokens [B, S]);
     their sizes are replaced by symbols (dims 0 and 1 are B and S)."""
+    # Imported here, not at module load: torch._dynamo costs seconds, and every runtime rank imports the IR.
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
     gm = symbolic_trace(model)
     if example_inputs is None:
         example_inputs = (torch.zeros(2, 8, dtype=torch.long),)
@@ -190,7 +192,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, name: str | Non
     return graph
 
 
-def _symint(shape_env: ShapeEnv, d: sympy.Expr, rev: dict):
+def _symint(shape_env, d: sympy.Expr, rev: dict):
     """An IR dimension expression -> a SymInt the fake tensors understand (an int when it is constant)."""
     d = sympy.sympify(d)
     if d.is_Integer:

@@ -75,6 +75,12 @@ class ModelConfig:
                 raise ConfigError("model.n_experts: MoE layers need at least one expert")
             if not 1 <= self.top_k <= self.n_experts:
                 raise ConfigError(f"model.top_k: must be in [1, n_experts={self.n_experts}], got {self.top_k}")
+        for f in _FLOAT_FIELDS:
+            v = getattr(self, f)
+            if v is None and f == "capacity_factor":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ConfigError(f"model.{f}: must be a positive number, got {v!r}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ConfigError(f"model.capacity_factor: must be > 0 or null, got {self.capacity_factor}")
 
@@ -87,6 +93,14 @@ class ModelConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"model.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
+        d = dict(d)
+        for f in _FLOAT_FIELDS:
+            # YAML 1.1 reads "1e-5" (no dot) as a string: accept any number spelled as one.
+            if isinstance(d.get(f), str):
+                try:
+                    d[f] = float(d[f])
+                except ValueError:
+                    raise ConfigError(f"model.{f}: must be a number, got {d[f]!r}") from None
         return cls(**d)
 
     @classmethod
@@ -100,6 +114,8 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+_FLOAT_FIELDS = ("rope_theta", "norm_eps", "capacity_factor")
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 

@@ -141,3 +141,12 @@ def test_reshards_follow_placements():
     assert edges[("layers.0.attention_norm", "layers.0.attention")] == ((Shard(0), Shard(1)), (Shard(0), Replicate()))
     assert edges[("layers.0.attention", "layers.0.add")] == ((Shard(0), Partial()), (Shard(0), Shard(1)))
     assert len(edges) == 4  # two per layer; EP's all-to-alls live inside the op
+
+
+def test_pure_data_parallel_plan_and_multi_axis_divisibility():
+    g = graph_of(0)
+    plan = Plan.build(g, Mesh.of(dp=2, mp=2), axis=None)
+    assert all(p.axis is None and p.input == (Shard(0), Shard(0)) for p in plan.ops.values())
+    plan.validate(g, batch=4, seq=7)  # batch split 2 x 2 = 4 ways; sequence not split
+    with pytest.raises(PlanError, match=r"\.input: mesh axis dp=2 x mp=2 does not divide the batch size 6"):
+        plan.validate(g, batch=6, seq=7)

@@ -67,3 +67,13 @@ def test_value_head_and_causality():
 def test_meta_device_builds_big_model_without_memory():
     m = build_model(load_config("internal-352b"), device="meta")
     assert all(p.is_meta for p in m.parameters())
+
+
+def test_yaml_exponent_floats(tmp_path):
+    p = tmp_path / "m.yaml"
+    p.write_text("norm_eps: 1e-6\nrope_theta: 5e5\n")  # YAML 1.1 reads these as strings
+    cfg = ModelConfig.from_yaml(p)
+    assert cfg.norm_eps == 1e-6 and cfg.rope_theta == 5e5
+    p.write_text("norm_eps: small\n")
+    with pytest.raises(ConfigError, match=r"model\.norm_eps: must be a number"):
+        ModelConfig.from_yaml(p)

@@ -53,12 +53,8 @@ def op_plan(op, mesh: Mesh, strategy: str, axis: str | None, io_index: int = 0) 
 
 def uniform_plan(graph, mesh: Mesh, strategies: dict[str, str], axis: str | None = "last",
                  precision: dict[str, str] | None = None) -> Plan:
-    """Plan.build, or with axis=None every op data parallel on every axis."""
-    if axis is not None:
-        return Plan.build(graph, mesh, strategies, axis=None if axis == "last" else axis, precision=precision)
-    ops = {op.name: op_plan(op, mesh, "replicate" if op.kind != G.GENERIC else "seq", None)
-           for op in graph.ops() if op.kind not in (G.INPUT, G.OUTPUT)}
-    return Plan(graph.name, mesh, ops)
+    """Plan.build; axis=None makes every op data parallel on every axis."""
+    return Plan.build(graph, mesh, strategies, axis="auto" if axis == "last" else axis, precision=precision)
 
 
 def random_plan(graph, mesh: Mesh, rng: random.Random, dp_only: bool = False) -> Plan:
