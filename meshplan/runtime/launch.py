@@ -165,5 +165,13 @@ def main() -> None:
     sys.exit(cli_run(sys.argv[1:]))
 
 
+def add_parsers(sub) -> None:
+    """`meshplan run`, wired into meshplan/cli.py."""
+    p = sub.add_parser("run", help="run a plan on N local ranks (gloo on CPU, NCCL on GPU), training on synthetic "
+                                   "tokens")
+    build_parser(p)
+    p.set_defaults(func=cli_run)
+
+
 if __name__ == "__main__":
     main()
