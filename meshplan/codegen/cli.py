@@ -77,6 +77,11 @@ def cmd_schedule(args) -> int:
     if args.out:
         best.to_yaml(args.out)
         print(f"wrote {args.out}")
+    if args.code:
+        from .emit import emit_module
+
+        print()
+        print(emit_module(graph, plan, args.batch, seq, c, durations))
     return 0
 
 
@@ -111,4 +116,6 @@ def add_parsers(sub) -> None:
                         f"roofline preset ({', '.join(ROOFLINES)}); default h800")
     s.add_argument("--png", help="write a Gantt chart of the schedules here")
     s.add_argument("--out", help="write the overlap schedule as YAML here")
+    s.add_argument("--code", action="store_true",
+                   help="also print the Python module emitted for this schedule (what the runtime runs)")
     s.set_defaults(func=cmd_schedule)

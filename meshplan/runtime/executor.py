@@ -103,6 +103,9 @@ class ParallelModel(nn.Module):
         self._shard_parameters(model)
         self._validated: set[tuple[int, int]] = set()
         self._reducer = GradReducer(self._grad_entries(), self.comm_stats, bucket_mb)
+        # op name -> an implementation that replaces IMPLEMENTATIONS' for that op (same signature and result):
+        # how runtime/overlap.py runs the emitted overlap code for the chunked ops.
+        self.op_overrides: dict[str, Impl] = {}
 
     # ---- set-up ------------------------------------------------------------------------------------------
     def _module_of(self, op: Op) -> nn.Module | None:
@@ -267,7 +270,8 @@ class ParallelModel(nn.Module):
 
     def _run(self, op: Op, ctx: OpContext, ins: list[torch.Tensor], env: dict) -> torch.Tensor:
         if op.kind != G.GENERIC:
-            return IMPLEMENTATIONS[(op.kind, ctx.plan.strategy)](ctx, *ins)
+            impl = self.op_overrides.get(op.name) or IMPLEMENTATIONS[(op.kind, ctx.plan.strategy)]
+            return impl(ctx, *ins)
         node = self._fx_nodes[op.node]
         produced = dict(zip(op.inputs, ins))
         values: dict[str, object] = {}
