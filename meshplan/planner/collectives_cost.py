@@ -25,12 +25,13 @@ from dataclasses import dataclass
 
 import sympy
 
+from . import error_model
 from .cluster import Cluster
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
 FP8_SCALE_BYTES = 4  # one fp32 scale per token row (REFERENCE.md: per-token scales)
-# Unit roundoff of the format a value is rounded to: bf16 keeps 8 significand bits, e4m3 keeps 4. fp32 is the
-# reference the error budget is measured against, so it adds no error.
+# Fallback when no measured error model exists: unit roundoff 2^-p of a format with p significand bits (bf16 8,
+# e4m3 4). fp32 is the reference the error budget is measured against, so it adds no error.
 UNIT_ROUNDOFF = {"fp32": 0.0, "bf16": 2.0 ** -8, "fp8": 2.0 ** -4}
 REDUCTIONS = ("reduce_scatter", "all_reduce")
 
@@ -96,18 +97,23 @@ def wire_bytes(elems, rows, dtype: str):
 
 
 def relative_error(kind: str, dtype: str, n: int) -> float:
-    """Relative error one collective adds to the values it moves. Rounding to `dtype` costs its unit roundoff u;
-    a ring reduction rounds every partial sum again, n times in all, and independent roundings add in variance:
-    u·sqrt(n). FP8 reductions are done as an FP8 all-to-all plus an FP32 local sum (REFERENCE.md, communication
-    compression), and BF16 gradients likewise, so they round once: u."""
-    if kind in ("none", "slice") or n <= 1:
+    """Relative error one collective adds to the values it moves: the measured, fitted model of error_model.py
+    (configs/error_model.yaml). Reductions are an all-to-all of encoded summands plus a float32 local sum
+    (REFERENCE.md, communication compression), so each summand is rounded once, whatever n. Without a measured
+    model: the format's unit roundoff u (round-to-nearest: half the spacing of the significand's last bit)."""
+    if kind in ("none", "slice") or n <= 1 or dtype == "fp32":
         return 0.0
-    u = UNIT_ROUNDOFF[dtype]
-    if kind in REDUCTIONS and dtype == "bf16":
-        return u * math.sqrt(n)
-    return u
+    try:
+        return error_model.relative_error(error_model.PLANNER_KIND[kind], dtype, n)
+    except FileNotFoundError:
+        return UNIT_ROUNDOFF[dtype]
 
 
 def grad_relative_error(dtype: str, group: int) -> float:
-    """Gradient reduction in BF16: shards exchanged in BF16, summed in FP32 (REFERENCE.md), one rounding."""
-    return UNIT_ROUNDOFF[dtype] if group > 1 else 0.0
+    """Gradient reduction in BF16: cast once, all-to-all, FP32 sum, BF16 all-gather (runtime/data_parallel.py)."""
+    if group <= 1 or dtype == "fp32":
+        return 0.0
+    try:
+        return error_model.relative_error("grad", dtype, group)
+    except FileNotFoundError:
+        return 2 * UNIT_ROUNDOFF[dtype]

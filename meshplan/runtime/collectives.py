@@ -11,9 +11,11 @@ gradient and so turns a Partial output gradient into a Partial input gradient). 
 one rank only (`seed_grad`) makes both cases sums, so all_gather's backward is always a reduce_scatter and
 a local slice's backward is a free zero-pad, never an all_gather.
 
-Precision: a channel's precision ("fp32" = the tensor's own dtype, "bf16", "fp8") is the wire format. Data
-movement casts before and after; reductions become an all-to-all of low-precision chunks and a float32 local sum
-(REFERENCE.md, "Communication compression"). FP8 is E4M3 with one float32 scale per row of the last dimension.
+Precision: a channel's precision ("fp32" = the tensor's own dtype, "bf16", "fp8") is the wire format
+(compression.py). Data movement encodes before and decodes after; a reduction becomes an all-to-all of
+low-precision chunks and a float32 local sum (REFERENCE.md, "Communication compression"), so nothing is ever
+accumulated in low precision. FP8 is E4M3 with per-token scales in the forward; an all-gather in the backward
+(the gradient of an FP8 reduce-scatter) uses per-channel scales over groups of 128 tokens.
 """
 from __future__ import annotations
 
@@ -25,9 +27,8 @@ import torch.distributed as dist
 from torch.autograd import Function
 
 from .comm_stats import BWD, FWD, CommStats, Key
+from .compression import decode, encode
 from .process_groups import AxisGroup
-
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 @dataclass(frozen=True)
@@ -83,34 +84,17 @@ def _a2a_single_raw(t: torch.Tensor, out_splits: list[int], in_splits: list[int]
     return out
 
 
-# ---- wire formats -----------------------------------------------------------------------------------------
-def _encode(x: torch.Tensor, precision: str, rowwise_ok: bool) -> tuple[list[torch.Tensor], str]:
-    if x.dtype == torch.bool:
-        return [x.view(torch.uint8)], "bool"
-    if precision == "fp32" or not x.is_floating_point():
-        return [x], "raw"
-    if precision == "fp8" and rowwise_ok and x.dim() >= 2:
-        xf = x.float()
-        scale = xf.abs().amax(-1, keepdim=True).clamp(min=1e-30) / FP8_MAX
-        return [(xf / scale).to(torch.float8_e4m3fn).view(torch.uint8), scale], "fp8"
-    if precision in ("bf16", "fp8"):  # fp8 without a usable row falls back to bf16
-        return [x.to(torch.bfloat16)], "bf16"
-    raise ValueError(f"unknown collective precision {precision!r} (expected fp32, bf16 or fp8)")
+# ---- wire formats (compression.py) -----------------------------------------------------------------------
+def _move(x: torch.Tensor, ch: Channel, fn: Callable[[torch.Tensor], torch.Tensor], layout: str | None,
+          out_dtype: torch.dtype | None = None, stacked: bool = False) -> torch.Tensor:
+    """Apply a data-movement collective `fn` to x in the channel's wire format (every part: codes and scales
+    travel the same way), and decode what arrived."""
+    parts, how = encode(x, ch.precision, layout)
+    return decode([fn(p) for p in parts], how, out_dtype or x.dtype, stacked)
 
 
-def _decode(parts: list[torch.Tensor], how: str, dtype: torch.dtype) -> torch.Tensor:
-    if how == "bool":
-        return parts[0].view(torch.bool)
-    if how == "fp8":
-        return (parts[0].view(torch.float8_e4m3fn).float() * parts[1]).to(dtype)
-    return parts[0].to(dtype)
-
-
-def _move(x: torch.Tensor, ch: Channel, fn: Callable[[torch.Tensor], torch.Tensor], rowwise_ok: bool,
-          out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Apply a data-movement collective `fn` to x in the channel's wire format, and decode the result."""
-    parts, how = _encode(x, ch.precision, rowwise_ok)
-    return _decode([fn(p) for p in parts], how, out_dtype or x.dtype)
+def _row(ok: bool) -> str | None:
+    return "row" if ok else None
 
 
 def _check_divisible(x: torch.Tensor, dim: int, n: int, what: str) -> None:
@@ -120,11 +104,13 @@ def _check_divisible(x: torch.Tensor, dim: int, n: int, what: str) -> None:
 
 
 # ---- collectives (not differentiable) --------------------------------------------------------------------
-def all_gather(x: torch.Tensor, dim: int, ch: Channel, phase: str = FWD) -> torch.Tensor:
+def all_gather(x: torch.Tensor, dim: int, ch: Channel, phase: str = FWD, rows_only: bool = False) -> torch.Tensor:
+    """rows_only: per-row fp8 scales even in the backward (for flat buffers, which have no token dim)."""
     if ch.n == 1:
         return x
     dim %= x.dim()
-    stacked = _move(x, ch, lambda t: _ag_raw(t, ch, phase), rowwise_ok=dim != x.dim() - 1)
+    layout = "block" if phase == BWD and not rows_only else _row(dim != x.dim() - 1)
+    stacked = _move(x, ch, lambda t: _ag_raw(t, ch, phase), layout, stacked=True)
     return torch.cat(stacked.unbind(0), dim=dim)
 
 
@@ -141,8 +127,7 @@ def reduce_scatter(x: torch.Tensor, dim: int, ch: Channel, phase: str = FWD) -> 
             ch.group.pg._reduce_scatter_base(out.view(-1), chunks.view(-1), opts).wait()
         ch.record("reduce_scatter", phase, chunks.nbytes * (ch.n - 1) / ch.n)
         return out
-    recv = _move(chunks, ch, lambda t: _a2a_raw(t, ch, phase), rowwise_ok=dim != x.dim() - 1,
-                 out_dtype=torch.float32)
+    recv = _move(chunks, ch, lambda t: _a2a_raw(t, ch, phase), _row(dim != x.dim() - 1), out_dtype=torch.float32)
     return recv.sum(0).to(x.dtype)
 
 
@@ -158,7 +143,7 @@ def all_reduce(x: torch.Tensor, ch: Channel, phase: str = FWD) -> torch.Tensor:
     flat = x.reshape(-1)
     pad = (-flat.numel()) % ch.n
     flat = torch.cat([flat, flat.new_zeros(pad)]) if pad else flat
-    full = all_gather(reduce_scatter(flat.view(ch.n, -1), 0, ch, phase), 0, ch, phase).reshape(-1)
+    full = all_gather(reduce_scatter(flat.view(ch.n, -1), 0, ch, phase), 0, ch, phase, rows_only=True).reshape(-1)
     return full[: x.numel()].view(x.shape)
 
 
@@ -170,7 +155,7 @@ def all_to_all(x: torch.Tensor, split_dim: int, cat_dim: int, ch: Channel, phase
     _check_divisible(x, split_dim, ch.n, f"all_to_all for {ch.op}")
     chunks = torch.stack(x.chunk(ch.n, split_dim))
     last = x.dim() - 1
-    recv = _move(chunks, ch, lambda t: _a2a_raw(t, ch, phase), rowwise_ok=last not in (split_dim, cat_dim))
+    recv = _move(chunks, ch, lambda t: _a2a_raw(t, ch, phase), _row(last not in (split_dim, cat_dim)))
     return torch.cat(recv.unbind(0), dim=cat_dim)
 
 
@@ -179,7 +164,7 @@ def all_to_all_single(x: torch.Tensor, out_splits: list[int], in_splits: list[in
     """Uneven all-to-all of rows: in_splits[j] rows of x go to rank j, out_splits[j] rows arrive from rank j."""
     if ch.n == 1:
         return x
-    return _move(x, ch, lambda t: _a2a_single_raw(t, out_splits, in_splits, ch, phase), rowwise_ok=x.dim() >= 2)
+    return _move(x, ch, lambda t: _a2a_single_raw(t, out_splits, in_splits, ch, phase), _row(x.dim() >= 2))
 
 
 def local_chunk(x: torch.Tensor, dim: int, n: int, index: int) -> torch.Tensor:

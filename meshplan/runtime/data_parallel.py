@@ -3,20 +3,27 @@
 A local parameter shard is replicated on every mesh axis its op does not split it on, and there its gradient is a
 Partial sum (collectives.py's convention), so the reduction is an all-reduce over exactly those axes. Gradients
 with the same set of axes and wire precision are flattened into buckets (fewer, larger collectives). Over two or
-more axes the reduction is hierarchical (REFERENCE.md): reduce-scatter on the innermost axis (intra-node), all-reduce
-of the 1/n shard on each outer axis, all-gather on the innermost axis, so outer links carry 1/n of the bytes.
+more axes the reduction is hierarchical (REFERENCE.md): reduce on the innermost axis (intra-node) first, then on
+each outer axis on the 1/n shard, then gather back outermost first, so outer links carry 1/n of the bytes.
 
-precision "bf16" (plan precision["grad"]): each reduce-scatter is an all-to-all of bfloat16 chunks (the float32
-gradients cast once per axis they are summed over: once for one axis) summed locally in float32, and the reduced
-shards are all-gathered in float32 (the sum itself is not rounded again). "fp32" reduces in the gradients' dtype.
+precision "fp32": reduce-scatter / all-reduce / all-gather in the gradients' dtype.
+precision "bf16" (plan precision["grad"]; REFERENCE.md, "Communication compression"): the float32-accumulated
+bucket is cast to bfloat16 ONCE; each axis's reduce-scatter is an all-to-all of bf16 shards summed locally in
+float32; the reduced shard is cast to bf16 once more and all-gathered in bf16. Why the gather is bf16 too: the
+point is half the bytes of the fp32 all-reduce (an fp32 gather would leave 3/4), and rounding a finished fp32
+sum is not low-precision accumulation. Every rank, the shard's owner included, decodes the same bf16 values, so
+the replicas stay bit-identical. Roundings per value: one at the source, one for the gather, and over two axes
+one more of the intra-node fp32 partial sum before the inter-node hop -- the only alternative, forwarding the
+unsummed bf16 pieces, would send n times the bytes over the slow link (error_model.py measures all three).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from .collectives import Channel, all_gather, all_reduce, reduce_scatter
+from .collectives import Channel, _a2a_raw, _ag_raw, all_gather, all_reduce, reduce_scatter
 from .comm_stats import GRAD, CommStats, Key
 from .process_groups import AxisGroup
 
@@ -35,25 +42,38 @@ def _pad_to(x: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
     return (torch.cat([x, x.new_zeros(pad)]) if pad else x), pad
 
 
-def _all_reduce_grad(x: torch.Tensor, g: AxisGroup, precision: str, stats: CommStats) -> torch.Tensor:
-    if precision == "fp32":
-        return all_reduce(x, Channel(g, "", GRAD, "fp32", stats), GRAD)
-    flat, pad = _pad_to(x, g.size)
-    part = reduce_scatter(flat, 0, Channel(g, "", GRAD, precision, stats), GRAD)
-    full = all_gather(part, 0, Channel(g, "", GRAD, "fp32", stats), GRAD)
-    return full[: x.numel()]
+def _reduce_fp32(x: torch.Tensor, axes: tuple[AxisGroup, ...], stats: CommStats) -> torch.Tensor:
+    ch = lambda g: Channel(g, "", GRAD, "fp32", stats)  # noqa: E731
+    if len(axes) == 1:
+        return all_reduce(x, ch(axes[0]), GRAD)
+    intra = axes[-1]
+    flat, _ = _pad_to(x, intra.size)
+    shard = reduce_scatter(flat, 0, ch(intra), GRAD)
+    for g in axes[:-1]:
+        shard = all_reduce(shard, ch(g), GRAD)
+    return all_gather(shard, 0, ch(intra), GRAD)[: x.numel()]
+
+
+def _reduce_bf16(x: torch.Tensor, axes: tuple[AxisGroup, ...], stats: CommStats) -> torch.Tensor:
+    """All-to-all of bf16 shards + float32 local sums, innermost axis first; bf16 all-gathers back."""
+    flat, _ = _pad_to(x.float(), math.prod(g.size for g in axes))
+    wire = flat.to(torch.bfloat16)  # the one cast of the float32-accumulated local gradient
+    for g in reversed(axes):  # innermost first: each hop leaves 1/size of the buffer for the next, slower one
+        recv = _a2a_raw(wire.view(g.size, -1), Channel(g, "", GRAD, "bf16", stats), GRAD)
+        wire = recv.float().sum(0).to(torch.bfloat16)  # fp32 sum of the pieces; rounded once for the next trip
+    for g in axes:  # outermost first: the exact inverse of the scatter order above
+        wire = _ag_raw(wire, Channel(g, "", GRAD, "bf16", stats), GRAD).view(-1)
+    return wire.float()[: x.numel()].to(x.dtype)
 
 
 def reduce_flat(x: torch.Tensor, axes: tuple[AxisGroup, ...], precision: str, stats: CommStats) -> torch.Tensor:
     """Sum a flat buffer over the product of `axes` (hierarchically when there are several)."""
-    if len(axes) == 1:
-        return _all_reduce_grad(x, axes[0], precision, stats)
-    intra = axes[-1]
-    flat, pad = _pad_to(x, intra.size)
-    shard = reduce_scatter(flat, 0, Channel(intra, "", GRAD, precision, stats), GRAD)
-    for g in axes[:-1]:
-        shard = _all_reduce_grad(shard, g, precision, stats)
-    return all_gather(shard, 0, Channel(intra, "", GRAD, "fp32", stats), GRAD)[: x.numel()]
+    if precision == "fp32" or not x.is_floating_point():
+        return _reduce_fp32(x, axes, stats)
+    if precision != "bf16":
+        raise ValueError(f"gradient precision {precision!r}: gradients are exchanged in fp32 or bf16 "
+                         f"(REFERENCE.md: FP8 is for activations)")
+    return _reduce_bf16(x, axes, stats)
 
 
 class GradReducer:

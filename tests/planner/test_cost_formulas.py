@@ -132,10 +132,13 @@ def test_alpha_beta_time(h800):
 def test_precision_bytes_and_errors():
     assert cc.wire_bytes(1000, 10, "fp32") == 4000 and cc.wire_bytes(1000, 10, "bf16") == 2000
     assert cc.wire_bytes(1000, 10, "fp8") == 1000 + 4 * 10  # per-token fp32 scales
+    # the measured model (configs/error_model.yaml): below the unit roundoff, and an FP8 all-to-all + FP32 local
+    # sum rounds each summand once, so a reduction's error does not grow like sqrt(n)
     assert cc.relative_error("all_to_all", "fp32", 8) == 0
-    assert cc.relative_error("all_to_all", "bf16", 8) == 2 ** -8
-    assert cc.relative_error("reduce_scatter", "bf16", 8) == pytest.approx(2 ** -8 * math.sqrt(8))
-    assert cc.relative_error("reduce_scatter", "fp8", 8) == 2 ** -4  # FP8 all-to-all + FP32 local sum
+    assert 2 ** -10 < cc.relative_error("all_to_all", "bf16", 8) < 2 ** -8
+    assert 2 ** -6 < cc.relative_error("reduce_scatter", "fp8", 8) < 2 ** -4
+    assert cc.relative_error("reduce_scatter", "bf16", 16) < 1.5 * cc.relative_error("reduce_scatter", "bf16", 2)
+    assert 0 < cc.grad_relative_error("bf16", 8) < 2 * 2 ** -8
 
 
 def test_compute_time_of_ep_moe(graph, h800):

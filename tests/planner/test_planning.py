@@ -82,7 +82,7 @@ def test_error_budget_is_respected(graph, h800, budget):
 def test_error_budget_trades_time(graph, h800):
     g = graph("internal-352b", n_layers=2)
     steps = []
-    for budget in (0.0, 0.2, None):
+    for budget in (0.0, 0.05, None):  # with the measured error model (error_model.py) 0.2 already allows all fp8
         p = CostModel(g, h800, Options(seq=SEQ, error_budget=budget)).problem(MeshConfig(8, 1, 1, 1, 8))
         steps.append(ilp.solve(p)[1])
     assert steps[0] > steps[1] > steps[2]

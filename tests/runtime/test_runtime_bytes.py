@@ -83,8 +83,9 @@ def test_bf16_gradients_halve_the_reduce_scatter(tiny):
     bf16 = _step(cfg, graph, tokens, uniform_plan(graph, mesh, {"attention": "sp", "moe": "ep"},
                                                   precision={"grad": "bf16"}))[0]
     g32, g16 = split_bytes(fp32.comm_stats)["grads"], split_bytes(bf16.comm_stats)["grads"]
-    # fp32 all-reduce = reduce-scatter + all-gather, each N/2; bf16: the reduce-scatter half as big (+ padding)
-    assert g16 == pytest.approx(0.75 * g32, rel=0.01)
+    # fp32 all-reduce = reduce-scatter + all-gather, each N/2; bf16: a bf16 all-to-all and a bf16 all-gather
+    # (data_parallel.py: the reduced shard is cast once and gathered in bf16), so half of it (+ padding)
+    assert g16 == pytest.approx(0.5 * g32, rel=0.01)
     assert bf16.comm_stats.total(kind="all_to_all", phase="grad") > 0
 
 
