@@ -1,5 +1,6 @@
-"""The outer search: every mesh factorisation G = pp · d · n (n <= GPUs per node divides the node, pp divides the
-layer count, d divides the global batch) and micro-batch size b, each priced by the ILP; the best wins.
+"""The outer search: every mesh factorisation G = pp · d · n (n <= GPUs per node divides the node, pp at most the
+layer count with stages as even as it allows, d divides the global batch) and micro-batch size b, each priced by
+the ILP; the best wins.
 
 Meshes are visited in order of a lower bound on their step time (each op at its cheapest strategy, communication
 only (1 - overlap) exposed, no reshardings), after a memory check that is exact (memory is separable per op, so
@@ -50,7 +51,7 @@ def meshes(gpus: int, global_batch: int, n_layers: int, gpus_per_node: int, max_
            recompute: tuple[bool, ...] = (False, True)) -> list[MeshConfig]:
     out = []
     for n in model_axis or [x for x in divisors(gpus_per_node) if gpus % x == 0]:
-        for p in pp or divisors(max(n_layers, 1)):
+        for p in pp or range(1, max(n_layers, 1) + 1):  # uneven stages allowed (layers_per_stage)
             if gpus % (n * p):
                 continue
             d = gpus // (n * p)
@@ -178,7 +179,7 @@ def search(graph: Graph, cluster: Cluster, gpus: int, global_batch: int, options
                    recompute=RECOMPUTE_CHOICES[options.recompute])
     if not cands:
         raise PlannerError(f"no mesh factorises {gpus} GPUs for {graph.name}: need G = pp x dp x mp with mp dividing "
-                           f"{cluster.gpus_per_node} GPUs per node, pp dividing {graph.n_layers()} layers and dp "
+                           f"{cluster.gpus_per_node} GPUs per node, pp <= {graph.n_layers()} layers and dp "
                            f"dividing the global batch {global_batch}")
     bounds = Bounds(cm)
     limit = options.mem_limit if options.mem_limit is not None else cluster.memory_limit

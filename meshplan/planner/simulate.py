@@ -46,9 +46,12 @@ def simulate(graph: Graph, cluster: Cluster, gpus: int, global_batch: int, optio
     options = options or Options()
     limit = options.mem_limit if options.mem_limit is not None else cluster.memory_limit
     rows = []
-    r = search(graph, cluster, gpus, global_batch, options)
-    rows.append(_row("planner", graph, cluster, r.mesh, r.breakdown, global_batch, options.seq, limit,
-                     f"{r.solved} ILPs / {r.searched} meshes"))
+    try:
+        r = search(graph, cluster, gpus, global_batch, options)
+        rows.append(_row("planner", graph, cluster, r.mesh, r.breakdown, global_batch, options.seq, limit,
+                         f"{r.solved} ILPs / {r.searched} meshes"))
+    except PlannerError as e:  # report it and still price the baselines (they may use uneven pipeline stages)
+        rows.append(_infeasible("planner", e))
     variants = [("megatron", None, "best pp")]
     if reference_pp:
         variants.append(("megatron", reference_pp, f"pp={reference_pp} (REFERENCE.md)"))
@@ -58,13 +61,17 @@ def simulate(graph: Graph, cluster: Cluster, gpus: int, global_batch: int, optio
             p = baseline(kind, graph, cluster, gpus, global_batch, options, pp=pp)
         except PlannerError as e:
             if pp is None:
-                rows.append(Row(kind, MeshConfig(1, 1), Breakdown(float("inf"), [0.0], 0.0, [0.0], 0.0, False),
-                                0.0, 0.0, False, str(e)[:80]))
+                rows.append(_infeasible(kind, e))
             continue
         if pp is not None and any(x.name == kind and x.mesh == p.mesh for x in rows):
             continue  # the best depth already is the reference one
         rows.append(_row(kind, graph, cluster, p.mesh, p.breakdown, global_batch, options.seq, limit, note))
     return rows
+
+
+def _infeasible(name: str, e: Exception) -> Row:
+    return Row(name, MeshConfig(1, 1), Breakdown(float("inf"), [0.0], 0.0, [0.0], 0.0, False), 0.0, 0.0, False,
+               str(e))
 
 
 def table(rows: list[Row]) -> str:
