@@ -1,0 +1,81 @@
+"""Process groups for data-parallel RL on CPU: spawn N gloo ranks, split prompts, gather rollouts.
+
+Each rank generates the rollouts of its share of the step's prompts; all_gather then gives every rank the same
+global batch (rank order), which is what ParallelModel's forward takes.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init(rank: int, world: int, port: int) -> None:
+    """Join (or, for world 1, create) the gloo group. World 1 still gets a group: the runtime expects one."""
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(items: list, rank: int, world: int) -> list:
+    """This rank's contiguous share (the first ranks take one more when it does not divide)."""
+    n = len(items)
+    lo = rank * (n // world) + min(rank, n % world)
+    return items[lo : lo + n // world + (rank < n % world)]
+
+
+def all_gather_objects(obj) -> list:
+    _, world = rank_world()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if rank_world()[1] > 1:
+        dist.barrier()
+
+
+def _entry(rank: int, world: int, port: int, fn, args) -> None:
+    init(rank, world, port)
+    try:
+        fn(rank, world, *args)
+    finally:
+        shutdown()
+
+
+def launch(fn, nproc: int, *args) -> None:
+    """Run fn(rank, world, *args) in nproc gloo processes (in this process when nproc == 1)."""
+    port = free_port()
+    if nproc == 1:
+        _entry(0, 1, port, fn, args)
+    else:
+        mp.spawn(_entry, args=(nproc, port, fn, args), nprocs=nproc, join=True)
+
+
+def set_threads(threads: int, nproc: int) -> None:
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // nproc))
