@@ -11,13 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
-from ..models.moe_transformer import apply_rope, causal_attention
 from .collectives import all_to_all_single
 from .moe_routing import assignments, capacity_keep, combine, experts, route_tokens, run_experts, shared_params
 from .op_context import OpContext
+from .ulysses_attention import sp_core, sp_out_proj, sp_qkv  # noqa: F401 - the emitted code's names
 
 
 def split_batch(x: torch.Tensor, chunks: int, op: str) -> list[torch.Tensor]:
@@ -27,38 +26,7 @@ def split_batch(x: torch.Tensor, chunks: int, op: str) -> list[torch.Tensor]:
     return list(x.chunk(chunks, 0))
 
 
-# ---- Ulysses attention: qkv -> qkv_a2a -> core -> out_a2a -> out_proj ----------------------------------------
-def sp_qkv(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
-    """[b, s/n, D] -> [b, s/n, n, (Hq + 2 Hkv')/n, hd]: one buffer per destination rank (its query heads, then its
-    KV heads), as attention_sp lays it out; exchange dims (2, 1) next."""
-    a, p, n = ctx.attrs, ctx.params, ctx.n
-    b, sl, _ = x.shape
-    hq, n_kv, hd = a["n_heads"], a["n_kv_heads"], a["head_dim"]
-    q = F.linear(x, p["wq.weight"]).view(b, sl, hq, hd)
-    k = F.linear(x, p["wk.weight"]).view(b, sl, n_kv, hd)
-    v = F.linear(x, p["wv.weight"]).view(b, sl, n_kv, hd)
-    if n_kv % n:
-        k, v = k.repeat_interleave(n // n_kv, dim=2), v.repeat_interleave(n // n_kv, dim=2)
-    kv = k.shape[2]
-    return torch.cat([q.view(b, sl, n, hq // n, hd), k.view(b, sl, n, kv // n, hd), v.view(b, sl, n, kv // n, hd)],
-                     dim=3)
-
-
-def sp_core(ctx: OpContext, qkv: torch.Tensor) -> torch.Tensor:
-    """[b, s, 1, (Hq + 2 Hkv')/n, hd] (after the all-to-all) -> attention of this rank's heads [b, s, Hq/n, hd]."""
-    hq, n = ctx.attrs["n_heads"], ctx.n
-    qkv = qkv.squeeze(2)
-    kv = (qkv.shape[2] - hq // n) // 2
-    q, k, v = qkv.split([hq // n, kv, kv], dim=2)
-    s = q.shape[1]
-    cos, sin = ctx.params["rope_cos"][:s], ctx.params["rope_sin"][:s]
-    return causal_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
-
-
-def sp_out_proj(ctx: OpContext, out: torch.Tensor) -> torch.Tensor:
-    """[b, s/n, Hq, hd] (after the second all-to-all) -> [b, s/n, D] with the replicated output projection."""
-    b, sl = out.shape[:2]
-    return F.linear(out.reshape(b, sl, -1), ctx.params["wo.weight"])
+# ---- Ulysses attention: qkv -> qkv_a2a -> core -> out_a2a -> out_proj (phases in ulysses_attention.py) --------
 
 
 # ---- EP MoE: route -> dispatch -> experts -> combine -> (shared) -> unpermute ---------------------------------

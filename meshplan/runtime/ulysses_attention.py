@@ -20,7 +20,11 @@ from .collectives import exchange
 from .op_context import OpContext
 
 
-def attention_sp(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
+# The three compute phases around the two all-to-alls; the emitted overlap code (codegen/emit.py) calls them per
+# micro-batch chunk with the all-to-alls in flight in between.
+def sp_qkv(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
+    """[b, s/n, D] -> [b, s/n, n, (Hq + 2 Hkv')/n, hd]: one buffer per destination rank (its query heads, then its
+    KV heads), as attention_sp lays it out; exchange dims (2, 1) next."""
     a, p, n = ctx.attrs, ctx.params, ctx.n
     b, sl, _ = x.shape
     hq, n_kv, hd = a["n_heads"], a["n_kv_heads"], a["head_dim"]
@@ -30,14 +34,28 @@ def attention_sp(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
     if n_kv % n:
         k, v = k.repeat_interleave(n // n_kv, dim=2), v.repeat_interleave(n // n_kv, dim=2)
     kv = k.shape[2]
-    # one buffer per destination rank: its query heads, then its KV heads
-    qkv = torch.cat([q.view(b, sl, n, hq // n, hd), k.view(b, sl, n, kv // n, hd), v.view(b, sl, n, kv // n, hd)],
-                    dim=3)
-    qkv = exchange(qkv, 2, 1, ctx.channel("qkv_a2a")).squeeze(2)  # [b, s, (hq + 2 kv) / n, hd]
-    q, k, v = qkv.split([hq // n, kv // n, kv // n], dim=2)
+    return torch.cat([q.view(b, sl, n, hq // n, hd), k.view(b, sl, n, kv // n, hd), v.view(b, sl, n, kv // n, hd)],
+                     dim=3)
+
+
+def sp_core(ctx: OpContext, qkv: torch.Tensor) -> torch.Tensor:
+    """[b, s, 1, (Hq + 2 Hkv')/n, hd] (after the all-to-all) -> attention of this rank's heads [b, s, Hq/n, hd]."""
+    hq, n = ctx.attrs["n_heads"], ctx.n
+    qkv = qkv.squeeze(2)
+    kv = (qkv.shape[2] - hq // n) // 2
+    q, k, v = qkv.split([hq // n, kv, kv], dim=2)
     s = q.shape[1]
-    cos, sin = p["rope_cos"][:s], p["rope_sin"][:s]
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = causal_attention(q, k, v)  # [b, s, hq / n, hd]
-    out = exchange(out, 1, 2, ctx.channel("out_a2a"))  # [b, s/n, hq, hd]
-    return F.linear(out.reshape(b, sl, hq * hd), p["wo.weight"])
+    cos, sin = ctx.params["rope_cos"][:s], ctx.params["rope_sin"][:s]
+    return causal_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+
+
+def sp_out_proj(ctx: OpContext, out: torch.Tensor) -> torch.Tensor:
+    """[b, s/n, Hq, hd] (after the second all-to-all) -> [b, s/n, D] with the replicated output projection."""
+    b, sl = out.shape[:2]
+    return F.linear(out.reshape(b, sl, -1), ctx.params["wo.weight"])
+
+
+def attention_sp(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
+    qkv = exchange(sp_qkv(ctx, x), 2, 1, ctx.channel("qkv_a2a"))  # [b, s, 1, (hq + 2 kv) / n, hd]
+    out = exchange(sp_core(ctx, qkv), 1, 2, ctx.channel("out_a2a"))  # [b, s/n, hq, hd]
+    return sp_out_proj(ctx, out)
