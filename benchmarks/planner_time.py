@@ -77,7 +77,7 @@ def main() -> None:
               r.get("mesh", r.get("infeasible", ""))[:60], r.get("ilps", "-"), r.get("meshes", "-")] for r in rows]
     print(format_table(["layers", "GPUs", "min s", "median s", "mesh (or why infeasible)", "ILPs", "meshes"], table,
                        align="rrrrlrr"))
-    print(f"tracing (meta device): " + ", ".join(f"{k} layers {v:.2f} s" for k, v in sorted(traces.items())))
+    print("tracing (meta device): " + ", ".join(f"{k} layers {v:.2f} s" for k, v in sorted(traces.items())))
     print(f"target: 1440 GPUs, 60 layers: median {headline['median_s']:.3f} s (< 2 s: {out['target']['met']}); "
           f"{out['machine']}; wrote {path.relative_to(ROOT)}")
 

@@ -16,7 +16,7 @@ import yaml
 from . import graph as G
 from .graph import Graph, Op
 from .mesh import Mesh
-from .placement import Placement, Replicate, Shard, parse_placement
+from .placement import Placement, Shard, parse_placement
 from .strategies import (
     BATCH, DEFAULT_STRATEGY, STRATEGIES, allowed_precisions, collective_names, divisibility_error,
 )

@@ -20,7 +20,6 @@ Functions here work on floats and on sympy expressions alike (plain arithmetic, 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import sympy
