@@ -270,7 +270,8 @@ class Trainer:
         batch, generated = self._rl_batch()
         all_gen = ScoredBatch.cat(generated, self.task.tokenizer.PAD)
         n_gen = len(all_gen)
-        rec = {"phase": "rl", "reward": float(all_gen.rewards.mean()), "accuracy": float(all_gen.correct.float().mean()),
+        rec = {"phase": "rl", "reward": float(all_gen.rewards.mean()),
+               "accuracy": float(all_gen.correct.float().mean()),
                "response_len": float(all_gen.rollout.response_lens.float().mean()),
                "truncated": float(all_gen.rollout.truncated.float().mean()), "generated": n_gen,
                "trained": len(batch) if batch is not None else 0}
