@@ -1,7 +1,7 @@
 """Rollouts: batched sampling with a KV cache, and group sampling (P prompts x K samples).
 
 The reference Transformer has no cache, so cached decoding is written here functionally from the model's own
-submodules and weights (attention_norm, attention.wq/wk/wv/wo, apply_rope at absolute positions, ffn_norm,
+submodules and weights (attention_norm, attention.qkv at absolute positions and wo, ffn_norm,
 feed_forward on [B, 1, D], norm, output). tests/rl/test_sampling.py checks that it gives the full forward's
 logits at every position.
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from meshplan.models import Transformer, apply_rope
+from meshplan.models import Transformer
 
 
 @dataclass
@@ -71,11 +71,7 @@ def new_cache(model: Transformer, batch: int, length: int) -> list[tuple[torch.T
 def _cached_attention(attn, x: torch.Tensor, pos: int, cache_k: torch.Tensor, cache_v: torch.Tensor) -> torch.Tensor:
     """Attention of x (absolute positions pos..pos+s-1) over the cache plus itself; writes x's keys/values."""
     b, s, _ = x.shape
-    q = attn.wq(x).view(b, s, attn.n_heads, attn.head_dim)
-    k = attn.wk(x).view(b, s, attn.n_kv_heads, attn.head_dim)
-    v = attn.wv(x).view(b, s, attn.n_kv_heads, attn.head_dim)
-    cos, sin = attn.rope_cos[pos : pos + s], attn.rope_sin[pos : pos + s]
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = attn.qkv(x, pos)
     cache_k[:, pos : pos + s] = k
     cache_v[:, pos : pos + s] = v
     keys, vals = cache_k[:, : pos + s], cache_v[:, : pos + s]
