@@ -69,6 +69,17 @@ def row_scale(amax):
 
 
 @triton.jit
+def looped_row_scale(x_row, H, BLOCK_H: tl.constexpr):
+    """The scale of a row too wide for one block: an amax pass over it, BLOCK_H columns at a time."""
+    amax = tl.zeros((BLOCK_H,), tl.float32)
+    for start in range(0, H, BLOCK_H):
+        cols = start + tl.arange(0, BLOCK_H)
+        x = tl.load(x_row + cols, mask=cols < H, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    return row_scale(tl.max(amax, axis=0))
+
+
+@triton.jit
 def _quantize_kernel(x_ptr, q_ptr, scale_ptr, H, stride_x, stride_q,
                      BLOCK_H: tl.constexpr, ONE_PASS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -81,12 +92,7 @@ def _quantize_kernel(x_ptr, q_ptr, scale_ptr, H, stride_x, stride_q,
         scale = row_scale(tl.max(tl.abs(x), axis=0))
         tl.store(q_row + cols, e4m3_encode(tl.math.div_rn(x, scale)), mask=mask)
     else:
-        amax = tl.zeros((BLOCK_H,), tl.float32)
-        for start in range(0, H, BLOCK_H):
-            cols = start + tl.arange(0, BLOCK_H)
-            x = tl.load(x_row + cols, mask=cols < H, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(x))
-        scale = row_scale(tl.max(amax, axis=0))
+        scale = looped_row_scale(x_row, H, BLOCK_H)
         for start in range(0, H, BLOCK_H):
             cols = start + tl.arange(0, BLOCK_H)
             x = tl.load(x_row + cols, mask=cols < H, other=0.0).to(tl.float32)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .fp8 import as_fp8
-from .fp8_triton import block_h_for, e4m3_encode, row_scale
+from .fp8_triton import block_h_for, e4m3_encode, looped_row_scale, row_scale
 
 
 @triton.jit
@@ -40,12 +40,7 @@ def _permute_kernel(x_ptr, row_id_ptr, buf_ptr, scale_ptr, H, stride_x, stride_b
                 tl.store(scale_ptr + dst, scale)
     else:  # wide rows: the amax pass reads the row, the write pass re-reads it (from L2)
         if QUANT:
-            amax = tl.zeros((BLOCK_H,), tl.float32)
-            for start in range(0, H, BLOCK_H):
-                cols = start + tl.arange(0, BLOCK_H)
-                x = tl.load(x_row + cols, mask=cols < H, other=0.0).to(tl.float32)
-                amax = tl.maximum(amax, tl.abs(x))
-            scale = row_scale(tl.max(amax, axis=0))
+            scale = looped_row_scale(x_row, H, BLOCK_H)
         for start in range(0, H, BLOCK_H):
             cols = start + tl.arange(0, BLOCK_H)
             mask = cols < H
