@@ -63,21 +63,26 @@ def test_bad_inputs_fail_before_any_process():
         meshplan.compile(tiny(), cluster="no-such-cluster", world_size=2, example_inputs=TOKENS)
 
 
-def _rank(rank, world, plan_yaml, out):
-    model = tiny()
-    cm = meshplan.compile(model, cluster="local", plan=Plan.from_yaml(plan_yaml), example_inputs=TOKENS)
-    assert cm.distributed
-    opt = torch.optim.AdamW(cm.parameters(), lr=1e-2)
+def _train_three_steps(model, reduce_gradients=lambda: None) -> list[float]:
+    """Losses of 3 seeded AdamW steps on random tokens (the same batches wherever it runs)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(3):
         data = torch.randint(0, 256, (4, 33), generator=gen)
-        loss = F.cross_entropy(cm(data[:, :-1]).flatten(0, 1), data[:, 1:].flatten())
+        loss = F.cross_entropy(model(data[:, :-1]).flatten(0, 1), data[:, 1:].flatten())
         opt.zero_grad()
         loss.backward()
-        cm.reduce_gradients()
+        reduce_gradients()
         opt.step()
         losses.append(loss.item())
+    return losses
+
+
+def _rank(rank, world, plan_yaml, out):
+    cm = meshplan.compile(tiny(), cluster="local", plan=Plan.from_yaml(plan_yaml), example_inputs=TOKENS)
+    assert cm.distributed
+    losses = _train_three_steps(cm, cm.reduce_gradients)
     if rank == 0:
         out.write_text(json.dumps(losses))
 
@@ -86,15 +91,5 @@ def test_compiled_model_trains_like_one_device_on_two_ranks(tmp_path):
     plan = meshplan.compile(tiny(), cluster="local", world_size=2, example_inputs=TOKENS, error_budget=0.0).plan
     plan.to_yaml(tmp_path / "plan.yaml")
     spawn(2, _rank, str(tmp_path / "plan.yaml"), tmp_path / "losses.json")
-    model = tiny()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(0)
-    ref = []
-    for _ in range(3):
-        data = torch.randint(0, 256, (4, 33), generator=gen)
-        loss = F.cross_entropy(model(data[:, :-1]).flatten(0, 1), data[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        ref.append(loss.item())
+    ref = _train_three_steps(tiny())
     assert json.loads((tmp_path / "losses.json").read_text()) == pytest.approx(ref, rel=1e-5, abs=1e-6)
