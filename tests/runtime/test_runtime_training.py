@@ -15,6 +15,18 @@ OPTIMIZERS = {  # Adam divides by sqrt(v): float32 noise in near-zero gradients 
 }
 
 
+def train_steps(model, opt, steps, reduce_gradients=lambda: None) -> list[float]:
+    losses = []
+    for tokens, targets in steps:
+        opt.zero_grad()
+        loss = loss_of(model(tokens), targets)
+        loss.backward()
+        reduce_gradients()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("strategies", [{"attention": "sp", "moe": "ep"}, {"attention": "tp", "moe": "tp"},
                                         {"attention": "tp", "moe": "ag_scatter", "embedding": "vocab"}])
@@ -26,29 +38,14 @@ def test_optimizer_steps_match_single_device(strategies, optimizer):
     steps = [batch_for(cfg, 4, 8, seed=s) for s in range(3)]
 
     ref = make_model(cfg)
-    opt = make_opt(ref.parameters())
-    ref_losses = []
-    for tokens, targets in steps:
-        opt.zero_grad()
-        loss = loss_of(ref(tokens), targets)
-        loss.backward()
-        opt.step()
-        ref_losses.append(loss.item())
+    ref_losses = train_steps(ref, make_opt(ref.parameters()), steps)
 
     world = LocalWorld(4, timeout_s=30)
     groups = world.groups(plan.mesh)
 
     def rank(r):
         pm = ParallelModel(make_model(cfg), plan, graph=graph, groups=groups[r])
-        opt = make_opt(pm.parameters())
-        losses = []
-        for tokens, targets in steps:
-            opt.zero_grad()
-            loss = loss_of(pm(tokens), targets)
-            loss.backward()
-            pm.reduce_gradients()
-            opt.step()
-            losses.append(loss.item())
+        losses = train_steps(pm, make_opt(pm.parameters()), steps, pm.reduce_gradients)
         return losses, pm.full_state_dict()
 
     expected = ref.state_dict()
