@@ -207,4 +207,4 @@ def cache_info() -> int:
     return len(_CACHE)
 
 
-__all__ = ["CompiledModel", "OpPlan", "compile", "cache_info", "structure_signature"]
+__all__ = ["CompiledModel", "compile", "cache_info", "structure_signature"]
