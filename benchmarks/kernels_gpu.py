@@ -152,6 +152,62 @@ def bench_gemm(K, k):
               flops=flops, ms_ceiling=bench(lambda: a @ b))
 
 
+# Tile configurations tried for the grouped GEMMs (block_m, block_n, block_k, num_warps, num_stages, group_m):
+# group_m 10**6 numbers programs row tile fastest (no L2 swizzle), the kernel's order before 2026-11-25.
+GEMM_CONFIGS = {
+    "swiglu": [(128, 64, 64, 8, 3, 10 ** 6), (128, 64, 64, 8, 3, 8), (128, 64, 64, 8, 4, 8),
+               (128, 128, 64, 8, 3, 8), (64, 128, 64, 4, 3, 8)],
+    "gemm": [(128, 128, 64, 8, 3, 10 ** 6), (128, 128, 64, 8, 3, 8), (128, 256, 64, 8, 3, 8),
+             (128, 128, 64, 8, 4, 8), (128, 256, 64, 8, 4, 8)],
+}
+
+
+def bench_gemm_configs(K, k=2):
+    """Each tile configuration of GEMM_CONFIGS on the k=2 problem, checked against the torch path."""
+    from meshplan.codegen.kernels import grouped_gemm_triton
+
+    e_local, N = E // EP, T * k
+    counts = torch.bincount(torch.randint(0, e_local, (N,), device=DEVICE), minlength=e_local)
+    x = torch.randn(N, H, device=DEVICE, dtype=torch.bfloat16)
+    w1, w3 = (torch.randn(e_local, F_FFN, H, device=DEVICE, dtype=torch.bfloat16) / H ** 0.5 for _ in range(2))
+    w2 = torch.randn(e_local, H, F_FFN, device=DEVICE, dtype=torch.bfloat16) / F_FFN ** 0.5
+    h_ref = K.grouped_swiglu_ref(x, w1, w3, counts)
+    y_ref = K.grouped_gemm_ref(h_ref, w2, counts)
+    a, b = torch.randn(N, H, device=DEVICE, dtype=torch.bfloat16), w1[0].T.contiguous()
+    dense_ms = bench(lambda: a @ b)
+    keys = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "group_m")
+    for name, cfgs in GEMM_CONFIGS.items():
+        for cfg in cfgs:
+            c = dict(zip(keys, cfg))
+            if name == "swiglu":
+                out = torch.full((N, F_FFN), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+                fn = lambda: grouped_gemm_triton.grouped_gemm_into(x, w1, w3, counts, out, **c)  # noqa: E731
+                ref, flops, ceil = h_ref, 4 * N * H * F_FFN, 2 * dense_ms
+            else:
+                out = torch.full((N, H), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+                fn = lambda: grouped_gemm_triton.grouped_gemm_into(h_ref, w2, None, counts, out, **c)  # noqa: E731
+                ref, flops, ceil = y_ref, 2 * N * F_FFN * H, dense_ms
+            try:
+                fn()
+                err = rel_err(out, ref)
+                ms = bench(fn)
+            except Exception as e:  # noqa: BLE001 - a config that does not fit (shared memory) is reported
+                print(f"config {name} {c}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            r = row(f"grouped_{name}@" + "/".join(map(str, cfg)), dict(N=N, H=H, F=F_FFN, k=k, **c), ms, float("nan"),
+                    err < 1e-2, err, flops=flops, ms_ceiling=ceil)
+            yield r
+
+
+def ceilings():
+    """The two ceilings METHOD.md asks for: a 4 GB device-to-device copy, an 8192^3 bf16 matmul."""
+    n = 8192
+    a, b = (torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    ms = bench(lambda: a @ b)
+    copy = copy_ms(4 << 30)
+    return dict(matmul_tflops=2 * n ** 3 / ms / 1e9, copy_gbps=(4 << 30) / copy / 1e6)
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("kernels_gpu: no CUDA device; nothing to benchmark (run this on a GPU machine).")
@@ -161,20 +217,22 @@ def main() -> int:
     from meshplan.codegen import kernels as K
 
     results, t0 = [], time.time()
+    ceil = ceilings()
+    print(f"ceilings: bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, copy {ceil['copy_gbps']:.0f} GB/s", flush=True)
     runs = [lambda: bench_fp8(K)] + [lambda k=k: bench_moe(K, k) for k in TOPK] \
-        + [lambda k=k: bench_gemm(K, k) for k in (2, 8)]
+        + [lambda k=k: bench_gemm(K, k) for k in (2, 8)] + [lambda: bench_gemm_configs(K)]
     for run in runs:
         for r in run():
             results.append(r)
             extra = (f"{r['gbps']:8.0f} GB/s ({r['frac_of_copy']:5.1%} of copy)" if "gbps" in r else
                      f"{r['tflops']:8.1f} TFLOP/s ({r['frac_of_dense']:5.1%} of dense)" if "tflops" in r
                      else "")
-            print(f"{r['kernel']:17s} k={r.get('k', '-')!s:2s} triton {r['ms_triton']:8.3f} ms  "
+            print(f"{r['kernel']:28s} k={r.get('k', '-')!s:2s} triton {r['ms_triton']:8.3f} ms  "
                   f"torch {r['ms_torch']:8.3f} ms  x{r['speedup_vs_torch']:5.2f}  {extra}  "
                   f"{'ok' if r['correct'] else 'MISMATCH'} (rel_err {r['rel_err']:.1e})", flush=True)
         torch.cuda.empty_cache()
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+    OUT.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, ceilings=ceil,
                                    triton=triton.__version__, seconds=time.time() - t0,
                                    results=results), indent=2))
     print(f"wrote {OUT.relative_to(ROOT)}")

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.moe_transformer import GroupedExperts, expert_capacity, keep_mask, route
+from .moe_kernels import combine_rows, expert_ffn_sorted, use_triton
 from .op_context import OpContext
 
 
@@ -47,10 +48,14 @@ def assignments(idx: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, to
 def run_experts(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, expert: torch.Tensor,
                 x: torch.Tensor) -> torch.Tensor:
     """Row i of x through expert expert[i] of the stacked (local) weights: sort rows by expert, one GEMM group
-    per expert (the reference's GroupedExperts.expert), and put the rows back in their order."""
+    per expert (the reference's GroupedExperts.expert, or the grouped Triton kernel), and put the rows back in
+    their order."""
     order = torch.argsort(expert, stable=True)
-    counts = torch.bincount(expert, minlength=w1.shape[0]).tolist()
     xs = x[order]
+    if use_triton(x, "run_experts"):  # grouped GEMMs, SwiGLU fused (codegen's kernel; moe_kernels.py)
+        counts = torch.bincount(expert, minlength=w1.shape[0])
+        return expert_ffn_sorted(w1, w3, w2, counts, xs)[torch.argsort(order)]
+    counts = torch.bincount(expert, minlength=w1.shape[0]).tolist()
     weights = SimpleNamespace(w1=w1, w2=w2, w3=w3)
     outs, start = [], 0
     for e, c in enumerate(counts):
@@ -66,7 +71,10 @@ def run_experts(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, expert: to
 
 def combine(n_tokens: int, tok: torch.Tensor, slot: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
             dtype: torch.dtype) -> torch.Tensor:
-    """Weighted sum of expert outputs per token, in float32 as the reference does."""
+    """Weighted sum of expert outputs per token, in float32 as the reference does. Row i of y belongs to the
+    pair (tok[i], slot[i]); on the Triton path one fused kernel gathers and sums each token's rows."""
+    if use_triton(y, "combine"):
+        return combine_rows(n_tokens, tok, slot, y, weights, dtype)
     out = torch.zeros(n_tokens, y.shape[-1], dtype=torch.float32, device=y.device)
     out = out.index_add(0, tok, y.float() * weights[tok, slot, None])
     return out.to(dtype)

@@ -8,9 +8,11 @@ decoration time, i.e. when a `*_triton.py` module is first imported).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
+import threading
 
 import torch
 
@@ -31,11 +33,17 @@ def resolve_backend(backend: str, tensor: torch.Tensor, op: str) -> str:
     """Map "auto" | "triton" | "torch" to the implementation that will run.
 
     "auto" picks Triton for CUDA tensors (when Triton is installed), the torch reference
-    otherwise. "triton" is honoured or refused with the reason; it runs on CPU tensors only
+    otherwise; the environment variable MESHPLAN_KERNELS=torch|triton|auto overrides what
+    "auto" means for the whole process (how tests and benchmarks run the runtime on either
+    path). "triton" is honoured or refused with the reason; it runs on CPU tensors only
     under TRITON_INTERPRET=1.
     """
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend={backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        backend = os.environ.get("MESHPLAN_KERNELS", "auto") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"{op}: MESHPLAN_KERNELS={backend!r}; expected one of {BACKENDS}")
     if backend == "torch":
         return "torch"
     if backend == "auto":
@@ -47,6 +55,16 @@ def resolve_backend(backend: str, tensor: torch.Tensor, op: str) -> str:
         raise RuntimeError(f"{op}: backend='triton' with a {tensor.device} tensor needs a CUDA "
                            "device, or TRITON_INTERPRET=1 set before triton is first imported")
     return "triton"
+
+
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def launch_guard():
+    """Wrap every kernel launch. Triton's CPU interpreter patches triton.language module-wide for the duration
+    of a launch, so two threads interpreting kernels at once (the ranks of an in-process world) corrupt each
+    other: under TRITON_INTERPRET=1 launches take a process-wide lock. Compiled launches take none."""
+    return _INTERPRETER_LOCK if triton_interpret() else contextlib.nullcontext()
 
 
 def next_pow2(n: int) -> int:

@@ -43,7 +43,10 @@ def _check_rows(x: torch.Tensor, op: str) -> None:
 def row_scales_ref(x: torch.Tensor) -> torch.Tensor:
     """float32 [T] per-row scales, amax / 448, computed exactly as the kernel does."""
     amax = x.float().abs().amax(dim=-1).clamp_min(AMAX_FLOOR)
-    return amax / FP8_MAX
+    # Divide by a tensor, not the Python float: for a scalar divisor torch's CUDA kernel multiplies by the
+    # reciprocal (1/448 is inexact), which differs from the correctly rounded quotient in the last bit for some
+    # rows (seen on an H200, 2026-11-25); tensor / tensor is IEEE division on CPU and CUDA alike.
+    return amax / torch.full_like(amax, FP8_MAX)
 
 
 def quantize_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import next_pow2
+from ._backend import launch_guard, next_pow2
 from .fp8 import AMAX_FLOOR, FP8_MAX, as_fp8
 
 MAX_BLOCK_H = 8192  # rows up to this width are read once; wider rows take a second (L2) read
@@ -128,8 +128,9 @@ def quantize_into(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     if T == 0:
         return
     bh = block_h_for(H, block_h)
-    _quantize_kernel[(T,)](x, q8, scale, H, x.stride(0), q8.stride(0),
-                           BLOCK_H=bh, ONE_PASS=H <= bh, num_warps=_num_warps(bh))
+    with launch_guard():
+        _quantize_kernel[(T,)](x, q8, scale, H, x.stride(0), q8.stride(0),
+                               BLOCK_H=bh, ONE_PASS=H <= bh, num_warps=_num_warps(bh))
 
 
 def dequantize_into(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor,
@@ -144,8 +145,9 @@ def dequantize_into(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor,
         return
     bh = block_h_for(H, block_h)
     grid = (T, triton.cdiv(H, bh))
-    _dequantize_kernel[grid](q8, scale, out, H, q8.stride(0), out.stride(0),
-                             BLOCK_H=bh, num_warps=_num_warps(bh))
+    with launch_guard():
+        _dequantize_kernel[grid](q8, scale, out, H, q8.stride(0), out.stride(0),
+                                 BLOCK_H=bh, num_warps=_num_warps(bh))
 
 
 @triton.jit
@@ -167,7 +169,8 @@ def encode_e4m3(y: torch.Tensor) -> torch.Tensor:
     y = y.float().contiguous()
     codes = torch.empty(y.shape, dtype=torch.uint8, device=y.device)
     if y.numel():
-        _encode_kernel[(triton.cdiv(y.numel(), 4096),)](y, codes, y.numel(), BLOCK=4096)
+        with launch_guard():
+            _encode_kernel[(triton.cdiv(y.numel(), 4096),)](y, codes, y.numel(), BLOCK=4096)
     return codes
 
 
@@ -176,5 +179,6 @@ def decode_e4m3(codes: torch.Tensor) -> torch.Tensor:
     codes = codes.contiguous()
     y = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
     if codes.numel():
-        _decode_kernel[(triton.cdiv(codes.numel(), 4096),)](codes, y, codes.numel(), BLOCK=4096)
+        with launch_guard():
+            _decode_kernel[(triton.cdiv(codes.numel(), 4096),)](codes, y, codes.numel(), BLOCK=4096)
     return y

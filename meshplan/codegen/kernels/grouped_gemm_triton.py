@@ -2,9 +2,14 @@
 
 Scheduling. Every expert segment is cut into ceil(n_e / BLOCK_M) row tiles; a program owns
 one row tile and one BLOCK_N block of output columns, so a tile never straddles two experts
-and partial tiles are masked. The tile -> (expert, rows) table is built with torch ops on
-the device (cumsum + searchsorted), with no host sync: the grid is sized for the upper
-bound ceil(N / BLOCK_M) + E tiles and the spare programs find an empty row range and return.
+and partial tiles are masked. Programs are numbered in groups of GROUP_M row tiles that walk
+every column block together (the Triton matmul tutorial's swizzle): the programs resident at
+once share a few x tiles and a few weight blocks through L2. Numbered row tile fastest (GROUP_M
+huge), every column block re-reads all of x from memory: on an H200 that ran at 60% of a dense
+cuBLAS GEMM (benchmarks/kernels_gpu.py, 2026-11-25). The tile -> (expert, rows) table is
+built with torch ops on the device (cumsum + searchsorted), with no host sync: the grid is
+sized for the upper bound ceil(N / BLOCK_M) + E tiles and the spare programs find an empty
+row range and return.
 Empty experts simply own no tiles.
 
 With W3 given, each program computes two accumulators, x @ w1[e].T and x @ w3[e].T, over
@@ -17,8 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import triton_interpret
-
+from ._backend import launch_guard, triton_interpret
 
 
 def default_config(dtype: torch.dtype, swiglu: bool) -> dict:
@@ -26,23 +30,30 @@ def default_config(dtype: torch.dtype, swiglu: bool) -> dict:
     the SwiGLU kernel keeps two accumulators, so it takes half the columns to stay in registers.
     float32 runs IEEE FMA dots (no tensor cores), so smaller tiles."""
     if dtype == torch.float32:
-        return dict(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=2)
-    return dict(block_m=128, block_n=64 if swiglu else 128, block_k=64, num_warps=8, num_stages=3)
+        return dict(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=2, group_m=8)
+    return dict(block_m=128, block_n=64 if swiglu else 128, block_k=64, num_warps=8, num_stages=3, group_m=8)
 
 
 @triton.jit
 def _grouped_gemm_kernel(x_ptr, w1_ptr, w3_ptr, out_ptr, tile_expert_ptr, tile_start_ptr,
-                         tile_end_ptr, N_OUT, K, stride_x, stride_we, stride_wn, stride_out,
+                         tile_end_ptr, N_TILES, N_OUT, K, stride_x, stride_we, stride_wn, stride_out,
                          SWIGLU: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    tile = tl.program_id(0)
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N_OUT, BLOCK_N)
+    per_group = GROUP_M * n_blocks
+    first_tile = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(N_TILES - first_tile, GROUP_M)
+    tile = first_tile + (pid % per_group) % group_size
+    col_block = (pid % per_group) // group_size
     row_start = tl.load(tile_start_ptr + tile)
     row_end = tl.load(tile_end_ptr + tile)
     if row_start >= row_end:  # a spare tile of the upper-bound grid
         return
     expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
     rows = row_start + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < row_end
     col_ok = cols < N_OUT
     ks = tl.arange(0, BLOCK_K)
@@ -97,7 +108,7 @@ def grouped_gemm_into(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor | None
                       tokens_per_expert: torch.Tensor, out: torch.Tensor, **config) -> None:
     """out = per-segment x_e @ w1[e].T, or silu(x_e @ w1[e].T) * (x_e @ w3[e].T) if w3 is given.
 
-    config overrides default_config's keys (block_m, block_n, block_k, num_warps, num_stages).
+    config overrides default_config's keys (block_m, block_n, block_k, num_warps, num_stages, group_m).
     """
     N, K = x.shape
     E, n_out, _ = w1.shape
@@ -117,9 +128,11 @@ def grouped_gemm_into(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor | None
     # float32 sums the tensor cores compute.
     upcast = x.dtype != torch.float32 and triton_interpret()
     precision = "ieee" if x.dtype == torch.float32 or upcast else "tf32"
-    grid = (expert.numel(), triton.cdiv(n_out, cfg["block_n"]))
-    _grouped_gemm_kernel[grid](x, w1, w3, out, expert, start, end, n_out, K,
-                               x.stride(0), w1.stride(0), w1.stride(1), out.stride(0),
-                               SWIGLU=swiglu, PRECISION=precision, UPCAST=upcast,
-                               BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
-                               num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    grid = (expert.numel() * triton.cdiv(n_out, cfg["block_n"]),)
+    with launch_guard():
+        _grouped_gemm_kernel[grid](x, w1, w3, out, expert, start, end, expert.numel(), n_out, K,
+                                   x.stride(0), w1.stride(0), w1.stride(1), out.stride(0),
+                                   SWIGLU=swiglu, PRECISION=precision, UPCAST=upcast,
+                                   BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
+                                   GROUP_M=cfg["group_m"],
+                                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

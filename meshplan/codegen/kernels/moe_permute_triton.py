@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._backend import launch_guard
+
 from .fp8 import as_fp8
 from .fp8_triton import block_h_for, e4m3_encode, looped_row_scale, row_scale
 
@@ -78,6 +80,7 @@ def permute_into(x: torch.Tensor, row_id_map: torch.Tensor, buf: torch.Tensor,
     if T == 0:
         return
     bh = block_h_for(H, block_h)
-    _permute_kernel[(T,)](x, row_id_map, buf, scales if quant else buf, H, x.stride(0), buf.stride(0),
-                          K=K, QUANT=quant, BLOCK_H=bh, ONE_PASS=H <= bh,
-                          num_warps=8 if bh >= 4096 else 4)
+    with launch_guard():
+        _permute_kernel[(T,)](x, row_id_map, buf, scales if quant else buf, H, x.stride(0), buf.stride(0),
+                              K=K, QUANT=quant, BLOCK_H=bh, ONE_PASS=H <= bh,
+                              num_warps=8 if bh >= 4096 else 4)

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._backend import launch_guard
+
 from .fp8 import FP8_DTYPE
 from .fp8_triton import block_h_for, e4m3_decode
 
@@ -51,6 +53,7 @@ def unpermute_into(y: torch.Tensor, row_id_map: torch.Tensor, topk_weights: torc
         return
     bh = block_h or min(block_h_for(H), MAX_BLOCK_H)
     grid = (T, triton.cdiv(H, bh))
-    _unpermute_kernel[grid](y, scales if fp8 else y, row_id_map.contiguous(), topk_weights.contiguous(),
-                            out, H, y.stride(0), out.stride(0),
-                            K=K, FP8=fp8, BLOCK_H=bh, num_warps=4)
+    with launch_guard():
+        _unpermute_kernel[grid](y, scales if fp8 else y, row_id_map.contiguous(), topk_weights.contiguous(),
+                                out, H, y.stride(0), out.stride(0),
+                                K=K, FP8=fp8, BLOCK_H=bh, num_warps=4)
