@@ -35,16 +35,18 @@ EMITTED = {(G.ATTENTION, "sp"), (G.MOE, "ep")}
 # phase -> (the statement producing it, with {c} the chunk and {in} the value of the phase it waits for)
 _ATTENTION = {
     "qkv": "qkv{c} = sp_qkv(ctx, x{c})",
-    "qkv_a2a": "qkv_a2a{c} = start_exchange(qkv{c}, 2, 1, ctx.channel('qkv_a2a'))",
+    "qkv_a2a": "qkv_a2a{c} = start_exchange(qkv{c}, 2, 1, ctx.channel('qkv_a2a'), ctx.comm_stream)",
     "core": "core{c} = sp_core(ctx, {in})",
-    "out_a2a": "out_a2a{c} = start_exchange(core{c}, 1, 2, ctx.channel('out_a2a'))",
+    "out_a2a": "out_a2a{c} = start_exchange(core{c}, 1, 2, ctx.channel('out_a2a'), ctx.comm_stream)",
     "out_proj": "y{c} = sp_out_proj(ctx, {in})",
 }
 _MOE = {
     "route": "route{c} = ep_route(ctx, x{c}, keep[{c}])",
-    "dispatch": "dispatch{c} = start_rows(route{c}.rows, route{c}.recv, route{c}.send, ctx.channel('dispatch'))",
+    "dispatch": "dispatch{c} = start_rows(route{c}.rows, route{c}.recv, route{c}.send, ctx.channel('dispatch'), "
+                "ctx.comm_stream)",
     "experts": "experts{c} = ep_experts(ctx, route{c}, {in})",
-    "combine": "combine{c} = start_rows(experts{c}, route{c}.send, route{c}.recv, ctx.channel('combine'))",
+    "combine": "combine{c} = start_rows(experts{c}, route{c}.send, route{c}.recv, ctx.channel('combine'), "
+               "ctx.comm_stream)",
     "shared": "shared{c} = ep_shared(ctx, x{c})",
     "unpermute": "y{c} = ep_unpermute(ctx, route{c}, {in}, {shared})",
 }
@@ -106,7 +108,8 @@ def emit_schedule(graph: Graph, plan: Plan, sch: Schedule) -> str:
         f"Schedule ({m.get('durations', '')}): {sch.summary()}.",
         "Forward: async all-to-alls issued where the comm stream starts them, waited on just before first use.",
         "Backward: autograd, through the collectives' synchronous mirror all-to-alls (not overlapped).",
-        "On CUDA the async collectives run on NCCL's stream; wait() makes the compute stream wait on its event.",
+        "On CUDA each all-to-all is enqueued on the rank's comm stream (ctx.comm_stream) once that stream has waited",
+        "for the compute stream; wait() makes the compute stream wait for the comm stream.",
     ]
     if skipped:
         head.append("Run unchunked by the executor (no collective inside the op to overlap, or a compressed one): "

@@ -16,11 +16,8 @@ squared-error sum <= budget². Times are in milliseconds and memory in GB so CBC
 """
 from __future__ import annotations
 
-from collections import defaultdict
-
 import warnings
-
-import pulp
+from collections import defaultdict
 
 from .problem import Assignment, Problem
 
@@ -29,12 +26,14 @@ TIE_BREAK = 1e-6
 
 
 def _sum(terms):
+    import pulp  # lazy, as in solve()
     return pulp.lpSum(terms) if terms else 0
 
 
 def _solver(time_limit: float | None):
     """CBC: a system install (COIN_CMD) if there is one, else the binary bundled with pulp (PULP_CBC_CMD, which
     pulp 3.3 marks deprecated for 4.0 but still ships)."""
+    import pulp  # lazy, as in solve()
     opts = dict(msg=False, gapRel=1e-9, timeLimit=time_limit)
     if pulp.COIN_CMD().available():
         return pulp.COIN_CMD(**opts)
@@ -43,7 +42,8 @@ def _solver(time_limit: float | None):
         return pulp.PULP_CBC_CMD(**opts)
 
 
-def _var(lp: pulp.LpProblem, name: str, cat: str = "Continuous", low: float | None = 0):
+def _var(lp, name: str, cat: str = "Continuous", low: float | None = 0):
+    import pulp  # lazy, as in solve()
     if hasattr(lp, "add_variable"):  # pulp >= 3.3
         return lp.add_variable(name, lowBound=low, cat=cat)
     return pulp.LpVariable(name, lowBound=low, cat=cat)
@@ -51,6 +51,7 @@ def _var(lp: pulp.LpProblem, name: str, cat: str = "Continuous", low: float | No
 
 def solve(p: Problem, time_limit: float | None = None) -> tuple[Assignment, float] | None:
     """The optimal assignment and its step time (s), or None if no assignment fits the constraints."""
+    import pulp  # imported on first solve: the cost model and codegen's durations need no solver
     lp = pulp.LpProblem("meshplan", pulp.LpMinimize)
     ids = {g: i for i, g in enumerate(p.groups)}
     x = {}

@@ -5,6 +5,13 @@ blocking; on CUDA, NCCL runs it on its own stream and `wait()` makes the current
 the host never blocks) and return a `Pending`; `Pending.wait()` blocks until the bytes have arrived and hands back
 the result. Between the two the caller computes another chunk: that is the whole overlap mechanism.
 
+CUDA streams: given the rank's comm stream (ParallelModel.comm_stream, which the emitted code passes), the
+collective and the layout copy in front of it are enqueued on that stream after it waits for the compute stream
+(the producer of the input); `wait()` then makes the compute stream wait for the comm stream and marks the
+buffers as used by both streams (`record_stream`), so the caching allocator reuses neither too early. Autograd
+runs each Function's backward on the stream its forward ran on, so the mirror all-to-all of the backward goes to
+the comm stream as well, with the engine's own stream synchronisation.
+
 Autograd: the forward is asynchronous; the backward is the mirror all-to-all of collectives.py, synchronous (the
 autograd engine runs it when the gradient arrives). So overlap covers the forward only; the backward is correct
 but sequential. Bytes are booked with the same formulas and Channel.record as collectives.py, so a step's
@@ -27,13 +34,20 @@ from .comm_stats import BWD, FWD
 class Pending:
     """A collective in flight: `wait()` returns its result (once, or again: the result is kept)."""
 
-    def __init__(self, value: torch.Tensor, work=None, finish=None):
+    def __init__(self, value: torch.Tensor, work=None, finish=None, stream=None, keep=()):
         self._value, self._work, self._finish = value, work, finish
+        self._stream, self._keep = stream, keep  # the comm stream, and tensors it reads or writes
 
     def wait(self) -> torch.Tensor:
         if self._work is not None:
             self._work.wait()
             self._work = None
+            if self._stream is not None:
+                current = torch.cuda.current_stream(self._stream.device)
+                current.wait_stream(self._stream)
+                for t in (self._value, *self._keep):
+                    t.record_stream(current)
+                self._keep = ()
             if self._finish is not None:
                 self._value = self._finish(self._value)
         return self._value
@@ -81,9 +95,18 @@ class _StartRows(Function):
         return all_to_all_single(g.contiguous(), in_splits, out_splits, ctx.ch, BWD), None, None, None, None
 
 
-def start_exchange(x: torch.Tensor, split_dim: int, cat_dim: int, ch: Channel) -> Pending:
+def _comm_stream(stream, x: torch.Tensor):
+    """The stream to enqueue x's collective on, once it has waited for the current (producing) stream; None off
+    CUDA or when no comm stream is given (torch.cuda.stream(None) is then a no-op)."""
+    if stream is None or not x.is_cuda:
+        return None
+    stream.wait_stream(torch.cuda.current_stream(x.device))
+    return stream
+
+
+def start_exchange(x: torch.Tensor, split_dim: int, cat_dim: int, ch: Channel, stream=None) -> Pending:
     """Asynchronous collectives.exchange: split x along split_dim, chunk j to rank j, concatenate what arrives
-    along cat_dim (in source order)."""
+    along cat_dim (in source order). `stream`: the CUDA comm stream to issue it on (None: the current one)."""
     if ch.n == 1:
         return Pending(x)
     if ch.precision != "fp32":
@@ -93,17 +116,23 @@ def start_exchange(x: torch.Tensor, split_dim: int, cat_dim: int, ch: Channel) -
         raise RuntimeError(f"all_to_all for {ch.op}: dimension {split_dim} of size {x.shape[split_dim]} does not "
                            f"split evenly over {ch.n} ranks (shape {tuple(x.shape)})")
     holder: list = []
-    out = _StartAllToAll.apply(torch.stack(x.chunk(ch.n, split_dim)), ch, holder)
-    return Pending(out, holder[0], lambda t: torch.cat(t.unbind(0), dim=cat_dim)) if holder[0] else \
-        Pending(torch.cat(out.unbind(0), dim=cat_dim))
+    s = _comm_stream(stream, x)
+    with torch.cuda.stream(s):
+        stacked = torch.stack(x.chunk(ch.n, split_dim))
+        out = _StartAllToAll.apply(stacked, ch, holder)
+    if holder[0] is None:
+        return Pending(torch.cat(out.unbind(0), dim=cat_dim))
+    return Pending(out, holder[0], lambda t: torch.cat(t.unbind(0), dim=cat_dim), s, (x, stacked) if s else ())
 
 
-def start_rows(x: torch.Tensor, out_splits: list[int], in_splits: list[int], ch: Channel) -> Pending:
+def start_rows(x: torch.Tensor, out_splits: list[int], in_splits: list[int], ch: Channel, stream=None) -> Pending:
     """Asynchronous collectives.exchange_rows (the uneven all-to-all of MoE dispatch and combine)."""
     if ch.n == 1:
         return Pending(x)
     if ch.precision != "fp32":
         return Pending(exchange_rows(x, out_splits, in_splits, ch))
     holder: list = []
-    out = _StartRows.apply(x, list(out_splits), list(in_splits), ch, holder)
-    return Pending(out, holder[0])
+    s = _comm_stream(stream, x)
+    with torch.cuda.stream(s):
+        out = _StartRows.apply(x, list(out_splits), list(in_splits), ch, holder)
+    return Pending(out, holder[0], stream=s, keep=(x,) if s else ())

@@ -106,6 +106,8 @@ class ParallelModel(nn.Module):
         # op name -> an implementation that replaces IMPLEMENTATIONS' for that op (same signature and result):
         # how runtime/overlap.py runs the emitted overlap code for the chunked ops.
         self.op_overrides: dict[str, Impl] = {}
+        # On CUDA, the stream the emitted overlap code issues its collectives on (async_collectives.py).
+        self.comm_stream = torch.cuda.Stream(groups.device) if groups.device.type == "cuda" else None
 
     # ---- set-up ------------------------------------------------------------------------------------------
     def _module_of(self, op: Op) -> nn.Module | None:
@@ -247,7 +249,7 @@ class ParallelModel(nn.Module):
             else:
                 ins = [self._input(op, i, src, env, cache) for i, src in enumerate(op.inputs)]
                 ctx = OpContext(op, self.plan.ops[op.name], self._modules_of[op.name], self._op_params(op), self.axes,
-                                self.comm_stats, batch, seq)
+                                self.comm_stats, batch, seq, self.comm_stream)
                 env[op.name] = self._run(op, ctx, ins, env)
         raise RuntimeError("the graph has no output op")
 

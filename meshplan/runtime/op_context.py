@@ -27,6 +27,7 @@ class OpContext:
     stats: CommStats | None
     batch: int  # global batch and sequence sizes of this call
     seq: int
+    comm_stream: object | None = None  # on CUDA: the rank's side stream the emitted overlap code issues comms on
 
     @property
     def model_axis(self) -> AxisGroup:

@@ -81,9 +81,11 @@ class MeshGroups:
 
     @classmethod
     def in_process(cls, mesh: Mesh, rank: int, store: dist.Store, timeout_s: float = 60.0,
-                   prefix: str = "meshplan") -> "MeshGroups":
+                   prefix: str = "meshplan", device: str | torch.device = "cpu") -> "MeshGroups":
         """Gloo groups for one rank of an in-process world (ranks are threads sharing `store`). Only the members
-        of a slice take part in building its group, so each rank builds just its own slices."""
+        of a slice take part in building its group, so each rank builds just its own slices. device="cuda" puts
+        every rank's tensors on the one GPU (gloo stages CUDA tensors through the host): how the CUDA code paths
+        (Triton kernels, comm streams) run with several ranks on a one-GPU machine."""
         timeout = datetime.timedelta(seconds=timeout_s)
         axes = {}
         for name, size in mesh.axes:
@@ -95,14 +97,14 @@ class MeshGroups:
                     prefixed = dist.PrefixStore(f"{prefix}/{name}/{gi}", store)
                     pg = dist.ProcessGroupGloo(prefixed, ranks.index(rank), size, timeout)
                 axes[name] = AxisGroup(name, size, ranks.index(rank), tuple(ranks), pg)
-        return cls(mesh, rank, axes, torch.device("cpu"), "gloo")
+        return cls(mesh, rank, axes, torch.device(device), "gloo")
 
     @classmethod
-    def single(cls, mesh: Mesh) -> "MeshGroups":
+    def single(cls, mesh: Mesh, device: str | torch.device = "cpu") -> "MeshGroups":
         """A one-rank world (every axis of size 1): no process group needed."""
         check_world_size(mesh, 1)
         axes = {n: AxisGroup(n, 1, 0, (0,), None) for n in mesh.names}
-        return cls(mesh, 0, axes, torch.device("cpu"), "none")
+        return cls(mesh, 0, axes, torch.device(device), "none")
 
 
 def check_world_size(mesh: Mesh, world: int) -> None:
