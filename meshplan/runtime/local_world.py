@@ -45,10 +45,8 @@ class LocalWorld:
                 raise RuntimeError(f"rank {rank} failed:\n{err}")
         return results
 
-    def groups(self, mesh: Mesh, device: str = "cpu") -> list[MeshGroups]:
-        """Process groups for `mesh` on every rank (built concurrently, as gloo's rendezvous needs); the ranks'
-        tensors live on `device` (see MeshGroups.in_process)."""
+    def groups(self, mesh: Mesh) -> list[MeshGroups]:
+        """Process groups for `mesh` on every rank (built concurrently, as gloo's rendezvous needs)."""
         self._meshes += 1
         prefix = f"mesh{self._meshes}"
-        return self.run(lambda r: MeshGroups.in_process(mesh, r, self.store, self.timeout_s, prefix=prefix,
-                                                        device=device))
+        return self.run(lambda r: MeshGroups.in_process(mesh, r, self.store, self.timeout_s, prefix=prefix))

@@ -58,9 +58,12 @@ class MeshGroups:
 
     # ---- construction -----------------------------------------------------------------------------------
     @classmethod
-    def from_world(cls, mesh: Mesh, timeout_s: float | None = None) -> "MeshGroups":
+    def from_world(cls, mesh: Mesh, timeout_s: float | None = None,
+                   device: str | torch.device | None = None) -> "MeshGroups":
         """Groups over the default process group's ranks. Checks the world size first: no collective runs for
-        a mesh that does not fit the world."""
+        a mesh that does not fit the world. device: where the ranks' tensors live (default: this rank's GPU
+        under NCCL, the CPU under gloo); "cuda" with gloo runs several ranks on one GPU (gloo stages CUDA
+        tensors through the host: for checking the CUDA code paths, not for speed)."""
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised: call meshplan.runtime.init_distributed() "
                                "(or dist.init_process_group) before building a ParallelModel")
@@ -77,15 +80,16 @@ class MeshGroups:
                 if rank in ranks:
                     mine = AxisGroup(name, size, ranks.index(rank), tuple(ranks), pg)
             axes[name] = mine
-        return cls(mesh, rank, axes, _device_for(backend), backend)
+        return cls(mesh, rank, axes, torch.device(device) if device else _device_for(backend), backend)
 
     @classmethod
     def in_process(cls, mesh: Mesh, rank: int, store: dist.Store, timeout_s: float = 60.0,
-                   prefix: str = "meshplan", device: str | torch.device = "cpu") -> "MeshGroups":
+                   prefix: str = "meshplan") -> "MeshGroups":
         """Gloo groups for one rank of an in-process world (ranks are threads sharing `store`). Only the members
-        of a slice take part in building its group, so each rank builds just its own slices. device="cuda" puts
-        every rank's tensors on the one GPU (gloo stages CUDA tensors through the host): how the CUDA code paths
-        (Triton kernels, comm streams) run with several ranks on a one-GPU machine."""
+        of a slice take part in building its group, so each rank builds just its own slices. CPU tensors only:
+        autograd runs every thread's CUDA backward on one worker thread per device, so two ranks' blocking
+        collectives in a backward on one GPU wait on each other (a 2-thread world on an H200 hung in its first backward
+        reduce-scatter); use processes there (from_world with device="cuda")."""
         timeout = datetime.timedelta(seconds=timeout_s)
         axes = {}
         for name, size in mesh.axes:
@@ -97,7 +101,7 @@ class MeshGroups:
                     prefixed = dist.PrefixStore(f"{prefix}/{name}/{gi}", store)
                     pg = dist.ProcessGroupGloo(prefixed, ranks.index(rank), size, timeout)
                 axes[name] = AxisGroup(name, size, ranks.index(rank), tuple(ranks), pg)
-        return cls(mesh, rank, axes, torch.device(device), "gloo")
+        return cls(mesh, rank, axes, torch.device("cpu"), "gloo")
 
     @classmethod
     def single(cls, mesh: Mesh, device: str | torch.device = "cpu") -> "MeshGroups":

@@ -26,12 +26,13 @@ from ._backend import launch_guard, triton_interpret
 
 
 def default_config(dtype: torch.dtype, swiglu: bool) -> dict:
-    """Untuned starting points. bf16/fp16 tiles feed Hopper's wgmma (BLOCK_M a multiple of 64);
-    the SwiGLU kernel keeps two accumulators, so it takes half the columns to stay in registers.
-    float32 runs IEEE FMA dots (no tensor cores), so smaller tiles."""
+    """bf16/fp16: the fastest of benchmarks/kernels_gpu.py's GEMM_CONFIGS on an H200 (2026-11-25, 16,384 rows,
+    H=4096, F=14336, 4 experts): SwiGLU 128x128x64 tiles 540 TFLOP/s (two 128x128 accumulators; 128x64: 494),
+    second GEMM 128x256x64 575 TFLOP/s (128x128: 500); 8 warps, 3 stages, groups of 8 row tiles. float32 runs
+    IEEE FMA dots (no tensor cores), so smaller tiles; untuned."""
     if dtype == torch.float32:
         return dict(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=2, group_m=8)
-    return dict(block_m=128, block_n=64 if swiglu else 128, block_k=64, num_warps=8, num_stages=3, group_m=8)
+    return dict(block_m=128, block_n=128 if swiglu else 256, block_k=64, num_warps=8, num_stages=3, group_m=8)
 
 
 @triton.jit
