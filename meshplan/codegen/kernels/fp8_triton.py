@@ -1,11 +1,13 @@
 """Triton kernels for per-token FP8 E4M3 quantisation (see fp8.py for the format).
 
-The E4M3 encode/decode is done with integer bit manipulation instead of a cast to
-tl.float8e4nv: the Triton CPU interpreter's fp8 cast neither saturates nor rounds
-subnormals to nearest-even, so it disagrees with torch. The bit-level codec below is exact
-(round-to-nearest-even, saturating at 448) on the interpreter and on GPUs alike, and it is
-cheap next to the memory traffic of these kernels. Codes travel as uint8, which is also how
-the comm layer ships them.
+Compiled for a GPU, the E4M3 encode/decode is the hardware conversion (a cast to
+tl.float8e4nv after clamping to +-448: cvt.rn.satfinite on sm_89+, round-to-nearest-even,
+torch's rounding). In Triton's CPU interpreter the cast neither saturates nor rounds
+subnormals to nearest-even, so there the codec is integer bit manipulation, exact in the
+same way. Which one runs is fixed per process (HW_FP8, from TRITON_INTERPRET at import).
+On an H200 the bit codec left the quantise kernel at 44% of copy bandwidth, issue-bound on its
+~20 integer operations per element. Codes travel as uint8, which is also how the comm layer
+ships them.
 
 The `e4m3_encode`, `e4m3_decode` and `row_scale` helpers are reused by the MoE permute and
 unpermute kernels. Importing this module imports triton.
@@ -17,17 +19,37 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import launch_guard, next_pow2
+from ._backend import launch_guard, next_pow2, triton_interpret
 from .fp8 import AMAX_FLOOR, FP8_MAX, as_fp8
 
 MAX_BLOCK_H = 8192  # rows up to this width are read once; wider rows take a second (L2) read
 AMAX_FLOOR_C = tl.constexpr(AMAX_FLOOR)  # jit code may only read constexpr globals
 FP8_MAX_C = tl.constexpr(FP8_MAX)
+HW_FP8 = tl.constexpr(not triton_interpret())  # compiled: the hardware fp8 conversion; interpreted: bit codec
 
 
 @triton.jit
 def e4m3_encode(y):
     """float32 -> float8_e4m3fn bit pattern (uint8), nearest-even, saturating to +-448."""
+    if HW_FP8:
+        return tl.clamp(y, -448.0, 448.0).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    else:
+        return e4m3_encode_bits(y)
+
+
+@triton.jit
+def e4m3_decode(code):
+    """float8_e4m3fn bit pattern (uint8) -> float32, exact. NaN codes (0x7F/0xFF) are never produced by
+    e4m3_encode; they decode as NaN compiled and as +-480 in the interpreter."""
+    if HW_FP8:
+        return code.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        return e4m3_decode_bits(code)
+
+
+@triton.jit
+def e4m3_encode_bits(y):
+    """e4m3_encode in integer arithmetic (what the interpreter runs)."""
     bits = y.to(tl.int32, bitcast=True)
     sign = (bits >> 24) & 0x80  # the float32 sign bit, moved to bit 7
     a = tl.minimum(tl.abs(y), 448.0)  # 448 is representable, so rounding cannot exceed it
@@ -49,9 +71,8 @@ def e4m3_encode(y):
 
 
 @triton.jit
-def e4m3_decode(code):
-    """float8_e4m3fn bit pattern (uint8) -> float32, exact. NaN codes (0x7F/0xFF) are never
-    produced by e4m3_encode and decode as +-480."""
+def e4m3_decode_bits(code):
+    """e4m3_decode in integer arithmetic (what the interpreter runs)."""
     c = code.to(tl.int32)
     e = (c >> 3) & 0xF
     m = c & 0x7
