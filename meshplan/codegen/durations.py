@@ -86,9 +86,11 @@ class PlannerDurations:
 
     Collectives use the planner's own alpha-beta model (meshplan.planner.collectives_cost: two-level NVLink/NIC
     rings, concurrent all-to-all, per-collective efficiencies and calibrated alpha/beta), with the same tensor-size
-    convention as `wire_bytes`. Compute uses the cluster's achievable FLOP/s and HBM bandwidth as a roofline: the
-    planner prices whole ops (cost_model.compute_time_expr, with a GEMM size efficiency that needs the op's GEMM
-    shapes), not the phases a task is, so this is its per-phase counterpart without the size efficiency.
+    convention as `wire_bytes`. Compute uses the cluster's achievable FLOP/s and HBM bandwidth as a roofline, the
+    GEMM rate scaled by the planner's size efficiency (cost_model.size_efficiency: prod x / (x + gemm_half_size)
+    over the task's GEMM dims) where the phase names its GEMM: so a chunk's narrower GEMM runs less efficiently,
+    the price of splitting an op into chunks. Phases without GEMM dims (attention's core, the un-permute, ops left
+    whole) are priced at the achievable rate.
     """
 
     def __init__(self, cluster, mesh: Mesh | None = None):
@@ -112,7 +114,8 @@ class PlannerDurations:
 
     def __call__(self, task: Task) -> float:
         if task.stream == "compute":
-            return max(task.flops / self.cluster.achievable_flops, task.mem_bytes / self.cluster.hbm_bandwidth)
+            eff = math.prod(x / (x + self.cluster.gemm_half_size) for x in task.gemm_dims)
+            return max(task.flops / (self.cluster.achievable_flops * eff), task.mem_bytes / self.cluster.hbm_bandwidth)
         t = self._cc.traffic(task.collective, task.nbytes, task.group, self.local(task.axes, task.group))
         return float(self._cc.comm_time(task.collective, t, self.cluster))
 

@@ -43,6 +43,7 @@ class Phase:
     axes: tuple[str, ...] = ()  # mesh axes the collective spans
     group: int = 1  # ranks in the collective's group
     after: tuple[str, ...] = ()  # phases of the same op it waits for; () means the op's inputs
+    gemm_dims: tuple[float, ...] = ()  # its main GEMM on one rank (rows, inner, columns), for the size efficiency
 
 
 class OpView:
@@ -157,13 +158,14 @@ def _ulysses_attention(v: OpView) -> list[Phase]:
     group_tokens = v.batch // v.dp * v.seq  # the tokens one model-axis group holds (the all-to-all's tensor)
     axis = (v.p.axis,)
     return [
-        Phase("qkv", COMPUTE, qkv_f / r, (t * d + qkv_el) * ab / r + qkv_w * pb),
+        Phase("qkv", COMPUTE, qkv_f / r, (t * d + qkv_el) * ab / r + qkv_w * pb, gemm_dims=(t / r, d, qkv_w / d)),
         Phase("qkv_a2a", COMM, collective="all_to_all", axes=axis, group=v.n, after=("qkv",),
               nbytes=group_tokens * qkv_w // d * v.comm_bytes("qkv_a2a")),
         Phase("core", COMPUTE, core_f / r, (qkv_el + out_el) * ab / r, after=("qkv_a2a",)),
         Phase("out_a2a", COMM, collective="all_to_all", axes=axis, group=v.n, after=("core",),
               nbytes=group_tokens * out_w // d * v.comm_bytes("out_a2a")),
-        Phase("out_proj", COMPUTE, out_f / r, (out_el + t * d) * ab / r + out_w * pb, after=("out_a2a",)),
+        Phase("out_proj", COMPUTE, out_f / r, (out_el + t * d) * ab / r + out_w * pb, after=("out_a2a",),
+              gemm_dims=(t / r, out_w / d, d)),
     ]
 
 
@@ -177,16 +179,18 @@ def _expert_parallel_moe(v: OpView) -> list[Phase]:
     a2a = dict(collective="all_to_all", axes=axis, group=v.n)
     phases = [
         # router GEMM, then a copy of each token per chosen expert (the permute is memory-bound)
-        Phase("route", COMPUTE, 2 * t * d * e / r, t * d * (1 + k) * ab / r + d * e * pb),
+        Phase("route", COMPUTE, 2 * t * d * e / r, t * d * (1 + k) * ab / r + d * e * pb, gemm_dims=(t / r, d, e)),
         Phase("dispatch", COMM, nbytes=k * group_tokens * d * v.comm_bytes("dispatch"), after=("route",), **a2a),
+        # rows per local expert: the group's k·t·n/r routed rows spread over e experts (uniform routing)
         Phase("experts", COMPUTE, k * 6 * t * d * f / r, 2 * k * t * d * ab / r + e // v.n * 3 * d * f * pb,
-              after=("dispatch",)),
+              after=("dispatch",), gemm_dims=(k * t * v.n / (r * e), d, f)),
         Phase("combine", COMM, nbytes=k * group_tokens * d * v.comm_bytes("combine"), after=("experts",), **a2a),
     ]
     last_after = ("combine",)
     if sh:
         # Shared experts need only the op's input: they fill the compute stream while the all-to-alls run.
-        phases.append(Phase("shared", COMPUTE, 6 * t * d * sh / r, 2 * t * d * ab / r + 3 * d * sh * pb))
+        phases.append(Phase("shared", COMPUTE, 6 * t * d * sh / r, 2 * t * d * ab / r + 3 * d * sh * pb,
+                            gemm_dims=(t / r, d, sh)))
         last_after += ("shared",)
     # The weighted sum of each token's k expert outputs (+ shared): elementwise, counted as memory traffic only.
     phases.append(Phase("unpermute", COMPUTE, 0.0, t * d * (k + 2) * ab / r, after=last_after))

@@ -49,16 +49,18 @@ class Task:
     nbytes: float = 0.0
     axes: tuple[str, ...] = ()
     group: int = 1
+    gemm_dims: tuple[float, ...] = ()  # main GEMM (rows, inner, columns) of this task: a chunk has share of the rows
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["deps"], d["axes"] = list(self.deps), list(self.axes)
+        d["deps"], d["axes"], d["gemm_dims"] = list(self.deps), list(self.axes), list(self.gemm_dims)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Task":
         d = dict(d)
         d["deps"], d["axes"] = tuple(d.get("deps", ())), tuple(d.get("axes", ()))
+        d["gemm_dims"] = tuple(d.get("gemm_dims", ()))
         return cls(**d)
 
 
@@ -225,7 +227,8 @@ class _Builder:
         tid = task_id(direction, n.op.name, n.phase, n.chunk)
         tasks[tid] = Task(tid, n.op.name, n.op.kind, n.phase, direction, n.chunk, ph.stream, tuple(deps), n.share,
                           ph.flops * n.share, ph.mem_bytes * n.share, ph.collective, ph.nbytes * n.share,
-                          ph.axes, ph.group)
+                          ph.axes, ph.group,
+                          (ph.gemm_dims[0] * n.share, *ph.gemm_dims[1:]) if ph.gemm_dims else ())
         return tid
 
 

@@ -203,6 +203,32 @@ def test_planner_cost_model_prices_collectives_with_its_own_model():
     assert d(t) == cc.comm_time("all_to_all", cc.traffic("all_to_all", 1e6, 2, 1), load_cluster("h800"))
 
 
+def test_chunked_gemms_pay_the_planners_size_efficiency():
+    """A chunk's GEMM has 1/c of the rows: the planner's size efficiency x/(x + c0) makes c chunks cost more
+    compute than the whole op, where a plain roofline would price them the same."""
+    from meshplan.planner.cluster import load_cluster
+    from meshplan.planner.cost_model import size_efficiency
+
+    cluster = load_cluster("h800")
+    d = durations_for("h800", Mesh.of(dp=2, mp=2))
+    moe = "layers.0.feed_forward"
+    whole = build_task_graph(GRAPH, plan(), B, S, chunks=1)[f"fwd:{moe}/experts"]
+    # EP on mp=2 with dp=2: a rank routes B·S/4 tokens, k=2 copies each, over 4 experts, 2 ranks per group
+    rows = 2 * (B * S / 4) * 2 / 4
+    assert whole.gemm_dims == (rows, 64, 128)  # tiny: dim 64, expert hidden 128
+    eff = float(size_efficiency(whole.gemm_dims, cluster.gemm_half_size))
+    assert d(whole) == pytest.approx(max(whole.flops / (cluster.achievable_flops * eff),
+                                         whole.mem_bytes / cluster.hbm_bandwidth), rel=1e-12)
+    tg4 = build_task_graph(GRAPH, plan(), B, S, chunks=4, chunk_kinds={"moe"})
+    parts = [tg4[f"fwd:{moe}/experts#{c}"] for c in range(4)]
+    assert all(p.gemm_dims == (rows / 4, 64, 128) for p in parts)
+    assert sum(p.flops for p in parts) == pytest.approx(whole.flops)
+    # the GEMM term of a chunk is 1/4 of the FLOPs at (64/128)/(256/320) of the efficiency: 1.6x per row
+    eff4 = float(size_efficiency(parts[0].gemm_dims, cluster.gemm_half_size))
+    assert eff / eff4 == pytest.approx(1.6)
+    assert sum(d(p) for p in parts) > 1.4 * d(whole)  # a roofline without the size term: exactly 1.0x
+
+
 def test_roofline_presets_and_unknown_clusters():
     assert isinstance(durations_for("cpu-gloo"), Roofline)
     with pytest.raises(ValueError, match=r"cluster 'nope'.*presets: h800, cpu-gloo"):
