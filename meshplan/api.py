@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .ir import Graph, Mesh, Plan, PlanError, Shard, trace
+from .ir import graph as G
 from .ir.plan import OpPlan
 
 _CACHE: dict[str, tuple[Graph, Plan]] = {}
@@ -84,12 +85,22 @@ def _auto_plan(graph: Graph, cluster, world: int, batch: int, seq: int, mesh: Me
     """The planner's choice for this world. The runtime executes no pipeline stages, so pp = 1."""
     from .planner import Options, search, to_plan
 
-    opts = Options(seq=seq) if error_budget is None else Options(seq=seq, error_budget=error_budget)
+    opts = Options(seq=seq, activation_dtype=activation_dtype(graph))
+    if error_budget is not None:
+        opts.error_budget = error_budget
     model_axis = [mesh.shape[-1]] if mesh is not None else [n for n in range(1, world + 1) if world % n == 0]
     r = search(graph, cluster, world, batch, opts, model_axis=model_axis, pp=[1])
     plan = to_plan(r.cost_model, r.mesh, r.problem, r.assignment, r.breakdown, batch,
                    {"planned_for": f"{world} ranks of {cluster.name}", "plan_seconds": round(r.seconds, 3)})
     return _onto_mesh(plan, mesh) if mesh is not None else plan
+
+
+def activation_dtype(graph: Graph) -> str | None:
+    """The wire-format name of the model's activations (what a collective sends without conversion), from the
+    traced graph: "fp32" or "bf16"; None (the cluster's) for anything else."""
+    dtypes = {str(op.output.dtype) for op in graph.ops() if op.kind in (G.ATTENTION, G.MOE) and op.output}
+    wire = {"float32": "fp32", "torch.float32": "fp32", "bfloat16": "bf16", "torch.bfloat16": "bf16"}
+    return wire.get(dtypes.pop()) if len(dtypes) == 1 else None
 
 
 def _onto_mesh(plan: Plan, mesh: Mesh) -> Plan:
@@ -150,7 +161,8 @@ class CompiledModel(nn.Module):
         from .planner import Options, price_plan
         from .planner.explain import op_table
 
-        priced = price_plan(self.graph, self.cluster, self.plan, self.batch, Options(seq=self.seq))
+        priced = price_plan(self.graph, self.cluster, self.plan, self.batch,
+                            Options(seq=self.seq, activation_dtype=activation_dtype(self.graph)))
         bd = priced.breakdown
         head = (f"{self.plan.summary()}\npredicted on {self.cluster.name}: step {bd.step * 1e3:.3f} ms, "
                 f"peak memory {max(bd.memory) / 2**30:.3f} GiB per rank")

@@ -56,6 +56,25 @@ def measure_copy_bandwidth(nbytes: int = 1 << 26, reps: int = 3) -> float:
     return 2 * nbytes / min(_timed(lambda: dst.copy_(src)) for _ in range(reps))  # read + write
 
 
+def measure_codec_efficiency(copy_bw: float, rows: int = 4096, dim: int = 1024, reps: int = 3) -> dict[str, float]:
+    """Per compressed wire format, the fraction of copy bandwidth its encode + decode reaches on float32
+    activations, through the kernels the runtime runs here (codegen.kernels: the torch references on CPU): the
+    traffic PlanPricer.codec_time counts over the measured time."""
+    from ..codegen.kernels import dequantize_fp8, quantize_fp8
+    from .collectives_cost import wire_bytes
+
+    x = torch.randn(rows, dim)
+    codecs = {"bf16": lambda: x.to(torch.bfloat16).float(),
+              "fp8": lambda: dequantize_fp8(*quantize_fp8(x), out_dtype=torch.float32)}
+    out = {}
+    for dt, fn in codecs.items():
+        fn()
+        seconds = min(_timed(fn) for _ in range(reps))
+        traffic = 2 * (x.numel() * 4 + wire_bytes(x.numel(), rows, dt))
+        out[dt] = min(1.0, traffic / seconds / copy_bw)
+    return out
+
+
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -148,6 +167,7 @@ def calibrate(out: str | Path | None = None, ranks=(2, 4), sizes=DEFAULT_SIZES, 
     gemm = measure_matmul()
     peak, c = fit_gemm(gemm)
     copy_bw = measure_copy_bandwidth()
+    codec = measure_codec_efficiency(copy_bw)
     samples = measure_collectives(ranks, sizes, reps, start_method)
     fitted = {k: fit_alpha_beta(samples, k) for k in KINDS}
     ar = fitted["all_reduce"]
@@ -156,11 +176,14 @@ def calibrate(out: str | Path | None = None, ranks=(2, 4), sizes=DEFAULT_SIZES, 
     cluster = Cluster(name=name, peak_flops=peak, gemm_efficiency=1.0, hbm_bytes=float(ram),
                       hbm_bandwidth=copy_bw, gpus_per_node=max(max(ranks), os.cpu_count() or 1), intra_node=link,
                       inter_node=link, gemm_half_size=c, memory_fraction=0.8, collective_efficiency={},
+                      activation_dtype="fp32", codec_efficiency=codec,
                       description=f"measured by meshplan calibrate on {os.uname().nodename} ({os.cpu_count()} CPUs)")
     header = (f"# Measured by `meshplan calibrate` ({time.strftime('%Y-%m-%d %H:%M')}): float32 matmul peak fitted "
               f"as peak·(x/(x+c))^3\n# over sizes {[s for s, _ in gemm]} (so gemm_efficiency is 1: the peak is "
               f"achieved, not nominal); memory copy\n# bandwidth; gloo alpha/beta per collective fitted over "
-              f"{len(sizes)} sizes x ranks {list(ranks)}. One machine: inter_node = intra_node.\n")
+              f"{len(sizes)} sizes x ranks {list(ranks)}. One machine: inter_node = intra_node.\n"
+              f"# Activations are float32 here; codec_efficiency: encode + decode of each wire format (torch path) as a "
+              f"fraction of copy bandwidth.\n")
     path = Path(out) if out is not None else CLUSTER_DIR / f"{name}.yaml"
     cluster.to_yaml(path, header)
     return cluster, samples

@@ -5,6 +5,9 @@ latencies are seconds per step of a collective. `gemm_efficiency` is the achieva
 BF16 GEMMs (an assumption, stated in each file); `collective_efficiency` is the fraction of link bandwidth each
 collective reaches. A link may carry measured per-collective alpha/beta (`collectives:`, written by
 `meshplan calibrate`), which then replace its nominal latency, bandwidth and efficiency for that collective.
+`activation_dtype` is the dtype activations live in on this machine (a collective in it needs no conversion);
+`codec_efficiency` the fraction of HBM bandwidth the conversion to and from each other wire format reaches (the
+encode/decode of a compressed collective, priced as memory traffic).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from ..models.config import ConfigError
 
 CLUSTER_DIR = Path(__file__).resolve().parents[2] / "configs" / "clusters"
 COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "p2p")
+WIRE_DTYPES = ("fp32", "bf16", "fp8")
 
 
 class ClusterError(ConfigError):
@@ -56,6 +60,8 @@ class Cluster:
     gemm_half_size: float = 64.0  # a GEMM dimension of this size halves throughput: efficiency x/(x + c) per dim
     memory_fraction: float = 0.9  # usable share of HBM (allocator fragmentation, workspaces, NCCL buffers)
     collective_efficiency: dict[str, float] = field(default_factory=dict)
+    activation_dtype: str = "bf16"  # fp32 | bf16: what a collective in that format sends without conversion
+    codec_efficiency: dict[str, float] = field(default_factory=dict)  # wire dtype -> fraction of HBM bandwidth
     description: str = ""
 
     @property
@@ -71,6 +77,9 @@ class Cluster:
 
     def efficiency(self, kind: str) -> float:
         return self.collective_efficiency.get(kind, 1.0)
+
+    def codec(self, dtype: str) -> float:
+        return self.codec_efficiency.get(dtype, 1.0)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -129,7 +138,8 @@ def _link(where: str, d) -> Link:
 def cluster_from_dict(d) -> Cluster:
     required = {"name", "peak_flops", "gemm_efficiency", "hbm_bytes", "hbm_bandwidth", "gpus_per_node",
                 "intra_node", "inter_node"}
-    optional = {"gemm_half_size", "memory_fraction", "collective_efficiency", "description"}
+    optional = {"gemm_half_size", "memory_fraction", "collective_efficiency", "activation_dtype", "codec_efficiency",
+                "description"}
     d = _fields("cluster", d, required, optional)
     gpn = d["gpus_per_node"]
     if isinstance(gpn, bool) or not isinstance(gpn, int) or gpn < 1:
@@ -142,6 +152,16 @@ def cluster_from_dict(d) -> Cluster:
             raise ClusterError(f"cluster.collective_efficiency.{kind}: unknown collective "
                                f"(known: {', '.join(COLLECTIVES)})")
         _number(f"cluster.collective_efficiency.{kind}", v, at_most_one=True)
+    act = d.get("activation_dtype", "bf16")
+    if act not in WIRE_DTYPES[:2]:
+        raise ClusterError(f"cluster.activation_dtype: {act!r}; expected one of {', '.join(WIRE_DTYPES[:2])}")
+    codec = d.get("codec_efficiency") or {}
+    if not isinstance(codec, dict):
+        raise ClusterError("cluster.codec_efficiency: expected a mapping wire dtype -> fraction")
+    for dt, v in codec.items():
+        if dt not in WIRE_DTYPES:
+            raise ClusterError(f"cluster.codec_efficiency.{dt}: unknown wire dtype (known: {', '.join(WIRE_DTYPES)})")
+        _number(f"cluster.codec_efficiency.{dt}", v, at_most_one=True)
     return Cluster(
         name=str(d["name"]),
         peak_flops=_number("cluster.peak_flops", d["peak_flops"]),
@@ -154,6 +174,8 @@ def cluster_from_dict(d) -> Cluster:
         gemm_half_size=_number("cluster.gemm_half_size", d.get("gemm_half_size", 64.0), positive=False),
         memory_fraction=_number("cluster.memory_fraction", d.get("memory_fraction", 0.9), at_most_one=True),
         collective_efficiency={str(k): float(v) for k, v in eff.items()},
+        activation_dtype=act,
+        codec_efficiency={str(k): float(v) for k, v in codec.items()},
         description=str(d.get("description", "")),
     )
 

@@ -60,6 +60,17 @@ class Options:
     # sequences per replica, and keeps the search to strategies.py's one-model-axis strategies.
     dp_ops: bool = False
     recompute: str = "auto"  # full activation recomputation: "auto" (searched), "never", "always"
+    # The dtype activations are in (fp32 | bf16): collectives in another format pay an encode and a decode.
+    # None: the cluster's activation_dtype. compile() passes the model's.
+    activation_dtype: str | None = None
+
+
+# Per collective kind over n ranks: elements one rank encodes plus decodes, as a multiple of the tensor X of
+# collectives_cost.traffic. all_to_all: its own X/n out, X/n in; all_gather: its X/n shard out, all of X in;
+# reduce_scatter: all of X out (as encoded summands), (n-1)/n of X in (then a float32 local sum); all_reduce: both;
+# p2p: X out, X in.
+CODEC_SHARE = {"all_to_all": lambda n: 2 / n, "all_gather": lambda n: 1 + 1 / n,
+               "reduce_scatter": lambda n: 2 - 1 / n, "all_reduce": lambda n: 3.0, "p2p": lambda n: 2.0}
 
 
 def group_key(op: Op, spec=None) -> tuple:
@@ -181,6 +192,17 @@ class CostModel:
             self._links[kind] = cc.link_params(self.cluster, kind)
         return cc.comm_time(kind, cc.traffic(kind, nbytes, n, local), self.cluster, links=self._links[kind])
 
+    def codec_time(self, kind: str, elems, rows, dtype: str, n: int) -> float:
+        """Seconds one GPU spends converting to the wire format `dtype` before collective `kind` over n ranks and
+        back after it, for a tensor of `elems` activations in `rows` token rows (collectives_cost.traffic's
+        convention for X): memory traffic (read activations + write codes to encode, the reverse to decode) at the
+        cluster's codec efficiency of HBM bandwidth. Zero in the activations' own dtype."""
+        native = self.opt.activation_dtype or self.cluster.activation_dtype
+        if dtype == native or n <= 1 or kind not in CODEC_SHARE:
+            return 0.0
+        traffic = CODEC_SHARE[kind](n) * (elems * cc.DTYPE_BYTES[native] + cc.wire_bytes(elems, rows, dtype))
+        return traffic / (self.cluster.hbm_bandwidth * self.cluster.codec(dtype))
+
     def grad_time(self, split, rep, mc: MeshConfig, dtype: str = "bf16") -> float:
         """All-reduce of the split parameters' gradients over d ranks and the replicated ones' over n·d (two-level,
         collectives_cost.traffic), once per step."""
@@ -198,8 +220,10 @@ class CostModel:
         ch = Choice(compute=compute * redo[0], act_mem=ckpt if mc.recompute else act)
         for j, coll in enumerate(gi.terms[cand].colls):
             elems, rows = vals[5 + 2 * j], vals[6 + 2 * j]
-            ch.colls[coll.name] = {dt: 2 * redo[1] * self._time(coll.kind, cc.wire_bytes(elems, rows, dt), mc.n,
-                                                                 loc["mp"]) for dt in PRECISIONS}
+            ch.colls[coll.name] = {dt: 2 * redo[1] * (self._time(coll.kind, cc.wire_bytes(elems, rows, dt), mc.n,
+                                                                  loc["mp"])
+                                                       + self.codec_time(coll.kind, elems, rows, dt, mc.n))
+                                   for dt in PRECISIONS}
             ch.err2[coll.name] = {dt: 2 * cc.relative_error(coll.kind, dt, mc.n) ** 2 for dt in PRECISIONS}
         if light:
             return ch
@@ -269,8 +293,9 @@ class CostModel:
                 cost[s, t], err2[s, t] = {}, {}
                 for dt in dtypes:
                     nbytes = cc.wire_bytes(numel, numel / last, dt)
-                    fwd_again = self._time(kinds[0], nbytes, mc.n, local) if mc.recompute else 0.0
-                    cost[s, t][dt] = sum(self._time(k, nbytes, mc.n, local) for k in kinds) + fwd_again
+                    each = [self._time(k, nbytes, mc.n, local) + self.codec_time(k, numel, numel / last, dt, mc.n)
+                            for k in kinds]
+                    cost[s, t][dt] = sum(each) + (each[0] if mc.recompute else 0.0)
                     err2[s, t][dt] = sum(cc.relative_error(k, dt, mc.n) ** 2 for k in kinds)
         return cost, err2
 

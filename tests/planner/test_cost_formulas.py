@@ -141,6 +141,45 @@ def test_precision_bytes_and_errors():
     assert 0 < cc.grad_relative_error("bf16", 8) < 2 * 2 ** -8
 
 
+@pytest.mark.parametrize("act", ["bf16", "fp32"])
+def test_compressed_collectives_pay_encode_and_decode(graph, h800, act):
+    """EP dispatch of k·b·s tokens: each precision's time is the all-to-all of its wire bytes plus, unless it is the
+    activations' own dtype, the encode + decode of this rank's X/n rows out and X/n rows in, as HBM traffic at the
+    cluster's codec efficiency (0.9 for h800)."""
+    g = graph("internal-352b", n_layers=2)
+    cmodel = CostModel(g, h800, Options(seq=s, activation_dtype=act))
+    moe = cmodel.group_of[_op(g, G.MOE).name]
+    ch = cmodel.choice(moe, "ep", MeshConfig(n, 1, 1, b, 1))
+    rows = k * b * s
+    elems = rows * h
+    for dt in ("fp32", "bf16", "fp8"):
+        comm = cc.comm_time("all_to_all", cc.traffic("all_to_all", cc.wire_bytes(elems, rows, dt), n, n), h800)
+        codec = 0.0 if dt == act else \
+            (2 / n) * (elems * cc.DTYPE_BYTES[act] + cc.wire_bytes(elems, rows, dt)) / (3.35e12 * 0.9)
+        assert ch.colls["dispatch"][dt] == pytest.approx(2 * (comm + codec))  # forward + backward
+    # on H800 the bytes saved outweigh the conversion: fp8 is still the cheapest, and fp32 dearest from bf16
+    assert ch.colls["dispatch"]["fp8"] < ch.colls["dispatch"]["bf16"] < ch.colls["dispatch"]["fp32"] or act == "fp32"
+
+
+def test_slow_codecs_keep_the_activations_dtype(graph, h800):
+    """Where conversion is slow (this CPU's torch fp8 path reaches ~5% of copy bandwidth), the ILP keeps every
+    activation collective in the activations' dtype, even with an unlimited error budget."""
+    import dataclasses
+
+    from meshplan.planner import ilp
+
+    g = graph("internal-352b", n_layers=2)
+    mc = MeshConfig(n, 1, 1, b, 1)
+
+    def activation_precisions(cluster):
+        a = ilp.solve(CostModel(g, cluster, Options(seq=s, error_budget=None)).problem(mc))[0]
+        return {dt for (_, coll), dt in a.precision.items() if coll != "grad"}
+
+    assert "fp8" in activation_precisions(h800)
+    slow = dataclasses.replace(h800, codec_efficiency={"fp32": 1e-4, "bf16": 1e-4, "fp8": 1e-4})
+    assert activation_precisions(slow) == {"bf16"}
+
+
 def test_compute_time_of_ep_moe(graph, h800):
     g = graph("internal-352b", n_layers=2)
     cmodel = CostModel(g, h800, Options(seq=s))
