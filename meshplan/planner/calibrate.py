@@ -176,7 +176,7 @@ def calibrate(out: str | Path | None = None, ranks=(2, 4), sizes=DEFAULT_SIZES, 
     cluster = Cluster(name=name, peak_flops=peak, gemm_efficiency=1.0, hbm_bytes=float(ram),
                       hbm_bandwidth=copy_bw, gpus_per_node=max(max(ranks), os.cpu_count() or 1), intra_node=link,
                       inter_node=link, gemm_half_size=c, memory_fraction=0.8, collective_efficiency={},
-                      activation_dtype="fp32", codec_efficiency=codec,
+                      activation_dtype="fp32", codec_efficiency=codec, cpu_cores=torch.get_num_threads(),
                       description=f"measured by meshplan calibrate on {os.uname().nodename} ({os.cpu_count()} CPUs)")
     header = (f"# Measured by `meshplan calibrate` ({time.strftime('%Y-%m-%d %H:%M')}): float32 matmul peak fitted "
               f"as peak·(x/(x+c))^3\n# over sizes {[s for s, _ in gemm]} (so gemm_efficiency is 1: the peak is "

@@ -62,6 +62,8 @@ class Cluster:
     collective_efficiency: dict[str, float] = field(default_factory=dict)
     activation_dtype: str = "bf16"  # fp32 | bf16: what a collective in that format sends without conversion
     codec_efficiency: dict[str, float] = field(default_factory=dict)  # wire dtype -> fraction of HBM bandwidth
+    # CPU "clusters" only: the cores that the measured rates used, which a node's ranks then share (0: GPUs)
+    cpu_cores: int = 0
     description: str = ""
 
     @property
@@ -80,6 +82,14 @@ class Cluster:
 
     def codec(self, dtype: str) -> float:
         return self.codec_efficiency.get(dtype, 1.0)
+
+    def local_slowdown(self, ranks_on_node: int) -> float:
+        """How much slower one rank computes than the measured rates when `ranks_on_node` ranks share this CPU
+        node's cores: r <= c ranks get c // r threads each; more ranks than cores time-share them. 1 for GPUs."""
+        c = self.cpu_cores
+        if c <= 0 or ranks_on_node <= 0:
+            return 1.0
+        return c / (c // ranks_on_node) if ranks_on_node <= c else float(ranks_on_node)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -135,11 +145,17 @@ def _link(where: str, d) -> Link:
                 measured)
 
 
+def _cores(v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ClusterError(f"cluster.cpu_cores: must be an integer >= 0, got {v!r}")
+    return v
+
+
 def cluster_from_dict(d) -> Cluster:
     required = {"name", "peak_flops", "gemm_efficiency", "hbm_bytes", "hbm_bandwidth", "gpus_per_node",
                 "intra_node", "inter_node"}
     optional = {"gemm_half_size", "memory_fraction", "collective_efficiency", "activation_dtype", "codec_efficiency",
-                "description"}
+                "cpu_cores", "description"}
     d = _fields("cluster", d, required, optional)
     gpn = d["gpus_per_node"]
     if isinstance(gpn, bool) or not isinstance(gpn, int) or gpn < 1:
@@ -176,6 +192,7 @@ def cluster_from_dict(d) -> Cluster:
         collective_efficiency={str(k): float(v) for k, v in eff.items()},
         activation_dtype=act,
         codec_efficiency={str(k): float(v) for k, v in codec.items()},
+        cpu_cores=_cores(d.get("cpu_cores", 0)),
         description=str(d.get("description", "")),
     )
 

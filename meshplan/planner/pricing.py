@@ -217,7 +217,8 @@ class CostModel:
         compute, act, split, rep, ckpt = vals[:5]
         # full recomputation: one more forward (4/3 of the compute), forward collectives run again (3/2)
         redo = RECOMPUTE if mc.recompute else (1.0, 1.0)
-        ch = Choice(compute=compute * redo[0], act_mem=ckpt if mc.recompute else act)
+        slow = cl.local_slowdown(min(mc.n * mc.d * mc.pp, cl.gpus_per_node))  # CPU ranks sharing cores; GPUs: 1
+        ch = Choice(compute=compute * redo[0] * slow, act_mem=ckpt if mc.recompute else act)
         for j, coll in enumerate(gi.terms[cand].colls):
             elems, rows = vals[5 + 2 * j], vals[6 + 2 * j]
             ch.colls[coll.name] = {dt: 2 * redo[1] * (self._time(coll.kind, cc.wire_bytes(elems, rows, dt), mc.n,
@@ -233,7 +234,7 @@ class CostModel:
             ch.err2["grad"] = {dt: cc.grad_relative_error(dt, group) ** 2 for dt in ch.grad}
         ch.static_mem = memory.static_bytes(split, rep, mc.n, mc.d, self.opt.zero)
         shard = split / mc.d + rep / (mc.n * mc.d) if self.opt.zero else split + rep
-        ch.opt_time = 32 * shard / cl.hbm_bandwidth  # Adam: read master, m, v, grad; write master, m, v, weight
+        ch.opt_time = 32 * shard / cl.hbm_bandwidth * slow  # Adam: read master, m, v, grad; write master, m, v, weight
         out_elems = self.values(g, mc.n, mc.b)[-1][0]
         sharded = isinstance(cm.placements(gi.ops[0], cand)[1], Shard)
         ch.p2p = self._time("p2p", memory.ACT_BYTES * out_elems / (mc.n if sharded else 1), 2,

@@ -34,6 +34,10 @@ def _base():
     (lambda d: d["collective_efficiency"].update(broadcast=0.5), "cluster.collective_efficiency.broadcast: unknown"),
     (lambda d: d["intra_node"].update(collectives={"all_to_all": {"latency": 1e-6}}),
      "cluster.intra_node.collectives.all_to_all.bandwidth: missing"),
+    (lambda d: d.update(activation_dtype="fp16"), "cluster.activation_dtype: 'fp16'; expected one of fp32, bf16"),
+    (lambda d: d["codec_efficiency"].update(fp4=0.5), "cluster.codec_efficiency.fp4: unknown wire dtype"),
+    (lambda d: d["codec_efficiency"].update(fp8=2.0), "cluster.codec_efficiency.fp8: is a fraction"),
+    (lambda d: d.update(cpu_cores=-1), "cluster.cpu_cores: must be an integer >= 0"),
 ])
 def test_field_errors_name_the_field(mutate, message):
     d = _base()
@@ -53,3 +57,14 @@ def test_round_trip(tmp_path):
     path = tmp_path / "c.yaml"
     c.to_yaml(path)
     assert load_cluster(path) == c
+
+
+def test_cpu_ranks_share_the_measured_cores():
+    """local.yaml's rates were measured with all of its cores: 2 ranks on 2 cores get 1 thread each (half the
+    rate), 4 ranks time-share them (a quarter); GPU clusters have no cpu_cores and no slowdown."""
+    import dataclasses
+
+    cpu = dataclasses.replace(load_cluster("h800"), cpu_cores=2)
+    assert [cpu.local_slowdown(r) for r in (1, 2, 3, 4)] == [1.0, 2.0, 3.0, 4.0]
+    assert dataclasses.replace(cpu, cpu_cores=8).local_slowdown(3) == 8 / 2  # 3 ranks, 2 threads each
+    assert load_cluster("h800").local_slowdown(8) == 1.0
