@@ -41,9 +41,10 @@ def param_split(op: Op, cand: str) -> tuple[sympy.Expr, sympy.Expr]:
     p, a = sympy.Integer(op.params), op.attrs
     if op.params == 0:
         return sympy.Integer(0), sympy.Integer(0)
-    if cand == "replicate":
-        return p, sympy.Integer(0)
-    if cand in ("seq", "sp", DP):
+    if cand in ("replicate", "seq", "sp", DP):
+        # Every rank of the model axis holds all of it. Under "replicate" the ranks repeat the same work, but the
+        # runtime seeds the output gradient on one rank only, so the weights' gradients are partial sums over
+        # the model axis too: reduced over all n·d ranks, like the sequence-sharded ops'.
         return sympy.Integer(0), p
     if op.kind == G.ATTENTION:  # tp: wq, wo split by heads; wk, wv by KV heads
         q, kv = a["n_heads"] * a["head_dim"], 2 * a["n_kv_heads"] * a["head_dim"]
