@@ -59,7 +59,7 @@ def measure_copy_bandwidth(nbytes: int = 1 << 26, reps: int = 3) -> float:
 def measure_codec_efficiency(copy_bw: float, rows: int = 4096, dim: int = 1024, reps: int = 3) -> dict[str, float]:
     """Per compressed wire format, the fraction of copy bandwidth its encode + decode reaches on float32
     activations, through the kernels the runtime runs here (codegen.kernels: the torch references on CPU): the
-    traffic PlanPricer.codec_time counts over the measured time."""
+    traffic CostModel.codec_time counts over the measured time."""
     from ..codegen.kernels import dequantize_fp8, quantize_fp8
     from .collectives_cost import wire_bytes
 
@@ -182,8 +182,8 @@ def calibrate(out: str | Path | None = None, ranks=(2, 4), sizes=DEFAULT_SIZES, 
               f"as peak·(x/(x+c))^3\n# over sizes {[s for s, _ in gemm]} (so gemm_efficiency is 1: the peak is "
               f"achieved, not nominal); memory copy\n# bandwidth; gloo alpha/beta per collective fitted over "
               f"{len(sizes)} sizes x ranks {list(ranks)}. One machine: inter_node = intra_node.\n"
-              f"# Activations are float32 here; codec_efficiency: encode + decode of each wire format (torch path) as a "
-              f"fraction of copy bandwidth.\n")
+              f"# Activations are float32 here; codec_efficiency: encode + decode of each wire format (torch path)\n"
+              f"# as a fraction of copy bandwidth; cpu_cores: the threads these rates were measured with.\n")
     path = Path(out) if out is not None else CLUSTER_DIR / f"{name}.yaml"
     cluster.to_yaml(path, header)
     return cluster, samples

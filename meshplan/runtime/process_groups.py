@@ -88,8 +88,8 @@ class MeshGroups:
         """Gloo groups for one rank of an in-process world (ranks are threads sharing `store`). Only the members
         of a slice take part in building its group, so each rank builds just its own slices. CPU tensors only:
         autograd runs every thread's CUDA backward on one worker thread per device, so two ranks' blocking
-        collectives in a backward on one GPU wait on each other (a 2-thread world on an H200 hung in its first backward
-        reduce-scatter); use processes there (from_world with device="cuda")."""
+        collectives in a backward on one GPU wait on each other (a 2-thread world on an H200 hung in its first
+        backward reduce-scatter); use processes there (from_world with device="cuda")."""
         timeout = datetime.timedelta(seconds=timeout_s)
         axes = {}
         for name, size in mesh.axes:

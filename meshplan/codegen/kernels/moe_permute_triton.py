@@ -14,7 +14,6 @@ import triton
 import triton.language as tl
 
 from ._backend import launch_guard
-
 from .fp8 import as_fp8
 from .fp8_triton import block_h_for, e4m3_encode, looped_row_scale, row_scale
 

@@ -11,7 +11,6 @@ import triton
 import triton.language as tl
 
 from ._backend import launch_guard
-
 from .fp8 import FP8_DTYPE
 from .fp8_triton import block_h_for, e4m3_decode
 
