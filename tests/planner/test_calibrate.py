@@ -34,5 +34,9 @@ def test_calibrate_measures_and_writes_a_cluster(tmp_path, graph):
     assert loaded.name == "local" and set(loaded.intra_node.collectives) == {
         "all_reduce", "all_gather", "reduce_scatter", "all_to_all"}
     assert np.isfinite(loaded.peak_flops) and loaded.peak_flops > 0
+    # CPU activations are float32; each compressed format's conversion measured as a fraction of copy bandwidth
+    assert loaded.activation_dtype == "fp32" and loaded.cpu_cores >= 1
+    assert set(loaded.codec_efficiency) == {"bf16", "fp8"}
+    assert all(0 < v <= 1 for v in loaded.codec_efficiency.values())
     r = search(graph("tiny"), loaded, 2, 4, Options(seq=128))  # the planner plans for this machine
     assert r.breakdown.step > 0
