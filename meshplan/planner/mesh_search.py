@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from ..ir.graph import Graph
 from ..ir.plan import PlanError
+from ..ir.strategies import allowed_precisions
 from . import ilp
 from .cluster import Cluster
 from .memory import static_bytes
@@ -116,12 +117,12 @@ class Bounds:
         return worst
 
     def _grads(self, mc: MeshConfig) -> dict:
-        """Per group and candidate, the gradient reduction time (bf16, s per step)."""
+        """Per group and candidate, the fastest gradient reduction time over its precisions (s per step)."""
         key = (mc.n, mc.d, mc.b, mc.recompute)
         if key not in self._grad:
             vals, _ = self._per_group(mc)
-            self._grad[key] = {g: {c: self.cm.grad_time(sp, rp, mc) for c, (_, _, _, (sp, rp)) in v.items()}
-                               for g, v in vals.items()}
+            self._grad[key] = {g: {c: min(self.cm.grad_time(sp, rp, mc, dt) for dt in allowed_precisions("grad"))
+                                   for c, (_, _, _, (sp, rp)) in v.items()} for g, v in vals.items()}
         return self._grad[key]
 
     def _per_stage(self, mc: MeshConfig) -> list:

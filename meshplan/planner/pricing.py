@@ -204,11 +204,30 @@ class CostModel:
         return traffic / (self.cluster.hbm_bandwidth * self.cluster.codec(dtype))
 
     def grad_time(self, split, rep, mc: MeshConfig, dtype: str = "bf16") -> float:
-        """All-reduce of the split parameters' gradients over d ranks and the replicated ones' over n·d (two-level,
-        collectives_cost.traffic), once per step."""
-        loc, size = self.locality(mc), cc.DTYPE_BYTES[dtype]
-        return (self._time("all_reduce", split * size, mc.d, loc["dp"])
-                + self._time("all_reduce", rep * size, mc.n * mc.d, loc["all"]))
+        """Reduction of the split parameters' gradients over d ranks and the replicated ones' over n·d (two-level,
+        collectives_cost.traffic), once per step, as runtime/data_parallel.py does it: fp32, an all-reduce; a
+        compressed format, the float32 gradients cast once, an all-to-all of the shards (summed in float32), an
+        all-gather of the reduced shards, each in the wire format, plus the conversions as HBM traffic."""
+        loc = self.locality(mc)
+        return self._reduce_time(split, mc.d, loc["dp"], dtype) + self._reduce_time(rep, mc.n * mc.d, loc["all"], dtype)
+
+    def _reduce_time(self, elems, n: int, local: int, dtype: str) -> float:
+        size = cc.DTYPE_BYTES[dtype]
+        if not elems:
+            return 0.0  # nothing to reduce: no collective
+        if dtype == "fp32" or n <= 1:
+            return self._time("all_reduce", elems * size, n, local)
+        codec = 2 * elems * (cc.DTYPE_BYTES["fp32"] + size) / (self.cluster.hbm_bandwidth * self.cluster.codec(dtype))
+        # Innermost level first, as the runtime reduces axis by axis: inside the node over l ranks, then across
+        # nodes over n/l ranks on the 1/l left. all_to_all's X is the group's whole tensor (each rank scatters
+        # all of its part); the all-gathers return the reduced shards in the same two levels.
+        l = max(1, min(local, n))
+        t = 0.0
+        for ranks, part, loc in ((l, elems, l), (n // l, elems / l, 1)):
+            if ranks > 1:
+                t += self._time("all_to_all", ranks * part * size, ranks, loc)
+                t += self._time("all_gather", part * size, ranks, loc)
+        return t + codec
 
     def choice(self, g: str, cand: str, mc: MeshConfig, vals=None, light: bool = False) -> Choice:
         """One candidate priced on a mesh (light: compute, own collectives and activations only)."""

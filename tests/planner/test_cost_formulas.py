@@ -120,6 +120,29 @@ def test_sp_gradients_cross_nodes_like_tp():
     assert cc.traffic("all_reduce", p_bytes / n, d, 1).inter_bytes == pytest.approx(t.inter_bytes)
 
 
+def test_bf16_gradient_reduction_is_the_runtimes_two_level_all_to_all_and_all_gather(graph, h800):
+    """runtime/data_parallel.py reduces bf16 gradients axis by axis: an all-to-all of bf16 shards (float32 sums)
+    then an all-gather, inside the node first and across nodes on the 1/n left; plus one cast each way. Priced
+    exactly so, it halves the inter-node bytes of the fp32 all-reduce, and its cost is those collectives' times."""
+    g = graph("internal-352b", n_layers=2)
+    cmodel = CostModel(g, h800, Options(seq=s))
+    d, p = 12, 1e8  # replicated parameters reduced over n·d = 96 ranks, 8 per node
+    mc = MeshConfig(n, d, 1, b, 1)
+
+    def t(kind, x, ranks, local):
+        return cc.comm_time(kind, cc.traffic(kind, x, ranks, local), h800)
+
+    want = (t("all_to_all", n * p * 2, n, n) + t("all_gather", p * 2, n, n)
+            + t("all_to_all", d * p / n * 2, d, 1) + t("all_gather", p / n * 2, d, 1)
+            + 2 * p * (4 + 2) / (3.35e12 * 0.9))
+    assert cmodel.grad_time(0, p, mc, "bf16") == pytest.approx(want)
+    assert cmodel.grad_time(0, p, mc, "fp32") == pytest.approx(t("all_reduce", p * 4, n * d, n))
+    inter_bf16 = cc.traffic("all_to_all", d * p / n * 2, d, 1).inter_bytes + \
+        cc.traffic("all_gather", p / n * 2, d, 1).inter_bytes
+    assert inter_bf16 == pytest.approx(cc.traffic("all_reduce", p * 4, n * d, n).inter_bytes / 2)
+    assert cmodel.grad_time(0, p, mc, "bf16") < cmodel.grad_time(0, p, mc, "fp32")  # on H800 bf16 pays
+
+
 def test_alpha_beta_time(h800):
     t = cc.traffic("all_gather", 1e8, 8, 8)
     expected = 7 * 3e-6 + 1e8 * 7 / 8 / (400e9 * 0.85)
