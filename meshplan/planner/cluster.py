@@ -145,6 +145,18 @@ def _link(where: str, d) -> Link:
                 measured)
 
 
+def _fractions(field_name: str, d: dict, what: str, known: tuple[str, ...]) -> dict:
+    """An optional mapping `what` -> fraction in (0, 1], every key one of `known`."""
+    m = d.get(field_name) or {}
+    if not isinstance(m, dict):
+        raise ClusterError(f"cluster.{field_name}: expected a mapping {what} -> fraction")
+    for key, v in m.items():
+        if key not in known:
+            raise ClusterError(f"cluster.{field_name}.{key}: unknown {what} (known: {', '.join(known)})")
+        _number(f"cluster.{field_name}.{key}", v, at_most_one=True)
+    return m
+
+
 def _cores(v) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise ClusterError(f"cluster.cpu_cores: must be an integer >= 0, got {v!r}")
@@ -160,24 +172,11 @@ def cluster_from_dict(d) -> Cluster:
     gpn = d["gpus_per_node"]
     if isinstance(gpn, bool) or not isinstance(gpn, int) or gpn < 1:
         raise ClusterError(f"cluster.gpus_per_node: must be a positive integer, got {gpn!r}")
-    eff = d.get("collective_efficiency") or {}
-    if not isinstance(eff, dict):
-        raise ClusterError("cluster.collective_efficiency: expected a mapping collective -> fraction")
-    for kind, v in eff.items():
-        if kind not in COLLECTIVES:
-            raise ClusterError(f"cluster.collective_efficiency.{kind}: unknown collective "
-                               f"(known: {', '.join(COLLECTIVES)})")
-        _number(f"cluster.collective_efficiency.{kind}", v, at_most_one=True)
+    eff = _fractions("collective_efficiency", d, "collective", COLLECTIVES)
     act = d.get("activation_dtype", "bf16")
     if act not in WIRE_DTYPES[:2]:
         raise ClusterError(f"cluster.activation_dtype: {act!r}; expected one of {', '.join(WIRE_DTYPES[:2])}")
-    codec = d.get("codec_efficiency") or {}
-    if not isinstance(codec, dict):
-        raise ClusterError("cluster.codec_efficiency: expected a mapping wire dtype -> fraction")
-    for dt, v in codec.items():
-        if dt not in WIRE_DTYPES:
-            raise ClusterError(f"cluster.codec_efficiency.{dt}: unknown wire dtype (known: {', '.join(WIRE_DTYPES)})")
-        _number(f"cluster.codec_efficiency.{dt}", v, at_most_one=True)
+    codec = _fractions("codec_efficiency", d, "wire dtype", WIRE_DTYPES)
     return Cluster(
         name=str(d["name"]),
         peak_flops=_number("cluster.peak_flops", d["peak_flops"]),
