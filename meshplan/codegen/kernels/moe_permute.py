@@ -67,7 +67,7 @@ def dispatch_index(topk_idx: torch.Tensor, num_experts: int,
     T, k = topk_idx.shape
     flat = topk_idx.reshape(-1).long()
     if flat.numel():
-        lo, hi = int(flat.min()), int(flat.max())  # one host sync; a bad id would corrupt memory
+        lo, hi = (int(v) for v in torch.aminmax(flat))  # the one host sync: a bad id would corrupt memory
         if lo < 0 or hi >= num_experts:
             raise ValueError(f"permute: topk_idx holds expert ids in [{lo}, {hi}], "
                              f"outside [0, {num_experts})")
@@ -75,7 +75,9 @@ def dispatch_index(topk_idx: torch.Tensor, num_experts: int,
     order = torch.argsort(flat, stable=True)
     row_of_pair = torch.empty_like(order)
     row_of_pair[order] = torch.arange(order.numel(), device=order.device)
-    tokens_per_expert = torch.bincount(flat, minlength=num_experts)
+    # A scatter-add rather than bincount, whose CUDA kernel syncs with the host to size its output.
+    tokens_per_expert = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).index_add_(
+        0, flat, torch.ones_like(flat))
     return DispatchIndex(
         row_id_map=row_of_pair.view(T, k),
         sorted_token_idx=order // k,
