@@ -6,10 +6,10 @@ they see the same machine state:
   sequential    the executor's straight-line implementations (synchronous collectives, whole batch);
   overlap cC    the module codegen emits for the overlap schedule with C chunks (runtime/overlap.py; c1: the
                 async machinery with nothing to overlap, i.e. its overhead alone):
-                async all-to-alls issued early, waited on just before first use (forward only; backward is
-                autograd's synchronous mirror collectives).
+                async all-to-alls issued early, waited on just before first use; in the backward each mirror
+                all-to-all is issued where its gradient appears and waited for where autograd needs it.
 A step is forward + backward + gradient reduction on the global batch; each number is the median over REPEATS
-steps of rank 0's wall time between barriers (forward alone is timed too, since only the forward overlaps).
+steps of rank 0's wall time between barriers (forward alone is timed too).
 
     python benchmarks/overlap.py            # writes benchmarks/results/overlap.json and prints a table
 """

@@ -8,14 +8,16 @@ the result. Between the two the caller computes another chunk: that is the whole
 CUDA streams: given the rank's comm stream (ParallelModel.comm_stream, which the emitted code passes), the
 collective and the layout copy in front of it are enqueued on that stream after it waits for the compute stream
 (the producer of the input); `wait()` then makes the compute stream wait for the comm stream and marks the
-buffers as used by both streams (`record_stream`), so the caching allocator reuses neither too early. Autograd
-runs each Function's backward on the stream its forward ran on, so the mirror all-to-all of the backward goes to
-the comm stream as well, with the engine's own stream synchronisation.
+buffers as used by both streams (`record_stream`), so the caching allocator reuses neither too early.
 
-Autograd: the forward is asynchronous; the backward is the mirror all-to-all of collectives.py, synchronous (the
-autograd engine runs it when the gradient arrives). So overlap covers the forward only; the backward is correct
-but sequential. Bytes are booked with the same formulas and Channel.record as collectives.py, so a step's
-CommStats are identical with and without overlap.
+Autograd: each started collective is a pair of Functions, the start (issue) and `_Arrive` (applied where `wait()`
+hands the result to compute). Backward runs them in the other order: `_Arrive`'s backward, the first to see the
+gradient, issues the mirror all-to-all asynchronously; the start's backward, which autograd runs later, waits for
+it. Autograd visits ready nodes latest-created first, so with the chunks interleaved in the forward, other chunks'
+backward compute runs between the two, and the backward overlaps too (on CUDA autograd runs each backward on its
+forward's stream: the issue on the compute stream, the wait on the comm stream, with the engine's stream syncs).
+Bytes are booked with the same formulas and Channel.record as collectives.py, so a step's CommStats are identical
+with and without overlap.
 
 Only the "fp32" wire format goes asynchronous: a compressed channel (bf16/fp8) needs its decode after the wait,
 which collectives.py does inside a synchronous call, so for those `start_*` runs the synchronous collective and
@@ -23,24 +25,87 @@ returns an already-finished Pending (correct, not overlapped).
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.distributed as dist
 from torch.autograd import Function
 
-from .collectives import Channel, all_to_all, all_to_all_single, exchange, exchange_rows
+from .collectives import Channel, exchange, exchange_rows
 from .comm_stats import BWD, FWD
+
+
+class _Mirror:
+    """The backward all-to-all of one forward collective, shared by the pair of Functions around it: _Arrive's
+    backward (the first to see the gradient) issues it, the start Function's backward (which autograd runs later,
+    possibly after other chunks' backward) waits for it."""
+
+    def __init__(self, ch: Channel, splits: tuple[list[int], list[int]] | None):
+        self.ch, self.splits = ch, splits  # splits: (forward out_splits, in_splits) for rows; None: even layout
+        self.work = self.buf = None
+
+    def issue(self, g: torch.Tensor) -> None:
+        g = g.contiguous()
+        ch = self.ch
+        if self.splits is None:  # the stacked [n, *chunk] layout is its own inverse
+            self.buf = torch.empty_like(g)
+            self.work = ch.group.pg.alltoall_base(self.buf, g, [], [], dist.AllToAllOptions()) if g.numel() else None
+            ch.record("all_to_all", BWD, g.nbytes * (ch.n - 1) / ch.n)  # as collectives._a2a_raw
+        else:  # rows go back the way they came: the forward's in_splits arrive, its out_splits leave
+            out_splits, in_splits = self.splits
+            self.buf = g.new_empty((sum(in_splits), *g.shape[1:]))
+            self.work = ch.group.pg.alltoall_base(self.buf, g, list(in_splits), list(out_splits),
+                                                  dist.AllToAllOptions())
+            row = g[0:1].nbytes if g.dim() > 1 else g.element_size()
+            ch.record("all_to_all", BWD, (sum(out_splits) - out_splits[ch.group.index]) * row)
+        _trace("issue", self)
+
+    def result(self) -> torch.Tensor:
+        _trace("wait", self)
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.buf
+
+
+# Set to a list to record ("issue" | "wait", thread id, mirror id) for every backward all-to-all, in order: how
+# tests see the backward overlap. None (the default) records nothing.
+TRACE: list[tuple[str, int, int]] | None = None
+
+
+def _trace(event: str, mirror: _Mirror) -> None:
+    if TRACE is not None:
+        TRACE.append((event, threading.get_ident(), id(mirror)))
+
+
+class _Arrive(Function):
+    """Forward: the collective's result, once its Work is done (the identity on the buffer). Backward: issue the
+    mirror all-to-all of the gradient asynchronously and pass the gradient on unchanged; the start Function's
+    backward ignores what it receives and returns the mirror's result, once it has arrived."""
+
+    @staticmethod
+    def forward(ctx, out, mirror: _Mirror):
+        ctx.mirror = mirror
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.mirror.issue(g)
+        return g, None
 
 
 class Pending:
     """A collective in flight: `wait()` returns its result (once, or again: the result is kept)."""
 
-    def __init__(self, value: torch.Tensor, work=None, finish=None, stream=None, keep=()):
+    def __init__(self, value: torch.Tensor, work=None, finish=None, stream=None, keep=(), mirror=None):
         self._value, self._work, self._finish = value, work, finish
         self._stream, self._keep = stream, keep  # the comm stream, and tensors it reads or writes
+        self._mirror = mirror
 
     def wait(self) -> torch.Tensor:
-        if self._work is not None:
-            self._work.wait()
+        if self._work is not None or self._mirror is not None:
+            if self._work is not None:
+                self._work.wait()
             self._work = None
             if self._stream is not None:
                 current = torch.cuda.current_stream(self._stream.device)
@@ -48,6 +113,9 @@ class Pending:
                 for t in (self._value, *self._keep):
                     t.record_stream(current)
                 self._keep = ()
+            if self._mirror is not None and self._value.requires_grad:
+                self._value = _Arrive.apply(self._value, self._mirror)
+            self._mirror = None
             if self._finish is not None:
                 self._value = self._finish(self._value)
         return self._value
@@ -62,8 +130,8 @@ class _StartAllToAll(Function):
     The returned tensor is filled in by the collective: read it only after the Work's wait()."""
 
     @staticmethod
-    def forward(ctx, t, ch: Channel, holder: list):
-        ctx.ch = ch
+    def forward(ctx, t, ch: Channel, holder: list, mirror: _Mirror):
+        ctx.mirror = mirror
         t = t.contiguous()
         out = torch.empty_like(t)
         holder.append(ch.group.pg.alltoall_base(out, t, [], [], dist.AllToAllOptions()) if t.numel() else None)
@@ -72,16 +140,15 @@ class _StartAllToAll(Function):
 
     @staticmethod
     def backward(ctx, g):
-        # The stacked layout is its own inverse: row j of the gradient goes back to rank j.
-        return all_to_all(g.contiguous(), 0, 0, ctx.ch, BWD), None, None
+        return ctx.mirror.result(), None, None, None
 
 
 class _StartRows(Function):
     """Uneven all-to-all of rows, issued asynchronously (in_splits[j] rows to rank j, out_splits[j] from it)."""
 
     @staticmethod
-    def forward(ctx, x, out_splits: list[int], in_splits: list[int], ch: Channel, holder: list):
-        ctx.splits, ctx.ch = (out_splits, in_splits), ch
+    def forward(ctx, x, out_splits: list[int], in_splits: list[int], ch: Channel, holder: list, mirror: _Mirror):
+        ctx.mirror = mirror
         x = x.contiguous()
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
         holder.append(ch.group.pg.alltoall_base(out, x, list(out_splits), list(in_splits), dist.AllToAllOptions()))
@@ -91,8 +158,7 @@ class _StartRows(Function):
 
     @staticmethod
     def backward(ctx, g):
-        out_splits, in_splits = ctx.splits
-        return all_to_all_single(g.contiguous(), in_splits, out_splits, ctx.ch, BWD), None, None, None, None
+        return ctx.mirror.result(), None, None, None, None, None
 
 
 def _comm_stream(stream, x: torch.Tensor):
@@ -117,12 +183,12 @@ def start_exchange(x: torch.Tensor, split_dim: int, cat_dim: int, ch: Channel, s
                            f"split evenly over {ch.n} ranks (shape {tuple(x.shape)})")
     holder: list = []
     s = _comm_stream(stream, x)
+    mirror = _Mirror(ch, None)
     with torch.cuda.stream(s):
         stacked = torch.stack(x.chunk(ch.n, split_dim))
-        out = _StartAllToAll.apply(stacked, ch, holder)
-    if holder[0] is None:
-        return Pending(torch.cat(out.unbind(0), dim=cat_dim))
-    return Pending(out, holder[0], lambda t: torch.cat(t.unbind(0), dim=cat_dim), s, (x, stacked) if s else ())
+        out = _StartAllToAll.apply(stacked, ch, holder, mirror)
+    return Pending(out, holder[0], lambda t: torch.cat(t.unbind(0), dim=cat_dim), s, (x, stacked) if s else (),
+                   mirror)
 
 
 def start_rows(x: torch.Tensor, out_splits: list[int], in_splits: list[int], ch: Channel, stream=None) -> Pending:
@@ -133,6 +199,7 @@ def start_rows(x: torch.Tensor, out_splits: list[int], in_splits: list[int], ch:
         return Pending(exchange_rows(x, out_splits, in_splits, ch))
     holder: list = []
     s = _comm_stream(stream, x)
+    mirror = _Mirror(ch, (list(out_splits), list(in_splits)))
     with torch.cuda.stream(s):
-        out = _StartRows.apply(x, list(out_splits), list(in_splits), ch, holder)
-    return Pending(out, holder[0], stream=s, keep=(x,) if s else ())
+        out = _StartRows.apply(x, list(out_splits), list(in_splits), ch, holder, mirror)
+    return Pending(out, holder[0], stream=s, keep=(x,) if s else (), mirror=mirror)
