@@ -98,9 +98,8 @@ def _auto_plan(graph: Graph, cluster, world: int, batch: int, seq: int, mesh: Me
 def activation_dtype(graph: Graph) -> str | None:
     """The wire-format name of the model's activations (what a collective sends without conversion), from the
     traced graph: "fp32" or "bf16"; None (the cluster's) for anything else."""
-    dtypes = {str(op.output.dtype) for op in graph.ops() if op.kind in (G.ATTENTION, G.MOE) and op.output}
-    wire = {"float32": "fp32", "torch.float32": "fp32", "bfloat16": "bf16", "torch.bfloat16": "bf16"}
-    return wire.get(dtypes.pop()) if len(dtypes) == 1 else None
+    dtypes = {op.output.dtype for op in graph.ops() if op.kind in (G.ATTENTION, G.MOE) and op.output}
+    return {"float32": "fp32", "bfloat16": "bf16"}.get(dtypes.pop()) if len(dtypes) == 1 else None
 
 
 def _onto_mesh(plan: Plan, mesh: Mesh) -> Plan:

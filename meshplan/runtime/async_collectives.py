@@ -16,8 +16,8 @@ gradient, issues the mirror all-to-all asynchronously; the start's backward, whi
 it. Autograd visits ready nodes latest-created first, so with the chunks interleaved in the forward, other chunks'
 backward compute runs between the two, and the backward overlaps too (on CUDA autograd runs each backward on its
 forward's stream: the issue on the compute stream, the wait on the comm stream, with the engine's stream syncs).
-Bytes are booked with the same formulas and Channel.record as collectives.py, so a step's CommStats are identical
-with and without overlap.
+Collectives are issued and their bytes booked by collectives.py's issue_a2a / issue_a2a_single, so a step's
+CommStats are identical with and without overlap.
 
 Only the "fp32" wire format goes asynchronous: a compressed channel (bf16/fp8) needs its decode after the wait,
 which collectives.py does inside a synchronous call, so for those `start_*` runs the synchronous collective and
@@ -28,10 +28,9 @@ from __future__ import annotations
 import threading
 
 import torch
-import torch.distributed as dist
 from torch.autograd import Function
 
-from .collectives import Channel, exchange, exchange_rows
+from .collectives import Channel, exchange, exchange_rows, issue_a2a, issue_a2a_single
 from .comm_stats import BWD, FWD
 
 
@@ -45,19 +44,11 @@ class _Mirror:
         self.work = self.buf = None
 
     def issue(self, g: torch.Tensor) -> None:
-        g = g.contiguous()
-        ch = self.ch
         if self.splits is None:  # the stacked [n, *chunk] layout is its own inverse
-            self.buf = torch.empty_like(g)
-            self.work = ch.group.pg.alltoall_base(self.buf, g, [], [], dist.AllToAllOptions()) if g.numel() else None
-            ch.record("all_to_all", BWD, g.nbytes * (ch.n - 1) / ch.n)  # as collectives._a2a_raw
+            self.buf, self.work = issue_a2a(g, self.ch, BWD)
         else:  # rows go back the way they came: the forward's in_splits arrive, its out_splits leave
             out_splits, in_splits = self.splits
-            self.buf = g.new_empty((sum(in_splits), *g.shape[1:]))
-            self.work = ch.group.pg.alltoall_base(self.buf, g, list(in_splits), list(out_splits),
-                                                  dist.AllToAllOptions())
-            row = g[0:1].nbytes if g.dim() > 1 else g.element_size()
-            ch.record("all_to_all", BWD, (sum(out_splits) - out_splits[ch.group.index]) * row)
+            self.buf, self.work = issue_a2a_single(g, in_splits, out_splits, self.ch, BWD)
         _trace("issue", self)
 
     def result(self) -> torch.Tensor:
@@ -132,10 +123,8 @@ class _StartAllToAll(Function):
     @staticmethod
     def forward(ctx, t, ch: Channel, holder: list, mirror: _Mirror):
         ctx.mirror = mirror
-        t = t.contiguous()
-        out = torch.empty_like(t)
-        holder.append(ch.group.pg.alltoall_base(out, t, [], [], dist.AllToAllOptions()) if t.numel() else None)
-        ch.record("all_to_all", FWD, t.nbytes * (ch.n - 1) / ch.n)  # as collectives._a2a_raw
+        out, work = issue_a2a(t, ch, FWD)
+        holder.append(work)
         return out
 
     @staticmethod
@@ -149,11 +138,8 @@ class _StartRows(Function):
     @staticmethod
     def forward(ctx, x, out_splits: list[int], in_splits: list[int], ch: Channel, holder: list, mirror: _Mirror):
         ctx.mirror = mirror
-        x = x.contiguous()
-        out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        holder.append(ch.group.pg.alltoall_base(out, x, list(out_splits), list(in_splits), dist.AllToAllOptions()))
-        row = x[0:1].nbytes if x.dim() > 1 else x.element_size()
-        ch.record("all_to_all", FWD, (sum(in_splits) - in_splits[ch.group.index]) * row)  # as _a2a_single_raw
+        out, work = issue_a2a_single(x, out_splits, in_splits, ch, FWD)
+        holder.append(work)
         return out
 
     @staticmethod

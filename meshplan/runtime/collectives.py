@@ -64,23 +64,39 @@ def _ag_raw(t: torch.Tensor, ch: Channel, phase: str) -> torch.Tensor:
     return out
 
 
-def _a2a_raw(t: torch.Tensor, ch: Channel, phase: str) -> torch.Tensor:
-    """[n, *chunk] -> [n, *chunk]: row j goes to rank j; row j of the result came from rank j."""
+def issue_a2a(t: torch.Tensor, ch: Channel, phase: str):
+    """Start [n, *chunk] -> [n, *chunk] (row j to rank j) and book its bytes: (result buffer, Work or None). The
+    buffer is filled in by the collective: read it only after the Work's wait()."""
     t = t.contiguous()
     out = torch.empty_like(t)
-    if t.numel():
-        ch.group.pg.alltoall_base(out, t, [], [], dist.AllToAllOptions()).wait()
+    work = ch.group.pg.alltoall_base(out, t, [], [], dist.AllToAllOptions()) if t.numel() else None
     ch.record("all_to_all", phase, t.nbytes * (ch.n - 1) / ch.n)
+    return out, work
+
+
+def issue_a2a_single(t: torch.Tensor, out_splits: list[int], in_splits: list[int], ch: Channel, phase: str):
+    """Start the uneven all-to-all of rows (in_splits[j] rows to rank j, out_splits[j] from it) and book its
+    bytes: (result buffer, Work)."""
+    t = t.contiguous()
+    out = t.new_empty((sum(out_splits), *t.shape[1:]))
+    work = ch.group.pg.alltoall_base(out, t, list(out_splits), list(in_splits), dist.AllToAllOptions())
+    row = t[0:1].nbytes if t.dim() > 1 else t.element_size()
+    ch.record("all_to_all", phase, (sum(in_splits) - in_splits[ch.group.index]) * row)
+    return out, work
+
+
+def _a2a_raw(t: torch.Tensor, ch: Channel, phase: str) -> torch.Tensor:
+    """[n, *chunk] -> [n, *chunk]: row j goes to rank j; row j of the result came from rank j."""
+    out, work = issue_a2a(t, ch, phase)
+    if work is not None:
+        work.wait()
     return out
 
 
 def _a2a_single_raw(t: torch.Tensor, out_splits: list[int], in_splits: list[int], ch: Channel,
                     phase: str) -> torch.Tensor:
-    t = t.contiguous()
-    out = t.new_empty((sum(out_splits), *t.shape[1:]))
-    ch.group.pg.alltoall_base(out, t, list(out_splits), list(in_splits), dist.AllToAllOptions()).wait()
-    row = t[0:1].nbytes if t.dim() > 1 else t.element_size()
-    ch.record("all_to_all", phase, (sum(in_splits) - in_splits[ch.group.index]) * row)
+    out, work = issue_a2a_single(t, out_splits, in_splits, ch, phase)
+    work.wait()
     return out
 
 

@@ -52,10 +52,10 @@ def run_experts(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, expert: to
     their order."""
     order = torch.argsort(expert, stable=True)
     xs = x[order]
+    counts = torch.bincount(expert, minlength=w1.shape[0])
     if use_triton(x, "run_experts"):  # grouped GEMMs, SwiGLU fused (codegen's kernel; moe_kernels.py)
-        counts = torch.bincount(expert, minlength=w1.shape[0])
         return expert_ffn_sorted(w1, w3, w2, counts, xs)[torch.argsort(order)]
-    counts = torch.bincount(expert, minlength=w1.shape[0]).tolist()
+    counts = counts.tolist()
     weights = SimpleNamespace(w1=w1, w2=w2, w3=w3)
     outs, start = [], 0
     for e, c in enumerate(counts):
