@@ -60,6 +60,12 @@ def test_backend_resolution(monkeypatch):
     assert K.resolve_backend("torch", x, "op") == "torch"
     with pytest.raises(ValueError, match="backend='cuda'"):
         K.resolve_backend("cuda", x, "op")
+    monkeypatch.setenv("MESHPLAN_KERNELS", "torch")
+    assert K.resolve_backend("auto", x, "op") == "torch"
+    monkeypatch.setenv("MESHPLAN_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="MESHPLAN_KERNELS='cuda'"):
+        K.resolve_backend("auto", x, "op")
+    monkeypatch.delenv("MESHPLAN_KERNELS")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="backend='triton'"):
         K.resolve_backend("triton", x, "op")
