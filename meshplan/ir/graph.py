@@ -60,6 +60,15 @@ class Op:
     param_dtype: str = "float32"
     active_params: int = 0  # parameters one token touches (MoE: router + top-k experts + shared)
     node: str = ""  # the torch.fx node this op lowers (the runtime calls back into it for generic ops)
+    # Soundness facts (locality.py): data parallelism is exact only for batch-wise ops, sequence sharding ("seq")
+    # only for token-wise ones; `strategies` is the subset of the kind's strategies the runtime executes for this
+    # op's module (None: all of them); `shape_only` lists the inputs the op reads only for their (local) shape.
+    batch_wise: bool = False
+    token_wise: bool = False
+    strategies: tuple[str, ...] | None = None
+    shape_only: tuple[int, ...] = ()
+    param_inputs: tuple[int, ...] = ()  # inputs that are parameters/buffers read in forward: handed over whole
+    why: str = ""  # what makes it batch- or sequence-mixing, for error messages
 
     @property
     def layer(self) -> int | None:
@@ -89,6 +98,7 @@ class Graph:
         self.g = nx.DiGraph()
         self.module: torch.fx.GraphModule | None = None  # the traced module (not part of the IR proper)
         self.symbols: dict[str, sympy.Symbol] = {"B": B, "S": S}
+        self.node_ops: dict[str, str] = {}  # fx node name -> the op whose value it is (the runtime's lookup)
 
     # ---- construction -----------------------------------------------------------------------------
     def add_op(self, op: Op) -> Op:

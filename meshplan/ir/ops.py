@@ -23,6 +23,14 @@ Shape = tuple[sympy.Expr, ...]
 
 @dataclass(frozen=True)
 class LeafSpec:
+    """How the tracer treats one module class.
+
+    token_wise / batch_wise: whether output position (b, s) / sample b depends only on the same input position /
+    sample (locality.py) — a bool, or a function of the module (nn.LayerNorm over two dims is not token-wise).
+    strategies: the kind's strategies the runtime executes *for this class* (a tuple, a function of the module,
+    or None for all of them); a user's block gets ("replicate",) unless it says otherwise, since meshplan's
+    parallel implementations compute meshplan's math, not the block's. builtin: meshplan's own registration
+    (its output shape is computed from attrs; a user's block is shape-propagated on fake tensors instead)."""
     kind: str
     attrs: Callable[[nn.Module], dict[str, Any]]
     out_shape: Callable[[dict, list[Shape]], Shape] = lambda a, ins: ins[0]
@@ -30,25 +38,61 @@ class LeafSpec:
     # parameters one token touches; None -> all of the op's parameters
     active_params: Callable[[dict, int], int] | None = None
     out_dtype: Callable[[nn.Module, list[str]], str] | None = None  # None -> the first input's dtype
+    token_wise: bool | Callable[[nn.Module], bool] = False
+    batch_wise: bool = True
+    strategies: tuple[str, ...] | Callable[[nn.Module], tuple[str, ...] | None] | None = ("replicate",)
+    builtin: bool = False
+
+    def is_token_wise(self, module: nn.Module) -> bool:
+        return bool(self.token_wise(module) if callable(self.token_wise) else self.token_wise)
+
+    def strategies_for(self, module: nn.Module) -> tuple[str, ...] | None:
+        return self.strategies(module) if callable(self.strategies) else self.strategies
 
 
 _REGISTRY: dict[type, LeafSpec] = {}
 
 
 def register_leaf(cls: type, spec: LeafSpec | None = None, *, kind: str | None = None,
-                  attrs: Callable[[nn.Module], dict] | None = None, **fns) -> None:
-    """Keep `cls` whole when tracing. Either a full LeafSpec, or kind= (and optional attrs=, out_shape=, flops=)."""
+                  attrs: Callable[[nn.Module], dict] | None = None, token_wise: bool = False,
+                  batch_wise: bool = True, strategies: tuple[str, ...] | None = ("replicate",), **fns) -> None:
+    """Keep `cls` whole when tracing. Either a full LeafSpec, or kind= (and optional attrs=, out_shape=, flops=).
+
+    token_wise=True declares that each output position depends only on the same input position (then `seq`,
+    sequence sharding, may be planned for it); batch_wise=False that it mixes samples (no data parallelism).
+    strategies: which of the kind's parallel strategies meshplan's runtime may run for it — only declare more
+    than ("replicate",) if the block computes exactly what meshplan's block of that kind computes with the same
+    parameter names. kind="generic": any block, shape-propagated as it is; it runs whole on each rank."""
     if spec is None:
         if kind not in G.OP_KINDS or kind in (G.INPUT, G.OUTPUT):
             raise ValueError(f"register_leaf({cls.__name__}): kind must be one of {G.OP_KINDS[2:]}, got {kind!r}")
-        spec = LeafSpec(kind=kind, attrs=attrs or (lambda m: {}), **fns)
+        if strategies is not None:
+            unknown = [s for s in strategies if s not in _kind_strategies(kind)]
+            if unknown:
+                raise ValueError(f"register_leaf({cls.__name__}): strategies {unknown} are not {kind} strategies "
+                                 f"(valid: {', '.join(_kind_strategies(kind))})")
+        spec = LeafSpec(kind=kind, attrs=attrs or (lambda m: {}), token_wise=token_wise, batch_wise=batch_wise,
+                        strategies=strategies, **fns)
     _REGISTRY[cls] = spec
 
 
+def _kind_strategies(kind: str) -> tuple[str, ...]:
+    from .strategies import STRATEGIES
+
+    return tuple(STRATEGIES.get(kind, {}))
+
+
 def leaf_spec(module: nn.Module) -> LeafSpec | None:
+    facts = leaf_facts(module)
+    return facts[0] if facts else None
+
+
+def leaf_facts(module: nn.Module) -> tuple[LeafSpec, bool] | None:
+    """(spec, exact): exact is False for a subclass that overrides the registered class's forward — its math is
+    its own, so it keeps the kind's shape rules but only runs whole (replicate), never token-wise."""
     for cls in type(module).__mro__:
         if cls in _REGISTRY:
-            return _REGISTRY[cls]
+            return _REGISTRY[cls], type(module).forward is cls.forward
     return None
 
 
@@ -99,35 +143,58 @@ def _linear_flops(a, ins) -> sympy.Expr:
     return 2 * tokens(ins[0]) * a["in_features"] * a["out_features"]
 
 
+def _embedding_strategies(m: nn.Embedding) -> tuple[str, ...] | None:
+    """The vocab-parallel lookup is a plain row gather: padding_idx (no gradient for that row), max_norm (rows
+    renormalised in place) and the rest of nn.Embedding's options are honoured only by the module's own forward."""
+    plain = m.padding_idx is None and m.max_norm is None and not m.scale_grad_by_freq and not m.sparse
+    return None if plain else ("seq", "replicate")
+
+
+def _layer_norm_attrs(m) -> dict:
+    dim = m.normalized_shape[-1] if m.normalized_shape else 0
+    return {"dim": dim, "eps": m.eps if m.eps is not None else 0.0}
+
+
 def _register_builtins() -> None:
     from ..models import moe_transformer as mt
 
+    # Token-wise by construction: a lookup, a row-wise norm, a matmul on the last dim, a per-token FFN. meshplan's
+    # MoE routes each token on its own and its runtime strategies decide capacity on the whole batch, as the
+    # single-device model does. Attention mixes positions (its `sp` is Ulysses, not sequence sharding).
     register_leaf(nn.Embedding, LeafSpec(
         kind=G.EMBEDDING,
         attrs=lambda m: {"num_embeddings": m.num_embeddings, "dim": m.embedding_dim},
         out_shape=lambda a, ins: tuple(ins[0]) + (sympy.Integer(a["dim"]),),
         active_params=lambda a, p: a["dim"],  # one row per token
         out_dtype=lambda m, ins: str(m.weight.dtype).removeprefix("torch."),
+        token_wise=True, strategies=_embedding_strategies, builtin=True,
     ))
     norm_spec = LeafSpec(
         kind=G.NORM,
         attrs=lambda m: {"dim": m.weight.shape[-1], "eps": m.eps},
         flops=lambda a, ins: 4 * prod(ins[0]),
+        token_wise=True, strategies=None, builtin=True,
     )
     register_leaf(mt.RMSNorm, norm_spec)
-    register_leaf(nn.LayerNorm, LeafSpec(kind=G.NORM, attrs=lambda m: {"dim": m.normalized_shape[-1], "eps": m.eps},
-                                         flops=norm_spec.flops))
-    register_leaf(mt.Attention, LeafSpec(kind=G.ATTENTION, attrs=_attention_attrs, flops=_attention_flops))
-    register_leaf(mt.MoE, LeafSpec(kind=G.MOE, attrs=_moe_attrs, flops=_moe_flops, active_params=_moe_active))
+    layer_norm = LeafSpec(kind=G.NORM, attrs=_layer_norm_attrs, flops=norm_spec.flops,
+                          token_wise=lambda m: len(m.normalized_shape) == 1, strategies=None, builtin=True)
+    register_leaf(nn.LayerNorm, layer_norm)
+    if hasattr(nn, "RMSNorm"):
+        register_leaf(nn.RMSNorm, layer_norm)
+    register_leaf(mt.Attention, LeafSpec(kind=G.ATTENTION, attrs=_attention_attrs, flops=_attention_flops,
+                                         strategies=None, builtin=True))
+    register_leaf(mt.MoE, LeafSpec(kind=G.MOE, attrs=_moe_attrs, flops=_moe_flops, active_params=_moe_active,
+                                   token_wise=True, strategies=None, builtin=True))
     register_leaf(mt.FeedForward, LeafSpec(
         kind=G.FFN,
         attrs=lambda m: {"dim": m.w1.in_features, "hidden": m.w1.out_features},
         flops=lambda a, ins: 6 * tokens(ins[0]) * a["dim"] * a["hidden"],
+        token_wise=True, strategies=None, builtin=True,
     ))
     register_leaf(nn.Linear, LeafSpec(kind=G.LINEAR, attrs=_linear_attrs, out_shape=_linear_shape,
-                                      flops=_linear_flops))
+                                      flops=_linear_flops, token_wise=True, strategies=None, builtin=True))
     register_leaf(mt.OutputHead, LeafSpec(kind=G.LM_HEAD, attrs=_linear_attrs, out_shape=_linear_shape,
-                                          flops=_linear_flops))
+                                          flops=_linear_flops, token_wise=True, strategies=None, builtin=True))
 
 
 _register_builtins()

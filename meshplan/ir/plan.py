@@ -16,9 +16,10 @@ import yaml
 from . import graph as G
 from .graph import Graph, Op
 from .mesh import Mesh
-from .placement import Placement, Shard, parse_placement
+from .placement import Partial, Placement, Replicate, Shard, parse_placement
 from .strategies import (
-    BATCH, DEFAULT_STRATEGY, STRATEGIES, allowed_precisions, collective_names, divisibility_error,
+    BATCH, DEFAULT_STRATEGY, STRATEGIES, allowed_precisions, batch_parallel_error, collective_names,
+    divisibility_error, layout_error, offered_error,
 )
 
 FORMAT_VERSION = 1
@@ -68,8 +69,11 @@ class Plan:
         for op in graph.ops():
             if op.kind in (G.INPUT, G.OUTPUT):
                 continue
-            name = strategies.get(op.name) or strategies.get(op.template) or strategies.get(op.kind) \
-                or DEFAULT_STRATEGY[op.kind]
+            name = strategies.get(op.name) or strategies.get(op.template) or strategies.get(op.kind)
+            if name is None:  # the kind's default where meshplan runs it exactly, else the op runs whole
+                name = DEFAULT_STRATEGY[op.kind]
+                if axis is not None and mesh.axis_size(axis) > 1 and offered_error(op, name):
+                    name = "replicate"
             strat = STRATEGIES[op.kind].get(name)
             if strat is None:
                 raise PlanError(f"plan.ops[{op.name!r}].strategy: {name!r} is not valid for {op.kind} "
@@ -163,7 +167,44 @@ class Plan:
             if name not in self.ops:
                 raise PlanError(f"plan.ops[{name!r}]: missing (every op of the model needs an entry)")
             self._validate_op(op, self.ops[name], batch, seq)
+            self._validate_sound(op, self.ops[name])
+        self._validate_edges(graph)
         return self
+
+    def _validate_sound(self, op: Op, p: OpPlan) -> None:
+        """The op computes exactly what it does on one device: its strategy is one meshplan runs for it, and
+        it is data parallel only where it is batch-wise."""
+        where = f"plan.ops[{op.name!r}]"
+        if p.axis is not None and self.mesh.axis_size(p.axis) > 1 and (err := offered_error(op, p.strategy)):
+            raise PlanError(f"{where}.strategy: {err}")
+        for axis, size in self.mesh.axes:
+            if size > 1 and p.input[self.mesh.index(axis)] == BATCH and (err := batch_parallel_error(op)):
+                raise PlanError(f"{where}: mesh axis {axis}={size} is data parallel for this op, but {err}")
+
+    def _validate_edges(self, graph: Graph) -> None:
+        """Every edge whose placements differ is a resharding of the producer's tensor, so the tensor must be
+        laid out as both placements assume (B leading dim 0, S dim 1); no consumer reads a Partial sum."""
+        for op in graph.ops():
+            if op.kind == G.INPUT:
+                continue
+            for i, src in enumerate(op.inputs):
+                src_op = graph.op(src)
+                if "param" in src_op.attrs or (op.kind == G.OUTPUT and src not in self.ops):
+                    continue
+                dst = self._replicated() if op.kind == G.OUTPUT else self.ops[op.name].input
+                frm = self._replicated() if src_op.kind == G.INPUT else self.ops[src].output
+                for (axis, size), a, b in zip(self.mesh.axes, frm, dst):
+                    if size == 1 or a == b:
+                        continue
+                    where = f"plan.ops[{op.name!r}].input[{i}]" if op.kind != G.OUTPUT else "the model's output"
+                    if isinstance(b, Partial):
+                        raise PlanError(f"{where}: reads {src!r}'s value as a Partial sum on axis {axis}")
+                    for pl in (a, b):
+                        if err := layout_error(src_op.output, pl):
+                            raise PlanError(f"{where}: resharding {src!r} {a} -> {b} on axis {axis}, but {err}")
+
+    def _replicated(self) -> tuple[Placement, ...]:
+        return tuple(Replicate() for _ in self.mesh.axes)
 
     def _validate_op(self, op: Op, p: OpPlan, batch: int | None, seq: int | None) -> None:
         where = f"plan.ops[{op.name!r}]"
@@ -187,11 +228,6 @@ class Plan:
                                 f"must be {BATCH} (batch-sharded), not {i} -> {o}")
         for key in ("input", "output"):
             self._check_sizes(f"{where}.{key}", getattr(p, key), batch, seq)
-        if p.strategy == "seq" and op.kind == G.GENERIC:
-            dims = [m.shape for m in op.input_metas] + ([op.output.shape] if op.output else [])
-            if any(len(s) < 2 or s[1] != G.S for s in dims) and p.axis is not None:
-                raise PlanError(f"{where}.strategy: seq needs the sequence as dim 1 of every input and the output "
-                                f"of {op.attrs.get('target')}; use replicate")
         names = collective_names(op, p.strategy)
         for c, dtype in p.precision.items():
             if c not in names:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sympy
+
 from . import graph as G
 from .graph import Op
 from .placement import Partial, Placement, Replicate, Shard
@@ -28,6 +30,9 @@ class Strategy:
     shards: str  # what the model axis splits: "heads", "sequence", "experts", "ffn", "vocab", "none"
     collectives: tuple[str, ...] = ()  # op-internal collectives whose precision a plan may choose
     doc: str = ""
+    # Plain sequence sharding: each rank runs the op's own code on its slice of the sequence, exact only for
+    # token-wise ops (locality.py). sp/ep shard the sequence too but do their own exchange, so they need not.
+    needs_token_wise: bool = False
 
     @property
     def native(self) -> tuple[Placement, Placement]:
@@ -35,6 +40,12 @@ class Strategy:
 
 
 _SEQ_IO = ((SEQ, SEQ),)
+
+
+def _seq(doc: str = "") -> Strategy:
+    return Strategy("seq", _SEQ_IO, "none", (), doc, needs_token_wise=True)
+
+
 _TP_IO = ((Replicate(), Partial()),)
 _REP_IO = ((Replicate(), Replicate()),)
 
@@ -51,29 +62,29 @@ STRATEGIES: dict[str, dict[str, Strategy]] = {
         "tp": Strategy("tp", _TP_IO, "ffn", (), "every expert's hidden dimension split (w1/w3 column, w2 row)"),
         "ag_scatter": Strategy("ag_scatter", _TP_IO, "experts", (),
                                "all-gather tokens, local scatter to this rank's experts, partial sum to reduce-scatter"),
-        "seq": Strategy("seq", _SEQ_IO, "none", (), "every rank holds all experts and routes its own tokens"),
+        "seq": _seq("every rank holds all experts and routes its own tokens"),
         "replicate": Strategy("replicate", _REP_IO, "none"),
     },
     G.FFN: {
         "tp": Strategy("tp", _TP_IO, "ffn", (), "w1/w3 column-parallel, w2 row-parallel"),
-        "seq": Strategy("seq", _SEQ_IO, "none"),
+        "seq": _seq(),
         "replicate": Strategy("replicate", _REP_IO, "none"),
     },
     G.EMBEDDING: {
-        "seq": Strategy("seq", _SEQ_IO, "none", (), "token ids sequence-sharded, table replicated"),
+        "seq": _seq("token ids sequence-sharded, table replicated"),
         "vocab": Strategy("vocab", ((SEQ, Partial()), (Replicate(), Partial())), "vocab",
                           (), "table rows split; rows a rank lacks contribute zeros to a partial sum"),
         "replicate": Strategy("replicate", _REP_IO, "none"),
     },
-    G.NORM: {"seq": Strategy("seq", _SEQ_IO, "none"), "replicate": Strategy("replicate", _REP_IO, "none")},
+    G.NORM: {"seq": _seq(), "replicate": Strategy("replicate", _REP_IO, "none")},
     G.LINEAR: {
         "tp": Strategy("tp", _TP_IO, "ffn", (), "weight split on in_features: row-parallel"),
-        "seq": Strategy("seq", _SEQ_IO, "none"),
+        "seq": _seq(),
         "replicate": Strategy("replicate", _REP_IO, "none"),
     },
-    G.LM_HEAD: {"seq": Strategy("seq", _SEQ_IO, "none"), "replicate": Strategy("replicate", _REP_IO, "none")},
+    G.LM_HEAD: {"seq": _seq(), "replicate": Strategy("replicate", _REP_IO, "none")},
     # Generic ops are elementwise or unknown: sequence-sharded only where every input and the output agree.
-    G.GENERIC: {"seq": Strategy("seq", _SEQ_IO, "none"), "replicate": Strategy("replicate", _REP_IO, "none")},
+    G.GENERIC: {"seq": _seq(), "replicate": Strategy("replicate", _REP_IO, "none")},
 }
 
 # What a plan that names no strategy gets: the Megatron-with-sequence-parallel default for each kind.
@@ -81,8 +92,48 @@ DEFAULT_STRATEGY = {G.ATTENTION: "tp", G.MOE: "ep", G.FFN: "tp", G.EMBEDDING: "s
                     G.LINEAR: "seq", G.LM_HEAD: "seq", G.GENERIC: "seq"}
 
 
-def strategies_for(op: Op) -> dict[str, Strategy]:
-    return STRATEGIES.get(op.kind, {})
+def offered_error(op: Op, strategy: str) -> str | None:
+    """Why meshplan cannot run `op` under `strategy` exactly (None if it can): the runtime has no implementation
+    for this op's module, the op mixes sequence positions, or a tensor it shards is not laid out [B, S, ...]."""
+    strat = STRATEGIES.get(op.kind, {}).get(strategy)
+    if strat is None:
+        return f"{strategy!r} is not valid for {op.kind} (valid: {', '.join(STRATEGIES.get(op.kind, {}))})"
+    if op.strategies is not None and strategy not in op.strategies:
+        return (f"the runtime runs {op.kind}/{strategy} only for meshplan's own blocks, and this op's module "
+                f"{'(' + op.why + ') ' if op.why else ''}is run whole (allowed: {', '.join(op.strategies)})")
+    if strat.needs_token_wise and not op.token_wise:
+        return (f"{strategy} shards the sequence and runs the op on each slice, but the op is not token-wise"
+                f"{': ' + op.why if op.why else ''}")
+    if any(SEQ in pair for pair in strat.io):
+        for i, m in enumerate(op.input_metas + ([op.output] if op.output is not None else [])):
+            if m is not None and (len(m.shape) < 2 or m.shape[0] != G.B or m.shape[1] != G.S) \
+                    and i not in op.param_inputs:
+                return f"{strategy} shards dim 1 as the sequence, but {m} is not laid out [B, S, ...]"
+    return None
+
+
+def layout_error(meta, placement: Placement) -> str | None:
+    """Why `meta` cannot be split as `placement` (None if it can): Shard(0) needs the batch as its leading
+    factor (a batch-free tensor — a position table, a mask — is the same on every rank and never sharded),
+    Shard(1) needs [B, S, ...]."""
+    if meta is None or not isinstance(placement, Shard):
+        return None
+    shape = meta.shape
+    if placement.dim == 0:
+        d0 = sympy.sympify(shape[0]) if shape else sympy.Integer(1)
+        if not (d0 == G.B or (d0.is_Mul and G.B in d0.args)):
+            return f"{meta} has no batch dim to shard"
+        return None
+    if placement.dim == 1 and (len(shape) < 2 or shape[0] != G.B or shape[1] != G.S):
+        return f"{meta} is not laid out [B, S, ...]"
+    return None if placement.dim <= 1 else f"{placement} is not a placement meshplan shards"
+
+
+def batch_parallel_error(op: Op) -> str | None:
+    """Why data parallelism (each rank runs the op on its own samples) would not be exact for `op`."""
+    if op.kind in (G.INPUT, G.OUTPUT) or op.batch_wise:
+        return None
+    return f"it mixes samples of the batch{': ' + op.why if op.why else ''}"
 
 
 def divisibility_error(op: Op, strategy: str, axis: str, size: int) -> str | None:

@@ -3,11 +3,17 @@
 Registered blocks (attention, MoE, FFN, norm, embedding, linear, LM head; see ops.py) stay whole as leaf ops; the
 rest (residual adds, elementwise) lowers to generic ops. Shapes are symbolic: the inputs are fake tensors whose
 batch and sequence sizes are torch SymInts, so every generic op's output shape comes out of torch's own shape
-propagation as a sympy expression, which we rewrite over the IR's B and S symbols. Leaf ops are never executed
-(the 352B configs live on the meta device): their spec gives the output shape.
+propagation as a sympy expression, which we rewrite over the IR's B and S symbols. meshplan's own leaf blocks are
+never executed (the 352B configs live on the meta device): their spec gives the output shape.
+
+Edges are kept exactly: a node that yields no tensor (a size, a tuple from `split`) is no op, and whoever reads
+it gets the tensors it was computed from as inputs — as data, or, for a size read, as a *shape-only* input (the
+runtime hands the op a stand-in of the local shape, no data moves). Every op is classified batch-/token-wise
+(locality.py), so the planner only shards what stays exact.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import sympy
@@ -16,8 +22,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import graph as G
+from . import locality as L
 from .graph import Graph, Op, TensorMeta
-from .ops import leaf_spec
+from .ops import LeafSpec, leaf_facts, leaf_spec
 
 # Hints for the symbolic sizes: distinct, and not 0/1 (torch specialises those).
 _HINTS = {"B": 3, "S": 17}
@@ -30,6 +37,7 @@ class TraceError(RuntimeError):
 class _Tracer(fx.Tracer):
     def __init__(self) -> None:
         super().__init__()
+        self.proxy_buffer_attributes = True  # `self.mask[:t]` in forward is a node, not a constant
         self.path: list[str] = []  # module path stack, for error messages
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -46,7 +54,7 @@ class _Tracer(fx.Tracer):
             raise TraceError(
                 f"cannot trace module {qualname!r} ({type(m).__name__}): {type(e).__name__}: {e}. "
                 f"If it is a self-contained block, register it as a leaf: "
-                f"meshplan.ir.register_leaf({type(m).__name__}, kind='generic' | 'ffn' | ...)"
+                f"meshplan.ir.register_leaf({type(m).__name__}, kind='generic', token_wise=..., batch_wise=...)"
             ) from e
         finally:
             self.path.pop()
@@ -70,126 +78,266 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def trace(model: nn.Module, example_inputs: tuple | None = None, name: str | None = None) -> Graph:
     """Trace `model` into the IR. example_inputs fix the inputs' ranks and dtypes (default: int64 tokens [B, S]);
     their sizes are replaced by symbols (dims 0 and 1 are B and S)."""
-    # Imported here, not at module load: torch._dynamo costs seconds, and every runtime rank imports the IR.
-    from torch._dynamo.source import ConstantSource
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
-
     gm = symbolic_trace(model)
-    if example_inputs is None:
-        example_inputs = (torch.zeros(2, 8, dtype=torch.long),)
-    shape_env = ShapeEnv(duck_shape=False)
-    fake_mode = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)
-    graph = Graph(name or getattr(getattr(model, "config", None), "name", type(model).__name__))
-    graph.module = gm
-    modules = dict(gm.named_modules())
+    state = _Lowering(gm, name or getattr(getattr(model, "config", None), "name", type(model).__name__))
+    state.make_inputs(example_inputs if example_inputs is not None else (torch.zeros(2, 8, dtype=torch.long),))
+    with state.fake_mode:
+        for node in gm.graph.nodes:
+            state.lower(node)
+            state.check_specialisation(node)
+    return state.graph
 
-    to_ir: dict[sympy.Symbol, sympy.Symbol] = {}
-    env: dict[str, Any] = {}  # fx node name -> fake value
-    op_of: dict[str, str] = {}  # fx node name -> IR op name producing it
-    local_count: dict[str, int] = {}
 
-    def sym(d) -> sympy.Expr:
+class _Lowering:
+    """One trace: fake values per fx node, the op (or the ops a non-tensor value came from) behind each node."""
+
+    def __init__(self, gm: fx.GraphModule, name: str):
+        # Imported here, not at module load: torch._dynamo costs seconds, and every runtime rank imports the IR.
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        self.gm = gm
+        self.shape_env = ShapeEnv(duck_shape=False)
+        self.fake_mode = FakeTensorMode(shape_env=self.shape_env, allow_non_fake_inputs=True)
+        self.graph = Graph(name)
+        self.graph.module = gm
+        self.modules = dict(gm.named_modules())
+        self.to_ir: dict[sympy.Symbol, sympy.Symbol] = {}
+        self.env: dict[str, Any] = {}  # fx node name -> fake value
+        self.op_of: dict[str, str] = {}  # fx node name -> the op whose value it is
+        self.graph.node_ops = self.op_of
+        self.sources: dict[str, tuple[list[str], list[str], L.Locality]] = {}  # non-tensor node -> data, shape
+        self.local_count: dict[str, int] = {}
+        self.fake_inputs: dict[str, tuple[torch.Tensor, int]] = {}
+
+    # ---- values and metas -----------------------------------------------------------------------------------
+    def sym(self, d) -> sympy.Expr:
         e = d.node.expr if isinstance(d, torch.SymInt) else sympy.Integer(int(d))
-        return sympy.sympify(e).xreplace(to_ir)
+        return sympy.sympify(e).xreplace(self.to_ir)
 
-    def meta_of(v) -> TensorMeta | None:
+    def meta_of(self, v) -> TensorMeta | None:
         if isinstance(v, torch.Tensor):
-            return TensorMeta(tuple(sym(d) for d in v.shape), _dtype_name(v.dtype))
+            return TensorMeta(tuple(self.sym(d) for d in v.shape), _dtype_name(v.dtype))
         return None
 
-    def tensor_inputs(node: fx.Node) -> list[fx.Node]:
-        seen: list[fx.Node] = []
-        fx.node.map_arg((node.args, node.kwargs), lambda n: seen.append(n) if n not in seen else None)
-        return [n for n in seen if isinstance(env.get(n.name), torch.Tensor)]
+    def make_inputs(self, example_inputs: tuple) -> None:
+        from torch._dynamo.source import ConstantSource
+        from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
 
-    def generic_name(node: fx.Node) -> str:
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        if len(example_inputs) != len(placeholders):
+            raise TraceError(f"example_inputs: {len(example_inputs)} given, the model takes {len(placeholders)}")
+        for node, example in zip(placeholders, example_inputs):
+            n_sym = min(2, example.dim())  # dims 0 and 1 are B and S; the rest keep the example's sizes
+            real = torch.zeros([_HINTS["B"], _HINTS["S"]][:n_sym] + list(example.shape[n_sym:]), dtype=example.dtype)
+            ctx = StatelessSymbolicContext(
+                dynamic_sizes=[DimDynamic.DYNAMIC] * n_sym + [DimDynamic.STATIC] * (real.dim() - n_sym))
+            fake = self.fake_mode.from_tensor(real, symbolic_context=ctx, source=ConstantSource(node.name))
+            self.fake_inputs[node.name] = fake, n_sym
+
+    def static_fake(self, value: torch.Tensor, target: str) -> torch.Tensor:
+        """A parameter or buffer as a fake tensor of its own, static shape (never a fresh size symbol)."""
+        from torch._dynamo.source import ConstantSource
+        from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
+
+        ctx = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.STATIC] * value.dim())
+        return self.fake_mode.from_tensor(value, symbolic_context=ctx, source=ConstantSource(f"attr_{target}"))
+
+    def check_specialisation(self, node: fx.Node) -> None:
+        """A forward that turns B or S into a Python number (math.sqrt(x.size(1)), int(...), a branch on the
+        length) has been traced for one size only: refuse it, naming the node."""
+        for expr in self.to_ir:
+            if self.shape_env.replacements.get(expr, expr).is_number:
+                which = "sequence length" if self.to_ir[expr] == G.S else "batch size"
+                raise TraceError(f"{node.format_node()}: the forward turns the {which} into a constant (a Python "
+                                 f"number or branch computed from a tensor size), so the trace would hold for one "
+                                 f"{which} only; compute it with torch ops, or register the block as a leaf")
+
+    # ---- sources --------------------------------------------------------------------------------------------
+    def node_sources(self, node: fx.Node) -> tuple[list[str], list[str], L.Locality]:
+        """(ops read as data, ops read only for their shape, locality of the non-tensor nodes read through)."""
+        data: list[str] = []
+        shape: list[str] = []
+        loc = L.BOTH
+        meta_read = L.is_meta_read(node)
+
+        def visit(n: fx.Node):
+            nonlocal loc
+            if n.name in self.op_of:
+                (shape if meta_read else data).append(self.op_of[n.name])
+            elif n.name in self.sources:
+                d, s, lo = self.sources[n.name]
+                (shape if meta_read else data).extend(d)
+                shape.extend(s)
+                loc = loc & lo
+        fx.node.map_arg((node.args, node.kwargs), visit)
+        data = list(dict.fromkeys(data))
+        shape = [s for s in dict.fromkeys(shape) if s not in data]
+        return data, shape, loc
+
+    # ---- lowering -------------------------------------------------------------------------------------------
+    def lower(self, node: fx.Node) -> None:
+        if node.op == "placeholder":
+            self.lower_input(node)
+        elif node.op == "output":
+            data, _, _ = self.node_sources(node)
+            ins = [self.graph.op(o) for o in data]
+            self.graph.add_op(Op("return", G.OUTPUT, data, [o.output for o in ins], None, node=node.name))
+        elif node.op == "get_attr":
+            val = _fetch_attr(self.gm, node.target)
+            if isinstance(val, torch.Tensor):
+                val = self.static_fake(val, node.target)
+                self.graph.add_op(Op(node.name, G.INPUT, [], [], self.meta_of(val), {"param": node.target},
+                                     node=node.name, batch_wise=True, token_wise=True))
+                self.op_of[node.name] = node.name
+            else:
+                self.sources[node.name] = ([], [], L.BOTH)
+            self.env[node.name] = val
+        elif node.op == "call_module" and (facts := leaf_facts(self.modules[node.target])) is not None \
+                and facts[0].kind != G.GENERIC:
+            self.lower_leaf(node, *facts)
+        else:
+            self.lower_generic(node)
+
+    def lower_input(self, node: fx.Node) -> None:
+        fake, n_sym = self.fake_inputs[node.name]
+        for d, ir_name in zip(fake.shape[:n_sym], ("B", "S")):
+            s = self.graph.symbols.setdefault(ir_name, sympy.Symbol(ir_name, positive=True, integer=True))
+            self.to_ir[d.node.expr] = s
+        self.env[node.name] = fake
+        self.op_of[node.name] = node.name
+        self.graph.add_op(Op(node.name, G.INPUT, [], [], self.meta_of(fake), node=node.name,
+                             batch_wise=True, token_wise=True))
+
+    def lower_leaf(self, node: fx.Node, spec: LeafSpec, exact: bool) -> None:
+        module = self.modules[node.target]
+        data, shape_only, _ = self.node_sources(node)
+        inputs = data + shape_only
+        in_metas = [self.graph.op(o).output for o in inputs]
+        attrs = spec.attrs(module)
+        out = None
+        if not (spec.builtin and exact):  # a user's block: its real output, not an assumed one
+            out = self.run_user_leaf(node, module)
+        if out is None:
+            shape = spec.out_shape(attrs, [m.shape for m in in_metas])
+            dtype = spec.out_dtype(module, [m.dtype for m in in_metas]) if spec.out_dtype else in_metas[0].dtype
+            out = TensorMeta(tuple(sympy.sympify(d) for d in shape), dtype)
+            rev = {v: k for k, v in self.to_ir.items()}
+            # A fake stand-in with the same symbolic shape lets later generic ops propagate shapes.
+            self.env[node.name] = torch.empty([_symint(self.shape_env, d, rev) for d in out.shape],
+                                              dtype=getattr(torch, out.dtype))
+        params = sum(p.numel() for p in module.parameters())
+        pdtype = next((_dtype_name(p.dtype) for p in module.parameters()), "float32")
+        active = spec.active_params(attrs, params) if spec.active_params else params
+        strategies = spec.strategies_for(module) if exact else ("replicate",)
+        token_wise = spec.is_token_wise(module) if exact else False
+        op = Op(node.target, spec.kind, inputs, in_metas, out, attrs, spec.flops(attrs, [m.shape for m in in_metas]),
+                params, pdtype, active, node.name, batch_wise=spec.batch_wise, token_wise=token_wise,
+                strategies=strategies, shape_only=tuple(range(len(data), len(inputs))),
+                why="" if exact else f"{type(module).__name__} overrides the registered class's forward")
+        self.add(node, op)
+
+    def run_user_leaf(self, node: fx.Node, module: nn.Module) -> TensorMeta | None:
+        """Shape-propagate a user-registered block; None when its code cannot run on fake tensors."""
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: self.env[n.name])
+        try:
+            val = module(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - data-dependent code: fall back to the declared output shape
+            return None
+        if not isinstance(val, torch.Tensor):
+            raise TraceError(f"leaf {node.target!r} ({type(module).__name__}) returns {type(val).__name__}, not "
+                             f"one tensor; a leaf of kind other than 'generic' must return one tensor")
+        self.env[node.name] = val
+        return self.meta_of(val)
+
+    def lower_generic(self, node: fx.Node) -> None:
+        module = self.modules.get(node.target) if node.op == "call_module" else None
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: self.env[n.name])
+        try:
+            val = self.evaluate(node, args, kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise TraceError(f"cannot propagate shapes through {node.format_node()}: "
+                             f"{type(e).__name__}: {e}") from e
+        self.env[node.name] = val
+        data, shape_only, through = self.node_sources(node)
+        outs = [self.meta_of(v) for v in _tensors(val)]
+        spec = leaf_spec(module) if module is not None else None
+        if spec is not None:  # a registered generic leaf: its declared locality
+            loc = L.Locality(spec.batch_wise, spec.token_wise is True, f"{type(module).__name__} (declared)")
+        elif not outs or L.is_meta_read(node):
+            loc = L.BOTH  # sizes and their arithmetic: judged where they enter a tensor's values
+        else:
+            ops = [self.graph.op(o) for o in data]
+            in_metas = [o.output for o in ops]
+            moved = [o.output for o in ops if o.attrs.get("param") is None] + outs  # what placements shard
+            loc = L.classify(node, args, kwargs, in_metas, moved, module) & through
+        if not isinstance(val, torch.Tensor):
+            if module is not None and outs:
+                self.lower_module_tuple(node, module, val, data, shape_only, loc)
+            else:  # a size, a tuple of views: no op; readers take its sources
+                self.sources[node.name] = (data, shape_only, loc)
+            return
+        self.add(node, self.generic_op(node, data, shape_only, self.meta_of(val), loc, module))
+
+    def lower_module_tuple(self, node, module, val, data, shape_only, loc) -> None:
+        """A module returning a tuple (nn.MultiheadAttention's (out, weights)) is one op whose value is the one
+        element its readers take; readers of two different elements are refused."""
+        users = list(node.users)
+        getitems = [u for u in users if u.op == "call_function" and u.target is operator.getitem]
+        idx = {u.args[1] for u in getitems}
+        if len(idx) != 1 or len(users) != len(getitems):
+            raise TraceError(f"module {node.target!r} ({type(module).__name__}) returns a tuple whose elements "
+                             f"{sorted(map(str, idx)) or 'as a whole'} are used; meshplan runs modules that yield "
+                             f"one tensor (register a wrapper that returns one tensor)")
+        k = idx.pop()
+        op = self.generic_op(node, data, shape_only, self.meta_of(val[k]), loc, module)
+        op.attrs["tuple_index"] = k
+        self.add(node, op)
+        for u in users:
+            self.op_of[u.name] = op.name
+
+    def generic_op(self, node, data, shape_only, out, loc, module) -> Op:
+        inputs = data + shape_only
+        params = sum(p.numel() for p in module.parameters()) if module is not None else 0
+        flops = out.numel if node.op != "call_module" else sympy.Integer(0)
+        target = node.target if isinstance(node.target, str) else node.target.__name__
+        return Op(self.generic_name(node), G.GENERIC, inputs, [self.graph.op(o).output for o in inputs], out,
+                  {"target": target, "call": node.op}, flops, params, "float32", params, node.name,
+                  batch_wise=loc.batch_wise, token_wise=loc.token_wise,
+                  strategies=None if module is None or leaf_spec(module) is None else ("replicate", "seq"),
+                  shape_only=tuple(range(len(data), len(inputs))), why=loc.why,
+                  param_inputs=tuple(i for i, o in enumerate(inputs) if "param" in self.graph.op(o).attrs))
+
+    def evaluate(self, node: fx.Node, args, kwargs):
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return self.modules[node.target](*args, **kwargs)
+
+    def add(self, node: fx.Node, op: Op) -> None:
+        self.op_of[node.name] = op.name
+        self.graph.add_op(op)
+
+    def generic_name(self, node: fx.Node) -> str:
         stack = node.meta.get("nn_module_stack") or {}
         scope = next(reversed(stack.values()))[0] if stack else ""
-        base = node.target.__name__ if callable(node.target) else str(node.target)
-        key = f"{scope}.{base}" if scope else base
-        n = local_count.get(key, 0)
-        local_count[key] = n + 1
+        if node.op == "call_module":
+            key = str(node.target)
+        else:
+            base = node.target.__name__ if callable(node.target) else str(node.target)
+            key = f"{scope}.{base}" if scope else base
+        n = self.local_count.get(key, 0)
+        self.local_count[key] = n + 1
         return key if n == 0 else f"{key}_{n}"
 
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(example_inputs) != len(placeholders):
-        raise TraceError(f"example_inputs: {len(example_inputs)} given, the model takes {len(placeholders)}")
 
-    fake_inputs = {}
-    for node, example in zip(placeholders, example_inputs):
-        n_sym = min(2, example.dim())  # dims 0 and 1 are B and S; the rest keep the example's sizes
-        real = torch.zeros([_HINTS["B"], _HINTS["S"]][:n_sym] + list(example.shape[n_sym:]), dtype=example.dtype)
-        fake_inputs[node.name] = fake_mode.from_tensor(real, symbolic_context=StatelessSymbolicContext(
-            dynamic_sizes=[DimDynamic.DYNAMIC] * n_sym + [DimDynamic.STATIC] * (real.dim() - n_sym)),
-            source=ConstantSource(node.name)), n_sym
-
-    with fake_mode:
-        for node in gm.graph.nodes:
-            if node.op == "placeholder":
-                fake, n_sym = fake_inputs[node.name]
-                for d, ir_name in zip(fake.shape[:n_sym], ("B", "S")):
-                    s = graph.symbols.setdefault(ir_name, sympy.Symbol(ir_name, positive=True, integer=True))
-                    to_ir[d.node.expr] = s
-                env[node.name] = fake
-                op_of[node.name] = node.name
-                graph.add_op(Op(node.name, G.INPUT, [], [], meta_of(fake), node=node.name))
-                continue
-            if node.op == "output":
-                ins = tensor_inputs(node)
-                graph.add_op(Op("return", G.OUTPUT, [op_of[n.name] for n in ins],
-                                [meta_of(env[n.name]) for n in ins], None, node=node.name))
-                continue
-
-            ins = tensor_inputs(node)
-            in_metas = [meta_of(env[n.name]) for n in ins]
-            module = modules.get(node.target) if node.op == "call_module" else None
-            spec = leaf_spec(module) if module is not None else None
-            if spec is not None:
-                attrs = spec.attrs(module)
-                shape = spec.out_shape(attrs, [m.shape for m in in_metas])
-                dtype = spec.out_dtype(module, [m.dtype for m in in_metas]) if spec.out_dtype else in_metas[0].dtype
-                params = sum(p.numel() for p in module.parameters())
-                pdtype = next((_dtype_name(p.dtype) for p in module.parameters()), "float32")
-                active = spec.active_params(attrs, params) if spec.active_params else params
-                out = TensorMeta(tuple(sympy.sympify(d) for d in shape), dtype)
-                # A fake stand-in with the same symbolic shape lets later generic ops propagate shapes.
-                rev = {v: k for k, v in to_ir.items()}
-                env[node.name] = torch.empty([_symint(shape_env, d, rev) for d in shape],
-                                             dtype=getattr(torch, dtype))
-                op = Op(node.target, spec.kind, [op_of[n.name] for n in ins], in_metas, out, attrs,
-                        spec.flops(attrs, [m.shape for m in in_metas]), params, pdtype, active, node.name)
-            else:
-                args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n.name])
-                try:
-                    if node.op == "call_function":
-                        val = node.target(*args, **kwargs)
-                    elif node.op == "call_method":
-                        val = getattr(args[0], node.target)(*args[1:], **kwargs)
-                    elif node.op == "call_module":
-                        val = modules[node.target](*args, **kwargs)
-                    else:  # get_attr
-                        val = _fetch_attr(gm, node.target)
-                        val = fake_mode.from_tensor(val) if isinstance(val, torch.Tensor) else val
-                except Exception as e:  # noqa: BLE001
-                    raise TraceError(f"cannot propagate shapes through {node.format_node()}: "
-                                     f"{type(e).__name__}: {e}") from e
-                env[node.name] = val
-                out = meta_of(val)
-                if node.op == "get_attr" or out is None:
-                    op_of[node.name] = op_of[ins[0].name] if ins else node.name
-                    if node.op == "get_attr":
-                        op_of[node.name] = node.name
-                        graph.add_op(Op(node.name, G.INPUT, [], [], out, {"param": node.target}, node=node.name))
-                    continue
-                flops = out.numel if node.op != "call_module" else sympy.Integer(0)
-                params = sum(p.numel() for p in modules[node.target].parameters()) if node.op == "call_module" else 0
-                op = Op(generic_name(node), G.GENERIC, [op_of[n.name] for n in ins], in_metas, out,
-                        {"target": node.target if isinstance(node.target, str) else node.target.__name__,
-                         "call": node.op}, flops, params, "float32", params, node.name)
-            op_of[node.name] = op.name
-            graph.add_op(op)
-    return graph
+def _tensors(val) -> list[torch.Tensor]:
+    if isinstance(val, torch.Tensor):
+        return [val]
+    if isinstance(val, (list, tuple)):
+        return [t for v in val for t in _tensors(v)]
+    return []
 
 
 def _symint(shape_env, d: sympy.Expr, rev: dict):

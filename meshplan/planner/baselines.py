@@ -13,7 +13,7 @@ from __future__ import annotations
 from ..ir import graph as G
 from ..ir.graph import Graph
 from ..ir.plan import OpPlan, Plan, PlanError
-from ..ir.strategies import STRATEGIES, collective_names, divisibility_error
+from ..ir.strategies import STRATEGIES, collective_names, divisibility_error, offered_error
 from . import cost_model as cm
 from .cluster import Cluster
 from .mesh_search import PlannerError, divisors
@@ -27,8 +27,8 @@ BF16 = "bf16"
 
 def _op_plan(op, strategy: str | None, n: int) -> OpPlan:
     """strategy None: data parallel on the model axis too (axis null, batch-sharded everywhere)."""
-    if strategy is not None and divisibility_error(op, strategy, MODEL_AXIS, n):
-        strategy = "seq" if "seq" in STRATEGIES[op.kind] else "replicate"
+    if strategy is not None and (divisibility_error(op, strategy, MODEL_AXIS, n) or offered_error(op, strategy)):
+        strategy = "seq" if "seq" in STRATEGIES[op.kind] and not offered_error(op, "seq") else "replicate"
     if strategy is None:
         prec = {c: BF16 for c in collective_names(op, "replicate")}
         return OpPlan("replicate", None, (cm.BATCH, cm.BATCH), (cm.BATCH, cm.BATCH), prec)

@@ -25,7 +25,9 @@ import sympy
 from ..ir import graph as G
 from ..ir.graph import Op
 from ..ir.placement import Partial, Placement, Replicate, Shard
-from ..ir.strategies import DEFAULT_STRATEGY, STRATEGIES, divisibility_error, transition
+from ..ir.strategies import (
+    DEFAULT_STRATEGY, STRATEGIES, batch_parallel_error, divisibility_error, layout_error, offered_error, transition,
+)
 from . import memory
 from .memory import DP, N, SEQ_LIKE
 
@@ -71,17 +73,18 @@ def candidates(op: Op, n: int, b: int, seq: int) -> list[str]:
         i, o = STRATEGIES[op.kind][s].native
         if any(isinstance(p, Shard) and p.dim == 1 for p in (i, o)) and seq % n:
             continue
-        if s == "seq" and op.kind == G.GENERIC and not _seq_dims(op):
+        if offered_error(op, s) is not None:  # the runtime would not compute this op exactly (ir/strategies)
             continue
         out.append(s)
-    if b % n == 0:
+    if b % n == 0 and _batch_shardable(op):
         out.append(DP)
     return out
 
 
-def _seq_dims(op: Op) -> bool:
-    dims = [m.shape for m in op.input_metas] + ([op.output.shape] if op.output else [])
-    return all(len(s) >= 2 and s[1] == G.S for s in dims)
+def _batch_shardable(op: Op) -> bool:
+    """Data parallel on the model axis: batch-wise, and every tensor it reshards has a batch dim to split."""
+    metas = [m for i, m in enumerate(op.input_metas) if i not in op.param_inputs] + [op.output]
+    return batch_parallel_error(op) is None and all(layout_error(m, BATCH) is None for m in metas)
 
 
 def placements(op: Op, cand: str) -> tuple[Placement, Placement]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from ..ir.graph import Graph
 from ..ir.plan import PlanError
-from ..ir.strategies import allowed_precisions
+from ..ir.strategies import allowed_precisions, batch_parallel_error
 from . import ilp
 from .cluster import Cluster
 from .memory import static_bytes
@@ -178,6 +178,13 @@ def search(graph: Graph, cluster: Cluster, gpus: int, global_batch: int, options
     cm = cost_model or CostModel(graph, cluster, options)
     cands = meshes(gpus, global_batch, graph.n_layers(), cluster.gpus_per_node, model_axis=model_axis, pp=pp,
                    recompute=RECOMPUTE_CHOICES[options.recompute])
+    mixing = next((op for op in graph.ops() if batch_parallel_error(op)), None)
+    if mixing is not None:  # data parallelism would not be exact: only meshes without a data-parallel axis
+        cands = [mc for mc in cands if mc.d == 1]
+        if not cands:
+            raise PlannerError(f"{graph.name}: op {mixing.name!r} is not batch-wise ({batch_parallel_error(mixing)}), "
+                               f"so no data parallelism is exact, and no mesh of {gpus} GPUs has dp=1 (mp divides "
+                               f"{cluster.gpus_per_node} GPUs per node, pp <= {graph.n_layers()} layers)")
     if not cands:
         raise PlannerError(f"no mesh factorises {gpus} GPUs for {graph.name}: need G = pp x dp x mp with mp dividing "
                            f"{cluster.gpus_per_node} GPUs per node, pp <= {graph.n_layers()} layers and dp "

@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..ir import graph as G
 from ..ir.graph import Graph, Op
 from ..ir.placement import Placement, Replicate, Shard
-from ..ir.plan import Plan, PlanError
+from ..ir.plan import Plan, PlanError, evaluate_shape
 from ..ir.tracer import trace
 from . import sharding
 from .collectives import seed_grad
@@ -99,7 +99,7 @@ class ParallelModel(nn.Module):
         self.groups = groups
         self.axes = groups.ordered()
         self.comm_stats = CommStats()
-        self._op_of_node = {op.node: op.name for op in self._ops if op.node}
+        self._op_of_node = dict(graph.node_ops) or {op.node: op.name for op in self._ops if op.node}
         self._shard_parameters(model)
         self._validated: set[tuple[int, int]] = set()
         self._reducer = GradReducer(self._grad_entries(), self.comm_stats, bucket_mb)
@@ -234,6 +234,7 @@ class ParallelModel(nn.Module):
             raise ValueError(f"tokens: expected [batch, seq], got shape {tuple(tokens.shape)}")
         batch, seq = tokens.shape
         self._validate_sizes(batch, seq)
+        self._sizes = (batch, seq)
         tokens = tokens.to(self.groups.device)
         env: dict[str, torch.Tensor] = {}
         cache: dict[tuple, torch.Tensor] = {}
@@ -256,6 +257,8 @@ class ParallelModel(nn.Module):
     def _input(self, op: Op, i: int, src: str, env: dict, cache: dict) -> torch.Tensor:
         src_op = self.graph.op(src)
         p = self.plan.ops[op.name]
+        if i in op.shape_only:
+            return self._stand_in(src_op, p.input, env[src])
         if src_op.kind == G.INPUT:
             if "param" in src_op.attrs:
                 return env[src]  # a parameter read by a generic op: replicated, passed as is
@@ -270,25 +273,37 @@ class ParallelModel(nn.Module):
                                       precision=prec, stats=self.comm_stats)
         return cache[key]
 
+    def _stand_in(self, src: Op, placement: tuple[Placement, ...], value: torch.Tensor) -> torch.Tensor:
+        """What an op that reads `src` only for its size gets: a tensor of the local shape under the op's own
+        input placement (stride 0, no memory, no communication), with the source's dtype and device."""
+        shape = list(evaluate_shape(src.output.shape, *self._sizes))
+        for g, pl in zip(self.axes, placement):
+            if isinstance(pl, Shard) and g.size > 1:
+                shape[pl.dim] //= g.size
+        return torch.empty((), dtype=value.dtype, device=value.device).expand(shape)
+
     def _run(self, op: Op, ctx: OpContext, ins: list[torch.Tensor], env: dict) -> torch.Tensor:
         if op.kind != G.GENERIC:
             impl = self.op_overrides.get(op.name) or IMPLEMENTATIONS[(op.kind, ctx.plan.strategy)]
-            return impl(ctx, *ins)
+            out = impl(ctx, *ins[:len(ins) - len(op.shape_only)])
+            return out[op.attrs["tuple_index"]] if "tuple_index" in op.attrs else out
         node = self._fx_nodes[op.node]
         produced = dict(zip(op.inputs, ins))
         values: dict[str, object] = {}
 
         def value(n: fx.Node):
-            if n.name in self._op_of_node and self._op_of_node[n.name] in produced:
-                return produced[self._op_of_node[n.name]]
             if n.name in self._op_of_node:
-                return env[self._op_of_node[n.name]]
+                src = self._op_of_node[n.name]
+                if src not in produced:  # the tracer gives every op the tensors it reads: never reached
+                    raise RuntimeError(f"op {op.name!r} reads {src!r}, which is not one of its inputs")
+                return produced[src]
             if n.name not in values:  # a non-tensor node (a size, a tuple): evaluate it on local values
                 values[n.name] = self._call(n, *fx.node.map_arg((n.args, n.kwargs), value), ctx)
             return values[n.name]
 
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
-        return self._call(node, args, kwargs, ctx)
+        out = self._call(node, args, kwargs, ctx)
+        return out[op.attrs["tuple_index"]] if "tuple_index" in op.attrs else out
 
     def _call(self, node: fx.Node, args, kwargs, ctx: OpContext):
         if node.op == "call_function":
