@@ -1,4 +1,5 @@
 """meshplan: a declarative compiler for MoE parallelism plans (trace -> plan -> schedule -> run)."""
 from .api import CompiledModel, compile
+from .runtime.verify import PlanVerificationError
 
-__all__ = ["CompiledModel", "compile"]
+__all__ = ["CompiledModel", "compile", "PlanVerificationError"]

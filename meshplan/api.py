@@ -56,7 +56,9 @@ def _cluster(cluster):
     return cluster if isinstance(cluster, Cluster) else load_cluster(cluster)
 
 
-def _world(world_size: int | None, mesh: Mesh | None) -> int:
+def _world(world_size: int | None, mesh: Mesh | None, groups=None) -> int:
+    if groups is not None:
+        return groups.mesh.size
     if dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()
         if world_size is not None and world_size != world:
@@ -122,18 +124,32 @@ class CompiledModel(nn.Module):
     """The model under a plan. On a torch.distributed world it holds this rank's shards (a ParallelModel);
     otherwise it is the original model, and the plan is for inspection."""
 
-    def __init__(self, model: nn.Module, graph: Graph, plan: Plan, cluster, batch: int, seq: int):
+    def __init__(self, model: nn.Module, graph: Graph, plan: Plan, cluster, batch: int, seq: int,
+                 verify: bool | None = None, example: torch.Tensor | None = None, groups=None):
         super().__init__()
         self.graph, self.plan, self.cluster, self.batch, self.seq = graph, plan, cluster, batch, seq
         self._schedule = None
-        if dist.is_available() and dist.is_initialized():
+        self.verify_report = None
+        if groups is not None or (dist.is_available() and dist.is_initialized()):
             from .runtime import ParallelModel
 
-            self.module = ParallelModel(model, plan, graph)
+            self.module = ParallelModel(model, plan, graph, groups=groups)
             self.distributed = True
+            if verify or (verify is None and not any(p.is_meta for p in model.parameters())):
+                self.verify_report = self._verify(model, example)
         else:
             self.module = model
             self.distributed = False
+
+    def _verify(self, model: nn.Module, example: torch.Tensor | None):
+        """One step against the single-device model on a batch shaped like the example (runtime/verify.py)."""
+        from .runtime.verify import verify, verify_tokens
+
+        if any(p.is_meta for p in model.parameters()):
+            raise PlanError("compile(verify=True): the model is on the meta device; verification needs the "
+                            "single-device model's weights on this rank")
+        example = example if example is not None else torch.zeros(self.batch, self.seq, dtype=torch.long)
+        return verify(self.module, model, self.graph, verify_tokens(self.graph, example))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: the global [B, S] batch (the same on every rank) -> the full output on every rank."""
@@ -173,19 +189,25 @@ class CompiledModel(nn.Module):
 
 def compile(model: nn.Module, *, cluster="h100", mesh: Mesh | dict | None = None,
             plan: str | Path | Plan = "auto", example_inputs: tuple | None = None,
-            error_budget: float | None = None, overrides: dict | str | Path | None = None,
-            world_size: int | None = None) -> CompiledModel:
+            error_budget: float | None = 0.0, overrides: dict | str | Path | None = None,
+            world_size: int | None = None, verify: bool | None = None, groups=None) -> CompiledModel:
     """Compile `model` for the current torch.distributed world (or `world_size` ranks when none is initialised).
 
     cluster: a name in configs/clusters/ (h800, h100, h200, local), a YAML path or a planner Cluster.
     mesh: fixes the mesh (its last axis is the model axis); default: the planner searches.
     plan: "auto" (the planner), a Plan, or a plan YAML path.
     example_inputs: (tokens,) of the global batch shape [B, S]; default [world, max_seq_len or 128].
-    error_budget: the planner's bound on compression error (None: its default).
+    error_budget: the planner's bound on compression error. 0 (the default): every collective in the model's
+        own precision, so the compiled model computes what the single-device model computes; pass a budget
+        (None: the planner's default) to let it pick bf16/FP8 collectives.
     overrides: op entries (a dict or a plan-like YAML) that replace the chosen plan's, validated like the rest.
+    verify: run one forward+backward against the single-device model before returning, raising
+        PlanVerificationError naming the first op whose output differs (None: on a distributed world whenever the
+        model's weights are materialised on this rank; runtime/verify.py).
+    groups: the mesh's process groups for an in-process world (runtime.LocalWorld); default: torch.distributed's.
     Recompiles are cached by (model structure, input shapes, cluster, world size, mesh, plan, error budget)."""
     mesh = Mesh.from_dict(mesh) if isinstance(mesh, dict) else mesh
-    world = _world(world_size, mesh)
+    world = _world(world_size, mesh, groups)
     if example_inputs is None:
         seq = getattr(getattr(model, "config", None), "max_seq_len", 128)
         example_inputs = (torch.zeros(world, seq, dtype=torch.long),)
@@ -210,7 +232,7 @@ def compile(model: nn.Module, *, cluster="h100", mesh: Mesh | dict | None = None
     chosen.validate(graph, batch=batch, seq=seq)
     if chosen.mesh.size != world:
         raise PlanError(f"plan.mesh: {chosen.mesh} has {chosen.mesh.size} ranks, but the world has {world}")
-    return CompiledModel(model, graph, chosen, cl, batch, seq)
+    return CompiledModel(model, graph, chosen, cl, batch, seq, verify, tokens, groups)
 
 
 def cache_info() -> int:

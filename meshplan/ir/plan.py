@@ -19,10 +19,15 @@ from .mesh import Mesh
 from .placement import Partial, Placement, Replicate, Shard, parse_placement
 from .strategies import (
     BATCH, DEFAULT_STRATEGY, STRATEGIES, allowed_precisions, batch_parallel_error, collective_names,
-    divisibility_error, layout_error, offered_error,
+    divisibility_error, layout_error, native_io, offered_error,
 )
 
 FORMAT_VERSION = 1
+
+
+def _exact_default(op: Op) -> str:
+    """The kind's default strategy where meshplan runs this op exactly, else replicate."""
+    return DEFAULT_STRATEGY[op.kind] if offered_error(op, DEFAULT_STRATEGY[op.kind]) is None else "replicate"
 
 
 class PlanError(ValueError):
@@ -65,24 +70,30 @@ class Plan:
         axis = mesh.names[-1] if axis == "auto" else axis
         if axis is not None and axis not in mesh.names:
             raise PlanError(f"plan.axis: {axis!r} is not a mesh axis (axes: {list(mesh.names)})")
-        ops = {}
+        ops, fallbacks = {}, []
         for op in graph.ops():
             if op.kind in (G.INPUT, G.OUTPUT):
                 continue
-            name = strategies.get(op.name) or strategies.get(op.template) or strategies.get(op.kind)
+            name = strategies.get(op.name)
+            broad = strategies.get(op.template) or strategies.get(op.kind) if name is None else None
+            sharded = axis is not None and mesh.axis_size(axis) > 1
+            if broad is not None and broad in STRATEGIES[op.kind] and sharded and (why := offered_error(op, broad)):
+                # A template or kind entry covers ops it cannot run exactly: they take the exact default (said
+                # in meta.fallbacks); an entry naming the op itself is kept, and validate() refuses it.
+                fallbacks.append(f"{op.name}: {broad} -> {_exact_default(op)} ({why})")
+                broad = _exact_default(op)
+            name = name or broad
             if name is None:  # the kind's default where meshplan runs it exactly, else the op runs whole
-                name = DEFAULT_STRATEGY[op.kind]
-                if axis is not None and mesh.axis_size(axis) > 1 and offered_error(op, name):
-                    name = "replicate"
+                name = _exact_default(op) if sharded else DEFAULT_STRATEGY[op.kind]
             strat = STRATEGIES[op.kind].get(name)
             if strat is None:
                 raise PlanError(f"plan.ops[{op.name!r}].strategy: {name!r} is not valid for {op.kind} "
                                 f"(valid: {', '.join(STRATEGIES[op.kind])})")
-            i, o = strat.native
+            i, o = native_io(op, name)
             on_axis = lambda p: tuple(p if a == axis else BATCH for a in mesh.names)  # noqa: E731
             prec = {c: precision[c] for c in collective_names(op, name) if precision and c in precision}
             ops[op.name] = OpPlan(name, axis, on_axis(i), on_axis(o), prec)
-        return cls(graph.name, mesh, ops)
+        return cls(graph.name, mesh, ops, {"fallbacks": fallbacks} if fallbacks else {})
 
     # ---- YAML ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -175,7 +186,9 @@ class Plan:
         """The op computes exactly what it does on one device: its strategy is one meshplan runs for it, and
         it is data parallel only where it is batch-wise."""
         where = f"plan.ops[{op.name!r}]"
-        if p.axis is not None and self.mesh.axis_size(p.axis) > 1 and (err := offered_error(op, p.strategy)):
+        k = self.mesh.index(p.axis) if p.axis is not None else None
+        if k is not None and self.mesh.axis_size(p.axis) > 1 and \
+                (err := offered_error(op, p.strategy, (p.input[k], p.output[k]))):
             raise PlanError(f"{where}.strategy: {err}")
         for axis, size in self.mesh.axes:
             if size > 1 and p.input[self.mesh.index(axis)] == BATCH and (err := batch_parallel_error(op)):

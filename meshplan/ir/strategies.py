@@ -92,9 +92,10 @@ DEFAULT_STRATEGY = {G.ATTENTION: "tp", G.MOE: "ep", G.FFN: "tp", G.EMBEDDING: "s
                     G.LINEAR: "seq", G.LM_HEAD: "seq", G.GENERIC: "seq"}
 
 
-def offered_error(op: Op, strategy: str) -> str | None:
+def offered_error(op: Op, strategy: str, io: tuple[Placement, Placement] | None = None) -> str | None:
     """Why meshplan cannot run `op` under `strategy` exactly (None if it can): the runtime has no implementation
-    for this op's module, the op mixes sequence positions, or a tensor it shards is not laid out [B, S, ...]."""
+    for this op's module, the op mixes sequence positions, or a tensor it shards is not laid out [B, S, ...].
+    io: the (input, output) placements on the model axis; None: any of the strategy's io variants will do."""
     strat = STRATEGIES.get(op.kind, {}).get(strategy)
     if strat is None:
         return f"{strategy!r} is not valid for {op.kind} (valid: {', '.join(STRATEGIES.get(op.kind, {}))})"
@@ -104,11 +105,26 @@ def offered_error(op: Op, strategy: str) -> str | None:
     if strat.needs_token_wise and not op.token_wise:
         return (f"{strategy} shards the sequence and runs the op on each slice, but the op is not token-wise"
                 f"{': ' + op.why if op.why else ''}")
-    if any(SEQ in pair for pair in strat.io):
-        for i, m in enumerate(op.input_metas + ([op.output] if op.output is not None else [])):
-            if m is not None and (len(m.shape) < 2 or m.shape[0] != G.B or m.shape[1] != G.S) \
-                    and i not in op.param_inputs:
-                return f"{strategy} shards dim 1 as the sequence, but {m} is not laid out [B, S, ...]"
+    errors = [_io_layout_error(op, strategy, pair) for pair in ([io] if io is not None else strat.io)]
+    return None if any(e is None for e in errors) else errors[0]
+
+
+def native_io(op: Op, strategy: str) -> tuple[Placement, Placement]:
+    """The strategy's first io variant this op's tensors can take (the native one if none can)."""
+    strat = STRATEGIES[op.kind][strategy]
+    return next((pair for pair in strat.io if _io_layout_error(op, strategy, pair) is None), strat.native)
+
+
+def _io_layout_error(op: Op, strategy: str, io: tuple[Placement, Placement]) -> str | None:
+    if SEQ not in io:
+        return None
+    for i, m in enumerate(op.input_metas + ([op.output] if op.output is not None else [])):
+        if i in op.param_inputs or m is None:
+            continue
+        if io[0] != SEQ and i < len(op.input_metas) or io[1] != SEQ and i >= len(op.input_metas):
+            continue
+        if len(m.shape) < 2 or m.shape[0] != G.B or m.shape[1] != G.S:
+            return f"{strategy} shards dim 1 as the sequence, but {m} is not laid out [B, S, ...]"
     return None
 
 

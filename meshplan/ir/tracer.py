@@ -26,7 +26,8 @@ from . import locality as L
 from .graph import Graph, Op, TensorMeta
 from .ops import LeafSpec, leaf_facts, leaf_spec
 
-# Hints for the symbolic sizes: distinct, and not 0/1 (torch specialises those).
+# Hints for the symbolic sizes where the example's own are 0 or 1 (torch specialises those). The example's sizes
+# are the hints otherwise: a model whose positions stop at max_seq_len must see a length it accepts.
 _HINTS = {"B": 3, "S": 17}
 
 
@@ -129,7 +130,8 @@ class _Lowering:
             raise TraceError(f"example_inputs: {len(example_inputs)} given, the model takes {len(placeholders)}")
         for node, example in zip(placeholders, example_inputs):
             n_sym = min(2, example.dim())  # dims 0 and 1 are B and S; the rest keep the example's sizes
-            real = torch.zeros([_HINTS["B"], _HINTS["S"]][:n_sym] + list(example.shape[n_sym:]), dtype=example.dtype)
+            hints = [d if d >= 2 else _HINTS[k] for d, k in zip(example.shape[:n_sym], ("B", "S"))]
+            real = torch.zeros(hints + list(example.shape[n_sym:]), dtype=example.dtype)
             ctx = StatelessSymbolicContext(
                 dynamic_sizes=[DimDynamic.DYNAMIC] * n_sym + [DimDynamic.STATIC] * (real.dim() - n_sym))
             fake = self.fake_mode.from_tensor(real, symbolic_context=ctx, source=ConstantSource(node.name))
@@ -177,6 +179,8 @@ class _Lowering:
 
     # ---- lowering -------------------------------------------------------------------------------------------
     def lower(self, node: fx.Node) -> None:
+        if node.name in self.op_of:  # an element of a module's tuple, already the module's op
+            return
         if node.op == "placeholder":
             self.lower_input(node)
         elif node.op == "output":
@@ -295,6 +299,7 @@ class _Lowering:
         self.add(node, op)
         for u in users:
             self.op_of[u.name] = op.name
+            self.env[u.name] = val[k]
 
     def generic_op(self, node, data, shape_only, out, loc, module) -> Op:
         inputs = data + shape_only

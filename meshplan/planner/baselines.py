@@ -13,7 +13,7 @@ from __future__ import annotations
 from ..ir import graph as G
 from ..ir.graph import Graph
 from ..ir.plan import OpPlan, Plan, PlanError
-from ..ir.strategies import STRATEGIES, collective_names, divisibility_error, offered_error
+from ..ir.strategies import STRATEGIES, collective_names, divisibility_error, native_io, offered_error
 from . import cost_model as cm
 from .cluster import Cluster
 from .mesh_search import PlannerError, divisors
@@ -32,7 +32,7 @@ def _op_plan(op, strategy: str | None, n: int) -> OpPlan:
     if strategy is None:
         prec = {c: BF16 for c in collective_names(op, "replicate")}
         return OpPlan("replicate", None, (cm.BATCH, cm.BATCH), (cm.BATCH, cm.BATCH), prec)
-    i, o = STRATEGIES[op.kind][strategy].native
+    i, o = native_io(op, strategy)
     prec = {c: BF16 for c in collective_names(op, strategy)}
     return OpPlan(strategy, MODEL_AXIS, (cm.BATCH, i), (cm.BATCH, o), prec)
 

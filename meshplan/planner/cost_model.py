@@ -26,7 +26,8 @@ from ..ir import graph as G
 from ..ir.graph import Op
 from ..ir.placement import Partial, Placement, Replicate, Shard
 from ..ir.strategies import (
-    DEFAULT_STRATEGY, STRATEGIES, batch_parallel_error, divisibility_error, layout_error, offered_error, transition,
+    DEFAULT_STRATEGY, STRATEGIES, batch_parallel_error, divisibility_error, layout_error, native_io, offered_error,
+    transition,
 )
 from . import memory
 from .memory import DP, N, SEQ_LIKE
@@ -70,7 +71,7 @@ def candidates(op: Op, n: int, b: int, seq: int) -> list[str]:
     for s in STRATEGIES[op.kind]:
         if divisibility_error(op, s, "mp", n) is not None:
             continue
-        i, o = STRATEGIES[op.kind][s].native
+        i, o = native_io(op, s)
         if any(isinstance(p, Shard) and p.dim == 1 for p in (i, o)) and seq % n:
             continue
         if offered_error(op, s) is not None:  # the runtime would not compute this op exactly (ir/strategies)
@@ -90,7 +91,7 @@ def _batch_shardable(op: Op) -> bool:
 def placements(op: Op, cand: str) -> tuple[Placement, Placement]:
     if cand == DP:
         return BATCH, BATCH
-    return STRATEGIES[op.kind][cand].native
+    return native_io(op, cand)
 
 
 def grad_placements(op: Op, cand: str) -> tuple[Placement, Placement]:

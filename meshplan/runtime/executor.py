@@ -108,6 +108,8 @@ class ParallelModel(nn.Module):
         self.op_overrides: dict[str, Impl] = {}
         # On CUDA, the stream the emitted overlap code issues its collectives on (async_collectives.py).
         self.comm_stream = torch.cuda.Stream(groups.device) if groups.device.type == "cuda" else None
+        # When a dict, every op's local output and its placement are kept in it (verify.py compares them).
+        self.record: dict[str, tuple[torch.Tensor, tuple[Placement, ...]]] | None = None
 
     # ---- set-up ------------------------------------------------------------------------------------------
     def _module_of(self, op: Op) -> nn.Module | None:
@@ -252,6 +254,8 @@ class ParallelModel(nn.Module):
                 ctx = OpContext(op, self.plan.ops[op.name], self._modules_of[op.name], self._op_params(op), self.axes,
                                 self.comm_stats, batch, seq, self.comm_stream)
                 env[op.name] = self._run(op, ctx, ins, env)
+                if self.record is not None:
+                    self.record[op.name] = (env[op.name], self.plan.ops[op.name].output)
         raise RuntimeError("the graph has no output op")
 
     def _input(self, op: Op, i: int, src: str, env: dict, cache: dict) -> torch.Tensor:
@@ -354,6 +358,10 @@ class ParallelModel(nn.Module):
     def reduce_gradients(self) -> None:
         """Sum the gradients of replicated shards over the ranks that share them (after backward)."""
         self._reducer.reduce()
+
+    def gathered(self, t: torch.Tensor, placement) -> torch.Tensor:
+        """The full tensor of a local shard `t` laid out as `placement` (a collective: call on every rank)."""
+        return self._gathered(t, placement)
 
     def _gathered(self, t: torch.Tensor, placement) -> torch.Tensor:
         with torch.no_grad():

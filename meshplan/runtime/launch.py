@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ..ir.plan import Plan, PlanError
 from ..models import ConfigError, build_model, load_config
 from .executor import ParallelModel
+from .verify import verify, verify_tokens
 from .process_groups import init_distributed
 
 
@@ -42,6 +43,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto")
     p.add_argument("--timeout", type=float, default=300.0, help="collective timeout in seconds")
     p.add_argument("--comm", action="store_true", help="print rank 0's per-collective byte table after the last step")
+    p.add_argument("--verify", action="store_true", help="before training, run one step against the single-device "
+                   "model and stop with the first differing op if the plan does not compute what it computes")
     p.add_argument("--metrics", default=None, help="also write rank 0's per-step metrics to this file (JSON lines)")
     return p
 
@@ -85,6 +88,10 @@ def train(args: argparse.Namespace) -> list[float]:
     plan = Plan.from_yaml(args.plan)
     model = build_model(cfg, head=args.head, seed=args.seed)
     pm = ParallelModel(model, plan, timeout_s=args.timeout)
+    if getattr(args, "verify", False):
+        report = verify(pm, model, pm.graph, verify_tokens(pm.graph, torch.zeros(args.batch, args.seq).long()))
+        if rank == 0:
+            print(f"meshplan run: {report}", flush=True)
     opt = torch.optim.AdamW(pm.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed + 1)  # the same global batch on every rank
     device = pm.groups.device

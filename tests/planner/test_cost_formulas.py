@@ -235,10 +235,11 @@ def test_memory_of_sp_attention(graph, h800):
 
 
 def test_edge_kinds_follow_transition():
-    class FakeOp:
-        def __init__(self, kind):
-            self.kind = kind
-    attn, norm, moe = FakeOp(G.ATTENTION), FakeOp(G.NORM), FakeOp(G.MOE)
+    from meshplan.ir import trace
+    from meshplan.models import build_model, load_config
+
+    graph = trace(build_model(load_config("tiny")))
+    attn, norm, moe = (next(op for op in graph.ops() if op.kind == k) for k in (G.ATTENTION, G.NORM, G.MOE))
     assert cm.placements(attn, "tp") == (Replicate(), Partial())
     assert cm.edge_kinds(norm, "replicate", attn, "sp") == ("slice", "all_gather")
     assert cm.edge_kinds(norm, "seq", moe, "ep") == ("none", "none")

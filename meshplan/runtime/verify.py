@@ -1,0 +1,187 @@
+"""`compile(..., verify=True)`: one training step of the compiled model against the single-device model.
+
+Every rank runs the original model (it must fit on one rank) and the compiled one on the same small batch, with a
+loss that weighs every output element differently (so every gradient is exercised), and compares the loss and
+every parameter's gradient. On a mismatch it gathers each op's output in graph order and names the first op
+whose value differs from the single-device value — the place to look — before training starts.
+
+Tolerances are relative to each tensor's largest magnitude: an fp32 plan must match to 1e-4 (reassociated sums
+differ in the last bits, nothing more); a plan with compressed collectives, or a bf16/fp16 model, to the
+rounding of its narrowest format (bf16 2^-8 per rounding, FP8 E4M3 2^-4; a handful of roundings compound).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..ir import graph as G
+from ..ir.placement import Replicate, Shard
+from ..ir.plan import PlanError
+from ..ir.strategies import layout_error
+
+# Relative tolerance by the narrowest format a plan moves or computes in (see the module docstring).
+TOLERANCE = {"fp32": 1e-4, "float32": 1e-4, "float64": 1e-4, "bf16": 5e-2, "bfloat16": 5e-2, "float16": 1e-2,
+             "fp8": 3e-1}
+
+
+class PlanVerificationError(PlanError):
+    """The compiled model does not compute what the single-device model computes."""
+
+
+@dataclass
+class VerifyReport:
+    loss_error: float  # |loss - ref| / max(|ref|, 1)
+    grad_error: float  # max over parameters of max|g - ref| / max|ref|
+    worst_grad: str
+    tolerance: float
+    reference_s: float  # the single-device step's wall time
+    compiled_s: float  # the compiled step's wall time (forward, backward, gradient reduction, gathering grads)
+
+    def __str__(self) -> str:
+        return (f"verify: loss rel err {self.loss_error:.2e}, grads max rel err {self.grad_error:.2e} "
+                f"({self.worst_grad}), tolerance {self.tolerance:.0e}; reference step {self.reference_s:.3f} s, "
+                f"compiled step {self.compiled_s:.3f} s")
+
+
+def tolerance_for(plan, graph) -> float:
+    """The narrowest format of the plan's collectives and of the model's activations decides the tolerance."""
+    formats = {prec for p in plan.ops.values() for prec in p.precision.values()}
+    formats |= {op.output.dtype for op in graph.ops() if op.output is not None and op.kind != G.INPUT}
+    return max(TOLERANCE.get(f, 1e-4) for f in formats | {"fp32"})
+
+
+def verify_tokens(graph, tokens: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A batch like `tokens` with values every embedding accepts (random ids below the smallest vocabulary)."""
+    if tokens.dtype.is_floating_point:
+        return torch.randn(tokens.shape, generator=torch.Generator().manual_seed(seed), dtype=tokens.dtype)
+    vocab = min((op.attrs["num_embeddings"] for op in graph.ops() if op.kind == G.EMBEDDING), default=2)
+    return torch.randint(0, vocab, tuple(tokens.shape), generator=torch.Generator().manual_seed(seed))
+
+
+def _weights(out: torch.Tensor, seed: int = 1) -> torch.Tensor:
+    return torch.rand(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32) + 0.5
+
+
+def _loss(out: torch.Tensor) -> torch.Tensor:
+    """Every element weighted differently (a uniform weight would hide a permutation), normalised."""
+    w = _weights(out).to(out.device)
+    return (out.float() * w).sum() / out.numel() + (out.float() ** 2).mean()
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.detach().double().cpu(), ref.detach().double().cpu()
+    if a.shape != ref.shape:
+        return float("inf")
+    return ((a - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item() if ref.numel() else 0.0
+
+
+def _reference(graph, model: nn.Module, tokens: torch.Tensor) -> tuple[float, dict, dict, float]:
+    """Loss, gradients and every fx node's value of the single-device model (its own traced module)."""
+    values: dict[str, object] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            values[n.name] = out = super().run_node(n)
+            return out
+
+    saved = {n: p.grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = None
+    t0 = time.perf_counter()
+    # The traced graph over *this* model's modules and weights (a cached graph's module may hold another's).
+    out = Recorder(fx.GraphModule(model, graph.module.graph)).run(tokens)
+    loss = _loss(out)
+    loss.backward()
+    seconds = time.perf_counter() - t0
+    grads = {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+             for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.grad = saved[n]
+    return loss.item(), grads, values, seconds
+
+
+def check_same_weights(pm, model: nn.Module) -> None:
+    """Every rank sliced its shards from its own copy of the model: the copies must be equal (the same seed or
+    checkpoint on every rank), or the replicated shards silently differ between ranks."""
+    from .redistribute import redistribute
+
+    names = [n for n, _ in model.named_parameters()]
+    if not names:
+        return
+    prints = torch.stack([_fingerprint(p) for _, p in model.named_parameters()]).to(pm.groups.device)
+    whole = tuple(Replicate() for _ in pm.axes)
+    for i, g in enumerate(pm.axes):
+        if g.size == 1:
+            continue
+        src = tuple(Shard(0) if j == i else Replicate() for j in range(len(pm.axes)))
+        every = redistribute(prints[None], src, whole, pm.axes).cpu()
+        for r in range(g.size):
+            bad = (every[r] != prints.cpu()).any(dim=1).nonzero()
+            if len(bad):
+                raise PlanVerificationError(
+                    f"the ranks' models differ: parameter {names[bad[0].item()]!r} on rank {g.ranks[r]} is not the "
+                    f"one on rank {g.ranks[g.index]} (mesh axis {g.name}); build the model the same way on every "
+                    f"rank (torch.manual_seed before constructing it, or load one checkpoint)")
+
+
+def _fingerprint(p: torch.Tensor) -> torch.Tensor:
+    x = p.detach().double().flatten().cpu()
+    ramp = torch.linspace(1.0, 2.0, x.numel(), dtype=torch.float64)
+    return torch.stack([x.sum(), (x * x).sum(), (x * ramp).sum()])
+
+
+def verify(pm, model: nn.Module, graph, tokens: torch.Tensor, tolerance: float | None = None) -> VerifyReport:
+    """Compare one step of ParallelModel `pm` with `model` on `tokens` (call on every rank of the world)."""
+    tol = tolerance if tolerance is not None else tolerance_for(pm.plan, graph)
+    check_same_weights(pm, model)
+    ref_loss, ref_grads, values, ref_s = _reference(graph, model, tokens)
+    pm.record = {}
+    try:
+        t0 = time.perf_counter()
+        loss = _loss(pm(tokens))
+        loss.backward()
+        pm.reduce_gradients()
+        grads = pm.full_grads()
+        par_s = time.perf_counter() - t0
+        loss_err = abs(loss.item() - ref_loss) / max(abs(ref_loss), 1.0)
+        errs = {n: _rel(grads[n], g) for n, g in ref_grads.items() if n in grads}
+        worst = max(errs, key=errs.get, default="-")
+        report = VerifyReport(loss_err, errs.get(worst, 0.0), worst, tol, ref_s, par_s)
+        if loss_err > tol or report.grad_error > tol or set(grads) != set(ref_grads):
+            raise PlanVerificationError(_diagnose(pm, graph, values, tol, report))
+        return report
+    finally:
+        pm.record = None
+        for p in pm.parameters():
+            p.grad = None
+
+
+def _diagnose(pm, graph, values: dict, tol: float, report: VerifyReport) -> str:
+    """The first op (graph order) whose gathered output differs from the single-device value."""
+    head = (f"the compiled model differs from the single-device model: loss rel err {report.loss_error:.2e}, "
+            f"grad {report.worst_grad} rel err {report.grad_error:.2e} (tolerance {tol:.0e})")
+    for op in graph.ops():
+        if op.name not in pm.record or op.node not in values:
+            continue
+        local, placement = pm.record[op.name]
+        # A tensor without the dim a placement names (a position table under S(0)) is whole on every rank.
+        placement = tuple(Replicate() if layout_error(op.output, pl) else pl for pl in placement)
+        full = pm.gathered(local, placement)
+        ref = values[op.node]
+        if "tuple_index" in op.attrs and isinstance(ref, (tuple, list)):
+            ref = ref[op.attrs["tuple_index"]]
+        if not isinstance(ref, torch.Tensor):
+            continue
+        err = _rel(full, ref)
+        if err > tol:
+            p = pm.plan.ops[op.name]
+            return (f"{head}; first differing op: {op.name!r} ({op.kind}, strategy {p.strategy}, output "
+                    f"{', '.join(map(str, placement))}): max rel err {err:.2e}")
+    return f"{head}; every op's forward output matches, so the difference is in the backward or the gradient sync"
+
+
+__all__ = ["PlanVerificationError", "VerifyReport", "verify", "check_same_weights", "verify_tokens", "tolerance_for", "TOLERANCE"]
