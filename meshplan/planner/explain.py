@@ -88,12 +88,17 @@ def explain_op(cmodel: CostModel, mc: MeshConfig, problem: Problem, a: Assignmen
         lines.append(f"  FLOPs/GPU (fwd)   = {_fmt(t.flops, mc.n)} = {float(t.flops.subs(at)):.4g}")
         if t.hbm_bytes != 0:
             lines.append(f"  HBM bytes/GPU     = {_fmt(t.hbm_bytes, mc.n)} = {float(t.hbm_bytes.subs(at)):.4g}")
-        if t.gemm_dims:
+        if cl.kernels is not None:  # kernel-level model (kernels.py): no closed form, show the split
+            split = cmodel.compute_split(g, cand, mc.n, mc.b)
+            lines.append("  compute s/mb      = " + " + ".join(f"{k} {v * MS:.4f} ms" for k, v in split.items())
+                         + f" = {ch.compute * MS:.4f} ms (recompute x4/3 if on)")
+        elif t.gemm_dims:
             eff = cm.size_efficiency(t.gemm_dims, cl.gemm_half_size)
             lines.append(f"  GEMM dims (M,K,N) = {tuple(_fmt(x, mc.n) for x in t.gemm_dims)}; size efficiency "
                          f"prod x/(x+{cl.gemm_half_size:g}) = {float(eff.subs(at)):.4f}")
-        lines.append(f"  compute s/mb      = {_fmt(cm.compute_time_expr(t, cl), mc.n)} = {ch.compute * MS:.4f} ms "
-                     f"(peak {cl.peak_flops:.3g} x gemm_efficiency {cl.gemm_efficiency})")
+        if cl.kernels is None:
+            lines.append(f"  compute s/mb      = {_fmt(cm.compute_time_expr(t, cl), mc.n)} = {ch.compute * MS:.4f} ms "
+                         f"(peak {cl.peak_flops:.3g} x gemm_efficiency {cl.gemm_efficiency})")
         for coll in t.colls:
             x = coll.elems.subs(N, mc.n)
             sent = cc.traffic(coll.kind, x * cc.DTYPE_BYTES["bf16"], mc.n, loc["mp"]).bytes

@@ -149,7 +149,8 @@ class CostModel:
             for c in gi.cands:
                 t = gi.terms[c]
                 exprs.append([t.flops, t.hbm_bytes, t.activations, t.params_split, t.params_replicated, t.checkpoint]
-                             + [x for coll in t.colls for x in (coll.elems, coll.rows)] + list(t.gemm_dims))
+                             + [x for coll in t.colls for x in (coll.elems, coll.rows)] + list(t.gemm_dims)
+                             + list(t.kernel))
             exprs.append([rep.output.numel, rep.output.shape[-1]])
             gi.fn = sympy.lambdify((G.B, G.S, N), exprs, modules="math", docstring_limit=0)
         # op-level edges between planned ops, grouped by (producer group, consumer group, argument index)
@@ -166,6 +167,7 @@ class CostModel:
         self._compositions: dict[int, list[Stage]] = {}
         self._links: dict[str, tuple] = {}
         self._vals: dict[tuple[str, int, int], list] = {}
+        self._split: dict[tuple[str, int, int, str], dict] = {}
 
     def values(self, g: str, n: int, b: int) -> list:
         """Per candidate of group g (in gi.cands order): [compute s/mb, activations, split params, replicated
@@ -177,9 +179,17 @@ class CostModel:
             out = []
             for c, r in zip(gi.cands, raw):
                 k = 6 + 2 * len(gi.terms[c].colls)
-                out.append([cm.compute_time(r[0], r[1], r[k:], self.cluster)] + r[2:k])
+                nd = len(gi.terms[c].gemm_dims)
+                split = cm.compute_split(r[0], r[1], r[k:k + nd], self.cluster, r[k + nd:])
+                self._split[key + (c,)] = split
+                out.append([sum(split.values())] + r[2:k])
             self._vals[key] = out + [raw[-1]]
         return self._vals[key]
+
+    def compute_split(self, g: str, cand: str, n: int, b: int) -> dict:
+        """Seconds per micro-batch of one op of group g by kind (gemm, attention, memory, launch), no recompute."""
+        self.values(g, n, b)
+        return self._split[(g, n, b, cand)]
 
     # ---- numbers for one mesh ----------------------------------------------------------------------------
     def locality(self, mc: MeshConfig) -> dict[str, int]:
