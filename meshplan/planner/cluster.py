@@ -190,7 +190,7 @@ def _kernels(d) -> KernelModel | None:
     sms, tile = d["sm_count"], d["tile"]
     if isinstance(sms, bool) or not isinstance(sms, int) or sms < 1:
         raise ClusterError(f"cluster.kernels.sm_count: must be a positive integer, got {sms!r}")
-    if not (isinstance(tile, list) and len(tile) == 2 and all(isinstance(x, int) and x > 0 for x in tile)):
+    if not (isinstance(tile, (list, tuple)) and len(tile) == 2 and all(isinstance(x, int) and x > 0 for x in tile)):
         raise ClusterError(f"cluster.kernels.tile: must be [rows, columns], two positive integers, got {tile!r}")
     frac = {k: _number(f"cluster.kernels.{k}", d[k], at_most_one=True)
             for k in ("gemm_efficiency", "attention_forward", "attention_backward", "memory_efficiency")}

@@ -106,7 +106,9 @@ def price_plan(graph: Graph, cluster: Cluster, plan: Plan, global_batch: int,
     options = options or Options()
     mc = mesh_config(plan, global_batch)
     plan.validate(graph, batch=mc.b * mc.d, seq=options.seq)
-    priced_opts = Options(**{**options.__dict__, "error_budget": None})  # report the error, don't constrain it
+    # report the error, don't constrain it; a plan's schedule settings (tp_comm_overlap) override the options'
+    sched = {k: bool(plan.meta[k]) for k in ("tp_comm_overlap",) if k in plan.meta}
+    priced_opts = Options(**{**options.__dict__, "error_budget": None, **sched})
     cmodel = CostModel(graph, cluster, priced_opts, plan=plan)
     problem = cmodel.problem(mc)
     a = Assignment({g: next(iter(grp.choices)) for g, grp in problem.groups.items()})  # dtypes: the plan's

@@ -17,13 +17,14 @@ from ..ir.placement import Shard
 from ..ir.strategies import PRECISIONS, STRATEGIES, allowed_precisions, collective_names
 from . import collectives_cost as cc
 from . import cost_model as cm
-from . import memory
+from . import grad_sync, memory
 from .cluster import Cluster
 from .memory import DP, N
 from .problem import Choice, Edge, Group, Problem, Stage
 
 DEFAULT_ERROR_BUDGET = 0.2  # root-sum-square relative error over all collectives of one step (problem.py)
-RECOMPUTE = (4 / 3, 3 / 2)  # (compute, op-internal collectives) factors under full recomputation
+RECOMPUTE = (4 / 3, 3 / 2)
+TP_KINDS = {"all_gather", "reduce_scatter", "all_reduce", "none", "slice"}  # tensor-parallel communication  # (compute, op-internal collectives) factors under full recomputation
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class Options:
     # The dtype activations are in (fp32 | bf16): collectives in another format pay an encode and a decode.
     # None: the cluster's activation_dtype. compile() passes the model's.
     activation_dtype: str | None = None
+    # TP communication overlap (Megatron --tp-comm-overlap): whether the all-gathers / reduce-scatters /
+    # all-reduces on the model axis can hide behind compute. meshplan's schedule chunks every op (True).
+    tp_comm_overlap: bool = True
 
 
 # Per collective kind over n ranks: elements one rank encodes plus decodes, as a multiple of the tensor X of
@@ -214,30 +218,20 @@ class CostModel:
         return traffic / (self.cluster.hbm_bandwidth * self.cluster.codec(dtype))
 
     def grad_time(self, split, rep, mc: MeshConfig, dtype: str = "bf16") -> float:
-        """Reduction of the split parameters' gradients over d ranks and the replicated ones' over n·d (two-level,
-        collectives_cost.traffic), once per step, as runtime/data_parallel.py does it: fp32, an all-reduce; a
-        compressed format, the float32 gradients cast once, an all-to-all of the shards (summed in float32), an
-        all-gather of the reduced shards, each in the wire format, plus the conversions as HBM traffic."""
+        """Reduction of the split parameters' gradients over d ranks and the replicated ones' over n·d, once per
+        step (grad_sync.py): meshplan's runtime all-reduces (fp32) or all-to-alls + all-gathers (compressed);
+        with ZeRO-1 (the distributed optimizer), only the reduce-scatter part (the all-gather is gather_time's)."""
         loc = self.locality(mc)
-        return self._reduce_time(split, mc.d, loc["dp"], dtype) + self._reduce_time(rep, mc.n * mc.d, loc["all"], dtype)
+        return (grad_sync.reduce_time(self, split, mc.d, loc["dp"], dtype)
+                + grad_sync.reduce_time(self, rep, mc.n * mc.d, loc["all"], dtype))
 
-    def _reduce_time(self, elems, n: int, local: int, dtype: str) -> float:
-        size = cc.DTYPE_BYTES[dtype]
-        if not elems:
-            return 0.0  # nothing to reduce: no collective
-        if dtype == "fp32" or n <= 1:
-            return self._time("all_reduce", elems * size, n, local)
-        codec = 2 * elems * (cc.DTYPE_BYTES["fp32"] + size) / (self.cluster.hbm_bandwidth * self.cluster.codec(dtype))
-        # Innermost level first, as the runtime reduces axis by axis: inside the node over l ranks, then across
-        # nodes over n/l ranks on the 1/l left. all_to_all's X is the group's whole tensor (each rank scatters
-        # all of its part); the all-gathers return the reduced shards in the same two levels.
-        l = max(1, min(local, n))
-        t = 0.0
-        for ranks, part, loc in ((l, elems, l), (n // l, elems / l, 1)):
-            if ranks > 1:
-                t += self._time("all_to_all", ranks * part * size, ranks, loc)
-                t += self._time("all_gather", part * size, ranks, loc)
-        return t + codec
+    def gather_time(self, split, rep, mc: MeshConfig) -> float:
+        """The distributed optimizer's all-gather of the updated BF16 parameters, once per step (0 without it)."""
+        if not self.opt.zero:
+            return 0.0
+        loc = self.locality(mc)
+        return (grad_sync.param_gather_time(self, split, mc.d, loc["dp"])
+                + grad_sync.param_gather_time(self, rep, mc.n * mc.d, loc["all"]))
 
     def choice(self, g: str, cand: str, mc: MeshConfig, vals=None, light: bool = False) -> Choice:
         """One candidate priced on a mesh (light: compute, own collectives and activations only)."""
@@ -255,10 +249,12 @@ class CostModel:
                                                        + self.codec_time(coll.kind, elems, rows, dt, mc.n))
                                    for dt in PRECISIONS}
             ch.err2[coll.name] = {dt: 2 * cc.relative_error(coll.kind, dt, mc.n) ** 2 for dt in PRECISIONS}
+            ch.hide[coll.name] = 0.0 if coll.kind in TP_KINDS and not self.opt.tp_comm_overlap else self.opt.overlap
         if light:
             return ch
         if split or rep:
             ch.grad = {dt: self.grad_time(split, rep, mc, dt) for dt in allowed_precisions("grad")}
+            ch.gather = self.gather_time(split, rep, mc)
             group = mc.d if not rep else mc.n * mc.d
             ch.err2["grad"] = {dt: cc.grad_relative_error(dt, group) ** 2 for dt in ch.grad}
         ch.static_mem = memory.static_bytes(split, rep, mc.n, mc.d, self.opt.zero)
@@ -303,7 +299,11 @@ class CostModel:
             gs, gd, idx = key
             cost, err2 = self.edge_costs(key, list(groups[gs].choices), list(groups[gd].choices), mc,
                                          groups[gd].dtypes[f"in{idx}"])
-            edges.append(Edge(gs, gd, f"in{idx}", len(pairs), cost, err2, groups[gd].dtypes[f"in{idx}"]))
+            u, v = pairs[0]
+            label = {st: "reshard " + "/".join(sorted(set(cm.edge_kinds(u, st[0], v, st[1])) - {"none", "slice"}))
+                     for st in cost}
+            edges.append(Edge(gs, gd, f"in{idx}", len(pairs), cost, err2, groups[gd].dtypes[f"in{idx}"],
+                              self.edge_hide(key, cost), label))
         stages = self.stages(mc.pp, mc.m)
         limit = self.opt.mem_limit if self.opt.mem_limit is not None else self.cluster.memory_limit
         return Problem(groups, edges, stages, mc.m, mc.pp, self.opt.overlap, limit, self.opt.error_budget)
@@ -328,6 +328,17 @@ class CostModel:
                     cost[s, t][dt] = sum(each) + (each[0] if mc.recompute else 0.0)
                     err2[s, t][dt] = sum(cc.relative_error(k, dt, mc.n) ** 2 for k in kinds)
         return cost, err2
+
+    def edge_hide(self, key: tuple, cost: dict) -> dict[tuple[str, str], float]:
+        """Per communicating (producer, consumer) strategy pair, the fraction of the resharding that can overlap:
+        the schedule's `overlap`, except TP's all-gather / reduce-scatter / all-reduce when the plan does not
+        overlap TP communication (Megatron without --tp-comm-overlap exposes them)."""
+        u, v = self.edges[key][0]
+        out = {}
+        for s, t in cost:
+            tp_like = set(cm.edge_kinds(u, s, v, t)) <= TP_KINDS
+            out[s, t] = 0.0 if tp_like and not self.opt.tp_comm_overlap else self.opt.overlap
+        return out
 
     def stages(self, pp: int, m: int) -> list[Stage]:
         """The distinct stage compositions (1F1B: stage k holds min(pp - k, m) micro-batches; of identical

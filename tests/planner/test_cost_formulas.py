@@ -126,7 +126,7 @@ def test_bf16_gradient_reduction_is_the_runtimes_two_level_all_to_all_and_all_ga
     then an all-gather, inside the node first and across nodes on the 1/n left; plus one cast each way. Priced
     exactly so, it halves the inter-node bytes of the fp32 all-reduce, and its cost is those collectives' times."""
     g = graph("internal-352b", n_layers=2)
-    cmodel = CostModel(g, h800, Options(seq=s))
+    cmodel = CostModel(g, h800, Options(seq=s, zero=False))  # without ZeRO: the runtime's reduction
     d, p = 12, 1e8  # replicated parameters reduced over n·d = 96 ranks, 8 per node
     mc = MeshConfig(n, d, 1, b, 1)
 
@@ -142,6 +142,25 @@ def test_bf16_gradient_reduction_is_the_runtimes_two_level_all_to_all_and_all_ga
         cc.traffic("all_gather", p / n * 2, d, 1).inter_bytes
     assert inter_bf16 == pytest.approx(cc.traffic("all_reduce", p * 4, n * d, n).inter_bytes / 2)
     assert cmodel.grad_time(0, p, mc, "bf16") < cmodel.grad_time(0, p, mc, "fp32")  # on H800 bf16 pays
+
+
+def test_distributed_optimizer_reduce_scatters_grads_and_gathers_bf16_params(graph, h800):
+    """With ZeRO-1 (Megatron's distributed optimizer) the fp32 gradients are reduce-scattered (4 B/param) and the
+    updated bf16 parameters all-gathered (2 B/param) -- not an 8 B all-reduce; bf16 grads: the all-to-all only."""
+    g = graph("internal-352b", n_layers=2)
+    cmodel = CostModel(g, h800, Options(seq=s))
+    d, p = 12, 1e8
+    mc = MeshConfig(n, d, 1, b, 1)
+
+    def t(kind, x, ranks, local):
+        return cc.comm_time(kind, cc.traffic(kind, x, ranks, local), h800)
+
+    assert cmodel.grad_time(0, p, mc, "fp32") == pytest.approx(t("reduce_scatter", p * 4, n * d, n))
+    assert cmodel.gather_time(0, p, mc) == pytest.approx(t("all_gather", p * 2, n * d, n))
+    bf16 = t("all_to_all", n * p * 2, n, n) + t("all_to_all", d * p / n * 2, d, 1) + 2 * p * (4 + 2) / (3.35e12 * 0.9)
+    assert cmodel.grad_time(0, p, mc, "bf16") == pytest.approx(bf16)
+    ch = cmodel.choice(cmodel.group_of[_op(g, G.ATTENTION).name], "sp", mc)
+    assert ch.gather > 0 and ch.hide == {"qkv_a2a": 0.5, "out_a2a": 0.5}
 
 
 def test_alpha_beta_time(h800):
