@@ -59,7 +59,7 @@ class OpTerms:
     params_replicated: sympy.Expr
     activations: sympy.Expr  # bytes saved for backward per micro-batch
     checkpoint: sympy.Expr  # bytes kept per micro-batch under full recomputation (the op's inputs)
-    # kernel-level view (kernels.py): attention core FLOPs, forward launches, then (count, m, k, n) per GEMM
+    # kernel-level view (kernels.py): attention core FLOPs, forward launches, then (count, m, k, n, ragged) per GEMM
     kernel: tuple = ()
 
 
@@ -134,15 +134,15 @@ def _attention(op: Op, cand: str, whole: bool):
     colls = ()
     if whole:
         flops, dims, share = op.flops, (t, d, q), 1
-        gemms = ((1, t, d, q + kv), (1, t, q, d))
+        gemms = ((1, t, d, q + kv, 0), (1, t, q, d, 0))
         rope = t * (q + kv / 2)
     elif cand == "tp":  # KV projection split over min(n, n_kv) ranks, recomputed beyond
         flops, dims, share = rest / N + proj_kv / kvs, (t, d, q / N), 1 / N
-        gemms = ((1, t, d, q / N + kv / kvs), (1, t, q / N, d))
+        gemms = ((1, t, d, q / N + kv / kvs, 0), (1, t, q / N, d, 0))
         rope = t * (q / N + kv / 2 / kvs)
     else:  # sp, dp: every FLOP divided n ways (sp: projections on t/n tokens, core on all tokens of hq/n heads)
         flops, dims, share = op.flops / N, (t / N, d, q), 1 / N
-        gemms = ((1, t / N, d, q + kv), (1, t / N, q, d))
+        gemms = ((1, t / N, d, q + kv, 0), (1, t / N, q, d, 0))
         rope = t / N * (q + kv / 2)
     if cand == "sp":
         colls = (Coll("qkv_a2a", "all_to_all", t * (q + kv * N / kvs), 3 * t), Coll("out_a2a", "all_to_all", t * q, t))
@@ -178,9 +178,9 @@ def _moe(op: Op, cand: str, whole: bool):
         local, rows, sh_w = e / N, per_expert * ep_imbalance(k, t, True), sh / N
     if cand == "ep":
         colls = (Coll("dispatch", "all_to_all", k * t * d, k * t), Coll("combine", "all_to_all", k * t * d, k * t))
-    gemms = ((1, t_r, d, e), (local, rows, d, 2 * width), (local, rows, width, d))
+    gemms = ((1, t_r, d, e, 0), (local, rows, d, 2 * width, 1), (local, rows, width, d, 1))  # experts: ragged rows
     if sh:
-        gemms += ((1, t_sh, d, 2 * sh_w), (1, t_sh, sh_w, d))
+        gemms += ((1, t_sh, d, 2 * sh_w, 0), (1, t_sh, sh_w, d, 0))
     routed = local * rows  # rows through this rank's experts
     act = memory.ACT_BYTES
     hbm = (3 * memory.FP32 * t_r * e  # router softmax + top-k: logits read, probabilities written and read
@@ -207,13 +207,13 @@ def terms(op: Op, cand: str) -> OpTerms:
         flops = op.flops if whole else op.flops / N
         dims = (t, d, h / N) if cand == "tp" else (t if whole else t / N, d, h)
         rows, width = dims[0], dims[2]
-        gemms = ((1, rows, d, 2 * width), (1, rows, width, d))
+        gemms = ((1, rows, d, 2 * width, 0), (1, rows, width, d, 0))
         hbm, launches = memory.ACT_BYTES * 3 * rows * width, 3  # SwiGLU
     elif op.kind in (G.LINEAR, G.LM_HEAD):
         flops = op.flops if whole else op.flops / N
         dims = (t, a["in_features"] / N, a["out_features"]) if cand == "tp" else \
             (t if whole else t / N, a["in_features"], a["out_features"])
-        gemms = ((1,) + dims,)
+        gemms = ((1,) + dims + (0,),)
     else:  # embedding, norm, generic: memory-bound, bytes in + out
         elems = sum((m.numel for m in op.input_metas if m.dtype.startswith("float")), zero)
         elems += op.output.numel if op.output is not None else 0

@@ -3,7 +3,9 @@ memory-bound kernels cost, given a cluster's KernelModel.
 
 GEMM [m, k] x [k, n]: its m x n output is cut into tiles (cluster.kernels.tile); the SMs compute one tile each per
 wave, so the time is ceil(tiles / SMs) waves of a full tile's FLOPs at the measured per-wave efficiency. A grouped
-GEMM (one launch for `count` experts) pools its tiles into the same waves. Training runs each GEMM three times with
+GEMM (one launch for `count` experts) pools its tiles into the same waves. Routed rows are ragged: each expert's
+row count is a random variable, so its last row tile is on average half empty (count/2 tiles more than the mean
+rows need), whatever the mean. Training runs each GEMM three times with
 different outputs: forward m x n, input gradient m x k (reduced over n), weight gradient k x n (reduced over m), so
 narrow and short GEMMs (TP-split experts, few tokens per expert) pay their wave quantisation three ways.
 
@@ -19,37 +21,46 @@ import math
 FA_BACKWARD_FLOPS = 2.5  # backward / forward FLOPs of FlashAttention (docs/reference.md#kernels)
 
 
-def gemm_seconds(count: float, m: float, k: float, n: float, kern, peak: float) -> float:
+def _tiles(count: float, x: float, t: int, ragged: bool) -> float:
+    """Row tiles of `count` experts of x rows each (ragged: routed rows, half a tile wasted per expert)."""
+    return math.ceil(count * x / t + count / 2) if ragged else math.ceil(count) * math.ceil(x / t)
+
+
+def gemm_seconds(count: float, m: float, k: float, n: float, kern, peak: float, ragged: bool = False) -> float:
     """One (grouped) GEMM of `count` [m, k] x [k, n] products: waves of output tiles, the better of the two tile
-    orientations (cuBLAS picks its tile by shape)."""
+    orientations (cuBLAS picks its tile by shape). ragged: m is a routed (random) row count per expert."""
     if count <= 0 or m <= 0 or k <= 0 or n <= 0:
         return 0.0
     a, b = kern.tile
     per_sm = peak * kern.gemm_efficiency / kern.sm_count  # FLOP/s one SM sustains inside a full wave
     best = math.inf
     for tm, tn in ((a, b), (b, a)):
-        tiles = math.ceil(count) * math.ceil(m / tm) * math.ceil(n / tn)
+        tiles = _tiles(count, m, tm, ragged) * math.ceil(n / tn)
         best = min(best, math.ceil(tiles / kern.sm_count) * 2 * tm * tn * k / per_sm)
     return best
 
 
-def gemm_train_seconds(count: float, m: float, k: float, n: float, kern, peak: float) -> float:
-    """Forward, input-gradient and weight-gradient GEMMs of one [m, k] x [k, n] layer."""
-    return (gemm_seconds(count, m, k, n, kern, peak) + gemm_seconds(count, m, n, k, kern, peak)
-            + gemm_seconds(count, k, m, n, kern, peak))
+def gemm_train_seconds(count: float, m: float, k: float, n: float, kern, peak: float, ragged: bool = False) -> float:
+    """Forward, input-gradient and weight-gradient GEMMs of one [m, k] x [k, n] layer (the weight gradient
+    reduces over the ragged rows: its output k x n per expert is whole)."""
+    wgrad = math.ceil(count) * math.ceil(k / kern.tile[0]) * math.ceil(n / kern.tile[1])
+    per_sm = peak * kern.gemm_efficiency / kern.sm_count
+    w = math.ceil(wgrad / kern.sm_count) * 2 * kern.tile[0] * kern.tile[1] * m / per_sm if ragged else \
+        gemm_seconds(count, k, m, n, kern, peak)
+    return gemm_seconds(count, m, k, n, kern, peak, ragged) + gemm_seconds(count, m, n, k, kern, peak, ragged) + w
 
 
 def split(parts):
-    """(gemm FLOPs, gemm seconds) of flattened (count, m, k, n) groups."""
-    return [tuple(parts[i:i + 4]) for i in range(0, len(parts), 4)]
+    """(count, m, k, n, ragged) groups from their flattened values."""
+    return [tuple(parts[i:i + 5]) for i in range(0, len(parts), 5)]
 
 
 def train_seconds(flops: float, hbm_bytes: float, attn_flops: float, launches: float, gemms: list, cluster) -> dict:
     """Seconds of forward + backward on one GPU per micro-batch, by kind: gemm, attention, memory (memory-bound
     kernels and any FLOPs outside GEMMs and attention at peak), launch."""
     kern, peak = cluster.kernels, cluster.peak_flops
-    gemm = sum(gemm_train_seconds(c, m, k, n, kern, peak) for c, m, k, n in gemms)
-    gemm_flops = sum(2 * c * m * k * n for c, m, k, n in gemms)
+    gemm = sum(gemm_train_seconds(c, m, k, n, kern, peak, bool(r)) for c, m, k, n, r in gemms)
+    gemm_flops = sum(2 * c * m * k * n for c, m, k, n, _ in gemms)
     attention = attn_flops / (peak * kern.attention_forward) + \
         FA_BACKWARD_FLOPS * attn_flops / (peak * kern.attention_backward)
     rest = max(0.0, flops - gemm_flops - attn_flops)
