@@ -150,7 +150,7 @@ def _attention(op: Op, cand: str, whole: bool):
     return flops, core * share, hbm, gemms, dims, colls, 6
 
 
-def _moe(op: Op, cand: str, whole: bool):
+def _moe(op: Op, cand: str, whole: bool, balanced: bool = False):
     """(flops, core flops, hbm bytes, gemms, dims, colls, launches) of the MoE FFN on one GPU. Tokens are routed
     on t_r rows here (all of them under TP and ag_scatter, whose routers run on gathered tokens: Megatron's
     all-gather dispatcher permutes every routed token on every TP rank); the local experts see `rows` rows each,
@@ -167,7 +167,7 @@ def _moe(op: Op, cand: str, whole: bool):
         dims = (per_expert, d, f) if cand == "ep" else (per_expert / N, d, f)
         t_r = t_sh = t / N
         if cand == "ep":
-            local, rows = e / N, per_expert * ep_imbalance(k, t, True)
+            local, rows = e / N, per_expert * ep_imbalance(k, t, not balanced)
         else:
             rows = per_expert / N
     elif cand == "tp":
@@ -175,7 +175,7 @@ def _moe(op: Op, cand: str, whole: bool):
         width, sh_w = f / N, sh / N
     else:  # ag_scatter: router on all gathered tokens, local experts at full width
         flops, dims = router + (experts + shared) / N, (per_expert, d, f)
-        local, rows, sh_w = e / N, per_expert * ep_imbalance(k, t, True), sh / N
+        local, rows, sh_w = e / N, per_expert * ep_imbalance(k, t, not balanced), sh / N
     if cand == "ep":
         colls = (Coll("dispatch", "all_to_all", k * t * d, k * t), Coll("combine", "all_to_all", k * t * d, k * t))
     gemms = ((1, t_r, d, e, 0), (local, rows, d, 2 * width, 1), (local, rows, width, d, 1))  # experts: ragged rows
@@ -191,7 +191,8 @@ def _moe(op: Op, cand: str, whole: bool):
     return flops, 0, hbm, gemms, dims, colls, 8 + (3 if sh else 0)
 
 
-def terms(op: Op, cand: str) -> OpTerms:
+def terms(op: Op, cand: str, balanced: bool = False) -> OpTerms:
+    """balanced: the run forces an even token distribution over experts (benchmarks do): no EP imbalance."""
     t = G.B * G.S
     a = op.attrs
     sharded_in = cand in SEQ_LIKE
@@ -201,7 +202,7 @@ def terms(op: Op, cand: str) -> OpTerms:
     if op.kind == G.ATTENTION:
         flops, core, hbm, gemms, dims, colls, launches = _attention(op, cand, whole)
     elif op.kind == G.MOE:
-        flops, core, hbm, gemms, dims, colls, launches = _moe(op, cand, whole)
+        flops, core, hbm, gemms, dims, colls, launches = _moe(op, cand, whole, balanced)
     elif op.kind == G.FFN:
         d, h = a["dim"], a["hidden"]
         flops = op.flops if whole else op.flops / N

@@ -67,6 +67,9 @@ class Options:
     # TP communication overlap (Megatron --tp-comm-overlap): whether the all-gathers / reduce-scatters /
     # all-reduces on the model axis can hide behind compute. meshplan's schedule chunks every op (True).
     tp_comm_overlap: bool = True
+    # The run forces an even token distribution over experts (Megatron-Bridge's benchmarks do): EP pays no
+    # router imbalance (cost_model.ep_imbalance).
+    balanced_routing: bool = False
 
 
 # Per collective kind over n ranks: elements one rank encodes plus decodes, as a multiple of the tensor X of
@@ -147,7 +150,7 @@ class CostModel:
             self.group_of[op.name] = keys[key]
         for gi in self.groups.values():
             rep = gi.ops[0]
-            gi.terms = {c: cm.terms(rep, c) for c in gi.cands}
+            gi.terms = {c: cm.terms(rep, c, self.opt.balanced_routing) for c in gi.cands}
             # Small expressions lambdify fast; compute time is assembled numerically (cost_model.compute_time).
             exprs = []
             for c in gi.cands:
