@@ -45,11 +45,11 @@ def _row(name: str, graph: Graph, cluster: Cluster, r, global_batch: int, seq: i
 
 
 def simulate(graph: Graph, cluster: Cluster, gpus: int, global_batch: int, options: Options | None = None,
-             reference_pp: int | None = 15, baseline_recompute: bool | None = None) -> list[Row]:
+             reference_pp: int | None = 15, baseline_recompute: dict[str, bool] | None = None) -> list[Row]:
     """Rows for: the planner, Megatron at its best pipeline depth, Megatron at REFERENCE.md's PP=15 (when that
     divides the model and GPUs), MegaScale-style at PP=15, and all-EP/DP. A baseline that cannot run at all is
-    reported, not raised. `baseline_recompute`: the baselines' activation-recompute setting, fixed by their user
-    across scales (baselines.baseline); None: whichever fits fastest at this scale."""
+    reported, not raised. `baseline_recompute`: per baseline kind, its activation-recompute setting, fixed by its
+    user across scales (fixed_recompute, baselines.baseline); a kind not in it: whichever fits fastest here."""
     options = options or Options()
     limit = options.mem_limit if options.mem_limit is not None else cluster.memory_limit
     rows = []
@@ -66,7 +66,8 @@ def simulate(graph: Graph, cluster: Cluster, gpus: int, global_batch: int, optio
     variants.append(("ep_dp", None, "best pp"))
     for kind, pp, note in variants:
         try:
-            p = baseline(kind, graph, cluster, gpus, global_batch, options, pp=pp, recompute=baseline_recompute)
+            p = baseline(kind, graph, cluster, gpus, global_batch, options, pp=pp,
+                         recompute=(baseline_recompute or {}).get(kind))
         except PlannerError as e:
             if pp is None or kind == "megascale":
                 rows.append(_infeasible(kind, e))
@@ -75,6 +76,24 @@ def simulate(graph: Graph, cluster: Cluster, gpus: int, global_batch: int, optio
             continue  # the best depth already is the reference one
         rows.append(_row(kind, graph, cluster, p, global_batch, options.seq, limit, note))
     return rows
+
+
+BASELINE_DEPTHS = {"megatron": 15, "megascale": 15, "ep_dp": None}
+
+
+def fixed_recompute(graph: Graph, cluster: Cluster, gpus: int, global_batch: int,
+                    options: Options | None = None) -> dict[str, bool]:
+    """Per baseline kind, the activation-recompute setting its user picks once for a sweep starting at `gpus` (its
+    smallest scale): off if the baseline fits there without it, else on -- then kept at every larger scale (no knife
+    edge where ZeRO-1 state shrinks just below the limit)."""
+    out = {}
+    for kind, pp in BASELINE_DEPTHS.items():
+        try:
+            p = baseline(kind, graph, cluster, gpus, global_batch, options or Options(), pp=pp, recompute=False)
+            out[kind] = p.mesh.recompute
+        except PlannerError:
+            out[kind] = True
+    return out
 
 
 def _infeasible(name: str, e: Exception) -> Row:
