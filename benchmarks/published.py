@@ -4,9 +4,10 @@ parallel settings, priced by the one cost model on cluster h100; predicted vs pu
 Every run is expressed as meshplan can express it (docs/reference.md#published-runs): the mesh is (pp, dp, mp) with
 the MoE expert-parallel over mp = EP and every other op data parallel (baselines.ep_dp_plan), micro-batch MBS
 sequences per GPU; Megatron's attention TP=2 is approximated as data parallel (same FLOPs per GPU, its TP
-collectives not priced), virtual pipeline stages are not modelled (bubble (pp-1)/(m+pp-1)), FP8 GEMMs are priced
-as BF16 (no FP8 compute model: FP8 runs are predicted as if they ran BF16 GEMMs), gradients reduce-scattered in FP32
-(Megatron's default) with the distributed optimizer, routing force-balanced (Megatron-Bridge's benchmarks do),
+collectives not priced), virtual pipeline stages are not modelled (bubble (pp-1)/(m+pp-1)), FP8 runs' GEMMs run on
+the FP8 peak with their operands cast in HBM (Options.gemm_dtype; attention stays BF16), gradients reduce-scattered in FP32
+(Megatron's default) with the distributed optimizer, EP across nodes dispatched by DeepEP (once per destination
+node, Options.ep_dispatch: what Megatron's cross-node EP recipes on H100 use), routing force-balanced (Megatron-Bridge's benchmarks do),
 activation recompute only where memory forces it. The model configs approximate MLA and wide-q GQA (their YAML
 headers say how). Predicted TFLOP/s = the model's 3x forward FLOPs per step / step time / GPUs.
 
@@ -42,6 +43,7 @@ class Run:
     precision: str
     overlap: float  # EP all-to-all overlap of the run's schedule (0: exposed)
     settings: str
+    ep_dispatch: str = "all_to_all"  # "deepep" where EP spans nodes (Options.ep_dispatch)
 
 
 RUNS = [
@@ -50,11 +52,16 @@ RUNS = [
         "TP1 PP4 EP8 from its Mixtral example (assumed 64 GPUs, GBS 256, seq 4096)", 468.0, 64, 256, 1, 4096, 4, 8,
         "bf16", 0.0, "TP1 PP4 EP8"),
     Run("DeepSeek-V3 FP8, 1024 H100", "deepseek-v3", BRIDGE.format(v="25.09"), 338.0, 1024, 8192, 1, 4096, 8, 64,
-        "fp8", 0.5, "TP2 PP8 VP4 EP64, GBS 8192, MBS 1 (EP all-to-all overlapped: the recipe's moe a2a overlap)"),
+        "fp8", 0.5, "TP2 PP8 VP4 EP64, GBS 8192, MBS 1 (EP all-to-all overlapped: the recipe's moe a2a overlap)",
+        "deepep"),
     Run("Qwen3-235B-A22B FP8, 256 H100 (25.09)", "qwen3-235b-a22b", BRIDGE.format(v="25.09"), 178.0, 256, 2048, 1,
-        4096, 8, 32, "fp8", 0.0, "TP2 PP8 VP4 EP32, GBS 2048, MBS 1"),
+        4096, 8, 32, "fp8", 0.0, "TP2 PP8 VP4 EP32, GBS 2048, MBS 1", "deepep"),
     Run("Qwen3-235B-A22B FP8, 256 H100 (25.11)", "qwen3-235b-a22b", BRIDGE.format(v="25.11"), 233.0, 256, 2048, 1,
-        4096, 8, 32, "fp8", 0.0, "TP2 PP8 VP4 EP32, MBS 1 (GBS missing in the table: 2048 as in 25.09)"),
+        4096, 8, 32, "fp8", 0.0, "TP2 PP8 VP4 EP32, MBS 1 (GBS missing in the table: 2048 as in 25.09)", "deepep"),
+    Run("Qwen3-235B-A22B BF16, 256 H100 (ModelZoo)", "qwen3-235b-a22b",
+        "Megatron-MoE-ModelZoo best_practice/Qwen3/readme.md (yanring/Megatron-MoE-ModelZoo), cross-node EP, DeepEP, "
+        "no 1F1B overlap: 245 TFLOPS/GPU", 245.0, 256, 2048, 1, 4096, 8, 32, "bf16", 0.0,
+        "TP2 PP8 VP4 EP32, GBS 2048, MBS 1, recompute norm+act", "deepep"),
     Run("GPT-OSS-120B BF16, 64 H100", "gpt-oss-120b", BRIDGE.format(v="25.11"), 153.0, 64, 512, 4, 4096, 4, 8,
         "bf16", 0.0, "TP1 PP4 EP8, GBS 512, MBS 4"),
 ]
@@ -72,7 +79,8 @@ def predict(run: Run, cluster) -> dict:
     n, b = run.ep, run.ep * run.mbs
     d = run.gpus // (run.pp * n)
     m = run.gbs // (d * b)
-    opts = Options(seq=run.seq, overlap=run.overlap, balanced_routing=True)
+    opts = Options(seq=run.seq, overlap=run.overlap, balanced_routing=True, gemm_dtype=run.precision,
+                   ep_dispatch=run.ep_dispatch)
     priced = None
     for recompute in (False, True):  # recompute only where memory forces it
         plan = ep_dp_plan(graph, MeshConfig(n, d, run.pp, b, m, recompute))

@@ -66,6 +66,7 @@ class KernelModel:
     attention_forward: float  # FlashAttention forward: fraction of peak
     attention_backward: float  # FlashAttention backward (2.5x the forward's FLOPs): fraction of peak
     memory_efficiency: float  # memory-bound kernels: fraction of HBM bandwidth
+    fp8_speedup: float = 2.0  # dense FP8 / BF16 tensor-core peak (H100/H800: 1979 / 989 TFLOP/s)
 
 
 @dataclass(frozen=True)
@@ -181,12 +182,13 @@ def _link(where: str, d) -> Link:
 
 KERNEL_FIELDS = {"sm_count", "tile", "gemm_efficiency", "launch_s", "attention_forward", "attention_backward",
                  "memory_efficiency"}
+KERNEL_OPTIONAL = {"fp8_speedup"}
 
 
 def _kernels(d) -> KernelModel | None:
     if d is None:
         return None
-    d = _fields("cluster.kernels", d, KERNEL_FIELDS, set())
+    d = _fields("cluster.kernels", d, KERNEL_FIELDS, KERNEL_OPTIONAL)
     sms, tile = d["sm_count"], d["tile"]
     if isinstance(sms, bool) or not isinstance(sms, int) or sms < 1:
         raise ClusterError(f"cluster.kernels.sm_count: must be a positive integer, got {sms!r}")
@@ -195,7 +197,8 @@ def _kernels(d) -> KernelModel | None:
     frac = {k: _number(f"cluster.kernels.{k}", d[k], at_most_one=True)
             for k in ("gemm_efficiency", "attention_forward", "attention_backward", "memory_efficiency")}
     return KernelModel(sms, (tile[0], tile[1]), launch_s=_number("cluster.kernels.launch_s", d["launch_s"],
-                                                                   positive=False), **frac)
+                                                                   positive=False),
+                       fp8_speedup=_number("cluster.kernels.fp8_speedup", d.get("fp8_speedup", 2.0)), **frac)
 
 
 def _fractions(field_name: str, d: dict, what: str, known: tuple[str, ...]) -> dict:

@@ -236,13 +236,13 @@ def size_efficiency(dims, c: float):
     return eff
 
 
-def compute_split(flops: float, hbm_bytes: float, dims, cluster, kernel=()) -> dict:
+def compute_split(flops: float, hbm_bytes: float, dims, cluster, kernel=(), fp8: bool = False) -> dict:
     """Seconds of forward + backward on one GPU per micro-batch, by kind (gemm, attention, memory, launch).
     With the cluster's kernel model (kernels.py) from `kernel` (OpTerms.kernel evaluated); without it, the smooth
     size efficiency prod x / (x + gemm_half_size) on all FLOPs (CPU clusters, fitted by calibrate)."""
     if cluster.kernels is not None and kernel:
         return kernels.train_seconds(flops, hbm_bytes, kernel[0], kernel[1], kernels.split(list(kernel[2:])),
-                                     cluster)
+                                     cluster, fp8)
     if dims:
         eff = 1.0
         for x in dims:

@@ -55,12 +55,24 @@ def split(parts):
     return [tuple(parts[i:i + 5]) for i in range(0, len(parts), 5)]
 
 
-def train_seconds(flops: float, hbm_bytes: float, attn_flops: float, launches: float, gemms: list, cluster) -> dict:
+def fp8_cast_bytes(gemms: list) -> float:
+    """HBM bytes of casting each GEMM's activation operands to FP8 per training step (read 2 B, write 1 B per
+    value): the input for the forward and again (transposed) for the weight gradient, the output gradient for the
+    input gradient. Weights are cast once per step (negligible next to activations at these token counts)."""
+    return sum(3 * c * m * (2 * k + n) for c, m, k, n, _ in gemms)
+
+
+def train_seconds(flops: float, hbm_bytes: float, attn_flops: float, launches: float, gemms: list, cluster,
+                  fp8: bool = False) -> dict:
     """Seconds of forward + backward on one GPU per micro-batch, by kind: gemm, attention, memory (memory-bound
-    kernels and any FLOPs outside GEMMs and attention at peak), launch."""
+    kernels and any FLOPs outside GEMMs and attention at peak), launch. fp8: GEMMs on FP8 tensor cores (the
+    per-wave efficiency of BF16 applied to the FP8 peak, docs/reference.md#kernels), operands cast in HBM."""
     kern, peak = cluster.kernels, cluster.peak_flops
-    gemm = sum(gemm_train_seconds(c, m, k, n, kern, peak, bool(r)) for c, m, k, n, r in gemms)
+    gemm_peak = peak * (kern.fp8_speedup if fp8 else 1.0)
+    gemm = sum(gemm_train_seconds(c, m, k, n, kern, gemm_peak, bool(r)) for c, m, k, n, r in gemms)
     gemm_flops = sum(2 * c * m * k * n for c, m, k, n, _ in gemms)
+    if fp8:
+        hbm_bytes = hbm_bytes + fp8_cast_bytes(gemms) / 3  # memory below counts 3x the forward's bytes
     attention = attn_flops / (peak * kern.attention_forward) + \
         FA_BACKWARD_FLOPS * attn_flops / (peak * kern.attention_backward)
     rest = max(0.0, flops - gemm_flops - attn_flops)

@@ -70,6 +70,12 @@ class Options:
     # The run forces an even token distribution over experts (Megatron-Bridge's benchmarks do): EP pays no
     # router imbalance (cost_model.ep_imbalance).
     balanced_routing: bool = False
+    # The GEMMs' input format: bf16, or fp8 (FP8 training, e.g. Transformer Engine recipes): GEMMs on the FP8 peak,
+    # their activation operands cast in HBM (kernels.train_seconds). Needs a cluster with a kernel model.
+    gemm_dtype: str = "bf16"
+    # How EP's dispatch/combine cross nodes: "all_to_all" (NCCL, and meshplan's runtime: every routed copy over the
+    # NIC) or "deepep" (DeepEP's hierarchical dispatch: once per destination node, then NVLink forwarding).
+    ep_dispatch: str = "all_to_all"
 
 
 # Per collective kind over n ranks: elements one rank encodes plus decodes, as a multiple of the tensor X of
@@ -128,6 +134,12 @@ class CostModel:
 
     def __init__(self, graph: Graph, cluster: Cluster, options: Options | None = None, plan=None):
         self.graph, self.cluster, self.opt, self.plan = graph, cluster, options or Options(), plan
+        if self.opt.gemm_dtype not in ("bf16", "fp8"):
+            raise ValueError(f"options.gemm_dtype: {self.opt.gemm_dtype!r}; expected bf16 or fp8")
+        if self.opt.ep_dispatch not in ("all_to_all", "deepep"):
+            raise ValueError(f"options.ep_dispatch: {self.opt.ep_dispatch!r}; expected all_to_all or deepep")
+        if self.opt.gemm_dtype == "fp8" and cluster.kernels is None:
+            raise ValueError(f"options.gemm_dtype: fp8 needs a cluster with a kernels: section ({cluster.name} has none)")
         self.ops = [op for op in graph.ops() if op.kind not in (G.INPUT, G.OUTPUT)]
         self.groups: dict[str, GroupInfo] = {}
         self.group_of: dict[str, str] = {}
@@ -187,7 +199,8 @@ class CostModel:
             for c, r in zip(gi.cands, raw):
                 k = 6 + 2 * len(gi.terms[c].colls)
                 nd = len(gi.terms[c].gemm_dims)
-                split = cm.compute_split(r[0], r[1], r[k:k + nd], self.cluster, r[k + nd:])
+                split = cm.compute_split(r[0], r[1], r[k:k + nd], self.cluster, r[k + nd:],
+                                         self.opt.gemm_dtype == "fp8")
                 self._split[key + (c,)] = split
                 out.append([sum(split.values())] + r[2:k])
             self._vals[key] = out + [raw[-1]]
@@ -208,6 +221,17 @@ class CostModel:
         if kind not in self._links:
             self._links[kind] = cc.link_params(self.cluster, kind)
         return cc.comm_time(kind, cc.traffic(kind, nbytes, n, local), self.cluster, links=self._links[kind])
+
+    def _coll_time(self, op, coll, nbytes, n: int, local: int) -> float:
+        """One op-internal collective; EP dispatch/combine across nodes with Options.ep_dispatch "deepep" crosses
+        the NIC once per destination node (collectives_cost.dedup_dispatch_traffic)."""
+        if self.opt.ep_dispatch == "deepep" and coll.name in ("dispatch", "combine") and n > local:
+            a = op.attrs
+            t = cc.dedup_dispatch_traffic(nbytes, n, local, a["n_experts"], a["top_k"])
+            if coll.kind not in self._links:
+                self._links[coll.kind] = cc.link_params(self.cluster, coll.kind)
+            return cc.comm_time(coll.kind, t, self.cluster, links=self._links[coll.kind])
+        return self._time(coll.kind, nbytes, n, local)
 
     def codec_time(self, kind: str, elems, rows, dtype: str, n: int) -> float:
         """Seconds one GPU spends converting to the wire format `dtype` before collective `kind` over n ranks and
@@ -247,8 +271,8 @@ class CostModel:
         ch = Choice(compute=compute * redo[0] * slow, act_mem=ckpt if mc.recompute else act)
         for j, coll in enumerate(gi.terms[cand].colls):
             elems, rows = vals[5 + 2 * j], vals[6 + 2 * j]
-            ch.colls[coll.name] = {dt: 2 * redo[1] * (self._time(coll.kind, cc.wire_bytes(elems, rows, dt), mc.n,
-                                                                  loc["mp"])
+            ch.colls[coll.name] = {dt: 2 * redo[1] * (self._coll_time(gi.ops[0], coll, cc.wire_bytes(elems, rows, dt),
+                                                                      mc.n, loc["mp"])
                                                        + self.codec_time(coll.kind, elems, rows, dt, mc.n))
                                    for dt in PRECISIONS}
             ch.err2[coll.name] = {dt: 2 * cc.relative_error(coll.kind, dt, mc.n) ** 2 for dt in PRECISIONS}

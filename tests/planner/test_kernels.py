@@ -1,5 +1,6 @@
 """The kernel-level compute model (planner/kernels.py) against measurements and its own stated mechanics."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,28 @@ def test_kernel_model_is_used_on_gpu_clusters_only(graph, h800):
         smooth.compute_split(name, "ep", 8, 1)["launch"] == 0
     ch = CostModel(g, h800, Options(seq=8192)).choice(name, "ep", MeshConfig(8, 1, 1, 1, 1))
     assert ch.compute > 0
+
+
+def test_fp8_gemms_run_on_the_fp8_peak_and_pay_their_casts(graph, h800):
+    g = graph("internal-352b", n_layers=2)
+    name = None
+    parts = {}
+    for dt in ("bf16", "fp8"):
+        cmodel = CostModel(g, h800, Options(seq=8192, gemm_dtype=dt))
+        name = cmodel.group_of[_op(g, G.MOE).name]
+        parts[dt] = cmodel.compute_split(name, "ep", 8, 1)
+    assert parts["fp8"]["gemm"] == pytest.approx(parts["bf16"]["gemm"] / 2, rel=0.05)  # waves at twice the rate
+    assert parts["fp8"]["memory"] > parts["bf16"]["memory"]  # operands cast to fp8 in HBM
+    with pytest.raises(ValueError, match="options.gemm_dtype"):
+        CostModel(g, h800, Options(seq=8192, gemm_dtype="fp4"))
+
+
+def test_deepep_dispatch_crosses_the_nic_once_per_destination_node():
+    from meshplan.planner import collectives_cost as cc
+    # 256 experts over 8 nodes (32 each), top-8: a token reaches 8 (1 - C(224, 8)/C(256, 8)) ~ 5.3 nodes on average
+    assert cc.remote_nodes(256, 8, 8) == pytest.approx(7 * (1 - math.comb(224, 8) / math.comb(256, 8)))
+    x, n = 8 * 4096 * 7168 * 2 * 64.0, 64  # all routed copies of 64 ranks' 4096 tokens
+    plain, dedup = cc.traffic("all_to_all", x, n, 8), cc.dedup_dispatch_traffic(x, n, 8, 256, 8)
+    assert dedup.inter_bytes == pytest.approx(4096 * 7168 * 2 * cc.remote_nodes(256, 8, 8))
+    assert dedup.inter_bytes < 0.7 * plain.inter_bytes
+    assert cc.dedup_dispatch_traffic(x / 8, 8, 8, 256, 8) == cc.traffic("all_to_all", x / 8, 8, 8)  # one node: as is
