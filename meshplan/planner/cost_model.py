@@ -21,6 +21,7 @@ once per mesh through sympy.lambdify (see problem.py). Conventions:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import sympy
@@ -120,6 +121,12 @@ def ep_imbalance(k, t, experts_split: bool):
     if not experts_split:
         return sympy.Integer(1)
     return 1 + sympy.sqrt(2 * sympy.log(N) * (N - 1) / (k * t))
+
+
+def imbalance_factor(k: int, t: float, n: int) -> float:
+    """ep_imbalance at numbers (n ranks, t tokens of the group, top-k): what the most loaded rank receives over
+    the mean, which sets EP's all-to-all time as it sets its expert GEMMs'."""
+    return 1 + math.sqrt(2 * math.log(n) * (n - 1) / (k * t)) if n > 1 else 1.0
 
 
 def _attention(op: Op, cand: str, whole: bool):

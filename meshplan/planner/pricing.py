@@ -222,9 +222,13 @@ class CostModel:
             self._links[kind] = cc.link_params(self.cluster, kind)
         return cc.comm_time(kind, cc.traffic(kind, nbytes, n, local), self.cluster, links=self._links[kind])
 
-    def _coll_time(self, op, coll, nbytes, n: int, local: int) -> float:
-        """One op-internal collective; EP dispatch/combine across nodes with Options.ep_dispatch "deepep" crosses
-        the NIC once per destination node (collectives_cost.dedup_dispatch_traffic)."""
+    def _coll_time(self, op, coll, nbytes, mc: MeshConfig, local: int) -> float:
+        """One op-internal collective. EP's dispatch/combine move the most loaded rank's rows (the mean bytes x
+        cost_model.imbalance_factor, unless routing is force-balanced); across nodes with Options.ep_dispatch
+        "deepep" they cross the NIC once per destination node (collectives_cost.dedup_dispatch_traffic)."""
+        n = mc.n
+        if coll.name in ("dispatch", "combine") and not self.opt.balanced_routing:
+            nbytes = nbytes * cm.imbalance_factor(op.attrs["top_k"], mc.b * self.opt.seq, n)
         if self.opt.ep_dispatch == "deepep" and coll.name in ("dispatch", "combine") and n > local:
             a = op.attrs
             t = cc.dedup_dispatch_traffic(nbytes, n, local, a["n_experts"], a["top_k"])
@@ -272,7 +276,7 @@ class CostModel:
         for j, coll in enumerate(gi.terms[cand].colls):
             elems, rows = vals[5 + 2 * j], vals[6 + 2 * j]
             ch.colls[coll.name] = {dt: 2 * redo[1] * (self._coll_time(gi.ops[0], coll, cc.wire_bytes(elems, rows, dt),
-                                                                      mc.n, loc["mp"])
+                                                                      mc, loc["mp"])
                                                        + self.codec_time(coll.kind, elems, rows, dt, mc.n))
                                    for dt in PRECISIONS}
             ch.err2[coll.name] = {dt: 2 * cc.relative_error(coll.kind, dt, mc.n) ** 2 for dt in PRECISIONS}

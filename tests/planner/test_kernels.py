@@ -110,3 +110,15 @@ def test_deepep_dispatch_crosses_the_nic_once_per_destination_node():
     assert dedup.inter_bytes == pytest.approx(4096 * 7168 * 2 * cc.remote_nodes(256, 8, 8))
     assert dedup.inter_bytes < 0.7 * plain.inter_bytes
     assert cc.dedup_dispatch_traffic(x / 8, 8, 8, 256, 8) == cc.traffic("all_to_all", x / 8, 8, 8)  # one node: as is
+
+
+def test_ep_all_to_all_moves_the_most_loaded_ranks_rows(graph, h800):
+    g = graph("internal-352b", n_layers=2)
+    mc = MeshConfig(8, 1, 1, 1, 1)
+    times = {}
+    for balanced in (False, True):
+        cmodel = CostModel(g, h800, Options(seq=8192, balanced_routing=balanced))
+        times[balanced] = cmodel.choice(cmodel.group_of[_op(g, G.MOE).name], "ep", mc).colls["dispatch"]["bf16"]
+    imb = cm.imbalance_factor(3, 8192, 8)
+    assert imb == pytest.approx(float(cm.ep_imbalance(3, 8192, True).subs(cm.N, 8)))
+    assert 1.01 < times[False] / times[True] < imb  # bytes scale by imb, the per-step latency does not
