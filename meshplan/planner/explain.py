@@ -123,6 +123,8 @@ def explain_op(cmodel: CostModel, mc: MeshConfig, problem: Problem, a: Assignmen
                      f"replicas ({zero}) = {ch.static_mem / 1e9:.4f} GB")
         lines.append(f"  activations/mb = {_fmt(t.activations, mc.n)} bytes = {ch.act_mem / 1e9:.4f} GB")
         if ch.grad:
-            lines.append("  gradient all-reduce per step: " + ", ".join(f"{dt} {v * MS:.3f} ms" for dt, v in
-                                                                         ch.grad.items()))
+            how = "reduce-scatter (ZeRO-1)" if cmodel.opt.zero else "all-reduce"
+            lines.append(f"  gradient {how} per step: " + ", ".join(f"{dt} {v * MS:.3f} ms" for dt, v in
+                                                                     ch.grad.items())
+                         + (f"; bf16 parameter all-gather {ch.gather * MS:.3f} ms" if ch.gather else ""))
     return "\n".join(lines)
