@@ -28,6 +28,8 @@ BENCHMARKS = {
     "simulate_table": ("simulate_table.py", ["--quick"], []),
     "planner_time": ("planner_time.py", [], []),
     "planner_throughput": ("planner_throughput.py", [], []),
+    "published": ("published.py", [], []),
+    "router_imbalance": ("router_imbalance.py", ["--trials", "2"], []),
 }
 
 

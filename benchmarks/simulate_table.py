@@ -1,6 +1,7 @@
 """At-scale simulation table: for each model of MegaScale-MoE's Table 2 on H800 at a few GPU counts (seq 8192,
 global batch 720 sequences), the planner's plan vs Megatron-LM (TP=8+SP, best pipeline depth and PP=15 where that
-divides) vs all-EP/DP: predicted step time, tokens/s, MFU, memory per GPU, pipeline bubble. Everything is priced
+divides) vs MegaScale-style (SP+EP, PP=15, BF16 grads) vs all-EP/DP (the baselines' activation recompute fixed per
+model at its smallest GPU count, simulate.fixed_recompute): predicted step time, tokens/s, MFU, memory per GPU, pipeline bubble. Everything is priced
 by the one cost model (planner/simulate.py). These are PREDICTIONS of the cost model, not measurements.
 
 GPU counts: 240, 480, 960 (multiples of 8 GPUs/node whose data-parallel factor can divide 720). A plan that does
@@ -25,16 +26,19 @@ QUICK_GPUS = (240,)
 SEQ, GLOBAL_BATCH = 8192, 720
 
 
-def rows_for(graph, cluster, gpus: int, global_batch: int = GLOBAL_BATCH, seq: int = SEQ) -> list[dict]:
-    """Row dicts for one model and GPU count; planner infeasibility becomes a row, not an exception."""
+def rows_for(graph, cluster, gpus: int, global_batch: int = GLOBAL_BATCH, seq: int = SEQ,
+             recompute: dict[str, bool] | None = None) -> list[dict]:
+    """Row dicts for one model and GPU count; planner infeasibility becomes a row, not an exception. recompute:
+    the baselines' fixed activation-recompute setting (simulate.fixed_recompute), None: per scale."""
     from meshplan.planner import Options, PlannerError
     from meshplan.planner.simulate import simulate
 
     try:
-        rows = simulate(graph, cluster, gpus, global_batch, Options(seq=seq), reference_pp=15)
+        rows = simulate(graph, cluster, gpus, global_batch, Options(seq=seq), reference_pp=15,
+                        baseline_recompute=recompute)
     except PlannerError as e:  # simulate() raises when the planner finds nothing: still price the baselines
         return [{"plan": "planner", "feasible": False, "fits": False, "note": f"infeasible: {str(e)[:200]}"}] + \
-            baseline_rows(graph, cluster, gpus, global_batch, seq)
+            baseline_rows(graph, cluster, gpus, global_batch, seq, recompute)
     out = []
     planner_step = rows[0].breakdown.step
     for r in rows:
@@ -47,7 +51,8 @@ def rows_for(graph, cluster, gpus: int, global_batch: int = GLOBAL_BATCH, seq: i
     return out
 
 
-def baseline_rows(graph, cluster, gpus: int, global_batch: int, seq: int) -> list[dict]:
+def baseline_rows(graph, cluster, gpus: int, global_batch: int, seq: int,
+                  recompute: dict[str, bool] | None = None) -> list[dict]:
     """The baselines simulate() would have listed, for when the planner itself is infeasible."""
     from meshplan.planner import Options, PlannerError
     from meshplan.planner.baselines import baseline
@@ -55,14 +60,14 @@ def baseline_rows(graph, cluster, gpus: int, global_batch: int, seq: int) -> lis
 
     opts, out = Options(seq=seq), []
     for kind, pp, note in (("megatron", None, "best pp"), ("megatron", 15, "pp=15 (REFERENCE.md)"),
-                           ("ep_dp", None, "best pp")):
+                           ("megascale", 15, "pp=15, SP+EP, bf16 grads"), ("ep_dp", None, "best pp")):
         try:
-            p = baseline(kind, graph, cluster, gpus, global_batch, opts, pp=pp)
+            p = baseline(kind, graph, cluster, gpus, global_batch, opts, pp=pp, recompute=(recompute or {}).get(kind))
         except PlannerError as e:
             if pp is None:
                 out.append({"plan": kind, "feasible": False, "fits": False, "note": f"infeasible: {str(e)[:200]}"})
             continue
-        d = _row(kind, graph, cluster, p.mesh, p.breakdown, global_batch, seq, cluster.memory_limit, note).to_dict()
+        d = _row(kind, graph, cluster, p, global_batch, seq, cluster.memory_limit, note).to_dict()
         out.append({**d, "feasible": True, "planner_speedup": None})
     return out
 
@@ -75,10 +80,14 @@ def run(models=MODELS, gpus=GPUS, write: bool = True, quick: bool = False) -> di
     cluster = load_cluster("h800")
     results, table = [], []
     t0 = time.perf_counter()
+    from meshplan.planner import Options
+    from meshplan.planner.simulate import fixed_recompute
+
     for name in models:
         graph = trace(build_model(load_config(name), device="meta"))
+        rc = fixed_recompute(graph, cluster, min(gpus), GLOBAL_BATCH, Options(seq=SEQ))  # once per model
         for g in gpus:
-            for d in rows_for(graph, cluster, g):
+            for d in rows_for(graph, cluster, g, recompute=rc):
                 d = {"model": name, "gpus": g, **d}
                 results.append(d)
                 table.append(_table_row(d))

@@ -87,7 +87,8 @@ def _auto_plan(graph: Graph, cluster, world: int, batch: int, seq: int, mesh: Me
     """The planner's choice for this world. The runtime executes no pipeline stages, so pp = 1."""
     from .planner import Options, search, to_plan
 
-    opts = Options(seq=seq, activation_dtype=activation_dtype(graph))
+    # zero=False: the runtime all-reduces gradients and keeps whole optimizer state (priced as it runs).
+    opts = Options(seq=seq, activation_dtype=activation_dtype(graph), zero=False)
     if error_budget is not None:
         opts.error_budget = error_budget
     model_axis = [mesh.shape[-1]] if mesh is not None else [n for n in range(1, world + 1) if world % n == 0]
@@ -177,7 +178,7 @@ class CompiledModel(nn.Module):
         from .planner.explain import op_table
 
         priced = price_plan(self.graph, self.cluster, self.plan, self.batch,
-                            Options(seq=self.seq, activation_dtype=activation_dtype(self.graph)))
+                            Options(seq=self.seq, activation_dtype=activation_dtype(self.graph), zero=False))
         bd = priced.breakdown
         head = (f"{self.plan.summary()}\npredicted on {self.cluster.name}: step {bd.step * 1e3:.3f} ms, "
                 f"peak memory {max(bd.memory) / 2**30:.3f} GiB per rank")

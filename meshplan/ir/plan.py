@@ -187,8 +187,12 @@ class Plan:
         it is data parallel only where it is batch-wise."""
         where = f"plan.ops[{op.name!r}]"
         k = self.mesh.index(p.axis) if p.axis is not None else None
-        if k is not None and self.mesh.axis_size(p.axis) > 1 and \
-                (err := offered_error(op, p.strategy, (p.input[k], p.output[k]))):
+        if k is not None and self.mesh.axis_size(p.axis) > 1:
+            err = offered_error(op, p.strategy, (p.input[k], p.output[k]))
+        else:  # on a 1-wide axis layouts coincide, but the strategy's implementation still runs the op
+            err = offered_error(op, p.strategy) if op.strategies is not None and p.strategy not in op.strategies \
+                else None
+        if err:
             raise PlanError(f"{where}.strategy: {err}")
         for axis, size in self.mesh.axes:
             if size > 1 and p.input[self.mesh.index(axis)] == BATCH and (err := batch_parallel_error(op)):

@@ -1,8 +1,13 @@
-"""Baseline plans, expressed as ordinary Plans and priced by the planner's own model (plans.price_plan).
+"""Baseline plans, expressed as ordinary Plans and priced by the planner's own model (plans.price_plan), each as
+its users run it (docs/reference.md#baselines).
 
 megatron: Megatron-LM with sequence parallelism (REFERENCE.md's baseline): TP over the node (mp = 8) for attention,
     the experts and dense FFNs; norms and residual adds sequence-sharded; vocab-parallel embedding; PP across
-    nodes; DP outermost. Activation collectives and gradients in BF16 (Megatron's defaults).
+    nodes; DP outermost. Activation collectives in BF16; gradients reduce-scattered in FP32 and BF16 parameters
+    all-gathered (its distributed optimizer without --grad-reduce-in-bf16: Options.zero); TP all-gathers and
+    reduce-scatters exposed (no --tp-comm-overlap: plan.meta tp_comm_overlap false).
+megascale: MegaScale-MoE's fixed plan: Ulysses SP attention and EP experts over the node, PP=15, BF16 gradient
+    exchange, communication overlapped by its schedule (the planner's `overlap`).
 ep_dp: all-EP/DP: the MoE FFN expert-parallel over the node, every other op data parallel on every axis (one
     sequence per GPU per micro-batch), so the only model-axis communication is the EP all-to-all and the
     batch <-> sequence all-to-all around it.
@@ -22,6 +27,8 @@ from .pricing import MeshConfig, Options, layers_per_stage
 
 MEGATRON = {G.ATTENTION: "tp", G.MOE: "tp", G.FFN: "tp", G.EMBEDDING: "vocab", G.NORM: "seq", G.LINEAR: "tp",
             G.LM_HEAD: "seq", G.GENERIC: "seq"}
+MEGASCALE = {G.ATTENTION: "sp", G.MOE: "ep", G.FFN: "tp", G.EMBEDDING: "seq", G.NORM: "seq", G.LINEAR: "tp",
+             G.LM_HEAD: "seq", G.GENERIC: "seq"}
 BF16 = "bf16"
 
 
@@ -45,28 +52,43 @@ def _plan(graph: Graph, mc: MeshConfig, pick, name: str) -> Plan:
     return Plan(graph.name, mc.mesh, ops, meta)
 
 
-def megatron_plan(graph: Graph, mc: MeshConfig) -> Plan:
-    return _plan(graph, mc, lambda op: MEGATRON[op.kind], "megatron")
+def megatron_plan(graph: Graph, mc: MeshConfig, tp_comm_overlap: bool = False) -> Plan:
+    plan = _plan(graph, mc, lambda op: MEGATRON[op.kind], "megatron")
+    for p in plan.ops.values():  # FP32 gradient reduction unless --grad-reduce-in-bf16
+        if "grad" in p.precision:
+            p.precision["grad"] = "fp32"
+    plan.meta["tp_comm_overlap"] = tp_comm_overlap
+    return plan
+
+
+def megascale_plan(graph: Graph, mc: MeshConfig) -> Plan:
+    plan = _plan(graph, mc, lambda op: MEGASCALE[op.kind], "megascale")
+    plan.meta["tp_comm_overlap"] = True
+    return plan
 
 
 def ep_dp_plan(graph: Graph, mc: MeshConfig) -> Plan:
     return _plan(graph, mc, lambda op: "ep" if op.kind == G.MOE else None, "ep_dp")
 
 
-BUILDERS = {"megatron": megatron_plan, "ep_dp": ep_dp_plan}
+BUILDERS = {"megatron": megatron_plan, "megascale": megascale_plan, "ep_dp": ep_dp_plan}
 
 
 def baseline(kind: str, graph: Graph, cluster: Cluster, gpus: int, global_batch: int,
-             options: Options | None = None, pp: int | None = None) -> Priced:
+             options: Options | None = None, pp: int | None = None, recompute: bool | None = None) -> Priced:
     """The baseline's plan on `gpus` GPUs, priced: the fastest pipeline depth (or the given `pp`) and activation
-    recomputation setting that fits memory; with `pp` given and nothing fitting, the smallest-memory variant."""
+    recomputation setting that fits memory; with `pp` given and nothing fitting, the smallest-memory variant.
+    `recompute`: the run's setting, chosen once by its user (True/False), switched on only where memory forces it;
+    None: whichever fits fastest at this scale (options.recompute)."""
     options = options or Options()
     n = min(cluster.gpus_per_node, gpus)
     while n > 1 and gpus % n:
         n //= 2
     b = n if kind == "ep_dp" else 1  # ep_dp shards the batch over the model axis: one sequence per GPU
     depths = [pp] if pp else divisors(max(graph.n_layers(), 1))
-    recompute = {"auto": (False, True), "never": (False,), "always": (True,)}[options.recompute]
+    recompute_fixed = recompute is False
+    recompute = ((True,) if recompute else (False, True)) if recompute is not None else \
+        {"auto": (False, True), "never": (False,), "always": (True,)}[options.recompute]
     best = smallest = None
     for p in depths:
         if gpus % (n * p) or global_batch % (gpus // (n * p) * b):
@@ -82,6 +104,8 @@ def baseline(kind: str, graph: Graph, cluster: Cluster, gpus: int, global_batch:
                 smallest = priced
             if fits(priced) and (best is None or priced.breakdown.step < best.breakdown.step):
                 best = priced
+            if recompute_fixed and fits(priced):
+                break  # the user's setting fits: recomputation is not forced on
     if best is None and pp and smallest is not None:
         return smallest  # the caller asked for this depth: report it, marked as not fitting
     if best is None:

@@ -92,6 +92,9 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
                                                "and the baselines at scale")
     _common(p)
     p.add_argument("--json", help="also write the rows as JSON here")
+    p.add_argument("--breakdown", action="store_true",
+                   help="per plan, where the step goes: per layer and micro-batch GEMM, attention, memory-bound, "
+                        "exposed comm by collective; per step bubble, gradient sync, optimizer")
     p.set_defaults(func=cmd_simulate)
     return p
 
@@ -106,6 +109,11 @@ def cmd_simulate(args) -> int:
     rows = simulate(graph, cluster, args.gpus, args.global_batch, opts)
     print(f"{graph.name}: {args.gpus} x {cluster.name}, global batch {args.global_batch} x {opts.seq} tokens")
     print(table(rows))
+    if args.breakdown:
+        from .breakdown import table as parts_table
+        for r in rows:
+            if r.parts:
+                print("\n" + parts_table(f"{r.name} {r.mesh}", r.parts))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.to_dict() for r in rows], f, indent=1, default=str)

@@ -8,6 +8,13 @@ collective reaches. A link may carry measured per-collective alpha/beta (`collec
 `activation_dtype` is the dtype activations live in on this machine (a collective in it needs no conversion);
 `codec_efficiency` the fraction of HBM bandwidth the conversion to and from each other wire format reaches (the
 encode/decode of a compressed collective, priced as memory traffic).
+
+A link may also carry its own `efficiency` per collective (the span matters: NVLink all-to-all and IB rings reach
+different shares of their links, docs/reference.md#links), which replaces the cluster-wide one on that link.
+A GPU cluster may carry a `kernels:` section (KernelModel, docs/reference.md#kernels): the SM count, GEMM tile,
+the efficiency of one full wave of tiles, the fixed cost of one kernel launch, FlashAttention's forward and backward
+efficiency and the share of HBM bandwidth memory-bound kernels reach. Without it (CPU clusters fitted by
+`meshplan calibrate`) GEMMs follow the smooth size efficiency prod x/(x + gemm_half_size).
 """
 from __future__ import annotations
 
@@ -37,14 +44,29 @@ class AlphaBeta:
 
 @dataclass(frozen=True)
 class Link:
-    bandwidth: float
+    bandwidth: float  # bytes/s per direction
     latency: float
     collectives: dict[str, AlphaBeta] = field(default_factory=dict)  # measured, per collective kind
+    efficiency: dict[str, float] = field(default_factory=dict)  # share of `bandwidth` per collective on this link
 
     def alpha_beta(self, kind: str, efficiency: float) -> AlphaBeta:
         if kind in self.collectives:
             return self.collectives[kind]
-        return AlphaBeta(self.latency, self.bandwidth * efficiency)
+        return AlphaBeta(self.latency, self.bandwidth * self.efficiency.get(kind, efficiency))
+
+
+@dataclass(frozen=True)
+class KernelModel:
+    """What one GPU's kernels achieve (docs/reference.md#kernels): a GEMM runs in waves of `tile` output tiles,
+    `sm_count` at a time, each wave at `gemm_efficiency` of peak; every kernel costs `launch_s` more."""
+    sm_count: int
+    tile: tuple[int, int]  # output rows x columns one SM computes per wave
+    gemm_efficiency: float  # fraction of peak FLOP/s one full wave reaches
+    launch_s: float  # fixed cost of one kernel (launch and ramp), seconds
+    attention_forward: float  # FlashAttention forward: fraction of peak
+    attention_backward: float  # FlashAttention backward (2.5x the forward's FLOPs): fraction of peak
+    memory_efficiency: float  # memory-bound kernels: fraction of HBM bandwidth
+    fp8_speedup: float = 2.0  # dense FP8 / BF16 tensor-core peak (H100/H800: 1979 / 989 TFLOP/s)
 
 
 @dataclass(frozen=True)
@@ -65,6 +87,7 @@ class Cluster:
     # CPU "clusters" only: the cores that the measured rates used, which a node's ranks then share (0: GPUs)
     cpu_cores: int = 0
     description: str = ""
+    kernels: KernelModel | None = None  # None: the smooth size-efficiency model (CPU clusters)
 
     @property
     def memory_limit(self) -> float:
@@ -94,8 +117,13 @@ class Cluster:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         for key in ("intra_node", "inter_node"):
-            if not d[key]["collectives"]:
-                del d[key]["collectives"]
+            for sub in ("collectives", "efficiency"):
+                if not d[key][sub]:
+                    del d[key][sub]
+        if d["kernels"] is None:
+            del d["kernels"]
+        else:
+            d["kernels"]["tile"] = list(d["kernels"]["tile"])
         return d
 
     def to_yaml(self, path: str | Path | None = None, header: str = "") -> str:
@@ -130,7 +158,7 @@ def _fields(where: str, d, required: set[str], optional: set[str]) -> dict:
 
 
 def _link(where: str, d) -> Link:
-    d = _fields(where, d, {"bandwidth", "latency"}, {"collectives"})
+    d = _fields(where, d, {"bandwidth", "latency"}, {"collectives", "efficiency"})
     measured = {}
     coll = d.get("collectives") or {}
     if not isinstance(coll, dict):
@@ -141,8 +169,36 @@ def _link(where: str, d) -> Link:
         ab = _fields(f"{where}.collectives.{kind}", ab, {"latency", "bandwidth"}, set())
         measured[kind] = AlphaBeta(_number(f"{where}.collectives.{kind}.latency", ab["latency"], positive=False),
                                    _number(f"{where}.collectives.{kind}.bandwidth", ab["bandwidth"]))
+    eff = d.get("efficiency") or {}
+    if not isinstance(eff, dict):
+        raise ClusterError(f"{where}.efficiency: expected a mapping collective -> fraction")
+    for kind, v in eff.items():
+        if kind not in COLLECTIVES:
+            raise ClusterError(f"{where}.efficiency.{kind}: unknown collective (known: {', '.join(COLLECTIVES)})")
+        _number(f"{where}.efficiency.{kind}", v, at_most_one=True)
     return Link(_number(f"{where}.bandwidth", d["bandwidth"]), _number(f"{where}.latency", d["latency"], False),
-                measured)
+                measured, {str(k): float(v) for k, v in eff.items()})
+
+
+KERNEL_FIELDS = {"sm_count", "tile", "gemm_efficiency", "launch_s", "attention_forward", "attention_backward",
+                 "memory_efficiency"}
+KERNEL_OPTIONAL = {"fp8_speedup"}
+
+
+def _kernels(d) -> KernelModel | None:
+    if d is None:
+        return None
+    d = _fields("cluster.kernels", d, KERNEL_FIELDS, KERNEL_OPTIONAL)
+    sms, tile = d["sm_count"], d["tile"]
+    if isinstance(sms, bool) or not isinstance(sms, int) or sms < 1:
+        raise ClusterError(f"cluster.kernels.sm_count: must be a positive integer, got {sms!r}")
+    if not (isinstance(tile, (list, tuple)) and len(tile) == 2 and all(isinstance(x, int) and x > 0 for x in tile)):
+        raise ClusterError(f"cluster.kernels.tile: must be [rows, columns], two positive integers, got {tile!r}")
+    frac = {k: _number(f"cluster.kernels.{k}", d[k], at_most_one=True)
+            for k in ("gemm_efficiency", "attention_forward", "attention_backward", "memory_efficiency")}
+    return KernelModel(sms, (tile[0], tile[1]), launch_s=_number("cluster.kernels.launch_s", d["launch_s"],
+                                                                   positive=False),
+                       fp8_speedup=_number("cluster.kernels.fp8_speedup", d.get("fp8_speedup", 2.0)), **frac)
 
 
 def _fractions(field_name: str, d: dict, what: str, known: tuple[str, ...]) -> dict:
@@ -167,7 +223,7 @@ def cluster_from_dict(d) -> Cluster:
     required = {"name", "peak_flops", "gemm_efficiency", "hbm_bytes", "hbm_bandwidth", "gpus_per_node",
                 "intra_node", "inter_node"}
     optional = {"gemm_half_size", "memory_fraction", "collective_efficiency", "activation_dtype", "codec_efficiency",
-                "cpu_cores", "description"}
+                "cpu_cores", "description", "kernels"}
     d = _fields("cluster", d, required, optional)
     gpn = d["gpus_per_node"]
     if isinstance(gpn, bool) or not isinstance(gpn, int) or gpn < 1:
@@ -193,6 +249,7 @@ def cluster_from_dict(d) -> Cluster:
         codec_efficiency={str(k): float(v) for k, v in codec.items()},
         cpu_cores=_cores(d.get("cpu_cores", 0)),
         description=str(d.get("description", "")),
+        kernels=_kernels(d.get("kernels")),
     )
 
 

@@ -20,6 +20,7 @@ Functions here work on floats and on sympy expressions alike (plain arithmetic, 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import sympy
@@ -68,6 +69,31 @@ def traffic(kind: str, x, n: int, local: int) -> Traffic:
     if kind == "all_reduce":
         return Traffic(2 * x * (l - 1) / l, 2 * (x / l) * (g - 1) / g, 2 * (l - 1), 2 * (g - 1))
     raise ValueError(f"unknown collective kind {kind!r}")
+
+
+def remote_nodes(experts: int, top_k: int, nodes: int) -> float:
+    """Expected distinct other nodes one token's top-k experts (distinct, uniformly routed, experts split evenly
+    over `nodes` nodes) live on: (g - 1) · (1 - C(E - E/g, k) / C(E, k))."""
+    if nodes <= 1:
+        return 0.0
+    per_node = experts // nodes
+    miss = math.comb(experts - per_node, top_k) / math.comb(experts, top_k)
+    return (nodes - 1) * (1 - miss)
+
+
+def dedup_dispatch_traffic(x, n: int, local: int, experts: int, top_k: int) -> Traffic:
+    """EP dispatch (or combine) with DeepEP's hierarchical all-to-all (docs/reference.md#links): a token crosses
+    the NIC once per destination node, to the GPU of its own local index there, which forwards the copies over
+    NVLink. x: bytes of all routed copies of the group (collectives_cost convention, X = k·t·h·bytes)."""
+    l = max(1, min(local, n))
+    if l >= n:
+        return traffic("all_to_all", x, n, local)
+    g = n // l
+    token = x / (top_k * n)  # bytes of one rank's tokens, each once
+    inter = token * remote_nodes(experts, top_k, g)
+    copies = x / n  # this rank's routed copies
+    intra = copies * (l - 1) / n + copies * (n - l) / n * (l - 1) / l  # local peers + forwarding of arrivals
+    return Traffic(intra, inter, l - 1, g - 1, concurrent=True)
 
 
 def link_params(cluster: Cluster, kind: str):

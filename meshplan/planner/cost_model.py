@@ -6,9 +6,12 @@ once per mesh through sympy.lambdify (see problem.py). Conventions:
   * Training = forward + backward = 3x forward FLOPs; every forward collective has a backward twin of the same
     volume (the all-to-alls run again in reverse; reshardings run the collective transition() names for the
     gradient placements, e.g. all-gather forward -> reduce-scatter backward).
-  * Compute time = 3·FLOPs / (peak · gemm_efficiency · size efficiency) + 3·HBM bytes / HBM bandwidth. Size
-    efficiency is prod(x / (x + c)) over the op's main GEMM dims (c = cluster.gemm_half_size): narrow GEMMs
-    (TP's split expert hidden, few tokens per expert) run slower. Elementwise ops count HBM bytes only.
+  * Compute time, on a GPU cluster with a kernel model (kernels.py, docs/reference.md#kernels): every GEMM in
+    waves of tiles on the SMs (forward, input and weight gradient), FlashAttention at its own forward/backward
+    efficiency, memory-bound kernels (permute/unpermute, SwiGLU, router softmax/top-k, RoPE, norms) as 3x their
+    forward HBM bytes, a fixed cost per kernel launch; EP experts run the most loaded rank's rows (ep_imbalance).
+    Without a kernel model (CPU clusters): 3·FLOPs / (peak · gemm_efficiency · size efficiency) + 3·HBM bytes /
+    HBM bandwidth, size efficiency prod(x / (x + c)) over the op's main GEMM dims (c = cluster.gemm_half_size).
   * Collective volumes follow collectives_cost.py (bytes each GPU sends); REFERENCE.md per-layer volumes:
       TP attention / MoE:  all-gather + reduce-scatter of X = b·s·h on the edges  -> V_TP = 2·b·s·h·(n-1)/n
       SP attention:  qkv all-to-all of X = b·s·h(1+2/m), out all-to-all of X = b·s·h:
@@ -18,6 +21,7 @@ once per mesh through sympy.lambdify (see problem.py). Conventions:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import sympy
@@ -29,7 +33,7 @@ from ..ir.strategies import (
     DEFAULT_STRATEGY, STRATEGIES, batch_parallel_error, divisibility_error, layout_error, native_io, offered_error,
     transition,
 )
-from . import memory
+from . import kernels, memory
 from .memory import DP, N, SEQ_LIKE
 
 BATCH = Shard(0)
@@ -59,14 +63,17 @@ class OpTerms:
     params_replicated: sympy.Expr
     activations: sympy.Expr  # bytes saved for backward per micro-batch
     checkpoint: sympy.Expr  # bytes kept per micro-batch under full recomputation (the op's inputs)
+    # kernel-level view (kernels.py): attention core FLOPs, forward launches, then (count, m, k, n, ragged) per GEMM
+    kernel: tuple = ()
 
 
 def candidates(op: Op, n: int, b: int, seq: int) -> list[str]:
     """Strategies this op can take on an n-way model axis (micro-batch b per replica, sequence seq)."""
     if op.kind not in STRATEGIES:
         return []
-    if n == 1:
-        return [DEFAULT_STRATEGY[op.kind]]  # all strategies coincide; keep the plan readable
+    if n == 1:  # all strategies coincide in layout; keep the plan readable, and the default only where it is exact
+        default = DEFAULT_STRATEGY[op.kind]
+        return [default if op.strategies is None or default in op.strategies else "replicate"]
     out = []
     for s in STRATEGIES[op.kind]:
         if divisibility_error(op, s, "mp", n) is not None:
@@ -110,51 +117,116 @@ def edge_kinds(src: Op, s: str, dst: Op, t: str) -> tuple[str, str]:
     return fwd, bwd
 
 
-def terms(op: Op, cand: str) -> OpTerms:
+def ep_imbalance(k, t, experts_split: bool):
+    """max/mean routed rows over the n ranks that split the experts (docs/reference.md#router-imbalance): with a
+    router that spreads tokens evenly in expectation (random weights, or a trained router with a balancing loss)
+    each rank's load is a sum of k·t/n expected rows with binomial spread, and the most loaded of n such ranks sits
+    sqrt(2 ln n) standard deviations above the mean. Measured against the reference router by
+    benchmarks/router_imbalance.py. TP, which gives every rank a slice of every expert, pays no imbalance."""
+    if not experts_split:
+        return sympy.Integer(1)
+    return 1 + sympy.sqrt(2 * sympy.log(N) * (N - 1) / (k * t))
+
+
+def imbalance_factor(k: int, t: float, n: int) -> float:
+    """ep_imbalance at numbers (n ranks, t tokens of the group, top-k): what the most loaded rank receives over
+    the mean, which sets EP's all-to-all time as it sets its expert GEMMs'."""
+    return 1 + math.sqrt(2 * math.log(n) * (n - 1) / (k * t)) if n > 1 else 1.0
+
+
+def _attention(op: Op, cand: str, whole: bool):
+    """(flops, core flops, hbm bytes, gemms, dims, colls) of the attention op on one GPU."""
+    t, a = G.B * G.S, op.attrs
+    hq, hkv, hd, d = a["n_heads"], a["n_kv_heads"], a["head_dim"], a["dim"]
+    q, kv = hq * hd, 2 * hkv * hd
+    proj_kv = 2 * t * d * kv
+    core = 2 * G.B * G.S * G.S * hq * hd  # ops.py: causal QK^T and AV
+    rest = op.flops - proj_kv  # q/o projections and the causal core split by heads or tokens
+    kvs = sympy.Min(N, hkv)
+    colls = ()
+    if whole:
+        flops, dims, share = op.flops, (t, d, q), 1
+        gemms = ((1, t, d, q + kv, 0), (1, t, q, d, 0))
+        rope = t * (q + kv / 2)
+    elif cand == "tp":  # KV projection split over min(n, n_kv) ranks, recomputed beyond
+        flops, dims, share = rest / N + proj_kv / kvs, (t, d, q / N), 1 / N
+        gemms = ((1, t, d, q / N + kv / kvs, 0), (1, t, q / N, d, 0))
+        rope = t * (q / N + kv / 2 / kvs)
+    else:  # sp, dp: every FLOP divided n ways (sp: projections on t/n tokens, core on all tokens of hq/n heads)
+        flops, dims, share = op.flops / N, (t / N, d, q), 1 / N
+        gemms = ((1, t / N, d, q + kv, 0), (1, t / N, q, d, 0))
+        rope = t / N * (q + kv / 2)
+    if cand == "sp":
+        colls = (Coll("qkv_a2a", "all_to_all", t * (q + kv * N / kvs), 3 * t), Coll("out_a2a", "all_to_all", t * q, t))
+    hbm = 2 * memory.ACT_BYTES * rope  # RoPE reads and writes q and k
+    return flops, core * share, hbm, gemms, dims, colls, 6
+
+
+def _moe(op: Op, cand: str, whole: bool, balanced: bool = False):
+    """(flops, core flops, hbm bytes, gemms, dims, colls, launches) of the MoE FFN on one GPU. Tokens are routed
+    on t_r rows here (all of them under TP and ag_scatter, whose routers run on gathered tokens: Megatron's
+    all-gather dispatcher permutes every routed token on every TP rank); the local experts see `rows` rows each,
+    the most loaded rank's share when experts are split over ranks."""
+    t, a = G.B * G.S, op.attrs
+    d, f, e, k, sh = a["dim"], a["ffn_dim"], a["n_experts"], a["top_k"], a["shared_hidden"]
+    router, experts, shared = 2 * t * d * e, 6 * k * t * d * f, 6 * t * d * sh
+    per_expert = k * t / e  # tokens one expert sees across the group
+    colls, local, width, t_r, t_sh, sh_w = (), e, f, t, t, sh
+    if whole:
+        flops, dims, rows = op.flops, (per_expert, d, f), per_expert
+    elif cand in ("ep", "seq", DP):
+        flops = op.flops / N
+        dims = (per_expert, d, f) if cand == "ep" else (per_expert / N, d, f)
+        t_r = t_sh = t / N
+        if cand == "ep":
+            local, rows = e / N, per_expert * ep_imbalance(k, t, not balanced)
+        else:
+            rows = per_expert / N
+    elif cand == "tp":
+        flops, dims, rows = router + (experts + shared) / N, (per_expert, d, f / N), per_expert
+        width, sh_w = f / N, sh / N
+    else:  # ag_scatter: router on all gathered tokens, local experts at full width
+        flops, dims = router + (experts + shared) / N, (per_expert, d, f)
+        local, rows, sh_w = e / N, per_expert * ep_imbalance(k, t, not balanced), sh / N
+    if cand == "ep":
+        colls = (Coll("dispatch", "all_to_all", k * t * d, k * t), Coll("combine", "all_to_all", k * t * d, k * t))
+    gemms = ((1, t_r, d, e, 0), (local, rows, d, 2 * width, 1), (local, rows, width, d, 1))  # experts: ragged rows
+    if sh:
+        gemms += ((1, t_sh, d, 2 * sh_w, 0), (1, t_sh, sh_w, d, 0))
+    routed = local * rows  # rows through this rank's experts
+    act = memory.ACT_BYTES
+    hbm = (3 * memory.FP32 * t_r * e  # router softmax + top-k: logits read, probabilities written and read
+           + act * 2 * k * t_r * d  # permute: read and write every routed copy
+           + act * (k * t_r * d + t_r * d)  # unpermute: read the copies, write the weighted sum
+           + act * 3 * routed * width  # SwiGLU: read gate and up, write their product
+           + (act * 3 * t_sh * sh_w if sh else 0))
+    return flops, 0, hbm, gemms, dims, colls, 8 + (3 if sh else 0)
+
+
+def terms(op: Op, cand: str, balanced: bool = False) -> OpTerms:
+    """balanced: the run forces an even token distribution over experts (benchmarks do): no EP imbalance."""
     t = G.B * G.S
     a = op.attrs
     sharded_in = cand in SEQ_LIKE
     zero = sympy.Integer(0)
-    flops, hbm, dims, colls = op.flops, zero, (), ()
+    flops, hbm, dims, colls, core, gemms, launches = op.flops, zero, (), (), zero, (), 1
     whole = cand == "replicate"
     if op.kind == G.ATTENTION:
-        hq, hkv, hd, d = a["n_heads"], a["n_kv_heads"], a["head_dim"], a["dim"]
-        q, kv = hq * hd, 2 * hkv * hd
-        proj_kv = 2 * t * d * kv
-        rest = op.flops - proj_kv  # q/o projections and the causal core split by heads or tokens
-        kvs = sympy.Min(N, hkv)
-        if whole:
-            flops, dims = op.flops, (t, d, q)
-        elif cand == "tp":  # KV projection split over min(n, n_kv) ranks, recomputed beyond
-            flops, dims = rest / N + proj_kv / kvs, (t, d, q / N)
-        else:  # sp, dp: every FLOP divided n ways
-            flops, dims = op.flops / N, (t / N, d, q)
-        if cand == "sp":
-            colls = (Coll("qkv_a2a", "all_to_all", t * (q + kv * N / kvs), 3 * t),
-                     Coll("out_a2a", "all_to_all", t * q, t))
+        flops, core, hbm, gemms, dims, colls, launches = _attention(op, cand, whole)
     elif op.kind == G.MOE:
-        d, f, e, k, sh = a["dim"], a["ffn_dim"], a["n_experts"], a["top_k"], a["shared_hidden"]
-        router, experts, shared = 2 * t * d * e, 6 * k * t * d * f, 6 * t * d * sh
-        per_expert = k * t / e  # tokens one expert sees across the group
-        if whole:
-            flops, dims = op.flops, (per_expert, d, f)
-        elif cand in ("ep", "seq", DP):
-            flops = op.flops / N
-            dims = (per_expert, d, f) if cand == "ep" else (per_expert / N, d, f)
-        elif cand == "tp":
-            flops, dims = router + (experts + shared) / N, (per_expert, d, f / N)
-        else:  # ag_scatter: router on all gathered tokens, local experts at full width
-            flops, dims = router + (experts + shared) / N, (per_expert, d, f)
-        if cand == "ep":
-            colls = (Coll("dispatch", "all_to_all", k * t * d, k * t), Coll("combine", "all_to_all", k * t * d, k * t))
+        flops, core, hbm, gemms, dims, colls, launches = _moe(op, cand, whole, balanced)
     elif op.kind == G.FFN:
         d, h = a["dim"], a["hidden"]
         flops = op.flops if whole else op.flops / N
         dims = (t, d, h / N) if cand == "tp" else (t if whole else t / N, d, h)
+        rows, width = dims[0], dims[2]
+        gemms = ((1, rows, d, 2 * width, 0), (1, rows, width, d, 0))
+        hbm, launches = memory.ACT_BYTES * 3 * rows * width, 3  # SwiGLU
     elif op.kind in (G.LINEAR, G.LM_HEAD):
         flops = op.flops if whole else op.flops / N
         dims = (t, a["in_features"] / N, a["out_features"]) if cand == "tp" else \
             (t if whole else t / N, a["in_features"], a["out_features"])
+        gemms = ((1,) + dims + (0,),)
     else:  # embedding, norm, generic: memory-bound, bytes in + out
         elems = sum((m.numel for m in op.input_metas if m.dtype.startswith("float")), zero)
         elems += op.output.numel if op.output is not None else 0
@@ -162,9 +234,10 @@ def terms(op: Op, cand: str) -> OpTerms:
         flops = zero if op.kind == G.EMBEDDING else (op.flops if whole else op.flops / N)
     i, o = placements(op, cand)
     split, rep = memory.param_split(op, cand)
+    kernel = (sympy.sympify(core), sympy.Integer(launches)) + tuple(sympy.sympify(x) for g in gemms for x in g)
     return OpTerms(op, cand, i, o, sympy.sympify(flops), sympy.sympify(hbm), tuple(sympy.sympify(x) for x in dims),
                    colls, split, rep, memory.activation_bytes(op, cand),
-                   memory.checkpoint_bytes(op, isinstance(i, Shard)))
+                   memory.checkpoint_bytes(op, isinstance(i, Shard)), kernel)
 
 
 def size_efficiency(dims, c: float):
@@ -175,8 +248,13 @@ def size_efficiency(dims, c: float):
     return eff
 
 
-def compute_time(flops: float, hbm_bytes: float, dims, cluster) -> float:
-    """compute_time_expr evaluated: seconds of forward + backward on one GPU per micro-batch."""
+def compute_split(flops: float, hbm_bytes: float, dims, cluster, kernel=(), fp8: bool = False) -> dict:
+    """Seconds of forward + backward on one GPU per micro-batch, by kind (gemm, attention, memory, launch).
+    With the cluster's kernel model (kernels.py) from `kernel` (OpTerms.kernel evaluated); without it, the smooth
+    size efficiency prod x / (x + gemm_half_size) on all FLOPs (CPU clusters, fitted by calibrate)."""
+    if cluster.kernels is not None and kernel:
+        return kernels.train_seconds(flops, hbm_bytes, kernel[0], kernel[1], kernels.split(list(kernel[2:])),
+                                     cluster, fp8)
     if dims:
         eff = 1.0
         for x in dims:
@@ -184,7 +262,12 @@ def compute_time(flops: float, hbm_bytes: float, dims, cluster) -> float:
         gemm = 3 * flops / (cluster.achievable_flops * eff)
     else:
         gemm = 3 * flops / cluster.peak_flops
-    return gemm + 3 * hbm_bytes / cluster.hbm_bandwidth
+    return {"gemm": gemm, "attention": 0.0, "memory": 3 * hbm_bytes / cluster.hbm_bandwidth, "launch": 0.0}
+
+
+def compute_time(flops: float, hbm_bytes: float, dims, cluster, kernel=()) -> float:
+    """compute_split summed: seconds of forward + backward on one GPU per micro-batch."""
+    return sum(compute_split(flops, hbm_bytes, dims, cluster, kernel).values())
 
 
 def compute_time_expr(tm: OpTerms, cluster) -> sympy.Expr:

@@ -88,18 +88,23 @@ def explain_op(cmodel: CostModel, mc: MeshConfig, problem: Problem, a: Assignmen
         lines.append(f"  FLOPs/GPU (fwd)   = {_fmt(t.flops, mc.n)} = {float(t.flops.subs(at)):.4g}")
         if t.hbm_bytes != 0:
             lines.append(f"  HBM bytes/GPU     = {_fmt(t.hbm_bytes, mc.n)} = {float(t.hbm_bytes.subs(at)):.4g}")
-        if t.gemm_dims:
+        if cl.kernels is not None:  # kernel-level model (kernels.py): no closed form, show the split
+            split = cmodel.compute_split(g, cand, mc.n, mc.b)
+            lines.append("  compute s/mb      = " + " + ".join(f"{k} {v * MS:.4f} ms" for k, v in split.items())
+                         + f" = {ch.compute * MS:.4f} ms (recompute x4/3 if on)")
+        elif t.gemm_dims:
             eff = cm.size_efficiency(t.gemm_dims, cl.gemm_half_size)
             lines.append(f"  GEMM dims (M,K,N) = {tuple(_fmt(x, mc.n) for x in t.gemm_dims)}; size efficiency "
                          f"prod x/(x+{cl.gemm_half_size:g}) = {float(eff.subs(at)):.4f}")
-        lines.append(f"  compute s/mb      = {_fmt(cm.compute_time_expr(t, cl), mc.n)} = {ch.compute * MS:.4f} ms "
-                     f"(peak {cl.peak_flops:.3g} x gemm_efficiency {cl.gemm_efficiency})")
+        if cl.kernels is None:
+            lines.append(f"  compute s/mb      = {_fmt(cm.compute_time_expr(t, cl), mc.n)} = {ch.compute * MS:.4f} ms "
+                         f"(peak {cl.peak_flops:.3g} x gemm_efficiency {cl.gemm_efficiency})")
         for coll in t.colls:
             x = coll.elems.subs(N, mc.n)
             sent = cc.traffic(coll.kind, x * cc.DTYPE_BYTES["bf16"], mc.n, loc["mp"]).bytes
             times = ", ".join(f"{dt} {ch.colls[coll.name][dt] * MS:.4f} ms" for dt in PRECISIONS)
             lines.append(f"  {coll.name}: {coll.kind}, X = {_fmt(coll.elems, mc.n)} elements; bf16 bytes sent/GPU = "
-                         f"{_fmt(sent, mc.n)} = {float(sent.subs(at)):.4g}; fwd+bwd: {times}")
+                         f"{_fmt(sent, mc.n)} = {float(sympy.sympify(sent).subs(at)):.4g}; fwd+bwd: {times}")
         for e in problem.edges:
             if e.dst != g:
                 continue
@@ -118,6 +123,8 @@ def explain_op(cmodel: CostModel, mc: MeshConfig, problem: Problem, a: Assignmen
                      f"replicas ({zero}) = {ch.static_mem / 1e9:.4f} GB")
         lines.append(f"  activations/mb = {_fmt(t.activations, mc.n)} bytes = {ch.act_mem / 1e9:.4f} GB")
         if ch.grad:
-            lines.append("  gradient all-reduce per step: " + ", ".join(f"{dt} {v * MS:.3f} ms" for dt, v in
-                                                                         ch.grad.items()))
+            how = "reduce-scatter (ZeRO-1)" if cmodel.opt.zero else "all-reduce"
+            lines.append(f"  gradient {how} per step: " + ", ".join(f"{dt} {v * MS:.3f} ms" for dt, v in
+                                                                     ch.grad.items())
+                         + (f"; bf16 parameter all-gather {ch.gather * MS:.3f} ms" if ch.gather else ""))
     return "\n".join(lines)

@@ -68,18 +68,22 @@ def solve(p: Problem, time_limit: float | None = None) -> tuple[Assignment, floa
         lp.addConstraint(pulp.lpSum(v.values()) == base)
         return v
 
-    own_time, grad_time, err_terms, wvars = {}, {}, [], {}
+    a = p.overlap
+    own_time, own_floor, grad_time, gather_time, err_terms, wvars = {}, {}, {}, {}, [], {}
     for g, grp in p.groups.items():
-        own, grad = [], []
+        own, floor, grad = [], [], []
         for s, ch in grp.choices.items():
             for c, times in list(ch.colls.items()) + ([("grad", ch.grad)] if ch.grad else []):
                 w = per_dtype(f"w_{ids[g]}_{s}_{c}", x[g, s], grp.dtypes[c])
                 wvars[g, s, c] = w
                 (grad if c == "grad" else own).extend(times[dt] * MS * w[dt] for dt in w if times[dt])
+                if c != "grad":
+                    floor.extend(ch.floor(c, dt, a) * MS * w[dt] for dt in w if times[dt])
                 err_terms += [grp.count * ch.err2[c][dt] * w[dt] for dt in w if ch.err2.get(c, {}).get(dt)]
-        own_time[g], grad_time[g] = _sum(own), _sum(grad)
+        own_time[g], own_floor[g], grad_time[g] = _sum(own), _sum(floor), _sum(grad)
+        gather_time[g] = _sum([ch.gather * MS * x[g, s] for s, ch in grp.choices.items() if ch.gather])
 
-    edge_time, zvars = {}, {}
+    edge_time, edge_floor, zvars = {}, {}, {}
     for ei, e in enumerate(p.edges):
         src, dst = p.groups[e.src], p.groups[e.dst]
         if e.src == e.dst:  # a self-edge only ever pairs a strategy with itself
@@ -90,34 +94,36 @@ def solve(p: Problem, time_limit: float | None = None) -> tuple[Assignment, floa
                 lp += pulp.lpSum(y[s, t] for t in dst.choices) == x[e.src, s]
             for t in dst.choices:
                 lp += pulp.lpSum(y[s, t] for s in src.choices) == x[e.dst, t]
-        terms = []
+        terms, floor = [], []
         for (s, t), times in e.cost.items():
             if isinstance(y[s, t], int):
                 continue
             z = per_dtype(f"z_{ei}_{s}_{t}", y[s, t], e.dtypes)
             zvars[ei, s, t] = z
             terms += [times[dt] * MS * z[dt] for dt in z if times[dt]]
+            floor += [(1 - e.hide.get((s, t), a)) * times[dt] * MS * z[dt] for dt in z if times[dt]]
             err_terms += [e.count * e.err2[s, t][dt] * z[dt] for dt in z if e.err2.get((s, t), {}).get(dt)]
-        edge_time[ei] = _sum(terms)
+        edge_time[ei], edge_floor[ei] = _sum(terms), _sum(floor)
 
     T, X = _var(lp, "T"), _var(lp, "X")
-    a = p.overlap
     # Stages off the critical path are indifferent to the main objective; a tiny weight on their own times makes
     # them well-planned too (and the solution deterministic) without changing the optimum's step time.
     tie_break = []
     for k, st in enumerate(p.stages):
-        comm = defaultdict(list)
+        comm, floors = defaultdict(list), defaultdict(list)
         compute = {}
         for g, c in st.groups.items():
             compute[g] = c * pulp.lpSum(ch.compute * MS * x[g, s] for s, ch in p.groups[g].choices.items())
             comm[g].append(c * own_time[g])
+            floors[g].append(c * own_floor[g])
         for ei, c in st.edges.items():
             comm[p.edges[ei].dst].append(c * edge_time[ei])
+            floors[p.edges[ei].dst].append(c * edge_floor[ei])
         exposed = []
         for g in st.groups:
             E = _var(lp, f"E_{k}_{ids[g]}")
             cm = pulp.lpSum(comm[g])
-            lp += E >= (1 - a) * cm
+            lp += E >= pulp.lpSum(floors[g])
             lp += E >= cm - compute[g]
             exposed.append(E)
         p2p = [c * ch.p2p * MS * x[g, s] for g, c in st.sends.items() for s, ch in p.groups[g].choices.items()
@@ -129,10 +135,14 @@ def solve(p: Problem, time_limit: float | None = None) -> tuple[Assignment, floa
         GX = _var(lp, f"GX_{k}")
         lp += GX >= (1 - a) * grad
         lp += GX >= grad - 2 / 3 * total_compute
+        gather = pulp.lpSum(c * gather_time[g] for g, c in st.groups.items())
+        PX = _var(lp, f"PX_{k}")
+        lp += PX >= (1 - a) * gather
+        lp += PX >= gather - 1 / 3 * total_compute
         opt = _sum([c * ch.opt_time * MS * x[g, s] for g, c in st.groups.items()
                     for s, ch in p.groups[g].choices.items() if ch.opt_time])
-        lp += X >= GX + opt
-        tie_break += [stage_time, GX + opt]
+        lp += X >= GX + PX + opt
+        tie_break += [stage_time, GX + PX + opt]
         if p.mem_limit < float("inf"):
             mem = [c * (ch.static_mem + st.inflight * ch.act_mem) * GB * x[g, s]
                    for g, c in st.groups.items() for s, ch in p.groups[g].choices.items()]

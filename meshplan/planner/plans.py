@@ -48,7 +48,7 @@ def to_plan(cmodel: CostModel, mc: MeshConfig, problem: Problem, a: Assignment, 
         prec = {c: dt for c, dt in own[g].items() if c in collective_names(op, strategy)}
         for idx, src in enumerate(op.inputs):  # each input's resharding, if it communicates
             ei = edge_ids.get((cmodel.group_of.get(src), g, idx))
-            if ei is not None and (a.strategy[problem.edges[ei].src], cand) in problem.edges[ei].cost:
+            if ei is not None and mc.n > 1 and (a.strategy[problem.edges[ei].src], cand) in problem.edges[ei].cost:
                 prec[f"in{idx}"] = a.edge_dtype(ei, problem)
         ops[op.name] = OpPlan(strategy, axis, (cm.BATCH, i), (cm.BATCH, o), dict(sorted(prec.items())))
     plan = Plan(cmodel.graph.name, mc.mesh, ops)
@@ -106,7 +106,9 @@ def price_plan(graph: Graph, cluster: Cluster, plan: Plan, global_batch: int,
     options = options or Options()
     mc = mesh_config(plan, global_batch)
     plan.validate(graph, batch=mc.b * mc.d, seq=options.seq)
-    priced_opts = Options(**{**options.__dict__, "error_budget": None})  # report the error, don't constrain it
+    # report the error, don't constrain it; a plan's schedule settings (tp_comm_overlap) override the options'
+    sched = {k: bool(plan.meta[k]) for k in ("tp_comm_overlap",) if k in plan.meta}
+    priced_opts = Options(**{**options.__dict__, "error_budget": None, **sched})
     cmodel = CostModel(graph, cluster, priced_opts, plan=plan)
     problem = cmodel.problem(mc)
     a = Assignment({g: next(iter(grp.choices)) for g, grp in problem.groups.items()})  # dtypes: the plan's

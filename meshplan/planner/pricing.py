@@ -12,57 +12,18 @@ import sympy
 
 from ..ir import graph as G
 from ..ir.graph import Graph, Op
-from ..ir.mesh import Mesh
 from ..ir.placement import Shard
 from ..ir.strategies import PRECISIONS, STRATEGIES, allowed_precisions, collective_names
 from . import collectives_cost as cc
 from . import cost_model as cm
-from . import memory
+from . import grad_sync, memory
 from .cluster import Cluster
 from .memory import DP, N
+from .options import DEFAULT_ERROR_BUDGET, MeshConfig, Options  # noqa: F401  (re-exported from here)
 from .problem import Choice, Edge, Group, Problem, Stage
 
-DEFAULT_ERROR_BUDGET = 0.2  # root-sum-square relative error over all collectives of one step (problem.py)
-RECOMPUTE = (4 / 3, 3 / 2)  # (compute, op-internal collectives) factors under full recomputation
-
-
-@dataclass(frozen=True)
-class MeshConfig:
-    n: int  # model axis (mp)
-    d: int  # data parallel
-    pp: int = 1
-    b: int = 1  # micro-batch: sequences per data-parallel replica
-    m: int = 1  # micro-batches per step
-    recompute: bool = False  # full activation recomputation (memory.checkpoint_bytes)
-
-    @property
-    def gpus(self) -> int:
-        return self.n * self.d * self.pp
-
-    @property
-    def mesh(self) -> Mesh:
-        return Mesh.of(dp=self.d, mp=self.n)
-
-    def __str__(self) -> str:
-        rc = ", recompute" if self.recompute else ""
-        return f"pp={self.pp} dp={self.d} mp={self.n} (micro-batch {self.b} x {self.m}{rc})"
-
-
-@dataclass
-class Options:
-    seq: int = 8192
-    overlap: float = 0.5
-    error_budget: float | None = DEFAULT_ERROR_BUDGET
-    zero: bool = True
-    mem_limit: float | None = None  # bytes; None: the cluster's
-    # Also offer each op the `dp` candidate: data parallel on the model axis too (batch-sharded, Plan axis None),
-    # reached from sequence-sharded neighbours by an all-to-all. Off by default: it needs micro-batches of >= n
-    # sequences per replica, and keeps the search to strategies.py's one-model-axis strategies.
-    dp_ops: bool = False
-    recompute: str = "auto"  # full activation recomputation: "auto" (searched), "never", "always"
-    # The dtype activations are in (fp32 | bf16): collectives in another format pay an encode and a decode.
-    # None: the cluster's activation_dtype. compile() passes the model's.
-    activation_dtype: str | None = None
+RECOMPUTE = (4 / 3, 3 / 2)
+TP_KINDS = {"all_gather", "reduce_scatter", "all_reduce", "none", "slice"}  # tensor-parallel communication  # (compute, op-internal collectives) factors under full recomputation
 
 
 # Per collective kind over n ranks: elements one rank encodes plus decodes, as a multiple of the tensor X of
@@ -121,6 +82,12 @@ class CostModel:
 
     def __init__(self, graph: Graph, cluster: Cluster, options: Options | None = None, plan=None):
         self.graph, self.cluster, self.opt, self.plan = graph, cluster, options or Options(), plan
+        if self.opt.gemm_dtype not in ("bf16", "fp8"):
+            raise ValueError(f"options.gemm_dtype: {self.opt.gemm_dtype!r}; expected bf16 or fp8")
+        if self.opt.ep_dispatch not in ("all_to_all", "deepep"):
+            raise ValueError(f"options.ep_dispatch: {self.opt.ep_dispatch!r}; expected all_to_all or deepep")
+        if self.opt.gemm_dtype == "fp8" and cluster.kernels is None:
+            raise ValueError(f"options.gemm_dtype: fp8 needs a cluster with a kernels: section ({cluster.name} has none)")
         self.ops = [op for op in graph.ops() if op.kind not in (G.INPUT, G.OUTPUT)]
         self.groups: dict[str, GroupInfo] = {}
         self.group_of: dict[str, str] = {}
@@ -143,13 +110,14 @@ class CostModel:
             self.group_of[op.name] = keys[key]
         for gi in self.groups.values():
             rep = gi.ops[0]
-            gi.terms = {c: cm.terms(rep, c) for c in gi.cands}
+            gi.terms = {c: cm.terms(rep, c, self.opt.balanced_routing) for c in gi.cands}
             # Small expressions lambdify fast; compute time is assembled numerically (cost_model.compute_time).
             exprs = []
             for c in gi.cands:
                 t = gi.terms[c]
                 exprs.append([t.flops, t.hbm_bytes, t.activations, t.params_split, t.params_replicated, t.checkpoint]
-                             + [x for coll in t.colls for x in (coll.elems, coll.rows)] + list(t.gemm_dims))
+                             + [x for coll in t.colls for x in (coll.elems, coll.rows)] + list(t.gemm_dims)
+                             + list(t.kernel))
             exprs.append([rep.output.numel, rep.output.shape[-1]])
             gi.fn = sympy.lambdify((G.B, G.S, N), exprs, modules="math", docstring_limit=0)
         # op-level edges between planned ops, grouped by (producer group, consumer group, argument index)
@@ -166,6 +134,7 @@ class CostModel:
         self._compositions: dict[int, list[Stage]] = {}
         self._links: dict[str, tuple] = {}
         self._vals: dict[tuple[str, int, int], list] = {}
+        self._split: dict[tuple[str, int, int, str], dict] = {}
 
     def values(self, g: str, n: int, b: int) -> list:
         """Per candidate of group g (in gi.cands order): [compute s/mb, activations, split params, replicated
@@ -177,9 +146,18 @@ class CostModel:
             out = []
             for c, r in zip(gi.cands, raw):
                 k = 6 + 2 * len(gi.terms[c].colls)
-                out.append([cm.compute_time(r[0], r[1], r[k:], self.cluster)] + r[2:k])
+                nd = len(gi.terms[c].gemm_dims)
+                split = cm.compute_split(r[0], r[1], r[k:k + nd], self.cluster, r[k + nd:],
+                                         self.opt.gemm_dtype == "fp8")
+                self._split[key + (c,)] = split
+                out.append([sum(split.values())] + r[2:k])
             self._vals[key] = out + [raw[-1]]
         return self._vals[key]
+
+    def compute_split(self, g: str, cand: str, n: int, b: int) -> dict:
+        """Seconds per micro-batch of one op of group g by kind (gemm, attention, memory, launch), no recompute."""
+        self.values(g, n, b)
+        return self._split[(g, n, b, cand)]
 
     # ---- numbers for one mesh ----------------------------------------------------------------------------
     def locality(self, mc: MeshConfig) -> dict[str, int]:
@@ -191,6 +169,21 @@ class CostModel:
         if kind not in self._links:
             self._links[kind] = cc.link_params(self.cluster, kind)
         return cc.comm_time(kind, cc.traffic(kind, nbytes, n, local), self.cluster, links=self._links[kind])
+
+    def _coll_time(self, op, coll, nbytes, mc: MeshConfig, local: int) -> float:
+        """One op-internal collective. EP's dispatch/combine move the most loaded rank's rows (the mean bytes x
+        cost_model.imbalance_factor, unless routing is force-balanced); across nodes with Options.ep_dispatch
+        "deepep" they cross the NIC once per destination node (collectives_cost.dedup_dispatch_traffic)."""
+        n = mc.n
+        if coll.name in ("dispatch", "combine") and not self.opt.balanced_routing:
+            nbytes = nbytes * cm.imbalance_factor(op.attrs["top_k"], mc.b * self.opt.seq, n)
+        if self.opt.ep_dispatch == "deepep" and coll.name in ("dispatch", "combine") and n > local:
+            a = op.attrs
+            t = cc.dedup_dispatch_traffic(nbytes, n, local, a["n_experts"], a["top_k"])
+            if coll.kind not in self._links:
+                self._links[coll.kind] = cc.link_params(self.cluster, coll.kind)
+            return cc.comm_time(coll.kind, t, self.cluster, links=self._links[coll.kind])
+        return self._time(coll.kind, nbytes, n, local)
 
     def codec_time(self, kind: str, elems, rows, dtype: str, n: int) -> float:
         """Seconds one GPU spends converting to the wire format `dtype` before collective `kind` over n ranks and
@@ -204,30 +197,20 @@ class CostModel:
         return traffic / (self.cluster.hbm_bandwidth * self.cluster.codec(dtype))
 
     def grad_time(self, split, rep, mc: MeshConfig, dtype: str = "bf16") -> float:
-        """Reduction of the split parameters' gradients over d ranks and the replicated ones' over n·d (two-level,
-        collectives_cost.traffic), once per step, as runtime/data_parallel.py does it: fp32, an all-reduce; a
-        compressed format, the float32 gradients cast once, an all-to-all of the shards (summed in float32), an
-        all-gather of the reduced shards, each in the wire format, plus the conversions as HBM traffic."""
+        """Reduction of the split parameters' gradients over d ranks and the replicated ones' over n·d, once per
+        step (grad_sync.py): meshplan's runtime all-reduces (fp32) or all-to-alls + all-gathers (compressed);
+        with ZeRO-1 (the distributed optimizer), only the reduce-scatter part (the all-gather is gather_time's)."""
         loc = self.locality(mc)
-        return self._reduce_time(split, mc.d, loc["dp"], dtype) + self._reduce_time(rep, mc.n * mc.d, loc["all"], dtype)
+        return (grad_sync.reduce_time(self, split, mc.d, loc["dp"], dtype)
+                + grad_sync.reduce_time(self, rep, mc.n * mc.d, loc["all"], dtype))
 
-    def _reduce_time(self, elems, n: int, local: int, dtype: str) -> float:
-        size = cc.DTYPE_BYTES[dtype]
-        if not elems:
-            return 0.0  # nothing to reduce: no collective
-        if dtype == "fp32" or n <= 1:
-            return self._time("all_reduce", elems * size, n, local)
-        codec = 2 * elems * (cc.DTYPE_BYTES["fp32"] + size) / (self.cluster.hbm_bandwidth * self.cluster.codec(dtype))
-        # Innermost level first, as the runtime reduces axis by axis: inside the node over l ranks, then across
-        # nodes over n/l ranks on the 1/l left. all_to_all's X is the group's whole tensor (each rank scatters
-        # all of its part); the all-gathers return the reduced shards in the same two levels.
-        l = max(1, min(local, n))
-        t = 0.0
-        for ranks, part, loc in ((l, elems, l), (n // l, elems / l, 1)):
-            if ranks > 1:
-                t += self._time("all_to_all", ranks * part * size, ranks, loc)
-                t += self._time("all_gather", part * size, ranks, loc)
-        return t + codec
+    def gather_time(self, split, rep, mc: MeshConfig) -> float:
+        """The distributed optimizer's all-gather of the updated BF16 parameters, once per step (0 without it)."""
+        if not self.opt.zero:
+            return 0.0
+        loc = self.locality(mc)
+        return (grad_sync.param_gather_time(self, split, mc.d, loc["dp"])
+                + grad_sync.param_gather_time(self, rep, mc.n * mc.d, loc["all"]))
 
     def choice(self, g: str, cand: str, mc: MeshConfig, vals=None, light: bool = False) -> Choice:
         """One candidate priced on a mesh (light: compute, own collectives and activations only)."""
@@ -240,15 +223,17 @@ class CostModel:
         ch = Choice(compute=compute * redo[0] * slow, act_mem=ckpt if mc.recompute else act)
         for j, coll in enumerate(gi.terms[cand].colls):
             elems, rows = vals[5 + 2 * j], vals[6 + 2 * j]
-            ch.colls[coll.name] = {dt: 2 * redo[1] * (self._time(coll.kind, cc.wire_bytes(elems, rows, dt), mc.n,
-                                                                  loc["mp"])
+            ch.colls[coll.name] = {dt: 2 * redo[1] * (self._coll_time(gi.ops[0], coll, cc.wire_bytes(elems, rows, dt),
+                                                                      mc, loc["mp"])
                                                        + self.codec_time(coll.kind, elems, rows, dt, mc.n))
                                    for dt in PRECISIONS}
             ch.err2[coll.name] = {dt: 2 * cc.relative_error(coll.kind, dt, mc.n) ** 2 for dt in PRECISIONS}
+            ch.hide[coll.name] = 0.0 if coll.kind in TP_KINDS and not self.opt.tp_comm_overlap else self.opt.overlap
         if light:
             return ch
         if split or rep:
             ch.grad = {dt: self.grad_time(split, rep, mc, dt) for dt in allowed_precisions("grad")}
+            ch.gather = self.gather_time(split, rep, mc)
             group = mc.d if not rep else mc.n * mc.d
             ch.err2["grad"] = {dt: cc.grad_relative_error(dt, group) ** 2 for dt in ch.grad}
         ch.static_mem = memory.static_bytes(split, rep, mc.n, mc.d, self.opt.zero)
@@ -293,7 +278,11 @@ class CostModel:
             gs, gd, idx = key
             cost, err2 = self.edge_costs(key, list(groups[gs].choices), list(groups[gd].choices), mc,
                                          groups[gd].dtypes[f"in{idx}"])
-            edges.append(Edge(gs, gd, f"in{idx}", len(pairs), cost, err2, groups[gd].dtypes[f"in{idx}"]))
+            u, v = pairs[0]
+            label = {st: "reshard " + "/".join(sorted(set(cm.edge_kinds(u, st[0], v, st[1])) - {"none", "slice"}))
+                     for st in cost}
+            edges.append(Edge(gs, gd, f"in{idx}", len(pairs), cost, err2, groups[gd].dtypes[f"in{idx}"],
+                              self.edge_hide(key, cost), label))
         stages = self.stages(mc.pp, mc.m)
         limit = self.opt.mem_limit if self.opt.mem_limit is not None else self.cluster.memory_limit
         return Problem(groups, edges, stages, mc.m, mc.pp, self.opt.overlap, limit, self.opt.error_budget)
@@ -318,6 +307,17 @@ class CostModel:
                     cost[s, t][dt] = sum(each) + (each[0] if mc.recompute else 0.0)
                     err2[s, t][dt] = sum(cc.relative_error(k, dt, mc.n) ** 2 for k in kinds)
         return cost, err2
+
+    def edge_hide(self, key: tuple, cost: dict) -> dict[tuple[str, str], float]:
+        """Per communicating (producer, consumer) strategy pair, the fraction of the resharding that can overlap:
+        the schedule's `overlap`, except TP's all-gather / reduce-scatter / all-reduce when the plan does not
+        overlap TP communication (Megatron without --tp-comm-overlap exposes them)."""
+        u, v = self.edges[key][0]
+        out = {}
+        for s, t in cost:
+            tp_like = set(cm.edge_kinds(u, s, v, t)) <= TP_KINDS
+            out[s, t] = 0.0 if tp_like and not self.opt.tp_comm_overlap else self.opt.overlap
+        return out
 
     def stages(self, pp: int, m: int) -> list[Stage]:
         """The distinct stage compositions (1F1B: stage k holds min(pp - k, m) micro-batches; of identical

@@ -9,13 +9,16 @@ Step-time model (all times in seconds):
   per micro-batch on stage k, for each group g with c instances there:
       compute_g = c · compute(s_g)
       comm_g    = c · sum of the op's own collectives + the reshardings on its input edges (forward + backward)
-      exposed_g = max((1 - a) · comm_g, comm_g - compute_g)
-    Overlap: the op's micro-batch is split into chunks; one chunk's collective runs while another computes, so at
-    most a fraction a (`overlap`, default 1 - 1/chunks = 0.5 for two chunks) of the communication can hide, and
-    never more than the op's own compute.
+      exposed_g = max(sum_c (1 - a_c) · comm_c, comm_g - compute_g)
+    Overlap is a property of each collective in the schedule: a fraction a_c of collective c can hide (Choice.hide,
+    Edge.hide; default `overlap`, 1 - 1/chunks = 0.5 for two chunks: one chunk's collective runs while another
+    computes; 0 for TP collectives that a plan does not overlap, Megatron without --tp-comm-overlap), never more
+    than the op's own compute.
       T_k = sum_g (compute_g + exposed_g) + point-to-point sends to neighbouring stages
   per step: gradient reduction G_k (once per step) hides behind the last micro-batch's backward (2/3 of its
-    compute) the same way: X_k = max((1 - a) · G_k, G_k - 2/3 · compute_k) + optimizer update time
+    compute) the same way, the distributed optimizer's parameter all-gather P_k behind the first micro-batch's
+    forward (1/3): X_k = max((1 - a) · G_k, G_k - 2/3 · compute_k) + max((1 - a) · P_k, P_k - 1/3 · compute_k)
+    + optimizer update time
   step = (m + pp - 1) · max_k T_k + max_k X_k      (1F1B: bubble fraction (pp-1)/(m+pp-1))
   memory_k = sum_g c · static(s_g) + inflight_k · sum_g c · activations(s_g) <= limit  (1F1B: stage k holds
     min(pp - k, m) micro-batches)
@@ -38,6 +41,12 @@ class Choice:
     act_mem: float = 0.0  # bytes per in-flight micro-batch
     opt_time: float = 0.0  # s per step
     p2p: float = 0.0  # s per micro-batch to move this op's output between pipeline stages (one direction)
+    hide: dict[str, float] = field(default_factory=dict)  # own collective -> fraction that can overlap compute
+    gather: float = 0.0  # s per step: the distributed optimizer's parameter all-gather (0 without it)
+
+    def floor(self, name: str, dt: str, overlap: float) -> float:
+        """The part of own collective `name` in `dt` that no schedule hides."""
+        return (1 - self.hide.get(name, overlap)) * self.colls[name][dt]
 
 
 @dataclass
@@ -59,6 +68,8 @@ class Edge:
     err2: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
     dtypes: tuple[str, ...] = ("fp32",)  # precisions the resharding may use (each consumer op has one edge per
     # input, so the precision is per edge: the in{i} of exactly the consumer ops this edge feeds)
+    hide: dict[tuple[str, str], float] = field(default_factory=dict)  # (src, dst choice) -> overlappable fraction
+    label: dict[tuple[str, str], str] = field(default_factory=dict)  # (src, dst choice) -> collective kinds
 
 
 @dataclass
@@ -100,13 +111,15 @@ class GroupCost:
     compute: float = 0.0
     comm: float = 0.0
     exposed: float = 0.0
+    floor: float = 0.0  # communication no schedule hides
+    by_coll: dict[str, float] = field(default_factory=dict)  # collective (own name, or the edge's kind) -> s
 
 
 @dataclass
 class Breakdown:
     step: float
     stage_times: list[float]
-    grad_exposed: float
+    grad_exposed: float  # per-step tail of the slowest stage: exposed gradient sync + param gather + optimizer
     memory: list[float]
     error: float
     feasible: bool
@@ -132,23 +145,35 @@ def evaluate(p: Problem, a: Assignment) -> Breakdown:
         for g, c in st.groups.items():
             ch = p.groups[g].choices[a.strategy[g]]
             costs[g].compute = c * ch.compute
-            costs[g].comm = c * sum(t[a.dtype(g, name, p)] for name, t in ch.colls.items())
+            for name, t in ch.colls.items():
+                dt = a.dtype(g, name, p)
+                costs[g].comm += c * t[dt]
+                costs[g].floor += c * ch.floor(name, dt, alpha)
+                costs[g].by_coll[name] = costs[g].by_coll.get(name, 0.0) + c * t[dt]
         for ei, c in st.edges.items():
-            costs[p.edges[ei].dst].comm += c * edge_time(ei, a, p)[0]
+            e = p.edges[ei]
+            t = c * edge_time(ei, a, p)[0]
+            key = (a.strategy[e.src], a.strategy[e.dst])
+            costs[e.dst].comm += t
+            costs[e.dst].floor += (1 - e.hide.get(key, alpha)) * t
+            name = e.label.get(key, e.coll)
+            costs[e.dst].by_coll[name] = costs[e.dst].by_coll.get(name, 0.0) + t
         for gc in costs.values():
-            gc.exposed = max((1 - alpha) * gc.comm, gc.comm - gc.compute)
+            gc.exposed = max(gc.floor, gc.comm - gc.compute)
         compute = sum(gc.compute for gc in costs.values())
         p2p = sum(c * p.groups[g].choices[a.strategy[g]].p2p for g, c in st.sends.items())
         t_stage.append(compute + sum(gc.exposed for gc in costs.values()) + p2p)
-        grad = opt = static = act = 0.0
+        grad = gather = opt = static = act = 0.0
         for g, c in st.groups.items():
             ch = p.groups[g].choices[a.strategy[g]]
             if ch.grad:
                 grad += c * ch.grad[a.dtype(g, "grad", p)]
+                gather += c * ch.gather
             opt += c * ch.opt_time
             static += c * ch.static_mem
             act += c * ch.act_mem
-        x_stage.append(max((1 - alpha) * grad, grad - 2 / 3 * compute) + opt)
+        x_stage.append(max((1 - alpha) * grad, grad - 2 / 3 * compute)
+                       + max((1 - alpha) * gather, gather - 1 / 3 * compute) + opt)
         mems.append(static + st.inflight * act)
         per_stage.append(costs)
     err2 = 0.0

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..ir.graph import Graph
 from ..table import format_table
+from . import breakdown
 from .baselines import baseline
 from .cluster import Cluster
 from .mesh_search import PlannerError, search
@@ -23,6 +24,7 @@ class Row:
     mfu: float
     fits: bool
     note: str = ""
+    parts: dict | None = None  # breakdown.split: where the step time goes
 
     def to_dict(self) -> dict:
         m = self.mesh
@@ -32,41 +34,66 @@ class Row:
                 "recompute": m.recompute, "error": self.breakdown.error, "fits": self.fits, "note": self.note}
 
 
-def _row(name: str, graph: Graph, cluster: Cluster, mc: MeshConfig, bd: Breakdown, global_batch: int, seq: int,
-         limit: float, note: str = "") -> Row:
+def _row(name: str, graph: Graph, cluster: Cluster, r, global_batch: int, seq: int, limit: float,
+         note: str = "") -> Row:
+    """r: a mesh_search.Result or plans.Priced (mesh, problem, assignment, breakdown, cost_model)."""
+    mc, bd = r.mesh, r.breakdown
     tokens = global_batch * seq
     mfu = model_flops(graph, global_batch, seq) / (mc.gpus * cluster.peak_flops * bd.step)
-    return Row(name, mc, bd, tokens / bd.step, mfu, max(bd.memory) <= limit * (1 + 1e-9), note)
+    parts = breakdown.split(r.cost_model, mc, r.problem, r.assignment, bd)
+    return Row(name, mc, bd, tokens / bd.step, mfu, max(bd.memory) <= limit * (1 + 1e-9), note, parts)
 
 
 def simulate(graph: Graph, cluster: Cluster, gpus: int, global_batch: int, options: Options | None = None,
-             reference_pp: int | None = 15) -> list[Row]:
+             reference_pp: int | None = 15, baseline_recompute: dict[str, bool] | None = None) -> list[Row]:
     """Rows for: the planner, Megatron at its best pipeline depth, Megatron at REFERENCE.md's PP=15 (when that
-    divides the model and GPUs), and all-EP/DP. A baseline that cannot run at all is reported, not raised."""
+    divides the model and GPUs), MegaScale-style at PP=15, and all-EP/DP. A baseline that cannot run at all is
+    reported, not raised. `baseline_recompute`: per baseline kind, its activation-recompute setting, fixed by its
+    user across scales (fixed_recompute, baselines.baseline); a kind not in it: whichever fits fastest here."""
     options = options or Options()
     limit = options.mem_limit if options.mem_limit is not None else cluster.memory_limit
     rows = []
     try:
         r = search(graph, cluster, gpus, global_batch, options)
-        rows.append(_row("planner", graph, cluster, r.mesh, r.breakdown, global_batch, options.seq, limit,
+        rows.append(_row("planner", graph, cluster, r, global_batch, options.seq, limit,
                          f"{r.solved} ILPs / {r.searched} meshes"))
     except PlannerError as e:  # report it and still price the baselines (they may use uneven pipeline stages)
         rows.append(_infeasible("planner", e))
     variants = [("megatron", None, "best pp")]
     if reference_pp:
         variants.append(("megatron", reference_pp, f"pp={reference_pp} (REFERENCE.md)"))
+        variants.append(("megascale", reference_pp, f"pp={reference_pp}, SP+EP, bf16 grads"))
     variants.append(("ep_dp", None, "best pp"))
     for kind, pp, note in variants:
         try:
-            p = baseline(kind, graph, cluster, gpus, global_batch, options, pp=pp)
+            p = baseline(kind, graph, cluster, gpus, global_batch, options, pp=pp,
+                         recompute=(baseline_recompute or {}).get(kind))
         except PlannerError as e:
-            if pp is None:
+            if pp is None or kind == "megascale":
                 rows.append(_infeasible(kind, e))
             continue
         if pp is not None and any(x.name == kind and x.mesh == p.mesh for x in rows):
             continue  # the best depth already is the reference one
-        rows.append(_row(kind, graph, cluster, p.mesh, p.breakdown, global_batch, options.seq, limit, note))
+        rows.append(_row(kind, graph, cluster, p, global_batch, options.seq, limit, note))
     return rows
+
+
+BASELINE_DEPTHS = {"megatron": 15, "megascale": 15, "ep_dp": None}
+
+
+def fixed_recompute(graph: Graph, cluster: Cluster, gpus: int, global_batch: int,
+                    options: Options | None = None) -> dict[str, bool]:
+    """Per baseline kind, the activation-recompute setting its user picks once for a sweep starting at `gpus` (its
+    smallest scale): off if the baseline fits there without it, else on -- then kept at every larger scale (no knife
+    edge where ZeRO-1 state shrinks just below the limit)."""
+    out = {}
+    for kind, pp in BASELINE_DEPTHS.items():
+        try:
+            p = baseline(kind, graph, cluster, gpus, global_batch, options or Options(), pp=pp, recompute=False)
+            out[kind] = p.mesh.recompute
+        except PlannerError:
+            out[kind] = True
+    return out
 
 
 def _infeasible(name: str, e: Exception) -> Row:

@@ -18,7 +18,7 @@ common = importlib.import_module("common")
 
 
 @pytest.mark.parametrize("name", ["common", "fidelity", "throughput", "simulate_table", "run_all", "planner_time",
-                                  "planner_throughput"])
+                                  "planner_throughput", "published", "router_imbalance"])
 def test_every_benchmark_imports(name):
     mod = importlib.import_module(name)
     if name not in ("common", "planner_time", "planner_throughput"):
@@ -123,3 +123,12 @@ def test_run_all_commands():
     assert "--quick" in cmds["fidelity"] and "--quick" not in dict(ra.plan_commands(quick=False))["fidelity"]
     with pytest.raises(SystemExit):
         ra.plan_commands(quick=True, only=["nope"])
+
+
+def test_published_results_name_every_run_and_its_source():
+    pub = importlib.import_module("published")
+    rows = json.loads((Path(pub.RESULTS) / "published.json").read_text())
+    assert [r["name"] for r in rows] == [run.name for run in pub.RUNS]
+    for r in rows:
+        assert r["source"] and r["published_tflops_per_gpu"] > 0 and r["predicted_tflops_per_gpu"] > 0
+        assert r["within_25pct"] == (abs(r["predicted_tflops_per_gpu"] / r["published_tflops_per_gpu"] - 1) <= 0.25)

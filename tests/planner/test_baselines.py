@@ -80,3 +80,51 @@ def test_shipped_352b_plans_validate_and_price(graph, h800, name):
         assert priced.breakdown.step == pytest.approx(plan.meta["planner"]["step_time_s"], rel=1e-5)
     else:
         assert priced.breakdown.step == pytest.approx(plan.meta["priced"]["step_time_s"], rel=1e-5)
+
+
+def test_megatron_is_priced_as_run_fp32_grads_and_exposed_tp(graph, h800):
+    """Megatron's defaults: FP32 gradient reduce-scatter, TP all-gather/reduce-scatter not overlapped; with
+    --tp-comm-overlap the same plan is faster by exactly the hidden share of its TP communication."""
+    from meshplan.planner.baselines import megatron_plan
+    g = graph("internal-352b", n_layers=2)
+    mc = MeshConfig(8, 2, 1, 1, 4)
+    plain = price_plan(g, h800, megatron_plan(g, mc), 8, Options(seq=8192))
+    assert all(p.precision.get("grad", "fp32") == "fp32" for p in plain.plan.ops.values())
+    assert plain.plan.meta["tp_comm_overlap"] is False
+    hides = {h for e in plain.problem.edges for h in e.hide.values()}
+    assert hides == {0.0}
+    overlapped = price_plan(g, h800, megatron_plan(g, mc, tp_comm_overlap=True), 8, Options(seq=8192))
+    assert overlapped.breakdown.step < plain.breakdown.step
+
+
+def test_megascale_plan_is_sp_attention_ep_moe_bf16_grads(graph):
+    from meshplan.planner.baselines import megascale_plan
+    g = graph("internal-352b", n_layers=2)
+    plan = megascale_plan(g, MeshConfig(8, 2, 1, 1, 4))
+    plan.validate(g, batch=2, seq=8192)
+    kinds = {op.name: op.kind for op in g.ops()}
+    for name, p in plan.ops.items():
+        want = {G.ATTENTION: "sp", G.MOE: "ep"}.get(kinds[name])
+        if want:
+            assert p.strategy == want
+        if "grad" in p.precision:
+            assert p.precision["grad"] == "bf16"
+
+
+def test_breakdown_parts_add_up_to_the_step(graph, h800):
+    from meshplan.planner import breakdown
+    rows = simulate(graph("tiny"), h800, 8, 32, Options(seq=128))
+    for r in rows:
+        if r.parts:
+            # compute kinds + exposed collectives never exceed the stage time: p2p (the rest) is what sends cost
+            assert r.parts["per_microbatch"]["p2p"] >= -1e-12
+            assert sum(r.parts["per_step"].values()) == pytest.approx(r.breakdown.step)
+            assert "gemm" in breakdown.table(r.name, r.parts)
+
+
+def test_fixed_recompute_is_kept_across_scales(graph, h800):
+    """A baseline whose user turned recompute on keeps it at a scale where it would fit without (no knife edge)."""
+    g = graph("internal-352b")
+    on = baseline("megatron", g, h800, 1440, 720, Options(seq=8192), pp=15, recompute=True)
+    free = baseline("megatron", g, h800, 1440, 720, Options(seq=8192), pp=15)
+    assert on.mesh.recompute and not free.mesh.recompute

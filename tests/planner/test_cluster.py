@@ -14,7 +14,7 @@ def test_shipped_clusters_load(name):
 
 
 def test_reference_hardware_numbers():
-    assert load_cluster("h800").intra_node.bandwidth == pytest.approx(400e9)
+    assert load_cluster("h800").intra_node.bandwidth == pytest.approx(200e9)
     assert load_cluster("h100").intra_node.bandwidth == pytest.approx(450e9)
     h200 = load_cluster("h200")
     assert h200.hbm_bytes == pytest.approx(141e9) and h200.hbm_bandwidth == pytest.approx(4.8e12)
@@ -31,7 +31,12 @@ def _base():
     (lambda d: d["inter_node"].update(latency="fast"), "cluster.inter_node.latency: must be a number"),
     (lambda d: d.update(gemm_efficiency=1.5), "cluster.gemm_efficiency: is a fraction"),
     (lambda d: d.update(gpus_per_node=0), "cluster.gpus_per_node: must be a positive integer"),
-    (lambda d: d["collective_efficiency"].update(broadcast=0.5), "cluster.collective_efficiency.broadcast: unknown"),
+    (lambda d: d.update(collective_efficiency={"broadcast": 0.5}), "cluster.collective_efficiency.broadcast: unknown"),
+    (lambda d: d["intra_node"]["efficiency"].update(broadcast=0.5), "cluster.intra_node.efficiency.broadcast: unknown"),
+    (lambda d: d["inter_node"]["efficiency"].update(all_to_all=1.5), "cluster.inter_node.efficiency.all_to_all: is a"),
+    (lambda d: d["kernels"].update(tile=[128]), "cluster.kernels.tile: must be [rows, columns]"),
+    (lambda d: d["kernels"].update(sm_count=0), "cluster.kernels.sm_count: must be a positive integer"),
+    (lambda d: d["kernels"].pop("launch_s"), "cluster.kernels.launch_s: missing"),
     (lambda d: d["intra_node"].update(collectives={"all_to_all": {"latency": 1e-6}}),
      "cluster.intra_node.collectives.all_to_all.bandwidth: missing"),
     (lambda d: d.update(activation_dtype="fp16"), "cluster.activation_dtype: 'fp16'; expected one of fp32, bf16"),

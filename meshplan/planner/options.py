@@ -1,0 +1,60 @@
+"""What a pricing is asked about: the mesh (MeshConfig: model axis, data parallel, pipeline, micro-batches,
+recomputation) and the options of the model and the schedule being priced (Options)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..ir.mesh import Mesh
+
+DEFAULT_ERROR_BUDGET = 0.2  # root-sum-square relative error over all collectives of one step (problem.py)
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    n: int  # model axis (mp)
+    d: int  # data parallel
+    pp: int = 1
+    b: int = 1  # micro-batch: sequences per data-parallel replica
+    m: int = 1  # micro-batches per step
+    recompute: bool = False  # full activation recomputation (memory.checkpoint_bytes)
+
+    @property
+    def gpus(self) -> int:
+        return self.n * self.d * self.pp
+
+    @property
+    def mesh(self) -> Mesh:
+        return Mesh.of(dp=self.d, mp=self.n)
+
+    def __str__(self) -> str:
+        rc = ", recompute" if self.recompute else ""
+        return f"pp={self.pp} dp={self.d} mp={self.n} (micro-batch {self.b} x {self.m}{rc})"
+
+
+@dataclass
+class Options:
+    seq: int = 8192
+    overlap: float = 0.5
+    error_budget: float | None = DEFAULT_ERROR_BUDGET
+    zero: bool = True
+    mem_limit: float | None = None  # bytes; None: the cluster's
+    # Also offer each op the `dp` candidate: data parallel on the model axis too (batch-sharded, Plan axis None),
+    # reached from sequence-sharded neighbours by an all-to-all. Off by default: it needs micro-batches of >= n
+    # sequences per replica, and keeps the search to strategies.py's one-model-axis strategies.
+    dp_ops: bool = False
+    recompute: str = "auto"  # full activation recomputation: "auto" (searched), "never", "always"
+    # The dtype activations are in (fp32 | bf16): collectives in another format pay an encode and a decode.
+    # None: the cluster's activation_dtype. compile() passes the model's.
+    activation_dtype: str | None = None
+    # TP communication overlap (Megatron --tp-comm-overlap): whether the all-gathers / reduce-scatters /
+    # all-reduces on the model axis can hide behind compute. meshplan's schedule chunks every op (True).
+    tp_comm_overlap: bool = True
+    # The run forces an even token distribution over experts (Megatron-Bridge's benchmarks do): EP pays no
+    # router imbalance (cost_model.ep_imbalance).
+    balanced_routing: bool = False
+    # The GEMMs' input format: bf16, or fp8 (FP8 training, e.g. Transformer Engine recipes): GEMMs on the FP8 peak,
+    # their activation operands cast in HBM (kernels.train_seconds). Needs a cluster with a kernel model.
+    gemm_dtype: str = "bf16"
+    # How EP's dispatch/combine cross nodes: "all_to_all" (NCCL, and meshplan's runtime: every routed copy over the
+    # NIC) or "deepep" (DeepEP's hierarchical dispatch: once per destination node, then NVLink forwarding).
+    ep_dispatch: str = "all_to_all"
