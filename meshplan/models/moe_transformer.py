@@ -27,17 +27,21 @@ class RMSNorm(nn.Module):
         return out.type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    t = torch.arange(max_seq_len, dtype=torch.float32)
+def rope_tables(head_dim: int, max_seq_len: int, theta: float,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [S, hd/2] of the angles pos * theta^(-2i/hd), computed in `dtype`."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=dtype) / head_dim))
+    t = torch.arange(max_seq_len, dtype=dtype)
     freqs = torch.outer(t, inv)  # [S, hd/2]
     return freqs.cos(), freqs.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, S, H, hd]; cos/sin: [S, hd/2] for the positions of x's sequence dimension."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    """x: [B, S, H, hd]; cos/sin: [S, hd/2] for the positions of x's sequence dimension. Rotates in float32 for
+    16/32-bit x and in float64 for a float64 x (a float64 model is a reference to be exact to ~1e-12)."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    x1, x2 = x.to(compute).unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[None, :, None, :].to(compute), sin[None, :, None, :].to(compute)
     out = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
     return out.type_as(x)
 
@@ -62,9 +66,19 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.rope_theta = cfg.rope_theta
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """model.to(torch.float64) casts the float32 tables, whose angles carry float32 rounding (~1e-5 at
+        position 100); recompute them in float64 instead. Other dtypes keep the cast float32 tables."""
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype == torch.float64:
+            cos, sin = rope_tables(self.head_dim, self.rope_cos.shape[0], self.rope_theta, torch.float64)
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        return self
 
     def qkv(self, x: torch.Tensor, start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [B, S, Hq, hd], k and v [B, S, Hkv, hd] for x at positions start_pos.., RoPE applied to q and k."""
