@@ -38,9 +38,9 @@ def einsum_attention(q, k, v):
 
 @pytest.mark.parametrize("start", [0, 5])
 def test_rope_equals_complex_rotation(start):
-    """float64 end to end (tables and rotation): equal to 1e-12. Mutations tried: the pair order swapped in
-    apply_rope (x2 * c - x1 * s first): fails; the frequency exponent 2i/hd -> i/hd in rope_tables: fails;
-    apply_rope computing in float32 for a float64 x (the old x.float()): fails at 1e-12 (error ~1e-7)."""
+    """float64 end to end (tables and rotation): equal to 1e-12. Mutations tried (benchmarks/mutations.py):
+    rope-reversed, apply_rope rotating by -angle ([x1 c + x2 s, x2 c - x1 s]): fails; rope-float32, apply_rope
+    computing in float32 for a float64 x (the old x.float()): fails at 1e-12."""
     theta, hd = 10000.0, 16
     x = torch.randn(2, 7, 3, hd, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     cos, sin = rope_tables(hd, 32, theta, torch.float64)
@@ -55,8 +55,8 @@ def test_rope_equals_complex_rotation(start):
 
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (4, 1)])
 def test_causal_attention_equals_definition_and_sdpa(hq, hkv):
-    """Mutations tried: causal_attention without is_causal: fails; k/v repeated with .repeat (head order
-    h % Hkv instead of h // rep) for GQA: fails for (4, 2)."""
+    """Mutations tried (benchmarks/mutations.py): attention-not-causal, is_causal=False: fails; gqa-head-order,
+    k/v tiled with .repeat (head h reads KV head h % Hkv instead of h // rep): fails."""
     g = torch.Generator().manual_seed(1)
     q = torch.randn(2, 6, hq, 8, dtype=torch.float64, generator=g)
     k, v = (torch.randn(2, 6, hkv, 8, dtype=torch.float64, generator=g) for _ in range(2))
@@ -71,7 +71,8 @@ def test_causal_attention_equals_definition_and_sdpa(hq, hkv):
 def test_attention_module_equals_reference_in_float64():
     """The model's Attention block (projections, RoPE at an offset, GQA, causal softmax, output projection) in a
     float64 model equals the references built from its weights; the float64 model's RoPE tables are float64.
-    Mutation tried: Attention._apply not recomputing the tables (float32 angles cast up): fails (error ~1e-6)."""
+    Mutation tried: Attention._apply not recomputing the tables (float32 angles cast up): fails (relative error
+    up to 5e-7)."""
     cfg = ModelConfig(dim=32, n_heads=4, n_kv_heads=2, ffn_dim=16, n_experts=2, top_k=1, max_seq_len=64)
     attn = build_model(cfg, seed=0).to(torch.float64).layers[0].attention
     assert attn.rope_cos.dtype == torch.float64

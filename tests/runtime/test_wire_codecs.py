@@ -48,8 +48,8 @@ def _data(seed=0):
 
 
 def test_fp8_row_codec_equals_the_e4m3_definition():
-    """Mutations tried: the scale amax / 448 -> amax / 240 in row_scales_ref (fewer codes used): fails; the
-    cast to float8_e5m2 instead of e4m3 (2 mantissa bits): fails; fp8 skipped (encode returns x): fails."""
+    """Mutation tried (benchmarks/mutations.py fp8-scale): the scale amax / 448 -> amax / 240 in
+    row_scales_ref (fewer codes used): fails."""
     x = _data()
     got = roundtrip(x, "fp8", "row").numpy()
     want = fp8_rows_reference(x.numpy())
@@ -59,7 +59,7 @@ def test_fp8_row_codec_equals_the_e4m3_definition():
 
 
 def test_bf16_codec_equals_the_definition():
-    """Mutation tried: the bf16 wire cast replaced by float16 in encode: fails (other rounding, other range)."""
+    """Mutation tried: the bf16 wire cast replaced by float16 in encode: fails (other rounding)."""
     x = _data(1)
     got = roundtrip(x, "bf16").numpy()
     np.testing.assert_array_equal(got, bf16(x.numpy()))
@@ -71,7 +71,8 @@ def test_bf16_gradient_reduction_sums_in_float32():
     """4 ranks reduce bf16-rounded gradients: the result is bf16(sum of the 4 bf16 values, summed exactly), per
     element. Values are chosen so a bf16 running sum differs: 1 + 3 * 2^-8 is 1.01171875 summed in float32
     (-> bf16 1.015625), but 1 in bf16 steps (each 1 + 2^-8 rounds back to 1, half to even).
-    Mutation tried: `recv.float().sum(0)` -> `recv.sum(0)` (bf16 summation) in _reduce_bf16: fails."""
+    Mutation tried: `recv.float().sum(0)` -> `sum(recv.unbind(0))` (a bf16 running sum) in _reduce_bf16: fails.
+    (`recv.sum(0)` on a bf16 tensor is not one: torch accumulates a bf16 reduction in float32 on CPU.)"""
     world = LocalWorld(4, timeout_s=30)
     groups = world.groups(Mesh.of(dp=4))
     g = torch.Generator().manual_seed(0)
