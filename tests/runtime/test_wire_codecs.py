@@ -1,8 +1,9 @@
 """The wire formats against codecs written here from their definitions (numpy, no torch casts), and the bf16
 gradient reduction's float32 sum against a hand computation.
 
-E4M3 (OCP FP8, torch.float8_e4m3fn): 3 mantissa bits, exponents -6..8, subnormals 2^-9 apart, largest 448,
-round to nearest, ties to even. bf16: the top 16 bits of a float32, rounded to nearest, ties to even.
+E4M3 and bf16 as docs/reference.md ("Number formats on the wire") defines them: E4M3 has 3 mantissa bits,
+exponents -6..8, subnormals 2^-9 apart, largest 448; bf16 is the top 16 bits of a float32; both round to
+nearest, ties to even.
 Equality element by element bounds the runtime's error above and below by the reference's: a codec that
 rounds too little (no compression at all) fails as surely as one that rounds too much.
 """
@@ -55,7 +56,7 @@ def test_fp8_row_codec_equals_the_e4m3_definition():
     want = fp8_rows_reference(x.numpy())
     np.testing.assert_array_equal(got, want)
     rel = np.linalg.norm(got - x.numpy()) / np.linalg.norm(x.numpy())
-    assert 1e-3 < rel < 2.0 ** -4  # E4M3's worst relative step is 2^-4; random data averages well below it
+    assert 1e-3 < rel < 2.0 ** -4  # docs/reference.md (Number formats): at most 2^-4 per normal value
 
 
 def test_bf16_codec_equals_the_definition():
