@@ -78,10 +78,11 @@ def test_checkpoint_metrics_and_plot(tmp_path, cache):
 
 
 def _answer_is_right(text: str) -> bool:
-    """'3+4=' + '4+3+0=07:7' -> True, from the characters alone (not the task's scorer)."""
+    """'3+4=' + '4+3+0=07:7' -> True, from the characters alone (not the task's scorer): the text after the
+    response's last ':' is the sum (tasks.py: only the answer after ':' is rewarded)."""
     prompt, response = text.split("=", 1)
     a, b = (int(x) for x in prompt.split("+"))
-    return response.endswith(":" + str(a + b)) and response.count(":") == 1
+    return ":" in response and response.rsplit(":", 1)[1] == str(a + b)
 
 
 def test_value_pretraining_fits_monte_carlo_returns(tmp_path, monkeypatch, cache):
