@@ -99,7 +99,7 @@ MUTATIONS = [
              "[x1 * c + x2 * s, x2 * c - x1 * s]",
              ("tests/models/test_attention_rope.py",)),
     Mutation("rope-float32", "RoPE computed in float32 for a float64 model",
-             "meshplan/models/moe_transformer.py", "compute = torch.promote_types(x.dtype, torch.float32)",
+             "meshplan/models/moe_transformer.py", "compute = accumulation_dtype(x.dtype)",
              "compute = torch.float32",
              ("tests/models/test_attention_rope.py",)),
     Mutation("attention-not-causal", "attention without its causal mask (shared by every strategy)",

@@ -68,8 +68,11 @@ def test_train_resume(tmp_path, capsys):
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train", str(path), "--out", str(tmp_path / "straight")]) == 0
     assert main(["train", str(path), "--steps", "1", "--out", str(tmp_path / "resumed")]) == 0
+    first = (tmp_path / "resumed" / "metrics.jsonl").read_text()
     assert main(["train", str(path), "--steps", "2", "--out", str(tmp_path / "resumed"), "--resume"]) == 0
     assert "at step 2; metrics in" in capsys.readouterr().out
+    # the records of step 1 are kept as written, wall-clock fields included (a fresh run would rewrite them)
+    assert (tmp_path / "resumed" / "metrics.jsonl").read_text().startswith(first)
 
     def untimed(d):
         return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(d / "metrics.jsonl")]
