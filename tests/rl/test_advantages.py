@@ -121,7 +121,7 @@ def test_three_token_episode_by_hand():
         length-adaptive, alpha = 0.05 (paper): lambda = 1 - 1/(0.05 * 3) < 0 -> clamped to 0, A = delta
         length-adaptive, alpha = 1: lambda = 1 - 1/3 = 2/3, A_1 = 0.3 + 0.2 * 2/3, A_0 = 0.3 + (2/3) A_1
     Mutations tried: `gamma * lam * next_valid * running` -> `- gamma * ...` in advantages.gae (returns become
-    (0.4, 0.6, 1.0): fails); `lambda_critic` used for the policy in advantages_and_returns (fails)."""
+    (0.4, 0.6, 1.0): fails)."""
     mask = torch.tensor([[False, True, True, True, False]])  # one prompt position, 3 actions, padding
     values = torch.tensor([[9.0, 0.2, 0.5, 0.8, 9.0]])  # off-mask values must not leak in
     scores, lens = torch.tensor([1.0]), torch.tensor([3])

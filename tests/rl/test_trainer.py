@@ -88,8 +88,8 @@ def _answer_is_right(text: str) -> bool:
 def test_value_pretraining_fits_monte_carlo_returns(tmp_path, monkeypatch, cache):
     """The critic's targets, derived here from the decoded rollouts: gamma = 1, the reward (1 right, 0 wrong) on
     the last response token, lambda_critic = 1, so every response token's target is its episode's reward.
-    Mutations tried: the sign of the lambda term in advantages.gae flipped (targets (..., 0, 1) become
-    alternating): fails; score() rewarding a wrong answer (reward(not c)): fails."""
+    Mutations tried (benchmarks/mutations.py): gae-sign, the sign of the lambda term in advantages.gae flipped:
+    fails; reward-flip, score() rewarding wrong answers (reward(not c)): fails."""
     cfg = config_from_dict(tiny(tmp_path, "vapo", cache, steps=0))
     seen = []
     original = Trainer._update_critic
@@ -139,8 +139,8 @@ def test_two_data_parallel_processes_match_one_and_resume(tmp_path, cache):
     world-2 checkpoint is refused at world 1. Both start from the same warmed-up weights (copied cache entry:
     60 warm-up AdamW steps amplify the last-bit differences of another reduction order past greedy ties) and
     decode greedily (each rank samples its prompts with its own generator, so sampled runs differ by world).
-    Mutation tried: ParallelModel.reduce_gradients returns without reducing (each rank trains on its half of
-    the batch): losses differ from step 1 (fails)."""
+    Mutation tried (benchmarks/mutations.py drop-grad-reduce): GradReducer.reduce reducing no bucket (each rank
+    trains on its half of the batch): fails."""
     one = train(config_from_dict(tiny(tmp_path / "one", "vapo", cache, temperature=0.0)))
     for f in list(Path(cache).glob("warmup-*-w1.pt")):
         shutil.copy(f, f.with_name(f.name.replace("-w1.pt", "-w2.pt")))
