@@ -36,7 +36,7 @@ def test_simulate_json(tmp_path, capsys):
                  "--json", str(path)]) == 0
     out = capsys.readouterr().out
     rows = json.loads(path.read_text())
-    assert [r["plan"] for r in rows][0] == "planner" and {"megatron", "ep_dp"} <= {r["plan"] for r in rows}
+    assert rows[0]["plan"] == "planner" and {"megatron", "ep_dp"} <= {r["plan"] for r in rows}
     assert "global batch 32 x 128 tokens" in out
     for r in rows:
         assert r["tokens_per_s"] == pytest.approx(32 * 128 / r["step_time_s"], rel=1e-12)
@@ -54,7 +54,7 @@ def test_calibrate_writes_a_loadable_cluster(tmp_path, capsys):
     assert cluster.peak_flops > 0 and cluster.hbm_bandwidth > 0
     assert f"matmul peak {cluster.peak_flops / 1e9:.1f} GFLOP/s" in out and f"wrote {out_path}" in out
     for name in cluster.intra_node.collectives:
-        assert re.search(rf"^{name}\s+[\d.]+\s+[\d.]+$", out, re.M), name
+        assert re.search(rf"^{name}\s+[\d.]+\s+[\d.]+$", out, re.MULTILINE), name
 
 
 def test_train_resume(tmp_path, capsys):
@@ -90,10 +90,10 @@ def test_demo_reduced_steps(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--steps", "2"]) == 0
     out = capsys.readouterr().out
     assert "== 3. train 2 steps on 4 processes (gloo) vs one device ==" in out and "(OK)" in out
-    steps = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+[\d.e+-]+$", out, re.M)
+    steps = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+[\d.e+-]+$", out, re.MULTILINE)
     assert [s[0] for s in steps] == ["1", "2"] and all(abs(float(a) - float(b)) < 1e-4 for _, a, b in steps)
     plan = Plan.from_yaml(tmp_path / "out" / "demo_plan.yaml")
     plan.validate(trace(build_model(load_config("tiny"))), batch=8, seq=64)
     assert plan.mesh.size == 4
     assert (tmp_path / "out" / "demo_schedule.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert re.search(r"^planner\s+pp=\d+ dp=\d+ mp=\d+", out, re.M)
+    assert re.search(r"^planner\s+pp=\d+ dp=\d+ mp=\d+", out, re.MULTILINE)

@@ -99,7 +99,7 @@ def test_torchrun_end_to_end(tmp_path, subprocess_env):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "meshplan.runtime.launch", "--model", str(_model_file(tmp_path)), "--plan", str(plan),
            "--steps", "3", "--batch", "2", "--seq", "8", "--seed", "3", "--lr", "0.01", "--metrics", str(metrics)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env, timeout=150)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env, timeout=150, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
     assert losses == pytest.approx(_one_device_losses(3, 2, 8, seed=3, lr=0.01), rel=1e-5, abs=1e-6)
