@@ -43,7 +43,7 @@ def train(model, step_fn, steps: int = STEPS, seed: int = 1) -> tuple[list[float
     return losses, steps * BATCH * SEQ / (time.perf_counter() - start)
 
 
-def _rank_main(rank: int, world: int, plan_yaml: str, result_path: str) -> None:
+def _rank_main(rank: int, world: int, plan_yaml: str, result_path: str, steps: int = STEPS) -> None:
     import meshplan
     from meshplan.ir import Plan
     from meshplan.models import build_model, load_config
@@ -56,7 +56,7 @@ def _rank_main(rank: int, world: int, plan_yaml: str, result_path: str) -> None:
         loss.backward()
         cm.reduce_gradients()
 
-    losses, tps = train(cm, step)
+    losses, tps = train(cm, step, steps)
     if rank == 0:
         Path(result_path).write_text(json.dumps({"losses": losses, "tokens_per_s": tps}))
 
@@ -72,6 +72,7 @@ def run_demo(args=None) -> int:
     from meshplan.runtime.launch import spawn
     from meshplan.table import format_table
 
+    steps = getattr(args, "steps", None) or STEPS
     t0 = time.perf_counter()
     OUT.mkdir(exist_ok=True)
     model = build_model(load_config("tiny"), seed=0)
@@ -89,20 +90,20 @@ def run_demo(args=None) -> int:
     png = plot_gantt({"overlap": sch}, OUT / "demo_schedule.png", f"tiny on {cm.plan.mesh}")
     print(f"wrote {png}")
 
-    print(f"\n== 3. train {STEPS} steps on {WORLD} processes (gloo) vs one device ==")
+    print(f"\n== 3. train {steps} steps on {WORLD} processes (gloo) vs one device ==")
     plan_path = OUT / "demo_plan.yaml"
     cm.save_plan(plan_path)
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "rank0.json"
-        spawn(WORLD, _rank_main, str(plan_path), str(result))
+        spawn(WORLD, _rank_main, str(plan_path), str(result), steps)
         dist_run = json.loads(result.read_text())
-    ref_losses, ref_tps = train(build_model(load_config("tiny"), seed=0), lambda loss: loss.backward())
+    ref_losses, ref_tps = train(build_model(load_config("tiny"), seed=0), lambda loss: loss.backward(), steps)
     diff = max(abs(a - b) for a, b in zip(dist_run["losses"], ref_losses))
     rows = [[i + 1, f"{a:.6f}", f"{b:.6f}", f"{abs(a - b):.2e}"]
-            for i, (a, b) in enumerate(zip(dist_run["losses"], ref_losses)) if i % 5 == 0 or i == STEPS - 1]
+            for i, (a, b) in enumerate(zip(dist_run["losses"], ref_losses)) if i % 5 == 0 or i == steps - 1]
     print(format_table(["step", f"loss, {WORLD} ranks", "loss, 1 device", "|diff|"], rows, align="rrrr"))
     ok = diff < 1e-4
-    print(f"max |loss diff| over {STEPS} steps: {diff:.2e} ({'OK' if ok else 'MISMATCH'}); tokens/s: "
+    print(f"max |loss diff| over {steps} steps: {diff:.2e} ({'OK' if ok else 'MISMATCH'}); tokens/s: "
           f"{dist_run['tokens_per_s']:,.0f} on {WORLD} ranks, {ref_tps:,.0f} on one process (2-core machine)")
 
     print("\n== 4. internal-352b on 1440 H800 (seq 8192, global batch 720): planner vs Megatron-style ==")
@@ -116,4 +117,6 @@ def run_demo(args=None) -> int:
 
 def add_parsers(sub) -> None:
     d = sub.add_parser("demo", help="run the embedded end-to-end demo (what `make demo` runs)")
+    d.add_argument("--steps", type=int, default=STEPS,
+                   help=f"training steps of part 3 on {WORLD} ranks and on one device (default {STEPS})")
     d.set_defaults(func=run_demo)

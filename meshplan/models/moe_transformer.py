@@ -15,6 +15,12 @@ import torch.nn.functional as F
 from .config import ModelConfig
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where the model accumulates (norms, router softmax, the MoE's weighted sum): float32 for 16/32-bit
+    tensors, float64 for a float64 model (a reference exact to ~1e-12, not to float32 rounding)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -22,22 +28,26 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(accumulation_dtype(x.dtype))
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return out.type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    t = torch.arange(max_seq_len, dtype=torch.float32)
+def rope_tables(head_dim: int, max_seq_len: int, theta: float,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [S, hd/2] of the angles pos * theta^(-2i/hd), computed in `dtype`."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=dtype) / head_dim))
+    t = torch.arange(max_seq_len, dtype=dtype)
     freqs = torch.outer(t, inv)  # [S, hd/2]
     return freqs.cos(), freqs.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, S, H, hd]; cos/sin: [S, hd/2] for the positions of x's sequence dimension."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    """x: [B, S, H, hd]; cos/sin: [S, hd/2] for the positions of x's sequence dimension. Rotates in float32 for
+    16/32-bit x and in float64 for a float64 x (a float64 model is a reference to be exact to ~1e-12)."""
+    compute = accumulation_dtype(x.dtype)
+    x1, x2 = x.to(compute).unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[None, :, None, :].to(compute), sin[None, :, None, :].to(compute)
     out = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
     return out.type_as(x)
 
@@ -62,9 +72,19 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.rope_theta = cfg.rope_theta
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """model.to(torch.float64) casts the float32 tables, whose angles carry float32 rounding (~1e-5 at
+        position 100); recompute them in float64 instead. Other dtypes keep the cast float32 tables."""
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype == torch.float64:
+            cos, sin = rope_tables(self.head_dim, self.rope_cos.shape[0], self.rope_theta, torch.float64)
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        return self
 
     def qkv(self, x: torch.Tensor, start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [B, S, Hq, hd], k and v [B, S, Hkv, hd] for x at positions start_pos.., RoPE applied to q and k."""
@@ -107,8 +127,9 @@ class GroupedExperts(nn.Module):
 
 
 def route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax top-k router. logits: [T, E] -> (weights [T, k] float32, expert ids [T, k])."""
-    probs = logits.float().softmax(dim=-1)
+    """Softmax top-k router. logits: [T, E] -> (weights [T, k] float32 (float64 for float64 logits), expert
+    ids [T, k])."""
+    probs = logits.to(accumulation_dtype(logits.dtype)).softmax(dim=-1)
     weights, idx = probs.topk(top_k, dim=-1)
     if norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -148,11 +169,12 @@ class MoE(nn.Module):
         weights, idx = route(self.gate(xt), self.top_k, self.norm_topk_prob)
         keep = keep_mask(idx, self.n_experts, expert_capacity(xt.shape[0], self.top_k, self.n_experts,
                                                                self.capacity_factor))
-        out = torch.zeros_like(xt, dtype=torch.float32)
+        acc = accumulation_dtype(x.dtype)
+        out = torch.zeros_like(xt, dtype=acc)
         for e in range(self.n_experts):
             tok, slot = ((idx == e) & keep).nonzero(as_tuple=True)
             if tok.numel():
-                y = self.experts.expert(e, xt[tok]).float() * weights[tok, slot, None]
+                y = self.experts.expert(e, xt[tok]).to(acc) * weights[tok, slot, None]
                 out = out.index_add(0, tok, y)
         out = out.to(x.dtype)
         if self.shared is not None:

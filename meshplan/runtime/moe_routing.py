@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from ..models.moe_transformer import GroupedExperts, expert_capacity, keep_mask, route
+from ..models.moe_transformer import GroupedExperts, accumulation_dtype, expert_capacity, keep_mask, route
 from .moe_kernels import combine_rows, expert_ffn_sorted, use_triton
 from .op_context import OpContext
 
@@ -71,12 +71,13 @@ def run_experts(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, expert: to
 
 def combine(n_tokens: int, tok: torch.Tensor, slot: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
             dtype: torch.dtype) -> torch.Tensor:
-    """Weighted sum of expert outputs per token, in float32 as the reference does. Row i of y belongs to the
+    """Weighted sum of expert outputs per token, in float32 (float64 for float64) as the reference does. Row i of y belongs to the
     pair (tok[i], slot[i]); on the Triton path one fused kernel gathers and sums each token's rows."""
     if use_triton(y, "combine"):
         return combine_rows(n_tokens, tok, slot, y, weights, dtype)
-    out = torch.zeros(n_tokens, y.shape[-1], dtype=torch.float32, device=y.device)
-    out = out.index_add(0, tok, y.float() * weights[tok, slot, None])
+    acc = accumulation_dtype(y.dtype)
+    out = torch.zeros(n_tokens, y.shape[-1], dtype=acc, device=y.device)
+    out = out.index_add(0, tok, y.to(acc) * weights[tok, slot, None])
     return out.to(dtype)
 
 

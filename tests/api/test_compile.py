@@ -1,6 +1,4 @@
 """meshplan.compile: planning, overrides, caching, inspection, and a real 2-rank run equal to one device."""
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,7 +22,9 @@ def test_plans_without_a_process_group():
     cm.plan.validate(cm.graph, batch=4, seq=32)
     assert cm.plan.meta["pipeline"]["stages"] == 1  # the runtime executes no pipeline stages
     t = torch.randint(0, 256, (4, 32))
-    torch.testing.assert_close(cm(t), cm.module(t))  # plan-only: the original model runs
+    # plan-only: the original model runs (compared with one built apart from it, not with cm.module itself)
+    assert cm.module is not None and not isinstance(cm.module, meshplan.CompiledModel)
+    torch.testing.assert_close(cm(t), tiny()(t), rtol=0, atol=0)
     text = cm.explain()
     assert "layers.*.attention" in text and "predicted on h800" in text
     assert cm.schedule.makespan > 0
@@ -63,33 +63,63 @@ def test_bad_inputs_fail_before_any_process():
         meshplan.compile(tiny(), cluster="no-such-cluster", world_size=2, example_inputs=TOKENS)
 
 
-def _train_three_steps(model, reduce_gradients=lambda: None) -> list[float]:
-    """Losses of 3 seeded AdamW steps on random tokens (the same batches wherever it runs)."""
+def _train_three_steps(model, reduce_gradients=lambda: None, grads=lambda: None) -> tuple[list[float], dict]:
+    """Losses of 3 seeded AdamW steps on random tokens (the same batches wherever it runs), and the full
+    gradients of the first step (`grads()`; the plain model's own .grad when it returns None)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(0)
-    losses = []
+    losses, first = [], None
     for _ in range(3):
         data = torch.randint(0, 256, (4, 33), generator=gen)
         loss = F.cross_entropy(model(data[:, :-1]).flatten(0, 1), data[:, 1:].flatten())
         opt.zero_grad()
         loss.backward()
         reduce_gradients()
+        if first is None:
+            first = grads() or {n: p.grad.clone() for n, p in model.named_parameters()}
         opt.step()
         losses.append(loss.item())
-    return losses
+    return losses, first
+
+
+def _sharding_overrides(graph) -> dict:
+    """Ulysses sequence-parallel attention and expert-parallel MoE on the model axis, for every layer."""
+    from meshplan.ir import graph as G
+    from meshplan.ir.strategies import STRATEGIES
+
+    out = {}
+    for op in graph.ops():
+        strategy = {G.ATTENTION: "sp", G.MOE: "ep"}.get(op.kind)
+        if strategy:
+            i, o = STRATEGIES[op.kind][strategy].io[0]
+            out[op.name] = {"strategy": strategy, "axis": "mp", "input": [str(i)], "output": [str(o)]}
+    return out
 
 
 def _rank(rank, world, plan_yaml, out):
     cm = meshplan.compile(tiny(), cluster="local", plan=Plan.from_yaml(plan_yaml), example_inputs=TOKENS)
     assert cm.distributed
-    losses = _train_three_steps(cm, cm.reduce_gradients)
+    losses, grads = _train_three_steps(cm, cm.reduce_gradients, cm.module.full_grads)
     if rank == 0:
-        out.write_text(json.dumps(losses))
+        torch.save({"losses": losses, "grads": grads}, out)
 
 
 def test_compiled_model_trains_like_one_device_on_two_ranks(tmp_path):
-    plan = meshplan.compile(tiny(), cluster="local", world_size=2, example_inputs=TOKENS, error_budget=0.0).plan
-    plan.to_yaml(tmp_path / "plan.yaml")
-    spawn(2, _rank, str(tmp_path / "plan.yaml"), tmp_path / "losses.json")
-    ref = _train_three_steps(tiny())
-    assert json.loads((tmp_path / "losses.json").read_text()) == pytest.approx(ref, rel=1e-5, abs=1e-6)
+    """A plan that shards attention (Ulysses all-to-alls) and the MoE (expert-parallel dispatch/combine) on 2
+    gloo ranks: the first step's loss and every parameter's gradient, and 3 AdamW steps' losses, equal one
+    device's. Mutations tried: ParallelModel's gradient reduction skipped (GradReducer.reduce loops over no
+    bucket): fails; the Ulysses all-to-all's split and concat dims swapped: fails."""
+    mesh = Mesh.of(mp=2)
+    plain = meshplan.compile(tiny(), cluster="local", world_size=2, mesh=mesh, example_inputs=TOKENS)
+    cm = meshplan.compile(tiny(), cluster="local", world_size=2, mesh=mesh, example_inputs=TOKENS,
+                          overrides=_sharding_overrides(plain.graph))
+    kinds = {p.strategy for name, p in cm.plan.ops.items() if name.endswith((".attention", ".feed_forward"))}
+    assert kinds == {"sp", "ep"} and cm.plan.mesh.to_dict() == {"mp": 2}
+    cm.plan.to_yaml(tmp_path / "plan.yaml")
+    spawn(2, _rank, str(tmp_path / "plan.yaml"), tmp_path / "out.pt")
+    got = torch.load(tmp_path / "out.pt")  # written by this test's own rank 0
+    ref_losses, ref_grads = _train_three_steps(tiny())
+    assert got["losses"] == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
+    assert set(got["grads"]) == set(ref_grads)
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(got["grads"][name], ref, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")

@@ -128,3 +128,29 @@ def test_fixed_recompute_is_kept_across_scales(graph, h800):
     on = baseline("megatron", g, h800, 1440, 720, Options(seq=8192), pp=15, recompute=True)
     free = baseline("megatron", g, h800, 1440, 720, Options(seq=8192), pp=15)
     assert on.mesh.recompute and not free.mesh.recompute
+
+
+def test_simulate_numbers_by_hand(graph, h800):
+    """tokens/s, MFU and bubble of simulate's rows recomputed here from the tiny model's sizes (configs/models/
+    tiny.yaml) and the textbook formulas, not from the pricing code: forward FLOPs per token are 2 x the
+    active matmul weights plus causal attention's 2*S*Hq*hd (QK^T and AV, half each), training 3x forward;
+    MFU = training FLOPs / (GPUs x peak x step); the 1F1B bubble (pp - 1) / (m + pp - 1).
+    Mutations tried (benchmarks/mutations.py mfu-per-gpu, tokens-per-microbatch): MFU's denominator without the
+    GPU count: fails; tokens/s from one micro-batch instead of the global batch: fails."""
+    d, hq, hkv, hd, f, e, k, v, layers, seq, batch, gpus = 64, 4, 2, 16, 128, 4, 2, 256, 2, 128, 32, 8
+    attention = 2 * d * (hq + 2 * hkv) * hd + 2 * hq * hd * d + 2 * seq * hq * hd
+    moe = 2 * d * e + k * 6 * d * f
+    per_token = layers * (attention + moe) + 2 * d * v  # + norms and adds: O(D) per token, < 1% here
+    train_flops = 3 * per_token * batch * seq
+    rows = simulate(graph("tiny"), h800, gpus, batch, Options(seq=seq))
+    assert len(rows) >= 3
+    fitting = [r.to_dict() for r in rows if r.to_dict()["fits"]]  # a fixed-depth baseline may not fit 8 GPUs
+    assert len(fitting) >= 3
+    for d_ in fitting:
+        step = d_["step_time_s"]
+        assert d_["tokens_per_s"] == pytest.approx(batch * seq / step, rel=1e-12)
+        assert d_["mfu"] == pytest.approx(train_flops / (gpus * 989e12 * step), rel=0.01)  # h800: 989 TFLOP/s
+        pp, m = d_["pp"], d_["microbatches"]
+        assert d_["bubble"] == pytest.approx((pp - 1) / (m + pp - 1), abs=1e-12)
+        assert pp * d_["dp"] * d_["mp"] == gpus and d_["micro_batch"] * m * d_["dp"] == batch
+        assert 0 < d_["memory_gb"] < 80 and d_["fits"]

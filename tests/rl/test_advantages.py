@@ -1,6 +1,7 @@
 """GAE against a direct sum, MC returns, length-adaptive lambda, group normalisation, decoupled GAE."""
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -108,3 +109,35 @@ def test_group_path_and_whiten():
     w = whiten(torch.tensor([[1.0, 2.0, 99.0], [3.0, 0.0, 0.0]]), mask)
     vals = w[mask]
     assert abs(float(vals.mean())) < 1e-6 and abs(float(vals.var(unbiased=False)) - 1) < 1e-4 and w[0, 2] == 0
+
+
+def test_three_token_episode_by_hand():
+    """VAPO's decoupled GAE on one 3-token episode, every number worked out on paper (gamma = 1, reward 1 on the
+    last token, V = (0.2, 0.5, 0.8), V after the episode = 0):
+        delta = (0 + 0.5 - 0.2, 0 + 0.8 - 0.5, 1 + 0 - 0.8) = (0.3, 0.3, 0.2)
+        critic, lambda_critic = 1.0: R_t = sum of the rewards to go = (1, 1, 1)
+        policy, lambda_policy = 0.95 (paper's PPO value): A_2 = 0.2, A_1 = 0.3 + 0.95 * 0.2 = 0.49,
+                                                          A_0 = 0.3 + 0.95 * 0.49 = 0.7655
+        length-adaptive, alpha = 0.05 (paper): lambda = 1 - 1/(0.05 * 3) < 0 -> clamped to 0, A = delta
+        length-adaptive, alpha = 1: lambda = 1 - 1/3 = 2/3, A_1 = 0.3 + 0.2 * 2/3, A_0 = 0.3 + (2/3) A_1
+    Mutations tried: `gamma * lam * next_valid * running` -> `- gamma * ...` in advantages.gae (returns become
+    (0.4, 0.6, 1.0): fails)."""
+    mask = torch.tensor([[False, True, True, True, False]])  # one prompt position, 3 actions, padding
+    values = torch.tensor([[9.0, 0.2, 0.5, 0.8, 9.0]])  # off-mask values must not leak in
+    scores, lens = torch.tensor([1.0]), torch.tensor([3])
+
+    def run(**flags):
+        out = advantages_and_returns(AlgoConfig(**flags), scores, mask, lens, 1, values)
+        return out["advantages"][0, 1:4].tolist(), out["returns"][0].tolist()
+
+    adv, ret = run(length_adaptive_gae=False, lambda_policy=0.95, lambda_critic=1.0)
+    assert ret == pytest.approx([0.0, 1.0, 1.0, 1.0, 0.0], abs=1e-6)
+    assert adv == pytest.approx([0.7655, 0.49, 0.2], abs=1e-6)
+    adv, ret = run(alpha=0.05)
+    assert adv == pytest.approx([0.3, 0.3, 0.2], abs=1e-6) and ret[1:4] == pytest.approx([1.0] * 3, abs=1e-6)
+    a1 = 0.3 + 0.2 * 2 / 3
+    adv, _ = run(alpha=1.0)
+    assert adv == pytest.approx([0.3 + 2 / 3 * a1, a1, 0.2], abs=1e-6)
+    # coupled (PPO): the critic's targets use lambda_policy too: R = A + V = (0.9655, 0.99, 1.0)
+    adv, ret = run(length_adaptive_gae=False, lambda_policy=0.95, decoupled_gae=False)
+    assert ret[1:4] == pytest.approx([0.9655, 0.99, 1.0], abs=1e-6)

@@ -1,6 +1,11 @@
 """The trainer end to end on tiny settings: bit-identical resume, checkpoints, metrics, value-pretraining
-targets, the CLI, and data-parallel processes through the runtime."""
+targets, the CLI, and data-parallel processes through the runtime.
+
+The task is 1-digit addition after 60 warm-up steps (~1 s): the policy answers some prompts right (held-out
+accuracy 0.375), so rewards, advantages and DAPO's kept groups are not all zero."""
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,16 +13,22 @@ import yaml
 
 from meshplan.rl import checkpoint as ckpt_io
 from meshplan.rl.cli import main
-from meshplan.rl.config import config_from_dict
+from meshplan.rl.config import RLConfigError, config_from_dict
 from meshplan.rl.metrics import TIMING_KEYS, read_metrics
 from meshplan.rl.trainer import Trainer, train
 
 
-def tiny(out, preset="vapo", **train_over):
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One warm-up per world size for the whole module (the cache key includes the settings and the world)."""
+    return str(tmp_path_factory.mktemp("warmup"))
+
+
+def tiny(out, preset="vapo", cache=None, temperature=1.0, **train_over):
     d = {"name": "t", "seed": 0, "model": "tiny",
-         "task": {"max_digits": 2, "eval_size": 8},
-         "warmup": {"steps": 3, "batch_size": 8},
-         "rollout": {"prompts_per_step": 2, "samples_per_prompt": 4},
+         "task": {"max_digits": 1, "eval_size": 8},
+         "warmup": {"steps": 60, "batch_size": 32, "cache": cache},
+         "rollout": {"prompts_per_step": 2, "samples_per_prompt": 4, "temperature": temperature},
          "algo": {"preset": preset, **({"value_pretrain_steps": 2} if preset in ("vapo", "ppo") else {})},
          "train": {"steps": 4, "eval_every": 2, "checkpoint_every": 2, "out": str(out), "threads": 1,
                    "plot": False, **train_over}}
@@ -25,15 +36,22 @@ def tiny(out, preset="vapo", **train_over):
 
 
 def _untimed(records):
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+    """Without wall-clock fields and the warm-up record (which says whether the weights came from the cache)."""
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records if r["phase"] != "warmup"]
 
 
 @pytest.mark.parametrize("preset", ["vapo", "dapo"])
-def test_resume_is_bit_identical(tmp_path, preset):
-    straight = train(config_from_dict(tiny(tmp_path / "a", preset)))
-    train(config_from_dict(tiny(tmp_path / "b", preset, steps=2)))
-    resumed = train(config_from_dict(tiny(tmp_path / "b", preset)), resume=True)
+def test_resume_is_bit_identical(tmp_path, preset, cache):
+    """Mutation tried: Trainer._restore skips load_optimizer_state_dict (the resumed AdamW restarts): fails."""
+    straight = train(config_from_dict(tiny(tmp_path / "a", preset, cache)))
+    train(config_from_dict(tiny(tmp_path / "b", preset, cache, steps=2)))
+    resumed = train(config_from_dict(tiny(tmp_path / "b", preset, cache)), resume=True)
     assert _untimed(straight) == _untimed(resumed)
+    rl = [r for r in straight if r["phase"] == "rl" and r["step"] > 0]
+    assert any(r["reward"] > 0 for r in rl), "no correct sample: the resume would only replay zero advantages"
+    # a policy update happened both before and after the resume (DAPO: a mixed group survived dynamic sampling)
+    trained = [r["trained"] > 0 and "pg_loss" in r for r in rl]
+    assert any(trained[:2]) and any(trained[2:]), trained
     a, b = ckpt_io.load(tmp_path / "a" / "checkpoint.pt"), ckpt_io.load(tmp_path / "b" / "checkpoint.pt")
     assert a["step"] == b["step"] == 4 and a["samples"] == b["samples"]
     for model in ("actor", "critic"):
@@ -45,8 +63,8 @@ def test_resume_is_bit_identical(tmp_path, preset):
     assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
 
 
-def test_checkpoint_metrics_and_plot(tmp_path):
-    records = train(config_from_dict(tiny(tmp_path, "ppo", steps=2, plot=True)))
+def test_checkpoint_metrics_and_plot(tmp_path, cache):
+    records = train(config_from_dict(tiny(tmp_path, "ppo", cache, steps=2, plot=True)))
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["checkpoint.pt", "curves.png", "metrics.jsonl"]  # no temporary checkpoint left behind
     state = ckpt_io.load(tmp_path / "checkpoint.pt")
@@ -59,13 +77,25 @@ def test_checkpoint_metrics_and_plot(tmp_path):
     assert records[0]["phase"] == "warmup" and "eval_accuracy" in records[1]
 
 
-def test_value_pretraining_fits_monte_carlo_returns(tmp_path, monkeypatch):
-    cfg = config_from_dict(tiny(tmp_path, "vapo", steps=0))
+def _answer_is_right(text: str) -> bool:
+    """'3+4=' + '4+3+0=07:7' -> True, from the characters alone (not the task's scorer): the text after the
+    response's last ':' is the sum (tasks.py: only the answer after ':' is rewarded)."""
+    prompt, response = text.split("=", 1)
+    a, b = (int(x) for x in prompt.split("+"))
+    return ":" in response and response.rsplit(":", 1)[1] == str(a + b)
+
+
+def test_value_pretraining_fits_monte_carlo_returns(tmp_path, monkeypatch, cache):
+    """The critic's targets, derived here from the decoded rollouts: gamma = 1, the reward (1 right, 0 wrong) on
+    the last response token, lambda_critic = 1, so every response token's target is its episode's reward.
+    Mutations tried (benchmarks/mutations.py): gae-sign, the sign of the lambda term in advantages.gae flipped:
+    fails; reward-flip, score() rewarding wrong answers (reward(not c)): fails."""
+    cfg = config_from_dict(tiny(tmp_path, "vapo", cache, steps=0))
     seen = []
     original = Trainer._update_critic
 
     def spy(self, ro, returns, old_values):
-        seen.append((ro, returns))
+        seen.append((ro, returns, self.task.tokenizer))
         return original(self, ro, returns, old_values)
 
     monkeypatch.setattr(Trainer, "_update_critic", spy)
@@ -73,10 +103,17 @@ def test_value_pretraining_fits_monte_carlo_returns(tmp_path, monkeypatch):
     policy_before = trainer.actor.full_state_dict()
     trainer.run()
     assert len(seen) == 2  # value_pretrain_steps, and no RL step
-    for ro, returns in seen:
-        # gamma = 1, reward on the final token, lambda = 1: every response token's target is the episode's reward
-        rewards = returns.max(-1).values  # rewards are 0/1 here, and returns are constant along each response
-        torch.testing.assert_close(returns, rewards[:, None] * ro.mask)
+    n_right = 0
+    for ro, returns, tok in seen:
+        for i in range(len(ro)):
+            plen, rlen = int(ro.prompt_lens[i]), int(ro.response_lens[i])
+            text = tok.decode(ro.tokens[i, 1:plen]) + tok.decode(ro.tokens[i, plen: plen + rlen])
+            right = _answer_is_right(text)
+            n_right += right
+            want = torch.zeros(returns.shape[1])
+            want[plen - 1: plen - 1 + rlen] = float(right)  # action t emits token t + 1
+            assert torch.equal(returns[i], want), (text, returns[i])
+    assert 0 < n_right < sum(len(ro) for ro, _, _ in seen)  # some right, some wrong
     after = trainer.actor.full_state_dict()  # the policy is fixed during value pretraining
     assert all(torch.equal(policy_before[k], after[k]) for k in after)
 
@@ -93,9 +130,30 @@ def test_cli_train(tmp_path, capsys):
     assert "rl.algo.eps_hgh: unknown field" in capsys.readouterr().err
 
 
-def test_two_data_parallel_processes(tmp_path):
-    records = train(config_from_dict(tiny(tmp_path, "vapo", steps=2, nproc=2)))
-    rl = [r for r in records if r["phase"] == "rl" and r["step"] > 0]
-    assert [r["generated"] for r in rl] == [8, 8]  # each rank sampled one prompt x 4, gathered to 8
-    state = ckpt_io.load(tmp_path / "checkpoint.pt")
-    assert state["world"] == 2 and len(state["actor_opt"]) == 2 and len(state["rng"]) == 2
+_EXACT = ("reward", "accuracy", "response_len", "truncated", "generated", "trained", "eval_accuracy",
+          "eval_response_len", "samples", "step", "phase")
+
+
+def test_two_data_parallel_processes_match_one_and_resume(tmp_path, cache):
+    """VAPO on 2 gloo processes equals 1 process over 4 RL steps (the second run of 2 resumed at world 2), and a
+    world-2 checkpoint is refused at world 1. Both start from the same warmed-up weights (copied cache entry:
+    60 warm-up AdamW steps amplify the last-bit differences of another reduction order past greedy ties) and
+    decode greedily (each rank samples its prompts with its own generator, so sampled runs differ by world).
+    Mutation tried (benchmarks/mutations.py drop-grad-reduce): GradReducer.reduce reducing no bucket (each rank
+    trains on its half of the batch): fails."""
+    one = train(config_from_dict(tiny(tmp_path / "one", "vapo", cache, temperature=0.0)))
+    for f in list(Path(cache).glob("warmup-*-w1.pt")):
+        shutil.copy(f, f.with_name(f.name.replace("-w1.pt", "-w2.pt")))
+    train(config_from_dict(tiny(tmp_path / "two", "vapo", cache, temperature=0.0, steps=2, nproc=2)))
+    two = train(config_from_dict(tiny(tmp_path / "two", "vapo", cache, temperature=0.0, nproc=2)), resume=True)
+    one, two = _untimed(one), _untimed(two)
+    assert [r["phase"] for r in one] == [r["phase"] for r in two] and len([r for r in one if r["step"]]) == 4
+    assert any(r.get("reward", 0) > 0 for r in one)
+    for a, b in zip(one, two):
+        assert {k: a[k] for k in a if k in _EXACT} == {k: b[k] for k in b if k in _EXACT}
+        for k in set(a) - set(_EXACT):
+            assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-5), (a["phase"], a["step"], k)
+    state = ckpt_io.load(tmp_path / "two" / "checkpoint.pt")
+    assert state["world"] == 2 and state["step"] == 4 and len(state["actor_opt"]) == 2 and len(state["rng"]) == 2
+    with pytest.raises(RLConfigError, match="written by 2 processes; resume it with --nproc 2, not 1"):
+        Trainer(config_from_dict(tiny(tmp_path / "two", "vapo", cache, temperature=0.0)), resume=True)

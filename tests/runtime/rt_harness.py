@@ -19,6 +19,13 @@ from meshplan.models import ModelConfig, build_model
 from meshplan.runtime import LocalWorld, ParallelModel
 
 RTOL, ATOL = 1e-5, 1e-6
+# float64 runs: a plan differs from one device only by summation order (~1e-16 relative per op; the model
+# accumulates in float64 too, moe_transformer.accumulation_dtype). 1e-10 fails any float32 rounding (~1e-7).
+RTOL64, ATOL64 = 1e-10, 1e-12
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    return (RTOL64, ATOL64) if dtype == torch.float64 else (RTOL, ATOL)
 MESHES = {"1": Mesh.of(mp=1), "2": Mesh.of(mp=2), "dp2": Mesh.of(dp=2), "dp2,mp2": Mesh.of(dp=2, mp=2),
           "4": Mesh.of(mp=4)}
 DP_ONLY = {"dp2"}  # meshes whose axes are all data parallel
@@ -31,10 +38,12 @@ def tiny_config(**over) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def random_config(rng: random.Random) -> ModelConfig:
-    n_heads = rng.choice([2, 4, 8])
+def random_config(rng: random.Random, divisor: int = 1) -> ModelConfig:
+    """A random small config whose heads, experts and hidden sizes `divisor` ranks can split (every sharding
+    strategy applies on a model axis of that size: no draw is rejected)."""
+    n_heads = rng.choice([h for h in (2, 4, 8) if h % divisor == 0])
     n_layers = rng.choice([1, 2])
-    n_experts = rng.choice([2, 4, 8])
+    n_experts = rng.choice([e for e in (2, 4, 8) if e % divisor == 0])
     return ModelConfig(
         name="rand", vocab_size=rng.choice([32, 64]), dim=n_heads * rng.choice([4, 8]), n_layers=n_layers,
         n_heads=n_heads, n_kv_heads=rng.choice([d for d in (1, 2, 4, 8) if n_heads % d == 0]),
@@ -117,8 +126,10 @@ def mismatches(loss, grads, ref_loss, ref_grads, rtol=RTOL, atol=ATOL) -> list[s
 
 
 def check_threads(cfg, plan: Plan, head="lm", batch=4, seq=8, dtype=torch.float32, graph=None,
-                  rtol=RTOL, atol=ATOL) -> list[str]:
-    """Run `plan` on an in-process world and compare every rank's loss and full gradients with one device."""
+                  rtol=None, atol=None) -> list[str]:
+    """Run `plan` on an in-process world and compare every rank's loss and full gradients with one device, at
+    the tolerance of `dtype` unless given."""
+    rtol, atol = rtol or tolerance(dtype)[0], atol or tolerance(dtype)[1]
     tokens, targets = batch_for(cfg, batch, seq)
     ref_loss, ref_grads = reference(cfg, head, tokens, targets, dtype)
     graph = graph or trace(make_model(cfg, head, dtype))

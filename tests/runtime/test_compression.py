@@ -135,6 +135,8 @@ def _predicted(stats, plan, phases) -> float:
 
 @pytest.mark.parametrize("label,mesh,strategies,precision", PLANS, ids=[p[0] for p in PLANS])
 def test_compressed_plans_stay_within_the_error_model(tiny, label, mesh, strategies, precision):
+    """Above: the error model's root-sum-square over the collectives that ran. Below: nonzero rounding.
+    Mutation tried (benchmarks/mutations.py fp8-not-applied): encode sending fp8 collectives unrounded: fails."""
     cfg, graph, tokens, targets = tiny
     out32, g32, _ = _step(cfg, graph, uniform_plan(graph, mesh, strategies), tokens, targets)
     plan = uniform_plan(graph, mesh, strategies, precision=precision)
@@ -144,6 +146,10 @@ def test_compressed_plans_stay_within_the_error_model(tiny, label, mesh, strateg
     assert _rel(out, out32) <= out_bound, (label, _rel(out, out32), out_bound)
     assert _rel(_flat(g), _flat(g32)) <= grad_bound, (label, _rel(_flat(g), _flat(g32)), grad_bound)
     assert (out_bound > 0) == any(p != "grad" for p in precision)
+    # bounded below too: a compressed collective silently sent in fp32 (zero error) must fail. bf16 rounds by up
+    # to 2^-9 and fp8 by up to 2^-4 relative, so an error under 1e-4 means nothing was rounded
+    assert (_rel(out, out32) > 1e-4) == any(p != "grad" for p in precision), (label, _rel(out, out32))
+    assert _rel(_flat(g), _flat(g32)) > 1e-4, (label, _rel(_flat(g), _flat(g32)))
 
 
 # ---- training ---------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 In-process worlds (one thread per rank, real gloo collectives): the fixed matrix of the issue in float32, and
 hypothesis over random model configs and random per-op plans (strategies, model axes, mixed placements) in float64,
-where rounding cannot flip a router's top-k choice between the two runs.
+where rounding cannot flip a router's top-k choice between the two runs, at float64 tolerance (rt_harness.RTOL64).
+Random draws are never rejected: a config is drawn for the mesh's model-axis size, so every strategy applies.
 """
 import copy
 import random
@@ -18,7 +19,6 @@ from rt_harness import (
 
 from meshplan.ir import Plan, trace
 from meshplan.ir import graph as G
-from meshplan.ir.plan import PlanError
 from meshplan.models import OutputHead
 from meshplan.runtime import LocalWorld, ParallelModel
 
@@ -50,16 +50,23 @@ def test_matrix_float32(tiny, attention, moe, mesh_name):
     assert check_threads(cfg, plan, graph=graph) == []
 
 
+MODEL_AXIS_MESHES = sorted(m for m in MESHES if m not in DP_ONLY and MESHES[m].shape[-1] > 1)
+
+
+def model_axis(mesh_name: str) -> int:
+    return 1 if mesh_name in DP_ONLY else MESHES[mesh_name].shape[-1]
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31), attention=st.sampled_from(ATTENTION), moe=st.sampled_from(FFN),
-       mesh_name=st.sampled_from(sorted(MESHES)), head=st.sampled_from(["lm", "value"]))
+       mesh_name=st.sampled_from(MODEL_AXIS_MESHES), head=st.sampled_from(["lm", "value"]))
 def test_random_configs_uniform_plans(seed, attention, moe, mesh_name, head):
-    cfg = random_config(random.Random(seed))
+    """Only meshes with a model axis (elsewhere the strategies do not apply), and configs that axis divides: the
+    drawn plan always validates (a PlanError fails the test; there is no fallback plan). Measured over 300 draws: 0
+    rejected; with the old draws (random_config ignoring `divisor`, every mesh) 19 of 300 raise PlanError here."""
+    cfg = random_config(random.Random(seed), divisor=model_axis(mesh_name))
     graph = trace(make_model(cfg, head, torch.float64))
-    try:
-        plan = plan_for(graph, mesh_name, attention, moe).validate(graph)
-    except PlanError:  # the mesh does not divide this config's heads/experts: covered by test_runtime_errors
-        plan = plan_for(graph, mesh_name, "replicate", "seq")
+    plan = plan_for(graph, mesh_name, attention, moe).validate(graph)
     assert check_threads(cfg, plan, head=head, dtype=torch.float64, graph=graph) == []
 
 
@@ -69,9 +76,9 @@ def test_random_configs_uniform_plans(seed, attention, moe, mesh_name, head):
 def test_random_configs_random_plans(seed, mesh_name, head, seq):
     """Each op its own strategy and model axis: reshardings between arbitrary placements, mixed R/P gradients."""
     rng = random.Random(seed)
-    cfg = random_config(rng)
+    cfg = random_config(rng, divisor=model_axis(mesh_name))
     graph = trace(make_model(cfg, head, torch.float64))
-    plan = random_plan(graph, MESHES[mesh_name], rng, dp_only=mesh_name in DP_ONLY)
+    plan = random_plan(graph, MESHES[mesh_name], rng, dp_only=mesh_name in DP_ONLY).validate(graph, seq=seq)
     assert check_threads(cfg, plan, head=head, seq=seq, dtype=torch.float64, graph=graph) == []
 
 
