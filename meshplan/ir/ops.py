@@ -103,7 +103,15 @@ def tokens(shape: Shape) -> sympy.Expr:
 
 # ---- built-in kinds ---------------------------------------------------------------------------------
 def _attention_attrs(m) -> dict:
-    return {"dim": m.wq.in_features, "n_heads": m.n_heads, "n_kv_heads": m.n_kv_heads, "head_dim": m.head_dim}
+    out = {"dim": m.wq.in_features, "n_heads": m.n_heads, "n_kv_heads": m.n_kv_heads, "head_dim": m.head_dim}
+    if hasattr(m, "variant_attrs"):  # the variants every strategy honours (models/moe_transformer.Attention)
+        out.update(m.variant_attrs())
+    return out
+
+
+def _attention_strategies(m) -> tuple[str, ...] | None:
+    """A q/k norm over the whole projection (OLMoE) needs every head's projection on one rank: not head-split."""
+    return ("sp", "replicate") if getattr(m, "qk_norm", "none") == "proj" else None
 
 
 def _attention_flops(a, ins) -> sympy.Expr:
@@ -115,10 +123,22 @@ def _attention_flops(a, ins) -> sympy.Expr:
 
 
 def _moe_attrs(m) -> dict:
-    e, f, d = m.experts.w1.shape
+    e, d, f = m.experts.w2.shape
     shared = m.shared.w1.out_features if m.shared is not None else 0
-    return {"dim": d, "ffn_dim": f, "n_experts": e, "top_k": m.top_k, "shared_hidden": shared,
-            "capacity_factor": m.capacity_factor, "norm_topk_prob": m.norm_topk_prob}
+    out = {"dim": d, "ffn_dim": f, "n_experts": e, "top_k": m.top_k, "shared_hidden": shared,
+           "capacity_factor": m.capacity_factor, "norm_topk_prob": m.norm_topk_prob}
+    # the variants every strategy honours (models/moe_transformer.MoE), present only when not meshplan's default
+    routing = getattr(m, "routing", None)
+    if routing:
+        out.update({k: v for k, v in routing.items() if k not in out})
+        out["score_bias"] = getattr(m, "score_bias", None) is not None
+    if getattr(m, "router_fp32", False):
+        out["router_fp32"] = True
+    if getattr(m, "shared_gate", None) is not None:
+        out["shared_gate"] = True
+    if hasattr(m.experts, "w13"):
+        out["fused_experts"] = True
+    return out
 
 
 def _moe_flops(a, ins) -> sympy.Expr:
@@ -182,7 +202,7 @@ def _register_builtins() -> None:
     if hasattr(nn, "RMSNorm"):
         register_leaf(nn.RMSNorm, layer_norm)
     register_leaf(mt.Attention, LeafSpec(kind=G.ATTENTION, attrs=_attention_attrs, flops=_attention_flops,
-                                         strategies=None, builtin=True))
+                                         strategies=_attention_strategies, builtin=True))
     register_leaf(mt.MoE, LeafSpec(kind=G.MOE, attrs=_moe_attrs, flops=_moe_flops, active_params=_moe_active,
                                    token_wise=True, strategies=None, builtin=True))
     register_leaf(mt.FeedForward, LeafSpec(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..models.moe_transformer import apply_rope, causal_attention
+from ..models.moe_transformer import causal_attention, project_qkv, rotate
 from .collectives import exchange
 from .op_context import OpContext
 
@@ -28,9 +28,7 @@ def sp_qkv(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
     a, p, n = ctx.attrs, ctx.params, ctx.n
     b, sl, _ = x.shape
     hq, n_kv, hd = a["n_heads"], a["n_kv_heads"], a["head_dim"]
-    q = F.linear(x, p["wq.weight"]).view(b, sl, hq, hd)
-    k = F.linear(x, p["wk.weight"]).view(b, sl, n_kv, hd)
-    v = F.linear(x, p["wv.weight"]).view(b, sl, n_kv, hd)
+    q, k, v = project_qkv(x, p, a)  # [b, s/n, H, hd], with the op's biases and q/k norms
     if n_kv % n:
         k, v = k.repeat_interleave(n // n_kv, dim=2), v.repeat_interleave(n // n_kv, dim=2)
     kv = k.shape[2]
@@ -40,19 +38,21 @@ def sp_qkv(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
 
 def sp_core(ctx: OpContext, qkv: torch.Tensor) -> torch.Tensor:
     """[b, s, 1, (Hq + 2 Hkv')/n, hd] (after the all-to-all) -> attention of this rank's heads [b, s, Hq/n, hd]."""
-    hq, n = ctx.attrs["n_heads"], ctx.n
+    a, n = ctx.attrs, ctx.n
+    hq = a["n_heads"]
     qkv = qkv.squeeze(2)
     kv = (qkv.shape[2] - hq // n) // 2
     q, k, v = qkv.split([hq // n, kv, kv], dim=2)
     s = q.shape[1]
     cos, sin = ctx.params["rope_cos"][:s], ctx.params["rope_sin"][:s]
-    return causal_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+    style = a.get("rope", "interleaved")
+    return causal_attention(rotate(q, cos, sin, style), rotate(k, cos, sin, style), v, scale=a.get("scale"))
 
 
 def sp_out_proj(ctx: OpContext, out: torch.Tensor) -> torch.Tensor:
     """[b, s/n, Hq, hd] (after the second all-to-all) -> [b, s/n, D] with the replicated output projection."""
     b, sl = out.shape[:2]
-    return F.linear(out.reshape(b, sl, -1), ctx.params["wo.weight"])
+    return F.linear(out.reshape(b, sl, -1), ctx.params["wo.weight"], ctx.params.get("wo.bias"))
 
 
 def attention_sp(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
