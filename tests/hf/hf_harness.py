@@ -21,7 +21,9 @@ def forced_plan(family: str, strategies: dict[str, str], world: int = 2, **over)
 
 def auto_plan(family: str, world: int = 2, cluster: str = "local", **over):
     tokens = batch()[0]
-    cm = meshplan.compile(hf_model(family, **over), cluster=cluster, world_size=world, example_inputs=(tokens,))
+    # error_budget=0: the planner may not trade exactness for bandwidth (bf16/fp8 collectives)
+    cm = meshplan.compile(hf_model(family, **over), cluster=cluster, world_size=world, example_inputs=(tokens,),
+                          error_budget=0.0)
     return cm.graph, cm.plan
 
 
