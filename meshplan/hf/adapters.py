@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
+from ..models.mla import MLAttention
 from ..models.moe_transformer import Attention, FeedForward, FusedExperts, MoE, OutputHead, RMSNorm
 from .checks import Check, check_config
 from .front_door import CausalLM, DecoderBlock
@@ -137,4 +138,42 @@ class Qwen2MoeAdapter(Adapter):
     def moe(self, hf: nn.Module) -> MoE:
         out = super().moe(hf)
         out.shared, out.shared_gate = ffn(hf.shared_expert), hf.shared_expert_gate
+        return out
+
+
+@register_adapter
+class DeepseekV3Adapter(Adapter):
+    """DeepSeek-V3: multi-head latent attention (models/mla.py), dense first_k_dense_replace layers, sigmoid
+    routing over n_group groups with the score-correction bias and routed scaling, an ungated shared expert."""
+    model_types = ("deepseek_v3",)
+
+    def attention(self, hf: nn.Module) -> MLAttention:
+        c = self.config
+        out = _meta(lambda: MLAttention(c.hidden_size, hf.num_heads, hf.q_lora_rank, hf.kv_lora_rank,
+                                        hf.qk_nope_head_dim, hf.qk_rope_head_dim, hf.v_head_dim,
+                                        hf.kv_a_layernorm.variance_epsilon, bias=bool(c.attention_bias)))
+        if hf.q_lora_rank is None:
+            out.wq = hf.q_proj
+        else:
+            out.wq_a, out.q_norm, out.wq_b = hf.q_a_proj, norm(hf.q_a_layernorm), hf.q_b_proj
+            out.norm_eps = hf.q_a_layernorm.variance_epsilon
+        out.wkv_a, out.kv_norm, out.wkv_b, out.wo = hf.kv_a_proj_with_mqa, norm(hf.kv_a_layernorm), hf.kv_b_proj, hf.o_proj
+        if hf.q_lora_rank is not None and hf.q_a_layernorm.variance_epsilon != hf.kv_a_layernorm.variance_epsilon:
+            raise NotImplementedError("deepseek_v3: q_a_layernorm and kv_a_layernorm epsilons differ")
+        out.rope_cos, out.rope_sin = self.cos, self.sin
+        # HF's rope_interleave pairs dims (2i, 2i+1) and writes them out as halves: q and k get the same
+        # permutation of their rotary dims, so every score q·k equals meshplan's interleaved rotation's.
+        out.rope_style = "interleaved" if c.rope_interleave else "half"
+        out.scale = hf.scaling
+        return out
+
+    def moe(self, hf: nn.Module) -> MoE:
+        out = super().moe(hf)
+        g = hf.gate
+        out.routing = {"scoring": "sigmoid", "n_group": g.num_group, "topk_group": g.topk_group,
+                       "routed_scale": float(g.routed_scaling_factor), "top_k": g.top_k,
+                       "norm_topk_prob": bool(g.norm_topk_prob)}
+        out.register_buffer("score_bias", g.e_score_correction_bias, persistent=False)
+        out.router_fp32 = True
+        out.shared = ffn(hf.shared_experts)
         return out

@@ -122,6 +122,17 @@ def _attention_flops(a, ins) -> sympy.Expr:
     return proj + core
 
 
+def _mla_flops(a, ins) -> sympy.Expr:
+    """Multi-head latent attention (models/mla.py): the projections through the latents, then attention with
+    q/k of nope + rope dims and v of v_head_dim."""
+    t, d, h = tokens(ins[0]), a["dim"], a["n_heads"]
+    qk, vd, lora = a["qk_nope_head_dim"] + a["qk_rope_head_dim"], a["v_head_dim"], a["kv_lora_rank"]
+    q = d * h * qk if a["q_lora_rank"] is None else a["q_lora_rank"] * (d + h * qk)
+    proj = 2 * t * (q + d * (lora + a["qk_rope_head_dim"]) + lora * h * (a["qk_nope_head_dim"] + vd) + h * vd * d)
+    b, s = ins[0][0], ins[0][1]
+    return proj + b * s * s * h * (qk + vd)  # causal half of 2·B·S²·H·(qk + v)
+
+
 def _moe_attrs(m) -> dict:
     e, d, f = m.experts.w2.shape
     shared = m.shared.w1.out_features if m.shared is not None else 0
@@ -203,6 +214,11 @@ def _register_builtins() -> None:
         register_leaf(nn.RMSNorm, layer_norm)
     register_leaf(mt.Attention, LeafSpec(kind=G.ATTENTION, attrs=_attention_attrs, flops=_attention_flops,
                                          strategies=_attention_strategies, builtin=True))
+    from ..models import mla
+
+    # MLA runs whole or head-split; its Ulysses exchange is not implemented
+    register_leaf(mla.MLAttention, LeafSpec(kind=G.ATTENTION, attrs=lambda m: m.attrs(), flops=_mla_flops,
+                                            strategies=("tp", "replicate"), builtin=True))
     register_leaf(mt.MoE, LeafSpec(kind=G.MOE, attrs=_moe_attrs, flops=_moe_flops, active_params=_moe_active,
                                    token_wise=True, strategies=None, builtin=True))
     register_leaf(mt.FeedForward, LeafSpec(

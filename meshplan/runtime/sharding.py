@@ -13,7 +13,8 @@ from ..ir.placement import Placement, Replicate, Shard
 # (kind, strategy) -> {parameter name relative to the op's module: split dimension}
 _SPLITS: dict[tuple[str, str], dict[str, int]] = {
     (G.ATTENTION, "tp"): {"wq.weight": 0, "wk.weight": 0, "wv.weight": 0, "wo.weight": 1,
-                          "wq.bias": 0, "wk.bias": 0, "wv.bias": 0},
+                          "wq.bias": 0, "wk.bias": 0, "wv.bias": 0,
+                          "wq_b.weight": 0, "wkv_b.weight": 0},  # MLA (models/mla.py): heads' rows
     (G.MOE, "ep"): {"experts.w1": 0, "experts.w3": 0, "experts.w2": 0, "experts.w13": 0},
     (G.MOE, "ag_scatter"): {"experts.w1": 0, "experts.w3": 0, "experts.w2": 0, "experts.w13": 0},
     # Fused gate/up experts (experts.w13, [E, 2F, D]) stay whole under "tp": a contiguous split of dim 1 would
@@ -29,7 +30,7 @@ _SPLITS: dict[tuple[str, str], dict[str, int]] = {
 # the parameters an implementation reads by name: a registered module of that kind must have them (experts: w2,
 # and w1/w3 or the fused w13, which moe_routing.experts checks)
 REQUIRED: dict[tuple[str, str], tuple[str, ...]] = {
-    (G.ATTENTION, "tp"): ("wq.weight", "wk.weight", "wv.weight", "wo.weight"),
+    (G.ATTENTION, "tp"): ("wo.weight",),  # and wq/wk/wv, or MLA's latents (models/mla.py)
     (G.ATTENTION, "sp"): ("wq.weight", "wk.weight", "wv.weight", "wo.weight"),
     (G.MOE, "ep"): ("gate.weight", "experts.w2"),
     (G.MOE, "ag_scatter"): ("gate.weight", "experts.w2"),

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ir.placement import Shard
+from ..models.mla import mla
 from ..models.moe_transformer import causal_attention, project_qkv, rotate
 from .collectives import all_gather
 from .local_ops import module_forward
@@ -27,6 +28,8 @@ from .op_context import OpContext
 def attention_tp(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
     a, p, n, r = ctx.attrs, ctx.params, ctx.n, ctx.index
     b, s, _ = x.shape
+    if a.get("mla"):  # latent attention: the same math on this rank's heads (models/mla.py)
+        return mla(x, p, a, p["rope_cos"][:s], p["rope_sin"][:s], o_bias=r == 0)
     hd, n_kv = a["head_dim"], a["n_kv_heads"]
     if a.get("qk_norm") == "proj":  # refused by the plan's validation (ir/ops.py); never run it wrong
         raise NotImplementedError(f"op {ctx.op.name!r}: a q/k norm over the whole projection under head-split tp")

@@ -26,6 +26,8 @@ def sp_qkv(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
     """[b, s/n, D] -> [b, s/n, n, (Hq + 2 Hkv')/n, hd]: one buffer per destination rank (its query heads, then its
     KV heads), as attention_sp lays it out; exchange dims (2, 1) next."""
     a, p, n = ctx.attrs, ctx.params, ctx.n
+    if a.get("mla"):  # refused by the plan's validation (ir/ops.py); never run it wrong
+        raise NotImplementedError(f"op {ctx.op.name!r}: Ulysses sp for multi-head latent attention")
     b, sl, _ = x.shape
     hq, n_kv, hd = a["n_heads"], a["n_kv_heads"], a["head_dim"]
     q, k, v = project_qkv(x, p, a)  # [b, s/n, H, hd], with the op's biases and q/k norms

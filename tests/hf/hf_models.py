@@ -33,7 +33,7 @@ def _tiny(family: str, **over):
     raise ValueError(family)
 
 
-FAMILIES = ("llama", "mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
+FAMILIES = ("llama", "mixtral", "qwen3_moe", "olmoe", "qwen2_moe")  # deepseek_v3: test_hf_deepseek.py
 
 
 def hf_model(family: str, seed: int = 0, **over):

@@ -1,0 +1,52 @@
+"""DeepSeek-V3: MLA (replicate and head-split tp), a dense first layer, grouped sigmoid routing with the
+score-correction bias and routed scaling, an ungated shared expert — equal to HF's own model."""
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+
+import meshplan  # noqa: E402
+from meshplan.hf import adapt  # noqa: E402
+from meshplan.ir import PlanError, trace  # noqa: E402
+
+from hf_harness import auto_plan, forced_plan, run_threads  # noqa: E402
+from hf_models import batch, hf_model  # noqa: E402
+
+VARIANTS = [{}, {"q_lora_rank": 12}, {"rope_interleave": False}]
+
+
+@pytest.mark.parametrize("over", VARIANTS, ids=["kv-lora", "q-lora", "rotate-half"])
+def test_forward_equals_hf(over):
+    model = hf_model("deepseek_v3", **over)
+    tokens = batch()[0]
+    torch.testing.assert_close(adapt(model)(tokens), model(tokens, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_structure_reaches_the_ir():
+    ops = {op.name: op for op in trace(adapt(hf_model("deepseek_v3"))).ops()}
+    assert ops["layers.0.feed_forward"].kind == "ffn" and ops["layers.1.feed_forward"].kind == "moe"
+    moe = ops["layers.1.feed_forward"].attrs
+    assert (moe["scoring"], moe["n_group"], moe["topk_group"], moe["routed_scale"]) == ("sigmoid", 2, 1, 2.5)
+    assert moe["score_bias"] and moe["router_fp32"] and moe["shared_hidden"] == 16
+    assert ops["layers.0.attention"].attrs["mla"] and ops["layers.0.attention"].strategies == ("tp", "replicate")
+
+
+@pytest.mark.parametrize("strategies, over", [
+    ({"attention": "tp", "moe": "ep"}, {}), ({"attention": "tp", "moe": "tp"}, {"q_lora_rank": 12}),
+    ({"attention": "replicate", "moe": "ag_scatter"}, {}), ({"attention": "tp", "moe": "ag_scatter"}, {}),
+])
+def test_two_ranks_equal_hf(strategies, over):
+    graph, plan = forced_plan("deepseek_v3", strategies, **over)
+    assert run_threads("deepseek_v3", graph, plan, **over) == []
+
+
+def test_auto_plan_equals_hf():
+    graph, plan = auto_plan("deepseek_v3")
+    assert run_threads("deepseek_v3", graph, plan) == []
+
+
+def test_mla_refuses_ulysses_at_compile_time():
+    with pytest.raises(PlanError, match="allowed: tp, replicate"):
+        meshplan.compile(hf_model("deepseek_v3"), world_size=2, strategies={"attention": "sp"},
+                         example_inputs=(batch()[0],))
