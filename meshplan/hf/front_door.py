@@ -37,7 +37,8 @@ class CausalLM(nn.Module):
         object.__setattr__(self, "hf_model", hf_model)  # not a submodule: its parameters are already ours
         self.max_seq_len = max_seq_len
         # what compile() reads for its default example length (planning a 128k-context model at 4k by default)
-        self.config = SimpleNamespace(max_seq_len=min(max_seq_len, 4096), hf=hf_model.config)
+        self.config = SimpleNamespace(max_seq_len=min(max_seq_len, 4096), hf=hf_model.config,
+                                      name=getattr(hf_model.config, "model_type", type(hf_model).__name__))
         self.hf_names = _hf_names(self, hf_model)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
