@@ -157,7 +157,8 @@ class DeepseekV3Adapter(Adapter):
         else:
             out.wq_a, out.q_norm, out.wq_b = hf.q_a_proj, norm(hf.q_a_layernorm), hf.q_b_proj
             out.norm_eps = hf.q_a_layernorm.variance_epsilon
-        out.wkv_a, out.kv_norm, out.wkv_b, out.wo = hf.kv_a_proj_with_mqa, norm(hf.kv_a_layernorm), hf.kv_b_proj, hf.o_proj
+        out.wkv_a, out.kv_norm = hf.kv_a_proj_with_mqa, norm(hf.kv_a_layernorm)
+        out.wkv_b, out.wo = hf.kv_b_proj, hf.o_proj
         if hf.q_lora_rank is not None and hf.q_a_layernorm.variance_epsilon != hf.kv_a_layernorm.variance_epsilon:
             raise NotImplementedError("deepseek_v3: q_a_layernorm and kv_a_layernorm epsilons differ")
         out.rope_cos, out.rope_sin = self.cos, self.sin

@@ -8,6 +8,7 @@
 Heads are independent after the shared latent, so head-split TP ("tp") runs `mla` itself on a rank's rows of
 wq (or wq_b), wkv_b and its columns of wo (the latents and their norms are replicated): the result is the
 rank's Partial summand. The parameter names follow meshplan's (wq, wo) where the role is the same.
+Source: transformers 5.25 DeepseekV3Attention (docs/reference.md, "Hugging Face block variants").
 """
 from __future__ import annotations
 
@@ -75,8 +76,9 @@ class MLAttention(nn.Module):
         out = {}
         for name in ("wq", "wq_a", "q_norm", "wq_b", "wkv_a", "kv_norm", "wkv_b", "wo"):
             m = getattr(self, name, None)
-            if m is not None:
-                out.update({f"{name}.{k}": getattr(m, k) for k in ("weight", "bias") if getattr(m, k, None) is not None})
+            for k in ("weight", "bias") if m is not None else ():
+                if getattr(m, k, None) is not None:
+                    out[f"{name}.{k}"] = getattr(m, k)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

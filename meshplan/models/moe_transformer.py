@@ -47,7 +47,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Hugging Face's rotate-half RoPE: dimension i pairs with i + hd/2 (cos/sin as in apply_rope)."""
+    """Hugging Face's rotate-half RoPE: dimension i pairs with i + hd/2 (cos/sin as in apply_rope; docs/reference.md,
+    "Hugging Face block variants")."""
     c, s = cos[None, :, None, :], sin[None, :, None, :]
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).type_as(x)
@@ -214,7 +215,7 @@ def route_variant(logits: torch.Tensor, a: dict, score_bias: torch.Tensor | None
     """The router of the MoE op's attrs `a` -> (weights [T, k] float32, expert ids [T, k]). Softmax scoring is
     `route`. Sigmoid scoring (DeepSeek-V3): experts are chosen on score + score_bias among the best `topk_group`
     of `n_group` groups (a group scores its two best), weighted by the unbiased scores, normalised when
-    norm_topk_prob, and scaled by routed_scale."""
+    norm_topk_prob, and scaled by routed_scale (docs/reference.md, "Hugging Face block variants")."""
     if a.get("scoring", "softmax") == "softmax":
         weights, idx = route(logits, a["top_k"], a["norm_topk_prob"])
         return (weights * a["routed_scale"], idx) if a.get("routed_scale", 1.0) != 1.0 else (weights, idx)

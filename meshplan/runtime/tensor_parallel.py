@@ -4,8 +4,10 @@ The all-gather before (sequence-sharded -> replicated) and the reduce-scatter af
 are reshardings on the graph's edges, done by the executor; these functions are the local compute between them.
 
 - attention "tp": heads split. wq (and wk/wv when the KV heads divide among the ranks) column-parallel, with
-  their biases and per-head q/k norms, wo row-parallel (its bias added by the rank at coordinate 0). With fewer KV heads than ranks every rank keeps all of wk/wv and projects only the KV head its
-  query heads share (query head h uses KV head h // m, as in the model's repeat_interleave).
+  their biases and per-head q/k norms, wo row-parallel (its bias added by the rank at coordinate 0). With fewer
+  KV heads than ranks every rank keeps all of wk/wv and projects only the KV head its query heads share (query
+  head h uses KV head h // m, as in the model's repeat_interleave). Multi-head latent attention (mla.py) runs its
+  own math on the rank's heads.
 - dense FFN "tp": w1/w3 rows and w2 columns split; the module's own forward on the split weights is the summand.
 - linear "tp": row-parallel, the weight's in_features split; each rank multiplies its slice of the replicated
   input. A bias is added once, by the rank at coordinate 0, so the Partial sums to the true output.
