@@ -75,6 +75,9 @@ class Adapter:
         c = self.config
         shape = SimpleNamespace(dim=c.hidden_size, n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads,
                                 head_dim=hf.head_dim, max_seq_len=1, rope_theta=1.0)
+        if 2 * self.cos.shape[-1] != hf.head_dim:  # e.g. partial_rotary_factor < 1
+            raise NotImplementedError(f"{c.model_type}: RoPE over {2 * self.cos.shape[-1]} of head_dim={hf.head_dim} "
+                                      f"dims (meshplan rotates every dim of a head)")
         out = _meta(lambda: Attention(shape))
         out.wq, out.wk, out.wv, out.wo = hf.q_proj, hf.k_proj, hf.v_proj, hf.o_proj
         out.rope_cos, out.rope_sin = self.cos, self.sin

@@ -18,7 +18,7 @@ def _tiny(family: str, **over):
         return T.MixtralConfig(**base, num_local_experts=4, num_experts_per_tok=2, **over), T.MixtralForCausalLM
     moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
     if family == "qwen3_moe":
-        return T.Qwen3MoeConfig(**base, **moe, norm_topk_prob=True, head_dim=8, **over), T.Qwen3MoeForCausalLM
+        return T.Qwen3MoeConfig(**base, **moe, **{"norm_topk_prob": True, "head_dim": 8, **over}), T.Qwen3MoeForCausalLM
     if family == "olmoe":
         return T.OlmoeConfig(**{**base, "intermediate_size": 16}, num_experts=4, num_experts_per_tok=2,
                              **over), T.OlmoeForCausalLM

@@ -29,13 +29,26 @@ def test_planner_auto_plan_equals_hf(family):
     assert run_threads(family, graph, plan) == []
 
 
-@pytest.mark.parametrize("family, strategies, mesh", [
-    ("qwen3_moe", {"attention": "tp", "moe": "ep"}, Mesh.of(mp=4)),  # 2 KV heads on 4 ranks: shared KV heads
-    ("qwen2_moe", {"attention": "sp", "moe": "ag_scatter"}, Mesh.of(dp=2, mp=2)),
+@pytest.mark.parametrize("family, strategies, mesh, over", [
+    ("qwen3_moe", {"attention": "tp", "moe": "ep"}, Mesh.of(mp=4), {}),  # 2 KV heads on 4 ranks: shared KV heads
+    ("qwen2_moe", {"attention": "tp", "moe": "tp"}, Mesh.of(mp=4), {}),  # ... with their q/k/v biases
+    ("qwen2_moe", {"attention": "sp", "moe": "ag_scatter"}, Mesh.of(dp=2, mp=2), {}),
+    ("llama", {"attention": "tp", "ffn": "tp"}, Mesh.of(mp=4), {"attention_bias": True}),  # wo's bias added once
 ])
-def test_four_ranks_equal_hf(family, strategies, mesh):
-    graph, _ = forced_plan(family, strategies)
-    assert run_threads(family, graph, Plan.build(graph, mesh, strategies)) == []
+def test_four_ranks_equal_hf(family, strategies, mesh, over):
+    graph, _ = forced_plan(family, strategies, **over)
+    assert run_threads(family, graph, Plan.build(graph, mesh, strategies), **over) == []
+
+
+@pytest.mark.parametrize("family, strategies, over", [
+    ("llama", {"attention": "tp", "ffn": "tp"}, {"tie_word_embeddings": True}),
+    ("llama", {"attention": "sp", "ffn": "tp", "embedding": "vocab"}, {"attention_bias": True}),
+    ("qwen3_moe", {"attention": "sp", "moe": "ep"}, {"head_dim": 16}),  # head_dim != hidden / heads
+    ("qwen3_moe", {"attention": "tp", "moe": "tp"}, {"head_dim": 16}),
+])
+def test_config_variants_equal_hf(family, strategies, over):
+    graph, plan = forced_plan(family, strategies, **over)
+    assert run_threads(family, graph, plan, **over) == []
 
 
 def test_a_wrong_variant_is_caught():
