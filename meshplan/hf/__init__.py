@@ -4,6 +4,12 @@ module of meshplan's blocks over the HF model's own parameters, which meshplan.c
     model = MixtralForCausalLM(MixtralConfig(...))
     cm = meshplan.compile(model, strategies={"attention": "sp", "moe": "ep"})   # adapts it itself
 
+Weights without the full model on any rank (checkpoint.py):
+
+    front = empty_model(AutoConfig.from_pretrained(path))    # full shapes, no memory
+    cm = meshplan.compile(front, plan=...)                   # under torchrun: allocates this rank's shards only
+    load_shards(cm.module, front, path)                      # reads this rank's slices of the safetensors
+
 Supported model types: see ADAPTERS (llama, mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3). meshplan's core
 never imports transformers; only from_config (a config.json path) does.
 """
@@ -12,6 +18,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .adapters import ADAPTERS, Adapter, register_adapter
+from .checkpoint import empty_model, load_shards
 from .checks import HFConfigError
 from .front_door import CausalLM
 
@@ -33,4 +40,5 @@ def adapt(model: nn.Module, max_seq_len: int | None = None) -> CausalLM:
     return ADAPTERS[model_type](model, max_seq_len).build()
 
 
-__all__ = ["ADAPTERS", "Adapter", "CausalLM", "HFConfigError", "adapt", "is_hf_model", "register_adapter"]
+__all__ = ["ADAPTERS", "Adapter", "CausalLM", "HFConfigError", "adapt", "empty_model", "is_hf_model", "load_shards",
+           "register_adapter"]
