@@ -31,7 +31,7 @@ _SPLITS: dict[tuple[str, str], dict[str, int]] = {
 # and w1/w3 or the fused w13, which moe_routing.experts checks)
 REQUIRED: dict[tuple[str, str], tuple[str, ...]] = {
     (G.ATTENTION, "tp"): ("wo.weight",),  # and wq/wk/wv, or MLA's latents (models/mla.py)
-    (G.ATTENTION, "sp"): ("wq.weight", "wk.weight", "wv.weight", "wo.weight"),
+    (G.ATTENTION, "sp"): ("wo.weight",),
     (G.MOE, "ep"): ("gate.weight", "experts.w2"),
     (G.MOE, "ag_scatter"): ("gate.weight", "experts.w2"),
     (G.MOE, "tp"): ("gate.weight", "experts.w2"),

@@ -33,7 +33,7 @@ def attention_tp(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
     if a.get("mla"):  # latent attention: the same math on this rank's heads (models/mla.py)
         return mla(x, p, a, p["rope_cos"][:s], p["rope_sin"][:s], o_bias=r == 0)
     hd, n_kv = a["head_dim"], a["n_kv_heads"]
-    if a.get("qk_norm") == "proj":  # refused by the plan's validation (ir/ops.py); never run it wrong
+    if a.get("qk_norm") == "proj" and n > 1:  # refused by the plan's validation (ir/ops.py); never run it wrong
         raise NotImplementedError(f"op {ctx.op.name!r}: a q/k norm over the whole projection under head-split tp")
     # n | n_kv: this rank's KV heads are its rows of wk/wv. Else n // n_kv consecutive ranks share one KV head.
     rows = None if n_kv % n == 0 else slice((r // (n // n_kv)) * hd, (r // (n // n_kv) + 1) * hd)

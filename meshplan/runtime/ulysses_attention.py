@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..models.mla import mla
 from ..models.moe_transformer import causal_attention, project_qkv, rotate
 from .collectives import exchange
 from .op_context import OpContext
@@ -26,7 +27,7 @@ def sp_qkv(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
     """[b, s/n, D] -> [b, s/n, n, (Hq + 2 Hkv')/n, hd]: one buffer per destination rank (its query heads, then its
     KV heads), as attention_sp lays it out; exchange dims (2, 1) next."""
     a, p, n = ctx.attrs, ctx.params, ctx.n
-    if a.get("mla"):  # refused by the plan's validation (ir/ops.py); never run it wrong
+    if a.get("mla") and n > 1:  # refused by the plan's validation (ir/ops.py); never run it wrong
         raise NotImplementedError(f"op {ctx.op.name!r}: Ulysses sp for multi-head latent attention")
     b, sl, _ = x.shape
     hq, n_kv, hd = a["n_heads"], a["n_kv_heads"], a["head_dim"]
@@ -58,6 +59,9 @@ def sp_out_proj(ctx: OpContext, out: torch.Tensor) -> torch.Tensor:
 
 
 def attention_sp(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
+    if ctx.attrs.get("mla") and ctx.n == 1:  # a 1-rank axis: the whole op (Plan.validate allows any strategy)
+        s = x.shape[1]
+        return mla(x, ctx.params, ctx.attrs, ctx.params["rope_cos"][:s], ctx.params["rope_sin"][:s])
     qkv = exchange(sp_qkv(ctx, x), 2, 1, ctx.channel("qkv_a2a"))  # [b, s, 1, (hq + 2 kv) / n, hd]
     out = exchange(sp_core(ctx, qkv), 1, 2, ctx.channel("out_a2a"))  # [b, s/n, hq, hd]
     return sp_out_proj(ctx, out)

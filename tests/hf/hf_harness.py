@@ -19,11 +19,14 @@ def forced_plan(family: str, strategies: dict[str, str], world: int = 2, **over)
     return graph, Plan.build(graph, Mesh.of(mp=world), strategies)
 
 
-def auto_plan(family: str, world: int = 2, cluster: str = "local", **over):
-    tokens = batch()[0]
+def auto_plan(family: str, world: int = 2, cluster: str = "local", shape: tuple[int, int] | None = None,
+              mesh: Mesh | None = None, **over):
+    """The planner's plan (compile on no process group), planned for a [B, S] batch of `shape` (default: the
+    test batch); the plan runs on the test batch all the same (it is shape-generic)."""
+    tokens = batch()[0] if shape is None else torch.zeros(shape, dtype=torch.long)
     # error_budget=0: the planner may not trade exactness for bandwidth (bf16/fp8 collectives)
     cm = meshplan.compile(hf_model(family, **over), cluster=cluster, world_size=world, example_inputs=(tokens,),
-                          error_budget=0.0)
+                          error_budget=0.0, mesh=mesh)
     return cm.graph, cm.plan
 
 

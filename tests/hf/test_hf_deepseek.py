@@ -8,10 +8,11 @@ import torch  # noqa: E402
 
 import meshplan  # noqa: E402
 from meshplan.hf import adapt  # noqa: E402
-from meshplan.ir import PlanError, trace  # noqa: E402
+from meshplan.ir import Mesh, Plan, PlanError, trace  # noqa: E402
 
 from hf_harness import auto_plan, forced_plan, run_threads  # noqa: E402
 from hf_models import batch, hf_model  # noqa: E402
+from test_hf_parallel import PLANNED  # noqa: E402
 
 VARIANTS = [{}, {"q_lora_rank": 12}, {"rope_interleave": False}]
 
@@ -41,9 +42,18 @@ def test_two_ranks_equal_hf(strategies, over):
     assert run_threads("deepseek_v3", graph, plan, **over) == []
 
 
-def test_auto_plan_equals_hf():
-    graph, plan = auto_plan("deepseek_v3")
+@pytest.mark.parametrize("setting", PLANNED)
+def test_auto_plan_equals_hf(setting):
+    graph, plan = auto_plan("deepseek_v3", **PLANNED[setting])
     assert run_threads("deepseek_v3", graph, plan) == []
+
+
+def test_any_strategy_on_a_one_rank_axis_is_the_whole_op():
+    """Plan.validate accepts any strategy on a 1-rank model axis (nothing is split): MLA runs whole there."""
+    graph, _ = forced_plan("deepseek_v3", {})
+    for attention in ("sp", "tp"):
+        plan = Plan.build(graph, Mesh.of(dp=2, mp=1), {"attention": attention, "moe": "ep"})
+        assert run_threads("deepseek_v3", graph, plan) == []
 
 
 def test_mla_refuses_ulysses_at_compile_time():

@@ -22,9 +22,16 @@ def test_forced_strategies_equal_hf(family, strategies):
     assert run_threads(family, graph, plan) == []
 
 
+# What the planner picks for these tiny models: replicated (h100, small batch: latency-bound), data parallel
+# (a CPU cluster, a large batch), and sp attention + sequence-sharded MoE/FFN (the same on a fixed mp=2 mesh).
+PLANNED = {"tiny-h100": dict(cluster="h100"), "dp": dict(cluster="local", shape=(64, 32)),
+           "mp2": dict(cluster="local", shape=(64, 32), mesh=Mesh.of(mp=2))}
+
+
+@pytest.mark.parametrize("setting", PLANNED)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_planner_auto_plan_equals_hf(family):
-    graph, plan = auto_plan(family, world=2, cluster="h100")
+def test_planner_auto_plan_equals_hf(family, setting):
+    graph, plan = auto_plan(family, world=2, **PLANNED[setting])
     assert plan.mesh.size == 2
     assert run_threads(family, graph, plan) == []
 
