@@ -30,8 +30,9 @@ def auto_plan(family: str, world: int = 2, cluster: str = "local", shape: tuple[
     return cm.graph, cm.plan
 
 
-def run_threads(family: str, graph, plan: Plan, **over) -> list[str]:
-    """Every rank's loss and full gradients (by HF name) against HF's own model on one process."""
+def run_threads(family: str, graph, plan: Plan, overlap_chunks: int = 0, **over) -> list[str]:
+    """Every rank's loss and full gradients (by HF name) against HF's own model on one process. overlap_chunks:
+    run the emitted overlap code (codegen) with that many micro-batch chunks."""
     tokens, targets = batch()
     ref_loss, ref_grads = hf_reference(family, tokens, targets, **over)
     fronts = [adapt(hf_model(family, **over)) for _ in range(plan.mesh.size)]
@@ -40,6 +41,11 @@ def run_threads(family: str, graph, plan: Plan, **over) -> list[str]:
 
     def rank(r):
         pm = ParallelModel(fronts[r], plan, graph=graph, groups=groups[r])
+        if overlap_chunks:
+            from meshplan.runtime.overlap import enable_overlap
+
+            enable_overlap(pm, *tokens.shape, chunks=overlap_chunks)
+            assert pm.op_overrides
         loss = loss_of(pm(tokens), targets)
         loss.backward()
         pm.reduce_gradients()

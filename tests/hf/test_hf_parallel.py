@@ -65,3 +65,10 @@ def test_a_wrong_variant_is_caught():
         if op.kind == "attention":
             op.attrs["rope"] = "interleaved"
     assert any("loss" in m for m in run_threads("llama", graph, plan))
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
+def test_emitted_overlap_code_equals_hf(family):
+    """codegen's chunked sp/ep code (all-to-alls in flight between chunks) honours the variants too."""
+    graph, plan = forced_plan(family, {"attention": "sp", "moe": "ep"})
+    assert run_threads(family, graph, plan, overlap_chunks=2) == []
