@@ -118,7 +118,7 @@ class Attention(nn.Module):
     def qkv(self, x: torch.Tensor, start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [B, S, Hq, hd], k and v [B, S, Hkv, hd] for x at positions start_pos.., RoPE applied to q and k."""
         b, s, _ = x.shape
-        if self.qk_norm == "none" and self.wq.bias is None and self.wk.bias is None:  # meshplan's own block
+        if self.qk_norm == "none":  # nn.Linear adds any biases itself
             q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
             k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)
             v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
@@ -138,7 +138,7 @@ class Attention(nn.Module):
             out["rope"] = self.rope_style
         if self.qk_norm != "none":
             out["qk_norm"], out["qk_norm_eps"] = self.qk_norm, self.q_norm.eps
-        if self.wq.bias is not None or self.wk.bias is not None:
+        if any(m.bias is not None for m in (self.wq, self.wk, self.wv)):
             out["qkv_bias"] = True
         if self.wo.bias is not None:
             out["o_bias"] = True
