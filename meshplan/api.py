@@ -41,10 +41,15 @@ class _Key:
 
 
 def structure_signature(model: nn.Module) -> str:
-    """Module types and parameter shapes/dtypes: equal for two models that trace to the same IR."""
+    """Module types, leaf hyperparameters (the op attrs every strategy reads: routing, RoPE style, ...) and
+    parameter shapes/dtypes: equal for two models that trace to the same IR."""
+    from .ir.ops import leaf_spec
+
     h = hashlib.sha256()
     for name, m in model.named_modules():
-        h.update(f"{name}:{type(m).__qualname__};".encode())
+        spec = leaf_spec(m)
+        attrs = sorted(spec.attrs(m).items()) if spec is not None else ()
+        h.update(f"{name}:{type(m).__qualname__}:{attrs!r};".encode())
     for name, p in model.named_parameters():
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
     return h.hexdigest()

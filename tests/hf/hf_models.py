@@ -12,25 +12,20 @@ def _tiny(family: str, **over):
 
     base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-6)
-    if family == "llama":
-        return T.LlamaConfig(**base, **over), T.LlamaForCausalLM
-    if family == "mixtral":
-        return T.MixtralConfig(**base, num_local_experts=4, num_experts_per_tok=2, **over), T.MixtralForCausalLM
     moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
-    if family == "qwen3_moe":
-        return T.Qwen3MoeConfig(**base, **moe, **{"norm_topk_prob": True, "head_dim": 8, **over}), T.Qwen3MoeForCausalLM
-    if family == "olmoe":
-        return T.OlmoeConfig(**{**base, "intermediate_size": 16}, num_experts=4, num_experts_per_tok=2,
-                             **over), T.OlmoeForCausalLM
-    if family == "qwen2_moe":
-        return T.Qwen2MoeConfig(**base, **moe, shared_expert_intermediate_size=24, **over), T.Qwen2MoeForCausalLM
-    if family == "deepseek_v3":
-        cfg = dict(base, num_key_value_heads=4, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
-                   n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
-                   q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8)
-        cfg.update(over)
-        return T.DeepseekV3Config(**cfg), T.DeepseekV3ForCausalLM
-    raise ValueError(family)
+    families = {
+        "llama": (T.LlamaConfig, T.LlamaForCausalLM, {}),
+        "mixtral": (T.MixtralConfig, T.MixtralForCausalLM, dict(num_local_experts=4, num_experts_per_tok=2)),
+        "qwen3_moe": (T.Qwen3MoeConfig, T.Qwen3MoeForCausalLM, dict(moe, norm_topk_prob=True, head_dim=8)),
+        "olmoe": (T.OlmoeConfig, T.OlmoeForCausalLM, dict(intermediate_size=16, num_experts=4, num_experts_per_tok=2)),
+        "qwen2_moe": (T.Qwen2MoeConfig, T.Qwen2MoeForCausalLM, dict(moe, shared_expert_intermediate_size=24)),
+        "deepseek_v3": (T.DeepseekV3Config, T.DeepseekV3ForCausalLM, dict(
+            num_key_value_heads=4, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, n_group=2,
+            topk_group=1, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5, q_lora_rank=None,
+            kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8)),
+    }
+    config_cls, model_cls, extra = families[family]
+    return config_cls(**{**base, **extra, **over}), model_cls
 
 
 FAMILIES = ("llama", "mixtral", "qwen3_moe", "olmoe", "qwen2_moe")  # deepseek_v3: test_hf_deepseek.py

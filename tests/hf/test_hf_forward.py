@@ -89,3 +89,22 @@ def test_compile_strategies_are_validated():
     kinds = {op.name: op.kind for op in cm.graph.ops()}
     assert {p.strategy for n, p in cm.plan.ops.items() if kinds[n] == "moe"} == {"ep"}
     assert {p.strategy for n, p in cm.plan.ops.items() if kinds[n] == "attention"} == {"sp"}
+
+
+def test_compile_cache_tells_variants_apart():
+    """Two models of one structure but different routing must not share a cached graph (its attrs drive every
+    strategy): DeepSeek-V3 with routed_scaling_factor 2.5, then 1.0."""
+    tokens = (batch()[0],)
+    graphs = [meshplan.compile(hf_model("deepseek_v3", routed_scaling_factor=f), world_size=2, example_inputs=tokens,
+                               strategies={"attention": "tp", "moe": "ep"}).graph for f in (2.5, 1.0)]
+    scales = [g.op("layers.1.feed_forward").attrs["routed_scale"] for g in graphs]
+    assert scales == [2.5, 1.0]
+
+
+def test_dense_layers_where_the_config_says():
+    """mlp_only_layers / decoder_sparse_step: the HF layer's own block decides, and the front door follows."""
+    model = hf_model("qwen3_moe", num_hidden_layers=3, mlp_only_layers=[0], decoder_sparse_step=1)
+    kinds = [op.kind for op in meshplan.ir.trace(adapt(model)).ops() if op.name.endswith("feed_forward")]
+    assert kinds == ["ffn", "moe", "moe"]
+    tokens = batch()[0]
+    torch.testing.assert_close(adapt(model)(tokens), model(tokens, use_cache=False).logits, rtol=1e-5, atol=1e-5)
