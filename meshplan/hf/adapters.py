@@ -146,8 +146,9 @@ class Qwen2MoeAdapter(Adapter):
 
 @register_adapter
 class DeepseekV3Adapter(Adapter):
-    """DeepSeek-V3: multi-head latent attention (models/mla.py), dense first_k_dense_replace layers, sigmoid
-    routing over n_group groups with the score-correction bias and routed scaling, an ungated shared expert."""
+    """DeepSeek-V3: multi-head latent attention (models/mla.py; sp, tp, replicate), dense first_k_dense_replace
+    layers, sigmoid routing over n_group groups with the score-correction bias and routed scaling, an ungated
+    shared expert."""
     model_types = ("deepseek_v3",)
 
     def attention(self, hf: nn.Module) -> MLAttention:

@@ -216,9 +216,8 @@ def _register_builtins() -> None:
                                          strategies=_attention_strategies, builtin=True))
     from ..models import mla
 
-    # MLA runs whole or head-split; its Ulysses exchange is not implemented
     register_leaf(mla.MLAttention, LeafSpec(kind=G.ATTENTION, attrs=lambda m: m.attrs(), flops=_mla_flops,
-                                            strategies=("tp", "replicate"), builtin=True))
+                                            strategies=None, builtin=True))
     register_leaf(mt.MoE, LeafSpec(kind=G.MOE, attrs=_moe_attrs, flops=_moe_flops, active_params=_moe_active,
                                    token_wise=True, strategies=None, builtin=True))
     register_leaf(mt.FeedForward, LeafSpec(

@@ -7,7 +7,8 @@
 
 Heads are independent after the shared latent, so head-split TP ("tp") runs `mla` itself on a rank's rows of
 wq (or wq_b), wkv_b and its columns of wo (the latents and their norms are replicated): the result is the
-rank's Partial summand. The parameter names follow meshplan's (wq, wo) where the role is the same.
+rank's Partial summand. Ulysses ("sp", ulysses_attention.mla_sp) projects and rotates its sequence chunk with
+every head, then exchanges q/k and v to whole sequences of a head subset. The parameter names follow meshplan's (wq, wo) where the role is the same.
 Source: transformers 5.25 DeepseekV3Attention (docs/reference.md, "Hugging Face block variants").
 """
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch.nn.functional as F
 from .moe_transformer import RMSNorm, causal_attention, rms_norm, rotate
 
 
-def mla(x: torch.Tensor, p: dict, a: dict, cos: torch.Tensor, sin: torch.Tensor, o_bias: bool = True) -> torch.Tensor:
-    """x [B, S, D] -> [B, S, D] for the heads whose rows `p` holds. o_bias: add wo's bias (once per Partial sum)."""
+def mla_qkv(x: torch.Tensor, p: dict, a: dict, cos: torch.Tensor, sin: torch.Tensor):
+    """q, k [B, S, H, nope + rope] (RoPE applied for the positions cos/sin hold) and v [B, S, H, v_dim]."""
     b, s, _ = x.shape
     nope, rope, vd, eps = a["qk_nope_head_dim"], a["qk_rope_head_dim"], a["v_head_dim"], a["norm_eps"]
     if "wq.weight" in p:
@@ -36,7 +37,13 @@ def mla(x: torch.Tensor, p: dict, a: dict, cos: torch.Tensor, sin: torch.Tensor,
     q_rot, k_rot = rotate(q_rot, cos, sin, style), rotate(k_rot.view(b, s, 1, rope), cos, sin, style)
     q = torch.cat([q_pass, q_rot], dim=-1)
     k = torch.cat([k_nope, k_rot.expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
-    out = causal_attention(q, k, v, scale=a.get("scale")).reshape(b, s, -1)
+    return q, k, v
+
+
+def mla(x: torch.Tensor, p: dict, a: dict, cos: torch.Tensor, sin: torch.Tensor, o_bias: bool = True) -> torch.Tensor:
+    """x [B, S, D] -> [B, S, D] for the heads whose rows `p` holds. o_bias: add wo's bias (once per Partial sum)."""
+    b, s, _ = x.shape
+    out = causal_attention(*mla_qkv(x, p, a, cos, sin), scale=a.get("scale")).reshape(b, s, -1)
     return F.linear(out, p["wo.weight"], p.get("wo.bias") if o_bias else None)
 
 
