@@ -72,3 +72,20 @@ def test_emitted_overlap_code_equals_hf(family):
     """codegen's chunked sp/ep code (all-to-alls in flight between chunks) honours the variants too."""
     graph, plan = forced_plan(family, {"attention": "sp", "moe": "ep"})
     assert run_threads(family, graph, plan, overlap_chunks=2) == []
+
+
+@pytest.mark.parametrize("moe", ["ep", "tp"])
+def test_fused_experts_on_triton_kernels(monkeypatch, moe):
+    """The grouped-GEMM kernels (the path CUDA runs; here Triton's interpreter) on the fused gate_up views."""
+    from meshplan.codegen.kernels import triton_available
+    from meshplan.runtime import moe_routing
+
+    if not triton_available():
+        pytest.skip("triton not installed")
+    monkeypatch.setenv("MESHPLAN_KERNELS", "triton")
+    calls = []
+    real = moe_routing.use_triton
+    monkeypatch.setattr(moe_routing, "use_triton", lambda x, op: calls.append(real(x, op)) or calls[-1])
+    graph, plan = forced_plan("qwen2_moe", {"attention": "sp", "moe": moe})
+    assert run_threads("qwen2_moe", graph, plan) == []
+    assert any(calls)
