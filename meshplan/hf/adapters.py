@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..models.mla import MLAttention
 from ..models.moe_transformer import Attention, FeedForward, FusedExperts, MoE, OutputHead, RMSNorm
-from .checks import Check, check_config
+from .checks import Check, HFConfigError, check_config
 from .front_door import CausalLM, DecoderBlock
 from .rope import rope_tables
 
@@ -76,7 +76,7 @@ class Adapter:
         shape = SimpleNamespace(dim=c.hidden_size, n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads,
                                 head_dim=hf.head_dim, max_seq_len=1, rope_theta=1.0)
         if 2 * self.cos.shape[-1] != hf.head_dim:  # e.g. partial_rotary_factor < 1
-            raise NotImplementedError(f"{c.model_type}: RoPE over {2 * self.cos.shape[-1]} of head_dim={hf.head_dim} "
+            raise HFConfigError(f"{c.model_type}: RoPE over {2 * self.cos.shape[-1]} of head_dim={hf.head_dim} "
                                       f"dims (meshplan rotates every dim of a head)")
         out = _meta(lambda: Attention(shape))
         out.wq, out.wk, out.wv, out.wo = hf.q_proj, hf.k_proj, hf.v_proj, hf.o_proj
@@ -164,7 +164,7 @@ class DeepseekV3Adapter(Adapter):
         out.wkv_a, out.kv_norm = hf.kv_a_proj_with_mqa, norm(hf.kv_a_layernorm)
         out.wkv_b, out.wo = hf.kv_b_proj, hf.o_proj
         if hf.q_lora_rank is not None and hf.q_a_layernorm.variance_epsilon != hf.kv_a_layernorm.variance_epsilon:
-            raise NotImplementedError("deepseek_v3: q_a_layernorm and kv_a_layernorm epsilons differ")
+            raise HFConfigError("deepseek_v3: q_a_layernorm and kv_a_layernorm epsilons differ")
         out.rope_cos, out.rope_sin = self.cos, self.sin
         # HF's rope_interleave pairs dims (2i, 2i+1) and writes them out as halves: q and k get the same
         # permutation of their rotary dims, so every score q·k equals meshplan's interleaved rotation's.

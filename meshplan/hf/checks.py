@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .rope import STATIC_ROPE_TYPES
 
 
 class HFConfigError(ValueError):
@@ -45,6 +44,8 @@ def check_config(config, family: tuple[Check, ...] = ()) -> None:
     if window and getattr(config, "use_sliding_window", True):
         raise HFConfigError(f"{name}.sliding_window={window!r}: not supported (meshplan implements full causal "
                             f"attention; set use_sliding_window=False or sliding_window=None)")
+    from .rope import STATIC_ROPE_TYPES
+
     rope = _rope_type(config)
     if rope not in STATIC_ROPE_TYPES:
         raise HFConfigError(f"{name}.rope_parameters.rope_type={rope!r}: not supported "

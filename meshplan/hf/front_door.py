@@ -13,6 +13,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
+from .checks import HFConfigError
+
 
 class DecoderBlock(nn.Module):
     """Pre-norm residual block, as every supported family's decoder layer computes it."""
@@ -58,6 +60,6 @@ def _hf_names(front: nn.Module, hf_model: nn.Module) -> dict[str, str]:
         raise RuntimeError(f"meshplan.hf: front-door parameters {foreign} are not the HF model's")
     unused = sorted(set(hf_by_id.values()) - set(names.values()))
     if unused:
-        raise NotImplementedError(f"{type(hf_model).__name__}: parameters {unused[:4]} are not used by meshplan's "
+        raise HFConfigError(f"{type(hf_model).__name__}: parameters {unused[:4]} are not used by meshplan's "
                                   f"adapter (a variant it does not implement)")
     return names

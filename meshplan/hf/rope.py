@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .checks import HFConfigError
+
 # rope types whose angles do not depend on the sequence length of the call (dynamic NTK and LongRoPE rescale
 # with it, so one table cannot serve every length)
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -19,5 +21,5 @@ def rope_tables(rotary: nn.Module, max_seq_len: int, device: torch.device | str)
     half = cos.shape[-1] // 2
     if cos.device.type != "meta" and not (torch.equal(cos[:, :half], cos[:, half:])
                                           and torch.equal(sin[:, :half], sin[:, half:])):
-        raise NotImplementedError(f"{type(rotary).__name__}: its cos/sin halves differ (not rotate-half RoPE)")
+        raise HFConfigError(f"{type(rotary).__name__}: its cos/sin halves differ (not rotate-half RoPE)")
     return cos[:, :half].contiguous(), sin[:, :half].contiguous()

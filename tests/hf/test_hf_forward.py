@@ -108,3 +108,12 @@ def test_dense_layers_where_the_config_says():
     assert kinds == ["ffn", "moe", "moe"]
     tokens = batch()[0]
     torch.testing.assert_close(adapt(model)(tokens), model(tokens, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_parameter_the_adapter_does_not_use_is_refused():
+    """The safety net behind the config checks: an HF parameter no meshplan block reads (a variant the adapter
+    does not know) is an error naming it, never dropped."""
+    model = hf_model("llama")
+    model.model.layers[1].self_attn.register_parameter("sinks", torch.nn.Parameter(torch.zeros(4)))
+    with pytest.raises(HFConfigError, match=r"model\.layers\.1\.self_attn\.sinks"):
+        adapt(model)
