@@ -48,10 +48,7 @@ def split_dim(op: Op, strategy: str, pname: str, n: int) -> int | None:
     if n == 1:
         return None
     dim = _SPLITS.get((op.kind, strategy), {}).get(pname)
-    if dim is not None and op.kind == G.ATTENTION and pname in ("wk.weight", "wv.weight") \
-            and op.attrs["n_kv_heads"] % n:
-        return None  # fewer KV heads than ranks: every rank keeps all of them and uses its own
-    if dim is not None and op.kind == G.ATTENTION and pname in ("wk.bias", "wv.bias") \
+    if dim is not None and op.kind == G.ATTENTION and pname in ("wk.weight", "wv.weight", "wk.bias", "wv.bias") \
             and op.attrs["n_kv_heads"] % n:
         return None  # fewer KV heads than ranks: every rank keeps all of them and uses its own
     return dim
