@@ -41,10 +41,15 @@ class _Key:
 
 
 def structure_signature(model: nn.Module) -> str:
-    """Module types and parameter shapes/dtypes: equal for two models that trace to the same IR."""
+    """Module types, leaf hyperparameters (the op attrs every strategy reads: routing, RoPE style, ...) and
+    parameter shapes/dtypes: equal for two models that trace to the same IR."""
+    from .ir.ops import leaf_spec
+
     h = hashlib.sha256()
     for name, m in model.named_modules():
-        h.update(f"{name}:{type(m).__qualname__};".encode())
+        spec = leaf_spec(m)
+        attrs = sorted(spec.attrs(m).items()) if spec is not None else ()
+        h.update(f"{name}:{type(m).__qualname__}:{attrs!r};".encode())
     for name, p in model.named_parameters():
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
     return h.hexdigest()
@@ -191,7 +196,8 @@ class CompiledModel(nn.Module):
 def compile(model: nn.Module, *, cluster="h100", mesh: Mesh | dict | None = None,
             plan: str | Path | Plan = "auto", example_inputs: tuple | None = None,
             error_budget: float | None = 0.0, overrides: dict | str | Path | None = None,
-            world_size: int | None = None, verify: bool | None = None, groups=None) -> CompiledModel:
+            world_size: int | None = None, strategies: dict[str, str] | None = None, verify: bool | None = None,
+            groups=None) -> CompiledModel:
     """Compile `model` for the current torch.distributed world (or `world_size` ranks when none is initialised).
 
     cluster: a name in configs/clusters/ (h800, h100, h200, local), a YAML path or a planner Cluster.
@@ -206,16 +212,25 @@ def compile(model: nn.Module, *, cluster="h100", mesh: Mesh | dict | None = None
         PlanVerificationError naming the first op whose output differs (None: on a distributed world whenever the
         model's weights are materialised on this rank; runtime/verify.py).
     groups: the mesh's process groups for an in-process world (runtime.LocalWorld); default: torch.distributed's.
+    strategies: op kind -> strategy (e.g. {"attention": "sp", "moe": "ep"}), forced on every op of that kind on
+        the mesh's last axis (default mesh: all ranks on one model axis); other kinds get Plan.build's defaults.
+    A Hugging Face causal LM (transformers' *ForCausalLM) is compiled through meshplan.hf.adapt: the compiled
+    module maps tokens to logits [B, S, V] with the HF model's own parameters.
     Recompiles are cached by (model structure, input shapes, cluster, world size, mesh, plan, error budget)."""
+    if type(model).__module__.startswith("transformers."):  # never imports transformers itself
+        from .hf import adapt
+
+        model = adapt(model)
     mesh = Mesh.from_dict(mesh) if isinstance(mesh, dict) else mesh
     world = _world(world_size, mesh, groups)
+    _check_strategies(strategies, plan)
     if example_inputs is None:
         seq = getattr(getattr(model, "config", None), "max_seq_len", 128)
         example_inputs = (torch.zeros(world, seq, dtype=torch.long),)
     tokens = example_inputs[0]
     batch, seq = int(tokens.shape[0]), int(tokens.shape[1])
     cl = _cluster(cluster)
-    plan_key = plan.to_yaml() if isinstance(plan, Plan) else str(plan)
+    plan_key = plan.to_yaml() if isinstance(plan, Plan) else str(plan) + repr(sorted((strategies or {}).items()))
     key = _Key(structure_signature(model), tuple((tuple(t.shape), t.dtype) for t in example_inputs),
                repr(cl), world, str(mesh), plan_key, error_budget).digest()
     if key in _CACHE:
@@ -224,6 +239,8 @@ def compile(model: nn.Module, *, cluster="h100", mesh: Mesh | dict | None = None
         graph = trace(model, example_inputs)
         if isinstance(plan, Plan):
             chosen = plan
+        elif strategies:
+            chosen = Plan.build(graph, mesh or Mesh.of(mp=world), strategies, fallback=False)
         elif str(plan) == "auto":
             chosen = _auto_plan(graph, cl, world, batch, seq, mesh, error_budget)
         else:
@@ -234,6 +251,21 @@ def compile(model: nn.Module, *, cluster="h100", mesh: Mesh | dict | None = None
     if chosen.mesh.size != world:
         raise PlanError(f"plan.mesh: {chosen.mesh} has {chosen.mesh.size} ranks, but the world has {world}")
     return CompiledModel(model, graph, chosen, cl, batch, seq, verify, tokens, groups)
+
+
+def _check_strategies(strategies: dict | None, plan) -> None:
+    from .ir.strategies import STRATEGIES
+
+    if not strategies:
+        return
+    if not isinstance(plan, str) or plan != "auto":
+        raise PlanError("compile(strategies=...): give either strategies or a plan, not both")
+    for kind, name in strategies.items():
+        if kind not in STRATEGIES:
+            raise PlanError(f"compile(strategies=...): {kind!r} is not an op kind (kinds: {', '.join(STRATEGIES)})")
+        if name not in STRATEGIES[kind]:
+            raise PlanError(f"compile(strategies[{kind!r}]): {name!r} is not a {kind} strategy "
+                            f"(valid: {', '.join(STRATEGIES[kind])})")
 
 
 def cache_info() -> int:

@@ -16,6 +16,11 @@ from .table import format_table
 def _load_model(config: str, head: str = "lm"):
     from .models import build_model, load_config
 
+    if config.endswith(".json"):  # a Hugging Face config.json: its causal LM on the meta device (meshplan.hf)
+        from .hf.config_json import meta_model
+
+        return meta_model(config)
+
     cfg = load_config(config)
     big = cfg.n_layers * cfg.dim * cfg.dim > 50_000_000  # anything past CPU size stays on the meta device
     return build_model(cfg, head=head, device="meta" if big else "cpu")
@@ -125,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("trace", help="trace a model config into the IR and print it as a table")
-    t.add_argument("config", help="configs/models/NAME.yaml, or a NAME in configs/models/ (tiny, internal-352b, ...)")
+    t.add_argument("config", help="configs/models/NAME.yaml, a NAME in configs/models/ (tiny, internal-352b, ...), "
+                                  "or a Hugging Face config.json")
     t.add_argument("--batch", type=int, default=1, help="batch size B to evaluate FLOPs at (default 1)")
     t.add_argument("--seq", type=int, default=None, help="sequence length S (default: the model's max_seq_len)")
     t.add_argument("--head", choices=["lm", "value"], default="lm", help="LM head or value head (critic)")
@@ -150,10 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     from .ir import PlanError, TraceError
     from .models import ConfigError
 
+    errors: tuple[type[Exception], ...] = (ConfigError, PlanError, TraceError, FileNotFoundError)
+    if _optional("meshplan.hf.checks") is not None:
+        from .hf.checks import HFConfigError
+
+        errors += (HFConfigError,)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, PlanError, TraceError, FileNotFoundError) as e:
+    except errors as e:
         print(f"meshplan {args.command}: error: {e}", file=sys.stderr)
         return 2
 

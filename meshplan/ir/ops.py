@@ -103,7 +103,15 @@ def tokens(shape: Shape) -> sympy.Expr:
 
 # ---- built-in kinds ---------------------------------------------------------------------------------
 def _attention_attrs(m) -> dict:
-    return {"dim": m.wq.in_features, "n_heads": m.n_heads, "n_kv_heads": m.n_kv_heads, "head_dim": m.head_dim}
+    out = {"dim": m.wq.in_features, "n_heads": m.n_heads, "n_kv_heads": m.n_kv_heads, "head_dim": m.head_dim}
+    if hasattr(m, "variant_attrs"):  # the variants every strategy honours (models/moe_transformer.Attention)
+        out.update(m.variant_attrs())
+    return out
+
+
+def _attention_strategies(m) -> tuple[str, ...] | None:
+    """A q/k norm over the whole projection (OLMoE) needs every head's projection on one rank: not head-split."""
+    return ("sp", "replicate") if getattr(m, "qk_norm", "none") == "proj" else None
 
 
 def _attention_flops(a, ins) -> sympy.Expr:
@@ -114,11 +122,34 @@ def _attention_flops(a, ins) -> sympy.Expr:
     return proj + core
 
 
+def _mla_flops(a, ins) -> sympy.Expr:
+    """Multi-head latent attention (models/mla.py): the projections through the latents, then attention with
+    q/k of nope + rope dims and v of v_head_dim."""
+    t, d, h = tokens(ins[0]), a["dim"], a["n_heads"]
+    qk, vd, lora = a["qk_nope_head_dim"] + a["qk_rope_head_dim"], a["v_head_dim"], a["kv_lora_rank"]
+    q = d * h * qk if a["q_lora_rank"] is None else a["q_lora_rank"] * (d + h * qk)
+    proj = 2 * t * (q + d * (lora + a["qk_rope_head_dim"]) + lora * h * (a["qk_nope_head_dim"] + vd) + h * vd * d)
+    b, s = ins[0][0], ins[0][1]
+    return proj + b * s * s * h * (qk + vd)  # causal half of 2·B·S²·H·(qk + v)
+
+
 def _moe_attrs(m) -> dict:
-    e, f, d = m.experts.w1.shape
+    e, d, f = m.experts.w2.shape
     shared = m.shared.w1.out_features if m.shared is not None else 0
-    return {"dim": d, "ffn_dim": f, "n_experts": e, "top_k": m.top_k, "shared_hidden": shared,
-            "capacity_factor": m.capacity_factor, "norm_topk_prob": m.norm_topk_prob}
+    out = {"dim": d, "ffn_dim": f, "n_experts": e, "top_k": m.top_k, "shared_hidden": shared,
+           "capacity_factor": m.capacity_factor, "norm_topk_prob": m.norm_topk_prob}
+    # the variants every strategy honours (models/moe_transformer.MoE), present only when not meshplan's default
+    routing = getattr(m, "routing", None)
+    if routing:
+        out.update({k: v for k, v in routing.items() if k not in out})
+        out["score_bias"] = getattr(m, "score_bias", None) is not None
+    if getattr(m, "router_fp32", False):
+        out["router_fp32"] = True
+    if getattr(m, "shared_gate", None) is not None:
+        out["shared_gate"] = True
+    if hasattr(m.experts, "w13"):
+        out["fused_experts"] = True
+    return out
 
 
 def _moe_flops(a, ins) -> sympy.Expr:
@@ -182,7 +213,11 @@ def _register_builtins() -> None:
     if hasattr(nn, "RMSNorm"):
         register_leaf(nn.RMSNorm, layer_norm)
     register_leaf(mt.Attention, LeafSpec(kind=G.ATTENTION, attrs=_attention_attrs, flops=_attention_flops,
-                                         strategies=None, builtin=True))
+                                         strategies=_attention_strategies, builtin=True))
+    from ..models import mla
+
+    register_leaf(mla.MLAttention, LeafSpec(kind=G.ATTENTION, attrs=lambda m: m.attrs(), flops=_mla_flops,
+                                            strategies=None, builtin=True))
     register_leaf(mt.MoE, LeafSpec(kind=G.MOE, attrs=_moe_attrs, flops=_moe_flops, active_params=_moe_active,
                                    token_wise=True, strategies=None, builtin=True))
     register_leaf(mt.FeedForward, LeafSpec(

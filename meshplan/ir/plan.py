@@ -60,12 +60,13 @@ class Plan:
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
     def build(cls, graph: Graph, mesh: Mesh, strategies: dict[str, str] | None = None, axis: str | None = "auto",
-              precision: dict[str, str] | None = None) -> "Plan":
+              precision: dict[str, str] | None = None, fallback: bool = True) -> "Plan":
         """A plan that gives each op its strategy's native placements. `strategies` maps an op name, template
         ("layers.*.attention") or kind ("attention") to a strategy; unnamed ops get DEFAULT_STRATEGY. `axis` is
         the model axis: "auto" is the mesh's last (innermost) axis; None makes every axis data parallel (pure DP:
         batch-sharded everywhere, strategies moot). `precision` maps collective names to dtypes for every op that
-        has that collective."""
+        has that collective. fallback=False: a template or kind entry is applied to every op it names, and
+        validate() refuses the ops it cannot run exactly (what a user's explicit compile(strategies=) wants)."""
         strategies = strategies or {}
         axis = mesh.names[-1] if axis == "auto" else axis
         if axis is not None and axis not in mesh.names:
@@ -77,7 +78,8 @@ class Plan:
             name = strategies.get(op.name)
             broad = strategies.get(op.template) or strategies.get(op.kind) if name is None else None
             sharded = axis is not None and mesh.axis_size(axis) > 1
-            if broad is not None and broad in STRATEGIES[op.kind] and sharded and (why := offered_error(op, broad)):
+            if fallback and broad is not None and broad in STRATEGIES[op.kind] and sharded \
+                    and (why := offered_error(op, broad)):
                 # A template or kind entry covers ops it cannot run exactly: they take the exact default (said
                 # in meta.fallbacks); an entry naming the op itself is kept, and validate() refuses it.
                 fallbacks.append(f"{op.name}: {broad} -> {_exact_default(op)} ({why})")

@@ -11,6 +11,10 @@ import time
 
 
 def _graph(config: str):
+    if str(config).endswith(".json"):  # a Hugging Face config.json (meshplan.hf)
+        from ..hf.config_json import trace_config
+
+        return trace_config(config)
     from ..ir import trace
     from ..models import build_model, load_config
 
@@ -32,7 +36,8 @@ def _options(args, cfg):
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="configs/models/NAME.yaml or a NAME in configs/models/ (tiny, internal-352b, ...)")
+    p.add_argument("model", help="configs/models/NAME.yaml, a NAME in configs/models/ (tiny, internal-352b, ...), "
+                                 "or a Hugging Face config.json (configs/hf/*/config.json)")
     p.add_argument("--cluster", default="h800", help="configs/clusters/NAME.yaml or a NAME (h800, h100, h200, local)")
     p.add_argument("--gpus", type=int, required=True, help="number of GPUs G")
     p.add_argument("--global-batch", type=int, default=720, help="sequences per step (default 720, REFERENCE.md)")

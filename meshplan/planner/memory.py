@@ -46,6 +46,13 @@ def param_split(op: Op, cand: str) -> tuple[sympy.Expr, sympy.Expr]:
         # runtime seeds the output gradient on one rank only, so the weights' gradients are partial sums over
         # the model axis too: reduced over all n·d ranks, like the sequence-sharded ops'.
         return sympy.Integer(0), p
+    if op.kind == G.ATTENTION and a.get("mla"):  # tp: the heads' rows of wq/wq_b, wkv_b, wo; latents whole
+        h, d, lora, qk = a["n_heads"], a["dim"], a["kv_lora_rank"], a["head_dim"]
+        q_lora = a["q_lora_rank"]
+        q = d * h * qk if q_lora is None else q_lora * h * qk
+        heads = q + lora * h * (a["qk_nope_head_dim"] + a["v_head_dim"]) + h * a["v_head_dim"] * d
+        latents = d * (lora + a["qk_rope_head_dim"]) + lora + (0 if q_lora is None else d * q_lora + q_lora)
+        return heads / N, sympy.Integer(latents)
     if op.kind == G.ATTENTION:  # tp: wq, wo split by heads; wk, wv by KV heads
         q, kv = a["n_heads"] * a["head_dim"], 2 * a["n_kv_heads"] * a["head_dim"]
         return 2 * a["dim"] * q / N + a["dim"] * kv / _kv_shards(op), sympy.Integer(0)
@@ -54,6 +61,10 @@ def param_split(op: Op, cand: str) -> tuple[sympy.Expr, sympy.Expr]:
         experts, router, shared = 3 * e * d * a["ffn_dim"], d * e, 3 * d * a["shared_hidden"]
         if cand == "ep":  # local experts; router and shared experts replicated, run on local tokens
             return experts / N, sympy.Integer(router + shared)
+        if cand == "tp" and a.get("fused_experts"):
+            # fused gate/up (HF's gate_up_proj) stays whole on every rank under tp (runtime/sharding.py): only
+            # w2 is split, and w13's gradient is a partial sum over the model axis like a replicated weight's
+            return experts / 3 / N + shared / N + router, sympy.Integer(2 * e * d * a["ffn_dim"])
         # tp / ag_scatter: the router runs redundantly on the gathered tokens; shared experts split like TP
         return experts / N + shared / N + router, sympy.Integer(0)
     return p / N, sympy.Integer(0)  # ffn / linear tp, embedding vocab

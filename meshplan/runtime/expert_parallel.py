@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import torch
 from torch.autograd import Function
-from torch.func import functional_call
 
 from ..codegen.kernels import dequantize_fp8, permute, quantize_fp8
 from .collectives import Channel, _a2a_single_raw, all_to_all_single, exchange_rows
 from .comm_stats import BWD, FWD
-from .moe_routing import assignments, capacity_keep, combine, experts, route_tokens, run_experts, shared_params
+from .moe_routing import assignments, capacity_keep, combine, experts, route_tokens, run_experts, shared_out
 from .op_context import OpContext
 
 
@@ -54,7 +53,7 @@ def moe_ep(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
 
     out = combine(xt.shape[0], tok, slot, y, weights, x.dtype)
     if ctx.module.shared is not None:
-        out = out + functional_call(ctx.module.shared, shared_params(ctx), (xt,))
+        out = out + shared_out(ctx, xt)
     return out.view(b, s, d)
 
 

@@ -14,15 +14,22 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
-from ..models.moe_transformer import GroupedExperts, accumulation_dtype, expert_capacity, keep_mask, route
+from ..models.moe_transformer import (
+    GroupedExperts, accumulation_dtype, expert_capacity, keep_mask, route, route_variant, router_logits,
+)
 from .moe_kernels import combine_rows, expert_ffn_sorted, use_triton
 from .op_context import OpContext
 
 
 def route_tokens(ctx: OpContext, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """xt [T, D] -> (weights [T, k] float32, expert ids [T, k]), with the (replicated) router."""
-    return route(F.linear(xt, ctx.params["gate.weight"]), ctx.attrs["top_k"], ctx.attrs["norm_topk_prob"])
+    """xt [T, D] -> (weights [T, k] float32, expert ids [T, k]), with the (replicated) router and the op's
+    routing variant (attrs: scoring, n_group, topk_group, routed_scale, score_bias, router_fp32)."""
+    a, p = ctx.attrs, ctx.params
+    if "scoring" not in a and not a.get("router_fp32"):  # meshplan's softmax top-k
+        return route(F.linear(xt, p["gate.weight"]), a["top_k"], a["norm_topk_prob"])
+    return route_variant(router_logits(xt, p["gate.weight"], a.get("router_fp32", False)), a, p.get("score_bias"))
 
 
 def capacity_keep(ctx: OpContext, idx: torch.Tensor, local_shape: tuple[int, int]) -> torch.Tensor:
@@ -82,9 +89,26 @@ def combine(n_tokens: int, tok: torch.Tensor, slot: torch.Tensor, y: torch.Tenso
 
 
 def experts(ctx: OpContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's (w1, w3, w2). Fused w13 [E, 2F, D] is split into its gate and up halves; under "tp" it is held
+    whole (sharding.py) and this rank takes its F/n rows of each half, matching w2's split columns."""
     p = ctx.params
-    return p["experts.w1"], p["experts.w3"], p["experts.w2"]
+    if "experts.w13" not in p:
+        if "experts.w1" not in p or "experts.w3" not in p:
+            raise RuntimeError(f"op {ctx.op.name!r}: the experts need w1 and w3, or a fused w13")
+        return p["experts.w1"], p["experts.w3"], p["experts.w2"]
+    w13, w2 = p["experts.w13"], p["experts.w2"]
+    f_all, f = w13.shape[1] // 2, w2.shape[2]
+    lo = ctx.index * f if ctx.plan.strategy == "tp" and f != f_all else 0
+    return w13[:, lo:lo + f], w13[:, f_all + lo:f_all + lo + f], w2
 
 
 def shared_params(ctx: OpContext) -> dict[str, torch.Tensor]:
     return {k.removeprefix("shared."): v for k, v in ctx.params.items() if k.startswith("shared.")}
+
+
+def shared_out(ctx: OpContext, xt: torch.Tensor) -> torch.Tensor:
+    """The shared experts on rows xt, scaled per row by sigmoid(shared_gate) when the block has one (Qwen2-MoE).
+    The gate is replicated: it scales a Partial (tp) summand row by row, which sums to the gated whole."""
+    out = functional_call(ctx.module.shared, shared_params(ctx), (xt,))
+    gate = ctx.params.get("shared_gate.weight")
+    return torch.sigmoid(F.linear(xt, gate)) * out if gate is not None else out

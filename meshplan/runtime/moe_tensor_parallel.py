@@ -15,14 +15,9 @@ Capacity, when set, is decided on the whole batch (moe_routing.capacity_keep) un
 from __future__ import annotations
 
 import torch
-from torch.func import functional_call
 
-from .moe_routing import assignments, capacity_keep, combine, experts, route_tokens, run_experts, shared_params
+from .moe_routing import assignments, capacity_keep, combine, experts, route_tokens, run_experts, shared_out
 from .op_context import OpContext
-
-
-def _shared(ctx: OpContext, xt: torch.Tensor) -> torch.Tensor:
-    return functional_call(ctx.module.shared, shared_params(ctx), (xt,))
 
 
 def moe_local(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
@@ -34,7 +29,7 @@ def moe_local(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
     y = run_experts(*experts(ctx), expert, xt[tok])
     out = combine(xt.shape[0], tok, slot, y, weights, x.dtype)
     if ctx.module.shared is not None:
-        out = out + _shared(ctx, xt)
+        out = out + shared_out(ctx, xt)
     return out.view(b, s, d)
 
 
@@ -52,6 +47,6 @@ def moe_ag_scatter(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
     if ctx.module.shared is not None:
         rows = torch.arange(xt.shape[0], device=x.device).tensor_split(ctx.n)[ctx.index]
         lo, hi = (int(rows[0]), int(rows[-1]) + 1) if rows.numel() else (0, 0)
-        part = _shared(ctx, xt[lo:hi])
+        part = shared_out(ctx, xt[lo:hi])
         out = out + torch.cat([part.new_zeros(lo, d), part, part.new_zeros(xt.shape[0] - hi, d)])
     return out.view(b, s, d)

@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.func import functional_call
 
 from .collectives import all_to_all_single
-from .moe_routing import assignments, capacity_keep, combine, experts, route_tokens, run_experts, shared_params
+from .moe_routing import assignments, capacity_keep, combine, experts, route_tokens, run_experts, shared_out
 from .op_context import OpContext
 from .ulysses_attention import sp_core, sp_out_proj, sp_qkv  # noqa: F401 - the emitted code's names
 
@@ -85,7 +84,7 @@ def ep_shared(ctx: OpContext, x: torch.Tensor) -> torch.Tensor | None:
     """Shared experts on the chunk's tokens (they need no collective: filler while the all-to-alls run)."""
     if ctx.module.shared is None:
         return None
-    return functional_call(ctx.module.shared, shared_params(ctx), (x.reshape(-1, x.shape[-1]),))
+    return shared_out(ctx, x.reshape(-1, x.shape[-1]))
 
 
 def ep_unpermute(ctx: OpContext, r: Routed, y: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:

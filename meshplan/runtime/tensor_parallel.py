@@ -3,9 +3,11 @@
 The all-gather before (sequence-sharded -> replicated) and the reduce-scatter after (Partial -> sequence-sharded)
 are reshardings on the graph's edges, done by the executor; these functions are the local compute between them.
 
-- attention "tp": heads split. wq (and wk/wv when the KV heads divide among the ranks) column-parallel, wo
-  row-parallel. With fewer KV heads than ranks every rank keeps all of wk/wv and projects only the KV head its
-  query heads share (query head h uses KV head h // m, as in the model's repeat_interleave).
+- attention "tp": heads split. wq (and wk/wv when the KV heads divide among the ranks) column-parallel, with
+  their biases and per-head q/k norms, wo row-parallel (its bias added by the rank at coordinate 0). With fewer
+  KV heads than ranks every rank keeps all of wk/wv and projects only the KV head its query heads share (query
+  head h uses KV head h // m, as in the model's repeat_interleave). Multi-head latent attention (mla.py) runs its
+  own math on the rank's heads.
 - dense FFN "tp": w1/w3 rows and w2 columns split; the module's own forward on the split weights is the summand.
 - linear "tp": row-parallel, the weight's in_features split; each rank multiplies its slice of the replicated
   input. A bias is added once, by the rank at coordinate 0, so the Partial sums to the true output.
@@ -18,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from ..ir.placement import Shard
-from ..models.moe_transformer import apply_rope, causal_attention
+from ..models.mla import mla
+from ..models.moe_transformer import causal_attention, project_qkv, rotate
 from .collectives import all_gather
 from .local_ops import module_forward
 from .op_context import OpContext
@@ -27,19 +30,20 @@ from .op_context import OpContext
 def attention_tp(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
     a, p, n, r = ctx.attrs, ctx.params, ctx.n, ctx.index
     b, s, _ = x.shape
+    if a.get("mla"):  # latent attention: the same math on this rank's heads (models/mla.py)
+        return mla(x, p, a, p["rope_cos"][:s], p["rope_sin"][:s], o_bias=r == 0)
     hd, n_kv = a["head_dim"], a["n_kv_heads"]
-    q = F.linear(x, p["wq.weight"]).view(b, s, a["n_heads"] // n, hd)
-    if n_kv % n == 0:
-        k = F.linear(x, p["wk.weight"]).view(b, s, n_kv // n, hd)
-        v = F.linear(x, p["wv.weight"]).view(b, s, n_kv // n, hd)
-    else:  # n is a multiple of n_kv: n // n_kv consecutive ranks share one KV head
-        j = r // (n // n_kv)
-        rows = slice(j * hd, (j + 1) * hd)
-        k = F.linear(x, p["wk.weight"][rows]).view(b, s, 1, hd)
-        v = F.linear(x, p["wv.weight"][rows]).view(b, s, 1, hd)
+    if a.get("qk_norm") == "proj" and n > 1:  # refused by the plan's validation (ir/ops.py); never run it wrong
+        raise NotImplementedError(f"op {ctx.op.name!r}: a q/k norm over the whole projection under head-split tp")
+    # n | n_kv: this rank's KV heads are its rows of wk/wv. Else n // n_kv consecutive ranks share one KV head.
+    rows = None if n_kv % n == 0 else slice((r // (n // n_kv)) * hd, (r // (n // n_kv) + 1) * hd)
+    q, k, v = project_qkv(x, p, a, kv_rows=rows)
     cos, sin = p["rope_cos"][:s], p["rope_sin"][:s]
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    return F.linear(causal_attention(q, k, v).reshape(b, s, -1), p["wo.weight"])
+    style = a.get("rope", "interleaved")
+    q, k = rotate(q, cos, sin, style), rotate(k, cos, sin, style)
+    out = F.linear(causal_attention(q, k, v, scale=a.get("scale")).reshape(b, s, -1), p["wo.weight"])
+    bias = p.get("wo.bias")
+    return out + bias if bias is not None and r == 0 else out  # added once to the Partial sum
 
 
 def ffn_tp(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:

@@ -38,9 +38,11 @@ def test_simulate_json(tmp_path, capsys):
     rows = json.loads(path.read_text())
     assert rows[0]["plan"] == "planner" and {"megatron", "ep_dp"} <= {r["plan"] for r in rows}
     assert "global batch 32 x 128 tokens" in out
-    for r in rows:
+    fitting = [r for r in rows if r["fits"]]  # the fixed-depth MegaScale-style baseline does not fit 8 GPUs
+    assert {"planner", "megatron", "ep_dp"} <= {r["plan"] for r in fitting}
+    for r in fitting:
         assert r["tokens_per_s"] == pytest.approx(32 * 128 / r["step_time_s"], rel=1e-12)
-        assert r["pp"] * r["dp"] * r["mp"] == 8 and r["fits"]
+        assert r["pp"] * r["dp"] * r["mp"] == 8
         assert f"{r['step_time_s']:.3f}" in out and f"{r['tokens_per_s']:,.0f}" in out
 
 
