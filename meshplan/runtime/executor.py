@@ -26,10 +26,11 @@ from .comm_stats import CommStats
 from .data_parallel import GradEntry, GradReducer
 from .expert_parallel import moe_ep
 from .local_ops import module_forward, run_module
+from .loss_parallel import align_targets, cross_entropy
 from .moe_tensor_parallel import moe_ag_scatter, moe_local
 from .op_context import OpContext
 from .process_groups import MeshGroups, check_world_size
-from .redistribute import redistribute
+from .redistribute import normalize, redistribute
 from .tensor_parallel import attention_tp, embedding_vocab, ffn_tp, linear_tp
 from .ulysses_attention import attention_sp
 
@@ -231,10 +232,37 @@ class ParallelModel(nn.Module):
             local = seed_grad(local, keep=first)
         return local, placement
 
-    def _run_graph(self, tokens: torch.Tensor) -> tuple[torch.Tensor, tuple[Placement, ...]]:
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, local: bool = False) -> torch.Tensor:
+        """The mean cross-entropy over the global batch, computed on this rank's shard of the logits without
+        gathering them (loss_parallel.py); the same scalar on every rank, ready for backward() on every rank.
+        tokens, targets: the global [B, S] batch on every rank, or with local=True this rank's shard of it laid
+        out as input_placement() (what data.py's loaders yield)."""
+        logits, placement = self._run_graph(tokens, local)
+        targets = align_targets(targets.to(self.groups.device), self._token_placement, placement, self.axes,
+                                self.comm_stats)
+        batch, seq = self._sizes
+        return cross_entropy(logits, placement, targets, self.axes, batch * seq, root=self.groups.is_root,
+                             stats=self.comm_stats)
+
+    def input_placement(self) -> tuple[Placement, ...]:
+        """The placement the ops reading the token ids want them in: where per-rank data is fed (Shard(0) on the
+        data-parallel axes, Shard(1) on a sequence-parallel model axis)."""
+        wanted = {self.plan.ops[op.name].input for op in self._ops if op.kind not in (G.INPUT, G.OUTPUT)
+                  for i, src in enumerate(op.inputs) if i not in op.shape_only and self._is_tokens(src)}
+        if len(wanted) > 1:
+            raise PlanError(f"plan: the ops reading the token ids want them in different placements "
+                            f"{sorted(map(str, wanted))}; feed the global batch instead of per-rank shards")
+        return normalize(wanted.pop(), 2) if wanted else self._replicated()
+
+    def _is_tokens(self, name: str) -> bool:
+        op = self.graph.op(name)
+        return op.kind == G.INPUT and "param" not in op.attrs
+
+    def _run_graph(self, tokens: torch.Tensor, local: bool = False) -> tuple[torch.Tensor, tuple[Placement, ...]]:
         if tokens.dim() != 2:
             raise ValueError(f"tokens: expected [batch, seq], got shape {tuple(tokens.shape)}")
-        batch, seq = tokens.shape
+        self._token_placement = self.input_placement() if local else self._replicated()
+        batch, seq = global_sizes(tokens.shape, self._token_placement, self.axes)
         self._validate_sizes(batch, seq)
         self._sizes = (batch, seq)
         tokens = tokens.to(self.groups.device)
@@ -266,7 +294,7 @@ class ParallelModel(nn.Module):
         if src_op.kind == G.INPUT:
             if "param" in src_op.attrs:
                 return env[src]  # a parameter read by a generic op: replicated, passed as is
-            placement_from = self._replicated()  # token ids: every rank has the global batch
+            placement_from = self._token_placement  # the global batch, or this rank's shard of it
         else:
             placement_from = self.plan.ops[src].output
         tag = f"in{i}"
@@ -382,3 +410,12 @@ class ParallelModel(nn.Module):
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             out[cname] = self._gathered(g, self._placement[cname]).cpu()
         return out
+
+
+def global_sizes(shape, placement: tuple[Placement, ...], axes) -> tuple[int, int]:
+    """(B, S) of the global batch whose shard laid out as `placement` has `shape`."""
+    sizes = list(shape)
+    for g, p in zip(axes, placement):
+        if isinstance(p, Shard) and p.dim in (0, 1):
+            sizes[p.dim] *= g.size
+    return sizes[0], sizes[1]
