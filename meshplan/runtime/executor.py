@@ -78,8 +78,11 @@ class ParallelModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, plan: Plan, graph: Graph | None = None, *, groups: MeshGroups | None = None,
-                 bucket_mb: float = 25.0, timeout_s: float | None = None):
+                 bucket_mb: float = 25.0, timeout_s: float | None = None, stage: set[str] | None = None):
         super().__init__()
+        if plan.pipeline.enabled and stage is None:
+            raise PlanError(f"plan.mesh.pp={plan.pipeline.stages}: a pipeline plan runs one ParallelModel per stage "
+                            f"(runtime/pipeline.py PipelineRunner, or `meshplan run`)")
         # Everything that can be wrong with the plan is checked before any collective runs.
         world = groups.mesh.size if groups is not None else (dist.get_world_size() if dist.is_initialized() else 1)
         check_world_size(plan.mesh, world)
@@ -89,7 +92,9 @@ class ParallelModel(nn.Module):
         plan.validate(graph)
         object.__setattr__(self, "_model", model)  # not a submodule: its full weights are not ours
         self.graph, self.plan = graph, plan
-        self._ops = list(graph.ops())
+        # stage: the names of the ops this rank runs (a pipeline stage's); its parameters are the only ones held.
+        self._ops = [op for op in graph.ops() if stage is None or op.name in stage]
+        self._stage = stage
         self._fx_nodes = {n.name: n for n in graph.module.graph.nodes} if graph.module is not None else {}
         self._modules_of = {op.name: self._module_of(op) for op in self._ops}
         self._check_supported()
@@ -164,8 +169,8 @@ class ParallelModel(nn.Module):
                 self._add_shard(cname, param, placement, op.name)
             self._uses[op.name] = uses
             self._buffers[op.name] = {n: b.to(self.groups.device) for n, b in module.named_buffers()}
-        for cname, param in model.named_parameters():  # used by no op: replicated, gradient zero
-            self._add_shard(cname, param, self._replicated(), "")
+        for cname, param in model.named_parameters() if self._stage is None else ():  # used by no op
+            self._add_shard(cname, param, self._replicated(), "")  # replicated, gradient zero
 
     def _add_shard(self, cname: str, param: torch.Tensor, placement: tuple[Placement, ...], op: str) -> None:
         if cname in self._local:
@@ -258,7 +263,9 @@ class ParallelModel(nn.Module):
         op = self.graph.op(name)
         return op.kind == G.INPUT and "param" not in op.attrs
 
-    def _run_graph(self, tokens: torch.Tensor, local: bool = False) -> tuple[torch.Tensor, tuple[Placement, ...]]:
+    def _run_graph(self, tokens: torch.Tensor, local: bool = False, env: dict[str, torch.Tensor] | None = None):
+        """(this rank's shard of the output, its placement). A pipeline stage without the output op starts from
+        `env` (the tensors received from the previous stage) and returns (every value it computed, None)."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens: expected [batch, seq], got shape {tuple(tokens.shape)}")
         self._token_placement = self.input_placement() if local else self._replicated()
@@ -266,7 +273,7 @@ class ParallelModel(nn.Module):
         self._validate_sizes(batch, seq)
         self._sizes = (batch, seq)
         tokens = tokens.to(self.groups.device)
-        env: dict[str, torch.Tensor] = {}
+        env = dict(env or {})
         cache: dict[tuple, torch.Tensor] = {}
         for op in self._ops:
             if op.kind == G.INPUT:
@@ -284,6 +291,8 @@ class ParallelModel(nn.Module):
                 env[op.name] = self._run(op, ctx, ins, env)
                 if self.record is not None:
                     self.record[op.name] = (env[op.name], self.plan.ops[op.name].output)
+        if self._stage is not None:
+            return env, None
         raise RuntimeError("the graph has no output op")
 
     def _input(self, op: Op, i: int, src: str, env: dict, cache: dict) -> torch.Tensor:
