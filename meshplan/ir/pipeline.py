@@ -7,7 +7,8 @@ ops before the first layer (the embedding) belong to stage 0, ops after the last
 last stage, the same rule as the planner's `pricing.stage_of_ops`.
 
 YAML: `mesh: {pp: 2, dp: 1, mp: 2}` and `pipeline: {layers_per_stage: [3, 1], microbatches: 4, schedule: 1f1b}`
-(layers_per_stage defaults to an even split, microbatches to pp).
+(the `pipeline:` field marks pp as the pipeline axis and may be empty: layers_per_stage defaults to an even
+split, microbatches to pp).
 """
 from __future__ import annotations
 

@@ -307,18 +307,19 @@ class Plan:
 
 
 def _split_pipeline(mesh: dict, pipeline: dict | None) -> tuple[Mesh, Pipeline]:
-    """YAML mesh {pp: P, dp: .., mp: ..} -> (the stage mesh, Pipeline(P, ...))."""
-    if not isinstance(mesh, dict) or not mesh:
-        raise ValueError(f"mesh: expected a non-empty mapping axis -> size, got {mesh!r}")
-    rest = {k: v for k, v in mesh.items() if k != PP_AXIS}
-    stages = mesh.get(PP_AXIS, 1)
-    if PP_AXIS in mesh and next(iter(mesh)) != PP_AXIS:
-        raise ValueError(f"mesh.{PP_AXIS}: the pipeline axis must come first (outermost), got {list(mesh)}")
-    if pipeline is not None and not isinstance(pipeline, dict):
+    """YAML mesh {pp: P, dp: .., mp: ..} with a `pipeline:` field -> (the stage mesh, Pipeline(P, ...)). Without
+    the field, an axis named pp is an ordinary mesh axis (plans written before pipelines ran)."""
+    if pipeline is None:
+        return Mesh.from_dict(mesh), Pipeline()
+    if not isinstance(pipeline, dict):
         raise ValueError(f"pipeline: expected a mapping, got {pipeline!r}")
-    if pipeline and PP_AXIS not in mesh:
-        raise ValueError(f"pipeline: given, but mesh has no {PP_AXIS} axis")
-    return Mesh.from_dict(rest or {"dp": 1}), Pipeline.from_dict(stages, pipeline)
+    if not isinstance(mesh, dict) or PP_AXIS not in mesh:
+        raise ValueError(f"mesh.{PP_AXIS}: a plan with a pipeline field needs the pipeline axis in its mesh, "
+                         f"got {mesh!r}")
+    if next(iter(mesh)) != PP_AXIS:
+        raise ValueError(f"mesh.{PP_AXIS}: the pipeline axis must come first (outermost), got {list(mesh)}")
+    rest = {k: v for k, v in mesh.items() if k != PP_AXIS}
+    return Mesh.from_dict(rest or {"dp": 1}), Pipeline.from_dict(mesh[PP_AXIS], pipeline)
 
 
 def evaluate_shape(shape, batch: int, seq: int) -> tuple[int, ...]:

@@ -87,5 +87,6 @@ def test_pipeline_plans_are_refused_where_they_cannot_run():
     with pytest.raises(PlanError, match="one ParallelModel per stage"):
         ParallelModel(small(), plan, graph)
     text = plan.to_yaml().replace("mesh: {pp: 2, mp: 2}", "mesh: {mp: 2, pp: 2}")
+    assert "mesh: {mp: 2, pp: 2}" in text
     with pytest.raises(PlanError, match="pipeline axis must come first"):
         Plan.from_yaml(text)
