@@ -303,7 +303,8 @@ class Plan:
             key = f"{p.strategy}"
             counts[key] = counts.get(key, 0) + 1
         parts = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
-        return f"plan for {self.model} on mesh {self.mesh}: {len(self.ops)} ops ({parts})"
+        mesh = f"(pp={self.pipeline.stages}, {str(self.mesh)[1:]}" if self.pipeline.enabled else str(self.mesh)
+        return f"plan for {self.model} on mesh {mesh}: {len(self.ops)} ops ({parts})"
 
 
 def _split_pipeline(mesh: dict, pipeline: dict | None) -> tuple[Mesh, Pipeline]:

@@ -116,10 +116,12 @@ class PipelineRunner:
         return self.model.full_grads()
 
     # ---- one training step -----------------------------------------------------------------------------
-    def step(self, tokens: torch.Tensor, targets: torch.Tensor, local: bool = False) -> float:
-        """Forward and backward of one step's batch in plan.pipeline.microbatches micro-batches; returns the mean
-        loss over the global batch on every rank (gradients accumulate: call reduce_gradients, then step)."""
-        m = self.plan.pipeline.microbatches
+    def step(self, tokens: torch.Tensor, targets: torch.Tensor, local: bool = False,
+             microbatches: int | None = None) -> float:
+        """Forward and backward of one step's batch in micro-batches (default plan.pipeline.microbatches);
+        returns the mean loss over the global batch on every rank (gradients accumulate: call reduce_gradients,
+        then the optimizer). tokens, targets: the global batch, or with local=True this rank's shard of it."""
+        m = microbatches or self.plan.pipeline.microbatches
         if tokens.shape[0] % m:
             raise PlanError(f"plan.pipeline.microbatches: {m} does not divide this rank's batch of "
                             f"{tokens.shape[0]} sequences")
