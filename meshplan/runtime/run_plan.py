@@ -75,6 +75,9 @@ def train(args: argparse.Namespace) -> list[float]:
     graph = trace(model)
     runner = None
     if plan.pipeline.enabled:
+        if getattr(args, "verify", False):
+            raise PlanError(f"--verify: runtime/verify.py checks one ParallelModel, not pipeline stages "
+                            f"(plan.mesh.pp={plan.pipeline.stages}); use --check, which compares every step's loss")
         runner = PipelineRunner(model, plan, graph, groups=MeshGroups.from_world(full_mesh(plan), args.timeout))
         pm = runner.model
     else:
