@@ -65,17 +65,27 @@ def stage_ops(graph: Graph, plan: Plan) -> tuple[list[set[str]], list[list[str]]
 
 
 def check_untied(model: nn.Module, graph: Graph, ops: list[set[str]]) -> None:
-    """A parameter used by two stages would need its gradient summed over pp: refused."""
-    owner: dict[int, int] = {}
+    """A parameter used by two stages (tied embeddings) would need its gradient summed over pp: refused."""
+    nodes = {n.name: n for n in graph.module.graph.nodes} if graph.module is not None else {}
+    owner: dict[int, tuple[int, str]] = {}
     for k, names in enumerate(ops):
-        for name in names:
+        for name in sorted(names):
             op = graph.op(name)
-            if not op.is_leaf:
+            node = nodes.get(op.node)
+            if op.is_leaf:
+                params = model.get_submodule(name).named_parameters(prefix=name)
+            elif node is not None and node.op == "call_module":
+                params = model.get_submodule(node.target).named_parameters(prefix=node.target)
+            elif op.kind == G.INPUT and "param" in op.attrs:
+                params = [(op.attrs["param"], model.get_parameter(op.attrs["param"]))]
+            else:
                 continue
-            for pname, p in model.get_submodule(name).named_parameters():
-                if owner.setdefault(id(p), k) != k:
-                    raise PlanError(f"plan.pipeline: {name}.{pname} is shared by stages {owner[id(p)]} and {k} "
-                                    f"(tied weights); the runtime does not share weights across pipeline stages")
+            for pname, p in params:
+                first = owner.setdefault(id(p), (k, pname))
+                if first[0] != k:
+                    raise PlanError(f"plan.pipeline: parameter {first[1]} is used by stages {first[0]} and {k} "
+                                    f"(tied weights, also read as {pname}); the runtime does not share weights "
+                                    f"across pipeline stages: untie them or use pp=1")
 
 
 class PipelineRunner:

@@ -90,3 +90,24 @@ def test_pipeline_plans_are_refused_where_they_cannot_run():
     assert "mesh: {mp: 2, pp: 2}" in text
     with pytest.raises(PlanError, match="pipeline axis must come first"):
         Plan.from_yaml(text)
+
+
+def test_weights_tied_across_stages_are_refused():
+    from meshplan.models import ModelConfig
+    from meshplan.runtime.pipeline import check_untied, stage_ops
+
+    cfg = ModelConfig(name="tied", vocab_size=32, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=16,
+                      n_experts=2, top_k=1, max_seq_len=8, tie_embeddings=True)
+    model = build_model(cfg, seed=0)
+    graph = trace(model)
+    plan = Plan.build(graph, Mesh.of(dp=1), {})
+    plan.pipeline = Pipeline(2)
+    ops, crossing = stage_ops(graph, plan)
+    assert crossing == [["layers.0.add_1"]]  # the residual stream is all that crosses
+    with pytest.raises(PlanError, match=r"tok_embeddings.weight is used by stages 0 and 1 \(tied weights"):
+        check_untied(model, graph, ops)
+    untied = small()
+    graph = trace(untied)
+    plan = Plan.build(graph, Mesh.of(dp=1), {})
+    plan.pipeline = Pipeline(2)
+    check_untied(untied, graph, stage_ops(graph, plan)[0])  # separate weights: accepted
