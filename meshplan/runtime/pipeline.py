@@ -142,14 +142,11 @@ class PipelineRunner:
         self._tokens = batch * seq
         self._pending, self._held, self._t0 = [], {}, time.perf_counter()
         self._loss = torch.zeros((), dtype=torch.float64)
-        warmup = m if self.plan.pipeline.schedule == "gpipe" else min(self.stages - self.stage - 1, m)
-        for i in range(warmup):
-            self._forward(i, xs[i], ys[i], local)
-        for i in range(m - warmup):
-            self._forward(warmup + i, xs[warmup + i], ys[warmup + i], local)
-            self._backward(i)
-        for i in range(m - warmup, m):
-            self._backward(i)
+        for kind, i in schedule_order(self.plan.pipeline.schedule, self.stage, self.stages, m):
+            if kind == "F":
+                self._forward(i, xs[i], ys[i], local)
+            else:
+                self._backward(i)
         for work in self._pending:
             work.wait()
         total = all_reduce(self._loss.float().reshape(1), Channel(self.pp, "loss", "pp", stats=self.comm_stats))
@@ -217,6 +214,41 @@ class PipelineRunner:
             t = t.to(self.model.groups.device)
             out[name] = t.requires_grad_(phase == FWD and t.is_floating_point())
         return out
+
+
+def schedule_order(schedule: str, stage: int, stages: int, m: int) -> list[tuple[str, int]]:
+    """The ("F"|"B", micro-batch) events stage `stage` runs, in order: GPipe all forwards then all backwards;
+    1F1B min(stages - stage - 1, m) warm-up forwards, then one forward and one backward in turn, then the rest."""
+    warmup = m if schedule == "gpipe" else min(stages - stage - 1, m)
+    order = [("F", i) for i in range(warmup)]
+    for i in range(m - warmup):
+        order += [("F", warmup + i), ("B", i)]
+    return order + [("B", i) for i in range(m - warmup, m)]
+
+
+def bubble_fraction(orders: list[list[tuple[str, int]]], t_f: float = 1.0, t_b: float = 2.0) -> float:
+    """The idle fraction of the step that the stages' recorded event orders imply (orders[s]: stage s's
+    ("F"|"B", micro-batch) in the order it ran them, e.g. from PipelineRunner.trace), replayed with a forward
+    taking t_f and a backward t_b on every stage: the schedule's bubble, free of this machine's timing noise.
+    Compare with the planner's (pp - 1) / (m + pp - 1) (docs/reference.md, "Pipeline schedules")."""
+    pp, done, pos, clock = len(orders), {}, [0] * len(orders), [0.0] * len(orders)
+    while any(pos[s] < len(orders[s]) for s in range(pp)):
+        progressed = False
+        for s in range(pp):
+            if pos[s] == len(orders[s]):
+                continue
+            kind, i = orders[s][pos[s]]
+            deps = [("F", s - 1, i)] if kind == "F" and s > 0 else []
+            deps += [("F", s, i)] + ([("B", s + 1, i)] if s < pp - 1 else []) if kind == "B" else []
+            if all(d in done for d in deps):
+                start = max([clock[s]] + [done[d] for d in deps])
+                clock[s] = done[(kind, s, i)] = start + (t_f if kind == "F" else t_b)
+                pos[s] += 1
+                progressed = True
+        if not progressed:
+            raise RuntimeError(f"pipeline: the recorded orders deadlock at positions {pos}")
+    busy = max(sum(t_f if k == "F" else t_b for k, _ in order) for order in orders)
+    return 1.0 - busy / max(clock)
 
 
 class _Keep:

@@ -8,7 +8,7 @@ from meshplan.ir.pipeline import Pipeline
 from meshplan.models import build_model, load_config
 from meshplan.runtime import LocalWorld, ParallelModel
 from meshplan.runtime.data import ShardedLoader, TokenStream
-from meshplan.runtime.pipeline import PipelineRunner, full_mesh
+from meshplan.runtime.pipeline import PipelineRunner, bubble_fraction, full_mesh, schedule_order
 
 STEPS, BATCH, SEQ = 3, 4, 16
 
@@ -31,17 +31,17 @@ def _reference(cfg, batches):
     return losses, grads
 
 
-CASES = {"pp2xmp2-sp-ep-uneven": (Mesh.of(mp=2), {"attention": "sp", "moe": "ep"}, (3, 1), "1f1b", True),
-         "pp2xdp2-gpipe": (Mesh.of(dp=2), None, None, "gpipe", False)}
+CASES = {"pp2xmp2-sp-ep-uneven": (Mesh.of(mp=2), {"attention": "sp", "moe": "ep"}, (3, 1), "1f1b", True, 4),
+         "pp2xdp2-gpipe": (Mesh.of(dp=2), None, None, "gpipe", False, 2)}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_pipeline_steps_match_one_device(case):
-    mesh, strategies, lps, schedule, local = CASES[case]
+    mesh, strategies, lps, schedule, local, m = CASES[case]
     cfg = load_config("small")
     graph = trace(small())
     plan = Plan.build(graph, mesh, strategies or {}, axis=None if strategies is None else "auto")
-    plan.pipeline = Pipeline(2, lps, microbatches=2, schedule=schedule)
+    plan.pipeline = Pipeline(2, lps, microbatches=m, schedule=schedule)
     plan = Plan.from_yaml(plan.to_yaml())  # what `meshplan run --plan` reads
     assert plan.world_size == 4 and plan.pipeline.layers_per_stage == lps
     loader = ShardedLoader(TokenStream.synthetic(cfg.vocab_size, seed=1), BATCH, SEQ, (), [])
@@ -65,8 +65,9 @@ def test_pipeline_steps_match_one_device(case):
             opt.step()
         return runner.stage, losses, grads, runner.trace
 
-    owned = set()
+    owned, orders = set(), {}
     for stage, losses, grads, trace_ in world.run(rank):
+        orders.setdefault(stage, [(kind, i) for kind, i, *_ in trace_[-2 * m:]])  # the last step's events
         assert losses == pytest.approx(ref_losses, rel=1e-5)
         for k in range(STEPS):
             for name, g in grads[k].items():
@@ -74,7 +75,11 @@ def test_pipeline_steps_match_one_device(case):
                 torch.testing.assert_close(g, ref_grads[k][name], rtol=1e-5, atol=1e-6, msg=f"step {k} {name}")
         if schedule == "1f1b" and stage == 1:  # the last stage alternates from the start
             assert [kind for kind, *_ in trace_[:4]] == ["F", "B", "F", "B"]
+        if schedule == "gpipe":
+            assert [kind for kind, *_ in trace_[:2 * m]] == ["F"] * m + ["B"] * m
     assert owned == set(ref_grads[0])  # the stages together hold every parameter
+    # The schedule that ran has the planner's bubble, (pp - 1) / (m + pp - 1) (planner/plans.py summary).
+    assert bubble_fraction([orders[0], orders[1]]) == pytest.approx(1 / (m + 1))
 
 
 def test_pipeline_plans_are_refused_where_they_cannot_run():
@@ -111,3 +116,18 @@ def test_weights_tied_across_stages_are_refused():
     plan = Plan.build(graph, Mesh.of(dp=1), {})
     plan.pipeline = Pipeline(2)
     check_untied(untied, graph, stage_ops(graph, plan)[0])  # separate weights: accepted
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+@pytest.mark.parametrize("pp,m", [(4, 8), (4, 2), (3, 5)])
+def test_schedules_have_the_planners_bubble(schedule, pp, m):
+    orders = [schedule_order(schedule, s, pp, m) for s in range(pp)]
+    for order in orders:  # every micro-batch once forward, once backward, forward first
+        assert sorted(order) == sorted([("F", i) for i in range(m)] + [("B", i) for i in range(m)])
+        assert all(order.index(("F", i)) < order.index(("B", i)) for i in range(m))
+    if schedule == "1f1b":  # at most pp - s micro-batches in flight on stage s (1F1B's memory bound)
+        for s, order in enumerate(orders):
+            live = [sum(1 if k == "F" else -1 for k, _ in order[:j + 1]) for j in range(len(order))]
+            assert max(live) == min(pp - s, m)
+    for t_b in (1.0, 2.0):
+        assert bubble_fraction(orders, 1.0, t_b) == pytest.approx((pp - 1) / (m + pp - 1))
