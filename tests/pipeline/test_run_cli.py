@@ -1,5 +1,7 @@
 """`meshplan plan` -> `meshplan run --plan --check`: a planner's pipeline plan runs on 4 real ranks and each step's
 loss equals one device's."""
+import json
+
 import pytest
 import yaml
 
@@ -8,21 +10,21 @@ from meshplan.runtime.launch import cli_run
 from meshplan.runtime.run_plan import CheckError, check_loss
 
 
-def test_planned_pipeline_runs_and_matches_one_device(tmp_path, capfd):
+def test_planned_pipeline_runs_and_matches_one_device(tmp_path):
     plan = tmp_path / "plan.yaml"
     # A memory limit the 4-layer model only fits with pipeline stages: the planner picks pp > 1.
     assert meshplan(["plan", "small", "--cluster", "local", "--gpus", "4", "--memory-gb", "0.02",
                      "--out", str(plan)]) == 0
     mesh = yaml.safe_load(plan.read_text())["mesh"]
     assert mesh.get("pp", 1) > 1, mesh
-    capfd.readouterr()
+    metrics = tmp_path / "metrics.jsonl"  # rank 0's rows (its stdout may belong to an earlier test's capture)
     rc = cli_run(["--plan", str(plan), "--model", "small", "--steps", "2", "--batch", "4", "--seq", "16",
-                  "--check"])
-    out = capfd.readouterr().out
-    assert rc == 0, out
-    steps = [line for line in out.splitlines() if line.startswith("step ")]
-    assert len(steps) == 2 and all("one device" in line for line in steps), out
-    assert f"{mesh['pp']} stages" in out
+                  "--check", "--metrics", str(metrics)])
+    assert rc == 0  # a step whose loss differed from one device's would have failed the run (CheckError)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["loss"] == pytest.approx(r["reference_loss"], rel=1e-5)
 
 
 def test_check_stops_at_a_differing_step():
