@@ -93,7 +93,10 @@ def train(args: argparse.Namespace) -> list[float]:
     reference = _Reference(cfg, args) if args.check and rank == 0 else None
     opt = torch.optim.AdamW(pm.parameters(), lr=args.lr)
     if rank == 0:
-        pipe = f", {plan.pipeline.stages} stages x {m} micro-batches ({plan.pipeline.schedule})" if runner else ""
+        lowered = f", the plan's {plan.pipeline.microbatches} does not divide each data-parallel rank's batch" \
+            if runner and not args.microbatches and m != plan.pipeline.microbatches else ""
+        pipe = f", {plan.pipeline.stages} stages x {m} micro-batches ({plan.pipeline.schedule}{lowered})" \
+            if runner else ""
         print(f"meshplan run: {cfg.name} on {world} ranks ({pm.groups.backend}), {plan.summary()}{pipe}; data: "
               f"{stream.name}, each rank reads {tuple(loader.rows)} x {tuple(loader.cols)} of [{args.batch}, "
               f"{args.seq}]", flush=True)
@@ -116,6 +119,8 @@ def train(args: argparse.Namespace) -> list[float]:
         elapsed = time.perf_counter() - start
         losses.append(loss)
         _report(args, rank, step, loss, elapsed, pm, reference and reference.step(*loader.global_batch(step)))
+    if rank == 0 and getattr(args, "comm", False):
+        print(pm.comm_stats.table(), flush=True)
     dist.barrier()
     return losses
 
