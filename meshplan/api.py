@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .ir import Graph, Mesh, Plan, PlanError, Shard, trace
 from .ir import graph as G
@@ -160,6 +161,13 @@ class CompiledModel(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: the global [B, S] batch (the same on every rank) -> the full output on every rank."""
         return self.module(tokens)
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean cross-entropy of the global [B, S] batch; on a distributed world computed on this rank's
+        shard of the logits without gathering them (runtime/loss_parallel.py)."""
+        if self.distributed:
+            return self.module.loss(tokens, targets)
+        return F.cross_entropy(self.module(tokens).flatten(0, 1).float(), targets.flatten())
 
     def reduce_gradients(self) -> None:
         """Data-parallel gradient reduction; call after backward (a no-op off a distributed world)."""

@@ -16,6 +16,7 @@ import yaml
 from . import graph as G
 from .graph import Graph, Op
 from .mesh import Mesh
+from .pipeline import AXIS as PP_AXIS, Pipeline
 from .placement import Partial, Placement, Replicate, Shard, parse_placement
 from .strategies import (
     BATCH, DEFAULT_STRATEGY, STRATEGIES, allowed_precisions, batch_parallel_error, collective_names,
@@ -56,6 +57,13 @@ class Plan:
     mesh: Mesh
     ops: dict[str, OpPlan]
     meta: dict = field(default_factory=dict)  # free-form provenance (planner objective, cluster, ...)
+    # Pipeline stages: the outermost mesh axis pp (YAML mesh: {pp: 2, dp: .., mp: ..}); `mesh` is one stage's.
+    pipeline: Pipeline = field(default_factory=Pipeline)
+
+    @property
+    def world_size(self) -> int:
+        """Ranks the plan runs on: pp stages of mesh.size ranks each."""
+        return self.pipeline.stages * self.mesh.size
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -99,8 +107,13 @@ class Plan:
 
     # ---- YAML ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        d = {"meshplan_plan": FORMAT_VERSION, "model": self.model, "mesh": self.mesh.to_dict(),
-             "ops": {name: op.to_dict() for name, op in self.ops.items()}}
+        mesh = self.mesh.to_dict()
+        if self.pipeline.enabled:
+            mesh = {PP_AXIS: self.pipeline.stages, **mesh}
+        d = {"meshplan_plan": FORMAT_VERSION, "model": self.model, "mesh": mesh}
+        if self.pipeline.enabled:
+            d["pipeline"] = self.pipeline.to_dict()
+        d["ops"] = {name: op.to_dict() for name, op in self.ops.items()}
         if self.meta:
             d["meta"] = self.meta
         return d
@@ -115,7 +128,7 @@ class Plan:
     def from_dict(cls, d: dict) -> "Plan":
         if not isinstance(d, dict):
             raise PlanError(f"plan: expected a mapping at the top level, got {type(d).__name__}")
-        unknown = set(d) - {"meshplan_plan", "model", "mesh", "ops", "meta"}
+        unknown = set(d) - {"meshplan_plan", "model", "mesh", "ops", "meta", "pipeline"}
         if unknown:
             raise PlanError(f"plan.{sorted(unknown)[0]}: unknown field")
         if d.get("meshplan_plan", FORMAT_VERSION) != FORMAT_VERSION:
@@ -124,7 +137,7 @@ class Plan:
             if key not in d:
                 raise PlanError(f"plan.{key}: missing")
         try:
-            mesh = Mesh.from_dict(d["mesh"])
+            mesh, pipeline = _split_pipeline(d["mesh"], d.get("pipeline"))
         except ValueError as e:
             raise PlanError(f"plan.{e}") from None
         if not isinstance(d["ops"], dict):
@@ -154,7 +167,7 @@ class Plan:
                 raise PlanError(f"{where}.precision: expected a mapping collective -> dtype")
             ops[name] = OpPlan(str(e["strategy"]), e.get("axis"), placements["input"], placements["output"],
                                {str(k): str(v) for k, v in precision.items()})
-        return cls(str(d["model"]), mesh, ops, dict(d.get("meta") or {}))
+        return cls(str(d["model"]), mesh, ops, dict(d.get("meta") or {}), pipeline)
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> "Plan":
@@ -182,6 +195,11 @@ class Plan:
             self._validate_op(op, self.ops[name], batch, seq)
             self._validate_sound(op, self.ops[name])
         self._validate_edges(graph)
+        if self.pipeline.enabled:
+            try:
+                self.pipeline.stage_of(graph)
+            except ValueError as e:
+                raise PlanError(f"plan.{e}") from None
         return self
 
     def _validate_sound(self, op: Op, p: OpPlan) -> None:
@@ -291,7 +309,24 @@ class Plan:
             key = f"{p.strategy}"
             counts[key] = counts.get(key, 0) + 1
         parts = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
-        return f"plan for {self.model} on mesh {self.mesh}: {len(self.ops)} ops ({parts})"
+        mesh = f"(pp={self.pipeline.stages}, {str(self.mesh)[1:]}" if self.pipeline.enabled else str(self.mesh)
+        return f"plan for {self.model} on mesh {mesh}: {len(self.ops)} ops ({parts})"
+
+
+def _split_pipeline(mesh: dict, pipeline: dict | None) -> tuple[Mesh, Pipeline]:
+    """YAML mesh {pp: P, dp: .., mp: ..} with a `pipeline:` field -> (the stage mesh, Pipeline(P, ...)). Without
+    the field, an axis named pp is an ordinary mesh axis (plans written before pipelines ran)."""
+    if pipeline is None:
+        return Mesh.from_dict(mesh), Pipeline()
+    if not isinstance(pipeline, dict):
+        raise ValueError(f"pipeline: expected a mapping, got {pipeline!r}")
+    if not isinstance(mesh, dict) or PP_AXIS not in mesh:
+        raise ValueError(f"mesh.{PP_AXIS}: a plan with a pipeline field needs the pipeline axis in its mesh, "
+                         f"got {mesh!r}")
+    if next(iter(mesh)) != PP_AXIS:
+        raise ValueError(f"mesh.{PP_AXIS}: the pipeline axis must come first (outermost), got {list(mesh)}")
+    rest = {k: v for k, v in mesh.items() if k != PP_AXIS}
+    return Mesh.from_dict(rest or {"dp": 1}), Pipeline.from_dict(mesh[PP_AXIS], pipeline)
 
 
 def evaluate_shape(shape, batch: int, seq: int) -> tuple[int, ...]:

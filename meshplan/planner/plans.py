@@ -2,14 +2,16 @@
 
 A planned Plan has mesh (dp=d, mp=n); every op's model axis is mp, except ops the planner makes data parallel on
 mp too (the `dp` candidate), which get strategy `replicate` with axis null: batch-sharded on every axis. Pipeline
-stages are not a mesh axis (ops are never sharded over them): plan.meta["pipeline"] records the stage count,
-layers per stage, micro-batch size and count; each stage runs the (dp, mp) mesh.
+stages are the outermost axis pp (ops are never sharded over it): plan.pipeline holds the stage count, layers
+per stage and micro-batches per step, which the runtime executes; plan.meta["pipeline"] also records the
+micro-batch size; each stage runs the (dp, mp) mesh.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ..ir.graph import Graph
+from ..ir.pipeline import Pipeline
 from ..ir.plan import OpPlan, Plan, PlanError
 from ..ir.strategies import collective_names
 from . import cost_model as cm
@@ -52,6 +54,8 @@ def to_plan(cmodel: CostModel, mc: MeshConfig, problem: Problem, a: Assignment, 
                 prec[f"in{idx}"] = a.edge_dtype(ei, problem)
         ops[op.name] = OpPlan(strategy, axis, (cm.BATCH, i), (cm.BATCH, o), dict(sorted(prec.items())))
     plan = Plan(cmodel.graph.name, mc.mesh, ops)
+    if mc.pp > 1:  # the outermost mesh axis, with the stages the planner priced (the runtime runs them)
+        plan.pipeline = Pipeline(mc.pp, tuple(layers_per_stage(cmodel.graph.n_layers(), mc.pp)), mc.m)
     plan.meta = {
         "pipeline": {"stages": mc.pp, "layers_per_stage": layers_per_stage(cmodel.graph.n_layers(), mc.pp),
                      "micro_batch_size": mc.b, "microbatches": mc.m},
@@ -92,7 +96,8 @@ def mesh_config(plan: Plan, global_batch: int) -> MeshConfig:
     n = plan.mesh.axis_size(axis) if axis else 1
     d = plan.mesh.size // n
     pipe = plan.meta.get("pipeline") or {}
-    pp, b = int(pipe.get("stages", 1)), int(pipe.get("micro_batch_size", 1))
+    pp = plan.pipeline.stages if plan.pipeline.enabled else int(pipe.get("stages", 1))
+    b = int(pipe.get("micro_batch_size", 1))
     recompute = plan.meta.get("activation_recompute", "none") == "full"
     if global_batch % (d * b):
         raise PlanError(f"plan.meta.pipeline.micro_batch_size: dp={d} x micro-batch {b} does not divide the global "

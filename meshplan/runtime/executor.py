@@ -26,10 +26,11 @@ from .comm_stats import CommStats
 from .data_parallel import GradEntry, GradReducer
 from .expert_parallel import moe_ep
 from .local_ops import module_forward, run_module
+from .loss_parallel import align_targets, cross_entropy
 from .moe_tensor_parallel import moe_ag_scatter, moe_local
 from .op_context import OpContext
 from .process_groups import MeshGroups, check_world_size
-from .redistribute import redistribute
+from .redistribute import normalize, redistribute
 from .tensor_parallel import attention_tp, embedding_vocab, ffn_tp, linear_tp
 from .ulysses_attention import attention_sp
 
@@ -77,8 +78,11 @@ class ParallelModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, plan: Plan, graph: Graph | None = None, *, groups: MeshGroups | None = None,
-                 bucket_mb: float = 25.0, timeout_s: float | None = None):
+                 bucket_mb: float = 25.0, timeout_s: float | None = None, stage: set[str] | None = None):
         super().__init__()
+        if plan.pipeline.enabled and stage is None:
+            raise PlanError(f"plan.mesh.pp={plan.pipeline.stages}: a pipeline plan runs one ParallelModel per stage "
+                            f"(runtime/pipeline.py PipelineRunner, or `meshplan run`)")
         # Everything that can be wrong with the plan is checked before any collective runs.
         world = groups.mesh.size if groups is not None else (dist.get_world_size() if dist.is_initialized() else 1)
         check_world_size(plan.mesh, world)
@@ -88,7 +92,9 @@ class ParallelModel(nn.Module):
         plan.validate(graph)
         object.__setattr__(self, "_model", model)  # not a submodule: its full weights are not ours
         self.graph, self.plan = graph, plan
-        self._ops = list(graph.ops())
+        # stage: the names of the ops this rank runs (a pipeline stage's); its parameters are the only ones held.
+        self._ops = [op for op in graph.ops() if stage is None or op.name in stage]
+        self._stage = stage
         self._fx_nodes = {n.name: n for n in graph.module.graph.nodes} if graph.module is not None else {}
         self._modules_of = {op.name: self._module_of(op) for op in self._ops}
         self._check_supported()
@@ -163,8 +169,8 @@ class ParallelModel(nn.Module):
                 self._add_shard(cname, param, placement, op.name)
             self._uses[op.name] = uses
             self._buffers[op.name] = {n: b.to(self.groups.device) for n, b in module.named_buffers()}
-        for cname, param in model.named_parameters():  # used by no op: replicated, gradient zero
-            self._add_shard(cname, param, self._replicated(), "")
+        for cname, param in model.named_parameters() if self._stage is None else ():  # used by no op
+            self._add_shard(cname, param, self._replicated(), "")  # replicated, gradient zero
 
     def _add_shard(self, cname: str, param: torch.Tensor, placement: tuple[Placement, ...], op: str) -> None:
         if cname in self._local:
@@ -231,14 +237,43 @@ class ParallelModel(nn.Module):
             local = seed_grad(local, keep=first)
         return local, placement
 
-    def _run_graph(self, tokens: torch.Tensor) -> tuple[torch.Tensor, tuple[Placement, ...]]:
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, local: bool = False) -> torch.Tensor:
+        """The mean cross-entropy over the global batch, computed on this rank's shard of the logits without
+        gathering them (loss_parallel.py); the same scalar on every rank, ready for backward() on every rank.
+        tokens, targets: the global [B, S] batch on every rank, or with local=True this rank's shard of it laid
+        out as input_placement() (what data.py's loaders yield)."""
+        logits, placement = self._run_graph(tokens, local)
+        targets = align_targets(targets.to(self.groups.device), self._token_placement, placement, self.axes,
+                                self.comm_stats)
+        batch, seq = self._sizes
+        return cross_entropy(logits, placement, targets, self.axes, batch * seq, root=self.groups.is_root,
+                             stats=self.comm_stats)
+
+    def input_placement(self) -> tuple[Placement, ...]:
+        """The placement the ops reading the token ids want them in: where per-rank data is fed (Shard(0) on the
+        data-parallel axes, Shard(1) on a sequence-parallel model axis)."""
+        wanted = {self.plan.ops[op.name].input for op in self._ops if op.kind not in (G.INPUT, G.OUTPUT)
+                  for i, src in enumerate(op.inputs) if i not in op.shape_only and self._is_tokens(src)}
+        if len(wanted) > 1:
+            raise PlanError(f"plan: the ops reading the token ids want them in different placements "
+                            f"{sorted(map(str, wanted))}; feed the global batch instead of per-rank shards")
+        return normalize(wanted.pop(), 2) if wanted else self._replicated()
+
+    def _is_tokens(self, name: str) -> bool:
+        op = self.graph.op(name)
+        return op.kind == G.INPUT and "param" not in op.attrs
+
+    def _run_graph(self, tokens: torch.Tensor, local: bool = False, env: dict[str, torch.Tensor] | None = None):
+        """(this rank's shard of the output, its placement). A pipeline stage without the output op starts from
+        `env` (the tensors received from the previous stage) and returns (every value it computed, None)."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens: expected [batch, seq], got shape {tuple(tokens.shape)}")
-        batch, seq = tokens.shape
+        self._token_placement = self.input_placement() if local else self._replicated()
+        batch, seq = global_sizes(tokens.shape, self._token_placement, self.axes)
         self._validate_sizes(batch, seq)
         self._sizes = (batch, seq)
         tokens = tokens.to(self.groups.device)
-        env: dict[str, torch.Tensor] = {}
+        env = dict(env or {})
         cache: dict[tuple, torch.Tensor] = {}
         for op in self._ops:
             if op.kind == G.INPUT:
@@ -256,6 +291,8 @@ class ParallelModel(nn.Module):
                 env[op.name] = self._run(op, ctx, ins, env)
                 if self.record is not None:
                     self.record[op.name] = (env[op.name], self.plan.ops[op.name].output)
+        if self._stage is not None:
+            return env, None
         raise RuntimeError("the graph has no output op")
 
     def _input(self, op: Op, i: int, src: str, env: dict, cache: dict) -> torch.Tensor:
@@ -266,7 +303,7 @@ class ParallelModel(nn.Module):
         if src_op.kind == G.INPUT:
             if "param" in src_op.attrs:
                 return env[src]  # a parameter read by a generic op: replicated, passed as is
-            placement_from = self._replicated()  # token ids: every rank has the global batch
+            placement_from = self._token_placement  # the global batch, or this rank's shard of it
         else:
             placement_from = self.plan.ops[src].output
         tag = f"in{i}"
@@ -382,3 +419,12 @@ class ParallelModel(nn.Module):
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             out[cname] = self._gathered(g, self._placement[cname]).cpu()
         return out
+
+
+def global_sizes(shape, placement: tuple[Placement, ...], axes) -> tuple[int, int]:
+    """(B, S) of the global batch whose shard laid out as `placement` has `shape`."""
+    sizes = list(shape)
+    for g, p in zip(axes, placement):
+        if isinstance(p, Shard) and p.dim in (0, 1):
+            sizes[p.dim] *= g.size
+    return sizes[0], sizes[1]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..ir.plan import Plan, PlanError
 from ..models import ConfigError, build_model, load_config
+from . import run_plan
 from .executor import ParallelModel
 from .verify import verify, verify_tokens
 from .process_groups import init_distributed
@@ -46,6 +47,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--verify", action="store_true", help="before training, run one step against the single-device "
                    "model and stop with the first differing op if the plan does not compute what it computes")
     p.add_argument("--metrics", default=None, help="also write rank 0's per-step metrics to this file (JSON lines)")
+    run_plan.add_arguments(p)
     return p
 
 
@@ -64,9 +66,10 @@ def cli_run(argv: list[str] | argparse.Namespace | None = None) -> int:
     if _under_torchrun():
         train(args)
         return 0
-    nproc = args.nproc or plan.mesh.size
-    if nproc != plan.mesh.size:  # fail here, not in N processes
-        print(f"meshplan run: plan.mesh {plan.mesh} needs {plan.mesh.size} ranks, but --nproc is {nproc}",
+    nproc = args.nproc or plan.world_size
+    if nproc != plan.world_size:  # fail here, not in N processes
+        pp = f"pp={plan.pipeline.stages} x " if plan.pipeline.enabled else ""
+        print(f"meshplan run: plan.mesh {pp}{plan.mesh} needs {plan.world_size} ranks, but --nproc is {nproc}",
               file=sys.stderr)
         return 2
     try:
@@ -83,6 +86,8 @@ def _train_entry(rank: int, world: int, args: argparse.Namespace) -> None:
 
 def train(args: argparse.Namespace) -> list[float]:
     """One rank's training loop (torch.distributed already initialised, or initialised here from env://)."""
+    if args.head == "lm":  # any pp x dp x mp plan, per-rank data, loss on local shards, --check
+        return run_plan.train(args)
     rank, world = init_distributed(None if args.backend == "auto" else args.backend, args.timeout)
     cfg = load_config(args.model)
     plan = Plan.from_yaml(args.plan)
