@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from ..resources import shipped
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the constraint."""
@@ -117,7 +119,7 @@ class ModelConfig:
 
 _FLOAT_FIELDS = ("rope_theta", "norm_eps", "capacity_factor")
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+CONFIG_DIR = shipped("models")
 
 
 def load_config(name_or_path: str | Path) -> ModelConfig:

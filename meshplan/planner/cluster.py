@@ -19,8 +19,9 @@ from pathlib import Path
 import yaml
 
 from ..models.config import ConfigError
+from ..resources import shipped
 
-CLUSTER_DIR = Path(__file__).resolve().parents[2] / "configs" / "clusters"
+CLUSTER_DIR = shipped("clusters")
 COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "p2p")
 WIRE_DTYPES = ("fp32", "bf16", "fp8")
 
