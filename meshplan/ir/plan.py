@@ -13,6 +13,7 @@ from pathlib import Path
 import sympy
 import yaml
 
+from ..inputs import check_str, parse_yaml, read_yaml
 from . import graph as G
 from .graph import Graph, Op
 from .mesh import Mesh
@@ -22,6 +23,7 @@ from .strategies import (
 )
 
 FORMAT_VERSION = 1
+MAX_RANKS = 1 << 20  # a mesh larger than any machine is a typo, not a plan
 
 
 class PlanError(ValueError):
@@ -106,10 +108,15 @@ class Plan:
         for key in ("model", "mesh", "ops"):
             if key not in d:
                 raise PlanError(f"plan.{key}: missing")
+        check_str("plan.model", d["model"], PlanError)
         try:
             mesh = Mesh.from_dict(d["mesh"])
         except ValueError as e:
             raise PlanError(f"plan.{e}") from None
+        if mesh.size > MAX_RANKS:
+            raise PlanError(f"plan.mesh: {mesh} has {mesh.size} ranks, more than {MAX_RANKS}")
+        if d.get("meta") is not None and not isinstance(d["meta"], dict):
+            raise PlanError(f"plan.meta: expected a mapping, got {type(d['meta']).__name__}")
         if not isinstance(d["ops"], dict):
             raise PlanError("plan.ops: expected a mapping op name -> entry")
         ops = {}
@@ -135,6 +142,7 @@ class Plan:
             precision = e.get("precision") or {}
             if not isinstance(precision, dict):
                 raise PlanError(f"{where}.precision: expected a mapping collective -> dtype")
+            _check_entry_types(where, e, precision)
             ops[name] = OpPlan(str(e["strategy"]), e.get("axis"), placements["input"], placements["output"],
                                {str(k): str(v) for k, v in precision.items()})
         return cls(str(d["model"]), mesh, ops, dict(d.get("meta") or {}))
@@ -142,13 +150,11 @@ class Plan:
     @classmethod
     def from_yaml(cls, source: str | Path) -> "Plan":
         """A path to a YAML file, or YAML text."""
-        text = Path(source).read_text() if isinstance(source, Path) or (
-            "\n" not in str(source) and Path(str(source)).exists()) else str(source)
-        try:
-            d = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise PlanError(f"plan: not valid YAML: {e}") from None
-        return cls.from_dict(d)
+        if isinstance(source, Path) or ("\n" not in str(source) and Path(str(source)).exists()):
+            return cls.from_dict(read_yaml(source, "plan", PlanError))
+        if "\n" not in str(source) and str(source).endswith((".yaml", ".yml")):
+            raise PlanError(f"plan {str(source)!r}: no such file")
+        return cls.from_dict(parse_yaml(str(source), "plan", PlanError))
 
     # ---- validation -----------------------------------------------------------------------------------
     def validate(self, graph: Graph, batch: int | None = None, seq: int | None = None) -> "Plan":
@@ -237,6 +243,23 @@ class Plan:
             counts[key] = counts.get(key, 0) + 1
         parts = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
         return f"plan for {self.model} on mesh {self.mesh}: {len(self.ops)} ops ({parts})"
+
+
+def _check_entry_types(where: str, e: dict, precision: dict) -> None:
+    """Load-time types of one ops entry: names are strings, the axis a string or null."""
+    check_str(f"{where}.strategy", e["strategy"], PlanError)
+    if e.get("axis") is not None:
+        check_str(f"{where}.axis", e["axis"], PlanError)
+    for k, v in precision.items():
+        check_str(f"{where}.precision.{k}", v, PlanError)
+
+
+def check_model(plan: Plan, graph: Graph) -> None:
+    """The plan was written for this model: plan.model must equal the model's name (a plan for mixtral-8x7b is
+    never validated against tiny, even where the op names happen to agree)."""
+    if plan.model != graph.name:
+        raise PlanError(f"plan.model: the plan is for {plan.model!r} but the model is {graph.name!r} (plan this "
+                        f"model, or set plan.model if the architecture is the same)")
 
 
 def evaluate_shape(shape, batch: int, seq: int) -> tuple[int, ...]:
