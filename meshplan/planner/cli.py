@@ -8,6 +8,10 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
+
+from ..cli_args import UsageError, int_at_least, int_list, number, positive_int
+from ..inputs import user_config_dir
 
 
 def _graph(config: str):
@@ -21,6 +25,11 @@ def _graph(config: str):
 def _options(args, cfg):
     from .pricing import Options
 
+    seq = args.seq or cfg.max_seq_len
+    if seq > cfg.max_seq_len:
+        raise UsageError(f"--seq: {seq} is longer than the model's max_seq_len {cfg.max_seq_len}")
+    if args.global_batch > 1 << 24:
+        raise UsageError(f"--global-batch: {args.global_batch} sequences per step is more than 2**24")
     budget = None if args.error_budget is not None and args.error_budget < 0 else args.error_budget
     opts = Options(seq=args.seq or cfg.max_seq_len, overlap=args.overlap, zero=not args.no_zero, dp_ops=args.dp_ops,
                    recompute=args.recompute)
@@ -32,16 +41,18 @@ def _options(args, cfg):
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="configs/models/NAME.yaml or a NAME in configs/models/ (tiny, internal-352b, ...)")
-    p.add_argument("--cluster", default="h800", help="configs/clusters/NAME.yaml or a NAME (h800, h100, h200, local)")
-    p.add_argument("--gpus", type=int, required=True, help="number of GPUs G")
-    p.add_argument("--global-batch", type=int, default=720, help="sequences per step (default 720, REFERENCE.md)")
-    p.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's max_seq_len)")
-    p.add_argument("--error-budget", type=float, default=None,
+    p.add_argument("model", help="a model config: a NAME (tiny, internal-352b, ...) or a YAML path")
+    p.add_argument("--cluster", default="h800", help="a cluster: a NAME (h800, h100, h200, local) or a YAML path")
+    p.add_argument("--gpus", type=int_at_least(1, 1 << 20), required=True, help="number of GPUs G")
+    p.add_argument("--global-batch", type=positive_int, default=720,
+                   help="sequences per step (default 720, docs/reference.md)")
+    p.add_argument("--seq", type=positive_int, default=None,
+                   help="sequence length (default and maximum: the model's max_seq_len)")
+    p.add_argument("--error-budget", type=number(), default=None,
                    help="root-sum-square relative error allowed over all collectives (default 0.2; <0: unlimited)")
-    p.add_argument("--overlap", type=float, default=0.5,
+    p.add_argument("--overlap", type=number(0.0, 1.0), default=0.5,
                    help="fraction of an op's communication that can hide behind compute (default 0.5: two chunks)")
-    p.add_argument("--memory-gb", type=float, default=None, help="per-GPU memory limit (default: the cluster's)")
+    p.add_argument("--memory-gb", type=number(0.0, lo_open=True), default=None, help="per-GPU memory limit (default: the cluster's)")
     p.add_argument("--no-zero", action="store_true", help="do not shard optimizer state over data-parallel ranks")
     p.add_argument("--recompute", choices=["auto", "never", "always"], default="auto",
                    help="full activation recomputation: searched (auto, default), never, always")
@@ -51,9 +62,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 # ---- plan ------------------------------------------------------------------------------------------------------
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("plan", help="choose strategies, precisions and a mesh for a model on a cluster (ILP)")
+    p = subparsers.add_parser("plan", help="choose strategies, precisions and a mesh for a model on a cluster (ILP)",
+                              description="Search meshes pp x dp x mp and, per mesh, solve the ILP choosing each "
+                                          "op's strategy and each collective's precision; print the per-op table.")
     _common(p)
-    p.add_argument("--out", help="write the plan YAML here")
+    p.add_argument("--out", "-o", help="write the plan YAML here")
     p.add_argument("--explain", metavar="OP", help="print the formulas and values behind one op's (or template's) "
                                                    "costs, e.g. layers.0.attention or layers.*.feed_forward")
     p.set_defaults(func=cmd_plan)
@@ -89,7 +102,9 @@ def cmd_plan(args) -> int:
 # ---- simulate --------------------------------------------------------------------------------------------------
 def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("simulate", help="predict step time, tokens/s, MFU and memory of the planner's plan "
-                                               "and the baselines at scale")
+                                               "and the baselines at scale",
+                              description="Predict step time, tokens/s, MFU and memory per GPU of the planner's plan, "
+                                          "the Megatron-style plan and all-EP/DP.")
     _common(p)
     p.add_argument("--json", help="also write the rows as JSON here")
     p.set_defaults(func=cmd_simulate)
@@ -114,11 +129,17 @@ def cmd_simulate(args) -> int:
 
 # ---- calibrate -------------------------------------------------------------------------------------------------
 def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("calibrate", help="measure this machine (matmul, gloo collectives) into a cluster YAML")
-    p.add_argument("--out", default=None, help="output YAML (default configs/clusters/local.yaml)")
-    p.add_argument("--ranks", default="2,4", help="rank counts to measure, comma-separated (default 2,4)")
-    p.add_argument("--sizes", default=None, help="bytes held per rank, comma-separated (default 4K..4M)")
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions per point (median)")
+    p = subparsers.add_parser("calibrate", help="measure this machine (matmul, gloo collectives) into a cluster YAML",
+                              description="Measure this machine (matmul rate, copy bandwidth, gloo alpha/beta per "
+                                          "collective) into a cluster YAML in your config directory.")
+    p.add_argument("--out", default=None,
+                   help="output YAML (default $XDG_CONFIG_HOME/meshplan/clusters/local.yaml, which --cluster local "
+                        "then reads)")
+    p.add_argument("--ranks", type=int_list(2, 64), default=(2, 4),
+                   help="rank counts to measure, comma-separated (default 2,4)")
+    p.add_argument("--sizes", type=int_list(1, 1 << 30), default=None,
+                   help="bytes held per rank, comma-separated (default 4K..4M)")
+    p.add_argument("--reps", type=int_at_least(1, 1000), default=5, help="timed repetitions per point (median)")
     p.set_defaults(func=cmd_calibrate)
     return p
 
@@ -127,15 +148,14 @@ def cmd_calibrate(args) -> int:
     from ..table import format_table
     from .calibrate import DEFAULT_SIZES, calibrate
 
-    ranks = tuple(int(x) for x in args.ranks.split(","))
-    sizes = tuple(int(x) for x in args.sizes.split(",")) if args.sizes else DEFAULT_SIZES
-    cluster, samples = calibrate(args.out, ranks, sizes, args.reps)
+    out = Path(args.out) if args.out else user_config_dir() / "clusters" / "local.yaml"
+    cluster, samples = calibrate(out, args.ranks, args.sizes or DEFAULT_SIZES, args.reps)
     print(f"matmul peak {cluster.peak_flops / 1e9:.1f} GFLOP/s (size efficiency c = {cluster.gemm_half_size:.0f}), "
           f"copy bandwidth {cluster.hbm_bandwidth / 1e9:.1f} GB/s")
     rows = [[k, f"{ab.latency * 1e6:.1f}", f"{ab.bandwidth / 1e9:.3f}"]
             for k, ab in cluster.intra_node.collectives.items()]
     print(format_table(["collective", "alpha us/step", "bandwidth GB/s"], rows, align="lrr"))
-    print(f"wrote {args.out or 'configs/clusters/local.yaml'} ({len(samples)} samples)")
+    print(f"wrote {out} ({len(samples)} samples)")
     return 0
 
 
@@ -147,7 +167,9 @@ def add_parsers(subparsers) -> None:
 
 def main(argv=None) -> int:
     """Standalone use: python -m meshplan.planner.cli plan tiny --gpus 4."""
-    parser = argparse.ArgumentParser(prog="meshplan-planner")
+    from ..cli_args import Parser
+
+    parser = Parser(prog="meshplan-planner")
     add_parsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
