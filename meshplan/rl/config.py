@@ -165,13 +165,14 @@ def load_rl_config(path: str | Path) -> RLConfig:
     """An RL config file (a path, or a name in $XDG_CONFIG_HOME/meshplan/rl/ or the shipped configs)."""
     p = find_config("rl", path, "rl config", RLConfigError)
     d = mapping(f"rl config {str(p)!r}", read_yaml(p, "rl config", RLConfigError), RLConfigError)
+    cfg = config_from_dict(d)  # unknown fields and wrong values first: they name the field that is there
     for key in REQUIRED:
         if key not in d:
             raise RLConfigError(f"rl.{key}: missing (an RL config needs {' and '.join(REQUIRED)}; see "
                                 f"meshplan/configs/rl/vapo-tiny.yaml)")
     if isinstance(d["algo"], dict) and "preset" not in d["algo"]:
         raise RLConfigError(f"rl.algo.preset: missing (one of {', '.join(PRESETS)})")
-    return config_from_dict(d)
+    return cfg
 
 
 def validate(cfg: RLConfig) -> None:

@@ -41,6 +41,22 @@ def generator(*parts) -> torch.Generator:
     return torch.Generator().manual_seed(derived_seed(*parts))
 
 
+def check_sizes(m, task, max_new: int) -> None:
+    tok = task.tokenizer
+    if m.vocab_size < tok.vocab_size:
+        raise RLConfigError(f"rl.model: vocab_size {m.vocab_size} < the task tokenizer's {tok.vocab_size}")
+    if task.max_prompt_len + max_new > m.max_seq_len:
+        raise RLConfigError(f"rl.rollout.max_new_tokens: prompt {task.max_prompt_len} + {max_new} "
+                            f"new tokens exceed model.max_seq_len {m.max_seq_len}")
+
+
+def preflight(cfg: RLConfig) -> None:
+    """The checks a rank would make at start, made in the launcher: the model config loads and fits the task."""
+    task = build_task(cfg.task)
+    longest = task.max_response_len
+    check_sizes(load_config(cfg.model), task, cfg.rollout.max_new_tokens or longest + longest // 4)
+
+
 class Trainer:
     def __init__(self, cfg: RLConfig, rank: int = 0, world: int = 1, resume: bool = False):
         self.cfg, self.rank, self.world = cfg, rank, world
@@ -79,12 +95,7 @@ class Trainer:
             self._restore(state)
 
     def _check_sizes(self) -> None:
-        m, tok = self.model_cfg, self.task.tokenizer
-        if m.vocab_size < tok.vocab_size:
-            raise RLConfigError(f"rl.model: vocab_size {m.vocab_size} < the task tokenizer's {tok.vocab_size}")
-        if self.task.max_prompt_len + self.max_new > m.max_seq_len:
-            raise RLConfigError(f"rl.rollout.max_new_tokens: prompt {self.task.max_prompt_len} + {self.max_new} "
-                                f"new tokens exceed model.max_seq_len {m.max_seq_len}")
+        check_sizes(self.model_cfg, self.task, self.max_new)
 
     # ---- warm-up ------------------------------------------------------------------------------------------
     def _warmed_up_weights(self) -> dict:
@@ -335,7 +346,7 @@ def _worker(rank: int, world: int, cfg: RLConfig, resume: bool) -> None:
     Trainer(cfg, rank, world, resume).run()
 
 
-def train(cfg: RLConfig, resume: bool = False) -> list[dict]:
+def train(cfg: RLConfig, resume: bool = False, timeout_s: float = 600.0) -> list[dict]:
     """Run the configured training in cfg.train.nproc gloo processes; returns the metrics records."""
-    launch(_worker, cfg.train.nproc, cfg, resume)
+    launch(_worker, cfg.train.nproc, cfg, resume, timeout_s=timeout_s)
     return read_metrics(Path(cfg.train.out) / "metrics.jsonl")

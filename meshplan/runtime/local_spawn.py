@@ -71,7 +71,6 @@ def init_local(init_method: str, rank: int, world: int, backend: str | None, tim
     from .process_groups import default_backend
 
     backend = backend or default_backend()
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     bind_loopback()
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
@@ -82,6 +81,7 @@ def init_local(init_method: str, rank: int, world: int, backend: str | None, tim
 def _entry(rank: int, world: int, init_method: str, launcher_pid: int, fn: Callable, args: tuple,
            backend: str | None, timeout_s: float, threads: int | None) -> None:
     die_with_parent(launcher_pid)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
     init_local(init_method, rank, world, backend, timeout_s)
     try:
