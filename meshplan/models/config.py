@@ -53,6 +53,17 @@ class ModelConfig:
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.n_dense_layers
 
+    def param_count(self) -> int:
+        """Parameters of the LM (moe_transformer.Transformer, head="lm") from the sizes alone, without building
+        it: the planner's memory floor answers an impossible request before the model is built or traced."""
+        d, hd = self.dim, self.head_dim
+        attention = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads) + 2 * d  # wq, wk, wv, wo + both norms
+        moe = d * self.n_experts + 3 * d * self.ffn_dim * (self.n_experts + self.n_shared_experts)
+        dense = 3 * d * self.dense_hidden
+        n_moe = self.n_layers - self.n_dense_layers
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.n_layers * attention + n_moe * moe + self.n_dense_layers * dense + d + head
+
     def validate(self) -> None:
         """Types (a bool is a bool, an int an int), finite numbers, ranges and cross-field constraints; the first
         violation raises one ConfigError naming the field."""

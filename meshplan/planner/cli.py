@@ -14,12 +14,16 @@ from ..cli_args import UsageError, int_at_least, int_list, number, positive_int
 from ..inputs import user_config_dir
 
 
-def _graph(config: str):
+def _graph(config: str, floor_check=None):
+    """(IR graph, config) of a model config, on the meta device (planning needs shapes only: never allocate
+    weights). floor_check(name, total_params) runs before tracing, so a model that cannot fit is told at once."""
     from ..ir import trace
     from ..models import build_model, load_config
 
     cfg = load_config(config)
-    return trace(build_model(cfg, device="meta")), cfg  # planning needs shapes only: never allocate weights
+    if floor_check is not None:
+        floor_check(cfg.name, cfg.param_count())
+    return trace(build_model(cfg, device="meta")), cfg
 
 
 def _options(args, cfg):
@@ -78,8 +82,8 @@ def cmd_plan(args) -> int:
     from .explain import explain_op, op_table, stage_table
 
     t0 = time.perf_counter()
-    graph, cfg = _graph(args.model)
     cluster = load_cluster(args.cluster)
+    graph, cfg = _graph(args.model, lambda name, params: _floor(name, params, cluster, args))
     opts = _options(args, cfg)
     plan, r = plan_model(graph, cluster, args.gpus, args.global_batch, opts)
     plan.validate(graph, batch=r.mesh.b * r.mesh.d, seq=opts.seq)
@@ -97,6 +101,18 @@ def cmd_plan(args) -> int:
         plan.to_yaml(args.out)
         print(f"\nwrote {args.out}")
     return 0
+
+
+def _floor(name: str, total_params: int, cluster, args) -> None:
+    """mesh_search's memory floor on the untraced model (the same bound search starts with)."""
+    from types import SimpleNamespace
+
+    from .mesh_search import check_memory_floor
+    from .pricing import Options
+
+    mem_limit = args.memory_gb * 1e9 if args.memory_gb is not None else None
+    check_memory_floor(SimpleNamespace(name=name, total_params=total_params), cluster, args.gpus,
+                       Options(mem_limit=mem_limit))
 
 
 # ---- simulate --------------------------------------------------------------------------------------------------
