@@ -48,6 +48,8 @@ def find_config(kind: str, name_or_path: str | Path, what: str, error: type[Exce
         p = Path(name_or_path)
         if p.is_file():
             return p
+        if p.is_dir():
+            raise error(f"{what} {str(p)!r}: is a directory, not a YAML file")
     else:
         for directory in (user_config_dir() / kind, shipped(kind)):
             p = directory / f"{name_or_path}.yaml"

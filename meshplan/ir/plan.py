@@ -13,7 +13,7 @@ from pathlib import Path
 import sympy
 import yaml
 
-from ..inputs import check_str, parse_yaml, read_yaml
+from ..inputs import check_str, mapping, parse_yaml, read_yaml
 from . import graph as G
 from .graph import Graph, Op
 from .mesh import Mesh
@@ -151,7 +151,7 @@ class Plan:
     def from_yaml(cls, source: str | Path) -> "Plan":
         """A path to a YAML file, or YAML text."""
         if isinstance(source, Path) or ("\n" not in str(source) and Path(str(source)).exists()):
-            return cls.from_dict(read_yaml(source, "plan", PlanError))
+            return cls.from_dict(mapping(f"plan {str(source)!r}", read_yaml(source, "plan", PlanError), PlanError))
         if "\n" not in str(source) and str(source).endswith((".yaml", ".yml")):
             raise PlanError(f"plan {str(source)!r}: no such file")
         return cls.from_dict(parse_yaml(str(source), "plan", PlanError))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from ..inputs import check_number, check_str, find_config, read_yaml
+from ..inputs import check_number, check_str, find_config, mapping, read_yaml
 from ..models.config import ConfigError
 from ..resources import shipped
 
@@ -204,4 +204,4 @@ def load_cluster(name_or_path: str | Path) -> Cluster:
     """A YAML path, or the name of a file in $XDG_CONFIG_HOME/meshplan/clusters/ (where `meshplan calibrate`
     writes) or the shipped configs ("h800", "h100", "h200", "local")."""
     p = find_config("clusters", name_or_path, "cluster", ClusterError)
-    return cluster_from_dict(read_yaml(p, "cluster", ClusterError))
+    return cluster_from_dict(mapping(f"cluster {str(p)!r}", read_yaml(p, "cluster", ClusterError), ClusterError))
