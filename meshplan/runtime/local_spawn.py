@@ -7,8 +7,8 @@
   interface (GLOO_SOCKET_IFNAME=lo unless the user chose one), so nothing a local run opens is reachable from
   another machine.
 - SIGTERM, SIGINT and SIGHUP to the launcher stop every rank (SIGTERM, then SIGKILL after GRACE_S), and each rank
-  asks the kernel for SIGKILL when its parent dies (prctl PR_SET_PDEATHSIG), so even a SIGKILLed launcher leaves
-  no rank running.
+  watches the launcher (a pidfd, and the parent-death signal) and kills itself when it is gone, so even a
+  SIGKILLed launcher leaves no rank running.
 - When one rank fails, the others get GRACE_S to exit before they are killed (torch's default is 30 s), so a
   stopped or hung rank ends the run within the collective timeout plus a few seconds.
 """
@@ -17,11 +17,13 @@ from __future__ import annotations
 import ctypes
 import datetime
 import os
+import select
 import shutil
 import signal
 import sys
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Callable
 
@@ -42,18 +44,36 @@ class Stopped(BaseException):
         self.signum = signum
 
 
-def die_with_parent(launcher_pid: int) -> None:
-    """Have the kernel SIGKILL this process when its parent exits (Linux), and exit now if the launcher is
-    already gone (it may have died before prctl ran)."""
+def die_with_launcher(launcher_pid: int) -> None:
+    """End this rank when the launcher ends, however it ends (SIGKILL included). A forkserver child's parent is
+    the forkserver, which outlives the launcher while any rank lives, so the parent-death signal (prctl
+    PR_SET_PDEATHSIG, kept for spawned children) is not enough: a daemon thread waits on a pidfd of the
+    launcher (readable once it exits; polling where pidfds are missing) and then SIGKILLs this process."""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         except (OSError, AttributeError):
             pass
     try:
-        os.kill(launcher_pid, 0)
+        fd = os.pidfd_open(launcher_pid)
     except ProcessLookupError:
-        os._exit(1)
+        os._exit(1)  # the launcher is already gone
+    except (AttributeError, OSError):
+        fd = None
+    threading.Thread(target=_watch_launcher, args=(launcher_pid, fd), daemon=True, name="meshplan-watch").start()
+
+
+def _watch_launcher(pid: int, fd: int | None) -> None:
+    if fd is not None:
+        select.select([fd], [], [])
+    else:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def bind_loopback() -> None:
@@ -80,7 +100,7 @@ def init_local(init_method: str, rank: int, world: int, backend: str | None, tim
 
 def _entry(rank: int, world: int, init_method: str, launcher_pid: int, fn: Callable, args: tuple,
            backend: str | None, timeout_s: float, threads: int | None) -> None:
-    die_with_parent(launcher_pid)
+    die_with_launcher(launcher_pid)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
     init_local(init_method, rank, world, backend, timeout_s)
