@@ -81,6 +81,16 @@ def int_list(lo: int, hi: int = MAX_INT) -> Callable[[str], tuple[int, ...]]:
     return parse
 
 
+def have(module: str) -> bool:
+    """Whether an optional dependency (an extra: [plot] matplotlib, [hf] transformers) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+PLOT_HINT = "needs matplotlib: pip install 'meshplan[plot]'"
+
+
 # ---- running a subcommand ----------------------------------------------------------------------------------
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean 'the input is wrong', from every stage present in this build."""

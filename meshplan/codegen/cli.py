@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..cli_args import UsageError, int_at_least, positive_int
+from ..cli_args import PLOT_HINT, UsageError, have, int_at_least, positive_int
 from ..ir import graph as G
 from ..table import format_table
 from .schedule import Schedule, ScheduleError
@@ -36,6 +36,8 @@ def cmd_schedule(args) -> int:
     from .scheduler import compare, critical_path
     from .task_graph import build_task_graph
 
+    if args.png and not have("matplotlib"):
+        return _error(f"--png: {PLOT_HINT}")
     kinds = None if args.chunk_kinds == "all" else set(args.chunk_kinds.split(","))
     if kinds is not None and (bad := kinds - set(G.OP_KINDS)):
         return _error(f"--chunk-kinds: unknown op kind {sorted(bad)[0]!r} (kinds: all, {', '.join(G.OP_KINDS[2:])})")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from meshplan.cli_args import PLOT_HINT, have
 from meshplan.models import build_model, load_config
 
 from . import checkpoint as ckpt_io
@@ -336,7 +337,9 @@ class Trainer:
             bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=rec.get("eval_accuracy", "-"))
         bar.close()
         records = read_metrics(self.log_metrics.path) if self.rank == 0 else []
-        if self.rank == 0 and tr.plot:
+        if self.rank == 0 and tr.plot and not have("matplotlib"):
+            print(f"train.plot: curves.png skipped: it {PLOT_HINT}")
+        elif self.rank == 0 and tr.plot:
             plot_metrics(records, self.out / "curves.png", f"{cfg.name} ({cfg.algo.name}, seed {cfg.seed})")
         return records
 
