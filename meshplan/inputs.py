@@ -8,7 +8,8 @@ the line and column of a YAML error) or the field and the constraint:
 
 Named configs ("tiny", "h800", "vapo-tiny") are looked up in $XDG_CONFIG_HOME/meshplan/<kind>/ (the user's
 own configs and `meshplan calibrate`'s output; default ~/.config/meshplan) and then in the configs shipped with
-the package; a path (anything ending in .yaml/.yml) is read relative to the working directory.
+the package; a path (anything ending in .yaml/.yml) is read relative to the working directory (docs/reference.md,
+"Local launches and input files").
 """
 from __future__ import annotations
 

@@ -9,13 +9,15 @@
 - SIGTERM, SIGINT and SIGHUP to the launcher stop every rank (SIGTERM, then SIGKILL after GRACE_S), and each rank
   watches the launcher (a pidfd, and the parent-death signal) and kills itself when it is gone, so even a
   SIGKILLed launcher leaves no rank running.
-- When one rank fails, the others get GRACE_S to exit before they are killed (torch's default is 30 s), so a
-  stopped or hung rank ends the run within the collective timeout plus a few seconds.
+- When one rank fails, the others get 2 x FAIL_GRACE_S to exit before they are killed (torch's default is 30 s),
+  so a stopped or hung rank ends the run within the collective timeout plus a few seconds.
+Platform facts relied on: docs/reference.md, "Local launches and input files".
 """
 from __future__ import annotations
 
 import ctypes
 import datetime
+import logging
 import os
 import select
 import shutil
@@ -31,7 +33,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-GRACE_S = 2.0
+GRACE_S = 2.0  # a signalled launcher: how long ranks get to exit after SIGTERM before SIGKILL
+FAIL_GRACE_S = 0.5  # a rank failed: the others get this long, twice (exit, then SIGTERM), before SIGKILL
 _PR_SET_PDEATHSIG = 1
 SPAWNED = 0  # processes this launcher has started (diagnostics; tests check that rejected input starts none)
 
@@ -104,10 +107,10 @@ def _entry(rank: int, world: int, init_method: str, launcher_pid: int, fn: Calla
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
     init_local(init_method, rank, world, backend, timeout_s)
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
+    fn(rank, world, *args)
+    # only on success: after a failed collective, tearing the group down can block on the peers that failed it,
+    # and the launcher should hear of the failure (and stop everyone) now
+    dist.destroy_process_group()
 
 
 @contextmanager
@@ -168,11 +171,22 @@ def spawn(nproc: int, fn: Callable[..., Any], *args: Any, backend: str | None = 
             ctx = mp.start_processes(_entry, args=(nproc, init_method, os.getpid(), fn, args, backend, timeout_s,
                                                    threads), nprocs=nproc, join=False, start_method=start_method)
             SPAWNED += nproc
-            while not ctx.join(timeout=0.5, grace_period=GRACE_S):
-                pass
+            with _quiet(logging.getLogger("torch.multiprocessing.spawn")):  # its "Terminating ..." warnings
+                while not ctx.join(timeout=0.5, grace_period=FAIL_GRACE_S):
+                    pass
         finally:
             if ctx is not None:
                 stop_all(ctx.processes)
+
+
+@contextmanager
+def _quiet(logger: logging.Logger):
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def first_line_of_failure(e: BaseException) -> str:

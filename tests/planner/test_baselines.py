@@ -1,6 +1,4 @@
 """Baselines are ordinary Plans, priced by the planner's own model; the shipped tiny plans stay valid."""
-from pathlib import Path
-
 import pytest
 
 from meshplan.ir import Plan
