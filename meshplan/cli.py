@@ -43,6 +43,11 @@ def cmd_trace(args) -> int:
     from .ir.graph import human
 
     model = _load_model(args.config, args.head)
+    if args.verbose:
+        from .models.config import defaults_used
+
+        used = ", ".join(f"{k}={v}" for k, v in defaults_used(args.config).items())
+        print(f"model config {args.config}: defaults used for {used or 'nothing'}")
     seq = args.seq or model.config.max_seq_len
     if seq > model.config.max_seq_len:
         raise UsageError(f"--seq: {seq} is longer than the model's max_seq_len {model.config.max_seq_len}")
@@ -135,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "its parallelism (ILP), schedule, generate code and run it.")
     p.add_argument("--version", action="version", version=f"meshplan {version()}", help="print the version and exit")
     p.add_argument("--debug", action="store_true", help="on an error, show the Python traceback too")
+    p.add_argument("--verbose", action="store_true",
+                   help="also name the config fields left to their defaults (meshplan --verbose trace tiny)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("trace", help="trace a model config into the IR and print it as a table",

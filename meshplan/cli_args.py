@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from typing import Callable
 
@@ -113,6 +114,9 @@ def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse
         return int(func(args) or 0)
     try:
         return int(func(args) or 0)
+    except BrokenPipeError:  # `meshplan trace x | head`: the reader left; stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except user_errors() as e:
         print(f"meshplan: error: {_describe(e)}", file=sys.stderr)
         return 2

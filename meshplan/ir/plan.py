@@ -151,7 +151,8 @@ class Plan:
     def from_yaml(cls, source: str | Path) -> "Plan":
         """A path to a YAML file, or YAML text."""
         if isinstance(source, Path) or ("\n" not in str(source) and Path(str(source)).exists()):
-            return cls.from_dict(mapping(f"plan {str(source)!r}", read_yaml(source, "plan", PlanError), PlanError))
+            d = read_yaml(source, "plan", PlanError)
+            return cls.from_dict(mapping(f"plan {str(source)!r}", d, PlanError))
         if "\n" not in str(source) and str(source).endswith((".yaml", ".yml")):
             raise PlanError(f"plan {str(source)!r}: no such file")
         return cls.from_dict(parse_yaml(str(source), "plan", PlanError))

@@ -134,9 +134,12 @@ REQUIRED = ("name", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "f
 CONFIG_DIR = shipped("models")
 
 
-def defaulted(d: dict) -> list[str]:
-    """The optional fields a config mapping leaves to their defaults (for --verbose output)."""
-    return [f.name for f in dataclasses.fields(ModelConfig) if f.name not in d]
+def defaults_used(name_or_path: str | Path) -> dict:
+    """The optional fields a model config file leaves out, with the defaults they get (--verbose output)."""
+    d = read_yaml(find_config("models", name_or_path, "model config", ConfigError), "model config", ConfigError)
+    if isinstance(d, dict) and isinstance(d.get("model"), dict):
+        d = d["model"]
+    return {f.name: f.default for f in dataclasses.fields(ModelConfig) if isinstance(d, dict) and f.name not in d}
 
 
 def load_config(name_or_path: str | Path) -> ModelConfig:

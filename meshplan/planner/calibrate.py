@@ -164,7 +164,8 @@ def fit_alpha_beta(samples: list[tuple[str, int, int, float]], kind: str) -> Alp
 
 def calibrate(out: str | Path | None = None, ranks=(2, 4), sizes=DEFAULT_SIZES, reps: int = 5,
               name: str = "local", start_method: str = "spawn") -> tuple[Cluster, list]:
-    """Measure, fit, and write $XDG_CONFIG_HOME/meshplan/clusters/{name}.yaml (or `out`). Returns the cluster and raw samples."""
+    """Measure, fit, and write $XDG_CONFIG_HOME/meshplan/clusters/{name}.yaml (or `out`). Returns the cluster and
+    raw samples."""
     gemm = measure_matmul()
     peak, c = fit_gemm(gemm)
     copy_bw = measure_copy_bandwidth()

@@ -56,7 +56,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="root-sum-square relative error allowed over all collectives (default 0.2; <0: unlimited)")
     p.add_argument("--overlap", type=number(0.0, 1.0), default=0.5,
                    help="fraction of an op's communication that can hide behind compute (default 0.5: two chunks)")
-    p.add_argument("--memory-gb", type=number(0.0, lo_open=True), default=None, help="per-GPU memory limit (default: the cluster's)")
+    p.add_argument("--memory-gb", type=number(0.0, lo_open=True), default=None,
+                   help="per-GPU memory limit (default: the cluster's)")
     p.add_argument("--no-zero", action="store_true", help="do not shard optimizer state over data-parallel ranks")
     p.add_argument("--recompute", choices=["auto", "never", "always"], default="auto",
                    help="full activation recomputation: searched (auto, default), never, always")

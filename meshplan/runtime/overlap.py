@@ -6,7 +6,8 @@
 
 The emitted module is plain source, compiled from memory once per process (keyed by the hash of its text) and
 never executed from a file (a shared temp directory would let another user swap the code); `directory=` also
-writes a copy to read. Its `OPS` (op name -> function(ctx, x)) become the model's op_overrides. Every other op runs as before.
+writes a copy to read. Its `OPS` (op name -> function(ctx, x)) become the model's op_overrides. Every other op
+runs as before.
 """
 from __future__ import annotations
 

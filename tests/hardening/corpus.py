@@ -135,7 +135,8 @@ CLUSTER_MUTATIONS = [
 
 def cluster_case(field: str, value, needle: str) -> Build:
     def build(tmp: Path):
-        return ["plan", "tiny", "--gpus", "4", "--cluster", _write(tmp, "c.yaml", mutate(CLUSTER, field, value))], needle
+        path = _write(tmp, "c.yaml", mutate(CLUSTER, field, value))
+        return ["plan", "tiny", "--gpus", "4", "--cluster", path], needle
     return build
 
 

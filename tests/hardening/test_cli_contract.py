@@ -71,3 +71,10 @@ def test_a_real_subprocess_fails_with_one_line(tmp_path, cli_env):
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.splitlines() == [f"meshplan: error: model config '{bad}': not UTF-8 text (byte 0xff at offset 0); "
                                      f"expected YAML"]
+
+
+def test_verbose_names_the_defaulted_fields(capsys):
+    assert main(["--verbose", "trace", "tiny"]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith("model config tiny: defaults used for ")
+    assert "n_shared_experts=0" in line and "tie_embeddings=False" in line and "vocab_size" not in line

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from meshplan.cli_args import UsageError
 from meshplan.rl import checkpoint as ckpt_io
 from meshplan.rl.cli import prepare_out
 from meshplan.rl.config import RLConfigError
-from meshplan.cli_args import UsageError
 from meshplan.runtime.overlap import load_emitted
 
 
