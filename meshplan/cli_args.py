@@ -110,10 +110,15 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
     """func(args) with user errors reported as one `meshplan: error:` line and exit code 2 (a bug: one line and
     exit code 1). With args.debug the exception propagates with its traceback."""
+    from .runtime.local_spawn import Stopped
+
     if getattr(args, "debug", False):
         return int(func(args) or 0)
     try:
         return int(func(args) or 0)
+    except Stopped as e:  # a signal to the launcher: the ranks are already stopped
+        print(f"meshplan: {e}", file=sys.stderr)
+        return 128 + e.signum
     except BrokenPipeError:  # `meshplan trace x | head`: the reader left; stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141

@@ -63,7 +63,7 @@ def barrier() -> None:
 def launch(fn, nproc: int, *args, timeout_s: float = 600.0) -> None:
     """Run fn(rank, world, *args) in nproc gloo processes (in this process when nproc == 1), through the
     runtime's local_spawn: a private file:// store, loopback sockets, every rank stopped with the launcher."""
-    from ..runtime.local_spawn import Stopped, init_local, private_store, spawn
+    from ..runtime.local_spawn import init_local, private_store, spawn
 
     if nproc > 1:
         try:
@@ -73,10 +73,6 @@ def launch(fn, nproc: int, *args, timeout_s: float = 600.0) -> None:
             from ..runtime.local_spawn import first_line_of_failure
 
             raise RunFailed(first_line_of_failure(e)) from None
-        except Stopped as e:
-            from ..cli_args import RunFailed
-
-            raise RunFailed(str(e)) from None
         return
     if dist.is_initialized():  # the caller's one-rank group (tests, notebooks): use it, leave it to them
         fn(0, 1, *args)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..ir.plan import Plan, PlanError
 from ..models import build_model, load_config
 from .executor import ParallelModel
-from .local_spawn import Stopped, first_line_of_failure, spawn
+from .local_spawn import first_line_of_failure, spawn
 from .process_groups import init_distributed
 
 
@@ -99,9 +99,6 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     try:
         spawn(plan.mesh.size, _train_entry, args, timeout_s=args.timeout)
-    except Stopped as e:
-        print(f"meshplan: {e}", file=sys.stderr)
-        return 128 + e.signum
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
         raise RunFailed(first_line_of_failure(e)) from None
     return 0
