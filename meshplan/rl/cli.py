@@ -72,6 +72,10 @@ def cmd_train(args) -> int:
     validate(cfg)
     preflight(cfg)
     prepare_out(Path(cfg.train.out), args.resume, args.overwrite)
+    if cfg.warmup.cache:
+        from .checkpoint import remove_stale_temps
+
+        remove_stale_temps(cfg.warmup.cache)  # an interrupted cache write leaves its temp file here too
     records = train(cfg, resume=args.resume, timeout_s=args.timeout)
     evals = [r for r in records if r.get("phase") == "rl" and "eval_accuracy" in r]
     if evals:

@@ -87,3 +87,26 @@ def test_signal_to_launcher_leaves_no_rank(sig, cli_env):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_sigint_to_an_rl_launcher_stops_its_ranks(tmp_path, cli_env):
+    """`meshplan train --nproc N` starts its ranks through rl.distributed.launch (spawned interpreters)."""
+    code = ("import sys; from meshplan.cli_args import run_command; from meshplan.rl.distributed import launch; "
+            "from workers import report_then_wait; "
+            f"sys.exit(run_command(lambda a: launch(report_then_wait, 2, {str(tmp_path)!r}, timeout_s=60), None))")
+    env = dict(cli_env, PYTHONPATH=str(Path(__file__).parent) + ":" + cli_env["PYTHONPATH"])
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not all((tmp_path / f"rank{r}.pid").exists() for r in range(2)):
+            assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "slow"
+            time.sleep(0.2)
+        ranks = [int((tmp_path / f"rank{r}.pid").read_text()) for r in range(2)]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 128 + signal.SIGINT
+        assert proc.stderr.read().splitlines() == ["meshplan: stopped by SIGINT; every rank was terminated"]
+        assert _gone(ranks, 5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

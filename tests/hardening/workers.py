@@ -26,3 +26,11 @@ def listen_then_stop(rank: int, world: int, out: str) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
     t = torch.ones(1)
     dist.all_reduce(t)  # rank 0 hangs here until the collective timeout
+
+
+def report_then_wait(rank: int, world: int, out: str) -> None:
+    """Write this rank's pid once the world is connected, then wait (until the launcher stops us)."""
+    dist.barrier()
+    Path(out, f"rank{rank}.pid").write_text(str(os.getpid()))
+    while True:
+        time.sleep(1)
