@@ -6,8 +6,8 @@ Two launches, one code path:
 Everything is validated in the launcher first (`check_run`: the plan traced against the model), so a bad input
 is one line and no process starts. Under torchrun (RANK/WORLD_SIZE in the environment) each process joins the
 env:// rendezvous; otherwise `cli_run` starts the ranks with local_spawn.spawn (a private file:// store, gloo on
-loopback, every rank stopped with the launcher). gloo on CPU, NCCL
-when every process has a GPU. Rank 0 prints the loss, tokens/s and bytes sent per rank at every step.
+loopback, every rank stopped with the launcher). gloo on CPU, NCCL when every process has a GPU (or --backend).
+Rank 0 prints the loss, tokens/s and bytes sent per rank at every step.
 """
 from __future__ import annotations
 
@@ -98,7 +98,8 @@ def _run(args: argparse.Namespace) -> int:
         train(args)
         return 0
     try:
-        spawn(plan.mesh.size, _train_entry, args, timeout_s=args.timeout)
+        spawn(plan.mesh.size, _train_entry, args, backend=None if args.backend == "auto" else args.backend,
+              timeout_s=args.timeout)
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
         raise RunFailed(first_line_of_failure(e)) from None
     return 0
