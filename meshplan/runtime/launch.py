@@ -74,12 +74,26 @@ def check_run(args: argparse.Namespace) -> Plan:
         raise PlanError(f"plan.mesh {plan.mesh} needs {plan.mesh.size} ranks, but --nproc is {nproc}")
     if args.seq > cfg.max_seq_len:
         raise UsageError(f"--seq: {args.seq} is longer than the model's max_seq_len {cfg.max_seq_len}")
+    _check_host_memory(cfg, plan.mesh.size)
     graph = trace(build_model(cfg, head=args.head, device="meta"))
     check_model(plan, graph)
     plan.validate(graph, batch=args.batch, seq=args.seq)
     if args.metrics and not Path(args.metrics).resolve().parent.is_dir():
         raise UsageError(f"--metrics: directory {str(Path(args.metrics).parent)!r} does not exist")
     return plan
+
+
+def _check_host_memory(cfg, ranks: int) -> None:
+    """Every local rank builds the whole fp32 model before taking its shards: refuse what this machine's memory
+    cannot hold, instead of N processes being killed by the OOM killer."""
+    need = cfg.param_count() * 4 * ranks
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have:
+        raise PlanError(f"model {cfg.name}: {ranks} local ranks each build the full fp32 model ({cfg.param_count():,} "
+                        f"parameters), {need / 1e9:.1f} GB in all, more than this machine's {have / 1e9:.1f} GB")
 
 
 def cli_run(argv: list[str] | argparse.Namespace | None = None) -> int:

@@ -267,6 +267,7 @@ RUN_FLAGS = [
     (["--seq", "200"], "--seq"), (["--seq", "15"], "sequence length 15"), (["--batch", "3"], "batch size 3"),
     (["--backend", "mpi"], "--backend"), (["--metrics", "/nonexistent/dir/m.jsonl"], "--metrics"),
     (["--model", "small"], "plan.model"), (["--model", "no-such"], "no-such"),
+    (["--model", "internal-352b"], "model internal-352b: 4 local ranks each build the full fp32 model"),
 ]
 
 
