@@ -184,12 +184,12 @@ def add_parsers(subparsers) -> None:
 
 def main(argv=None) -> int:
     """Standalone use: python -m meshplan.planner.cli plan tiny --gpus 4."""
-    from ..cli_args import Parser
+    from ..cli_args import Parser, run_command
 
     parser = Parser(prog="meshplan-planner")
     add_parsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":
