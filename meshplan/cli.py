@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
+from .cli_args import Parser, UsageError, positive_int, run_command
 from .table import format_table
 
 
@@ -22,7 +24,10 @@ def _load_model(config: str, head: str = "lm"):
         return meta_model(config)
 
     cfg = load_config(config)
-    big = cfg.n_layers * cfg.dim * cfg.dim > 50_000_000  # anything past CPU size stays on the meta device
+    # anything past CPU size stays on the meta device (an estimate of the parameter count: embeddings, attention,
+    # every expert), so a typo'd vocab_size or n_experts never tries to allocate terabytes
+    per_layer = 4 * cfg.dim * cfg.dim + 3 * cfg.dim * cfg.ffn_dim * (cfg.n_experts + cfg.n_shared_experts + 1)
+    big = 2 * cfg.vocab_size * cfg.dim + cfg.n_layers * per_layer > 50_000_000
     return build_model(cfg, head=head, device="meta" if big else "cpu")
 
 
@@ -43,8 +48,15 @@ def cmd_trace(args) -> int:
     from .ir.graph import human
 
     model = _load_model(args.config, args.head)
-    graph = trace(model)
+    if args.verbose:
+        from .models.config import defaults_used
+
+        used = ", ".join(f"{k}={v}" for k, v in defaults_used(args.config).items())
+        print(f"model config {args.config}: defaults used for {used or 'nothing'}")
     seq = args.seq or model.config.max_seq_len
+    if seq > model.config.max_seq_len:
+        raise UsageError(f"--seq: {seq} is longer than the model's max_seq_len {model.config.max_seq_len}")
+    graph = trace(model)
     print(trace_table(graph, args.batch, seq))
     tokens = args.batch * seq
     fwd = graph.evaluate(graph.total_flops, args.batch, seq)
@@ -97,10 +109,13 @@ def _ranges(xs: list[int]) -> str:
 
 def cmd_show(args) -> int:
     from .ir import Plan, trace
+    from .ir.plan import check_model
 
-    plan = Plan.from_yaml(args.plan)
+    plan = Plan.from_yaml(Path(args.plan))
     if args.model:
-        plan.validate(trace(_load_model(args.model)))
+        graph = trace(_load_model(args.model))
+        check_model(plan, graph)
+        plan.validate(graph)
     print(f"plan for {plan.model} on mesh {plan.mesh} ({plan.mesh.size} ranks)")
     for k, v in plan.meta.items():
         print(f"  {k}: {v}")
@@ -126,47 +141,54 @@ def _optional(module: str):
 
 # ---- wiring ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="meshplan", description="A declarative compiler for MoE parallelism plans.")
+    p = Parser(prog="meshplan", description="A declarative compiler for MoE parallelism plans: trace a model, plan "
+                                            "its parallelism (ILP), schedule, generate code and run it.")
+    p.add_argument("--version", action="version", version=f"meshplan {version()}", help="print the version and exit")
+    p.add_argument("--debug", action="store_true", help="on an error, show the Python traceback too")
+    p.add_argument("--verbose", action="store_true",
+                   help="also name the config fields left to their defaults (meshplan --verbose trace tiny)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("trace", help="trace a model config into the IR and print it as a table")
-    t.add_argument("config", help="configs/models/NAME.yaml, a NAME in configs/models/ (tiny, internal-352b, ...), "
+    t = sub.add_parser("trace", help="trace a model config into the IR and print it as a table",
+                       description="Trace a model config into the IR and print every op's shapes, FLOPs and "
+                                   "parameters.")
+    t.add_argument("config", help="a model config: a NAME (tiny, internal-352b, ...; see meshplan/configs/models/ "
+                                  "and $XDG_CONFIG_HOME/meshplan/models/) a YAML path, "
                                   "or a Hugging Face config.json")
-    t.add_argument("--batch", type=int, default=1, help="batch size B to evaluate FLOPs at (default 1)")
-    t.add_argument("--seq", type=int, default=None, help="sequence length S (default: the model's max_seq_len)")
+    t.add_argument("--batch", type=positive_int, default=1, help="batch size B to evaluate FLOPs at (default 1)")
+    t.add_argument("--seq", type=positive_int, default=None,
+                   help="sequence length S (default and maximum: the model's max_seq_len)")
     t.add_argument("--head", choices=["lm", "value"], default="lm", help="LM head or value head (critic)")
     t.set_defaults(func=cmd_trace)
 
-    s = sub.add_parser("show", help="print a plan YAML readably (identical layers collapsed)")
+    s = sub.add_parser("show", help="print a plan YAML readably (identical layers collapsed)",
+                       description="Print a plan YAML readably, identical layers collapsed; --model validates it.")
     s.add_argument("plan", help="a plan YAML file")
-    s.add_argument("--model", help="also validate the plan against this model config")
+    s.add_argument("--model", help="also validate the plan against this model config (a NAME or a YAML path)")
     s.add_argument("--code", action="store_true", help="also print the module codegen emits for this plan")
     s.set_defaults(func=cmd_show)
 
     # Stages register their own subcommands; a stage missing from this build simply has none.
-    for module, adder in [("meshplan.demo", "add_parsers"), ("meshplan.planner.cli", "add_parsers"), ("meshplan.runtime.launch", "add_parsers"),
-                          ("meshplan.codegen.cli", "add_parsers"), ("meshplan.rl.cli", "add_parsers")]:
+    for module, adder in [("meshplan.demo", "add_parsers"), ("meshplan.planner.cli", "add_parsers"),
+                          ("meshplan.runtime.launch", "add_parsers"), ("meshplan.codegen.cli", "add_parsers"),
+                          ("meshplan.rl.cli", "add_parsers")]:
         m = _optional(module)
         if m is not None and hasattr(m, adder):
             getattr(m, adder)(sub)
     return p
 
 
+def version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .ir import PlanError, TraceError
-    from .models import ConfigError
-
-    errors: tuple[type[Exception], ...] = (ConfigError, PlanError, TraceError, FileNotFoundError)
-    if _optional("meshplan.hf.checks") is not None:
-        from .hf.checks import HFConfigError
-
-        errors += (HFConfigError,)
+    """`meshplan ...`: returns the exit code (2 and one `meshplan: error:` line for a user's mistake); argparse's
+    own errors and --help/--version exit through SystemExit."""
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except errors as e:
-        print(f"meshplan {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

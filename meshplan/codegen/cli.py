@@ -1,8 +1,9 @@
 """`meshplan schedule`: the overlap schedule of a plan's training step, as a table and a Gantt chart."""
 from __future__ import annotations
 
-import sys
+from pathlib import Path
 
+from ..cli_args import PLOT_HINT, UsageError, have, int_at_least, positive_int
 from ..ir import graph as G
 from ..table import format_table
 from .schedule import Schedule, ScheduleError
@@ -29,15 +30,18 @@ def comparison_table(schedules: dict[str, Schedule], lower_bound: float) -> str:
 def cmd_schedule(args) -> int:
     from ..cli import _load_model
     from ..ir import Plan, trace
+    from ..ir.plan import check_model
     from ..models import ConfigError
     from .durations import durations_for
     from .scheduler import compare, critical_path
     from .task_graph import build_task_graph
 
+    if args.png and not have("matplotlib"):
+        return _error(f"--png: {PLOT_HINT}")
     kinds = None if args.chunk_kinds == "all" else set(args.chunk_kinds.split(","))
     if kinds is not None and (bad := kinds - set(G.OP_KINDS)):
         return _error(f"--chunk-kinds: unknown op kind {sorted(bad)[0]!r} (kinds: all, {', '.join(G.OP_KINDS[2:])})")
-    plan = Plan.from_yaml(args.plan)
+    plan = Plan.from_yaml(Path(args.plan))
     try:
         durations = durations_for(args.cluster, plan.mesh)
     except ValueError as e:
@@ -45,8 +49,11 @@ def cmd_schedule(args) -> int:
             raise
         return _error(f"--cluster: {e}")
     model = _load_model(args.model)
-    graph = trace(model)
     seq = args.seq or model.config.max_seq_len
+    if seq > model.config.max_seq_len:
+        return _error(f"--seq: {seq} is longer than the model's max_seq_len {model.config.max_seq_len}")
+    graph = trace(model)
+    check_model(plan, graph)
     try:
         runs = compare(graph, plan, args.batch, seq, durations, args.chunks, kinds)
         split = build_task_graph(graph, plan, args.batch, seq, args.chunks, kinds)
@@ -96,19 +103,22 @@ def _pct(new: float, old: float) -> str:
 
 
 def _error(msg: str) -> int:
-    print(f"meshplan schedule: error: {msg}", file=sys.stderr)
-    return 2
+    raise UsageError(msg)
 
 
 def add_parsers(sub) -> None:
     from .durations import ROOFLINES
 
-    s = sub.add_parser("schedule", help="schedule a plan's training step on compute and comm streams (overlap)")
+    s = sub.add_parser("schedule", help="schedule a plan's training step on compute and comm streams (overlap)",
+                       description="List-schedule a plan's training step, split into micro-batch chunks, onto a "
+                                   "compute and a comm stream; compare with sequential; draw a Gantt chart.")
     s.add_argument("plan", help="a plan YAML file")
-    s.add_argument("--model", required=True, help="model config: configs/models/NAME.yaml or a NAME")
-    s.add_argument("--batch", type=int, default=8, help="global batch size (default 8)")
-    s.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's max_seq_len)")
-    s.add_argument("--chunks", type=int, default=2, help="micro-batch chunks to split ops into (default 2)")
+    s.add_argument("--model", required=True, help="model config: a NAME (tiny, ...) or a YAML path")
+    s.add_argument("--batch", type=positive_int, default=8, help="global batch size (default 8)")
+    s.add_argument("--seq", type=positive_int, default=None,
+                   help="sequence length (default and maximum: the model's max_seq_len)")
+    s.add_argument("--chunks", type=int_at_least(1, 64), default=2,
+                   help="micro-batch chunks to split ops into (default 2)")
     s.add_argument("--chunk-kinds", default="all",
                    help="comma-separated op kinds to split into chunks, e.g. moe,attention (default: all)")
     s.add_argument("--cluster", default="h800",

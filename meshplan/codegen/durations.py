@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Protocol
 
 from ..ir.mesh import Mesh
@@ -124,11 +123,14 @@ def _planner_cost_model(cluster: str, mesh: Mesh | None) -> Durations | None:
     """The planner's cost model for configs/clusters/`cluster`.yaml, or None where this build has no planner or
     no such cluster file."""
     try:
-        from ..planner.cluster import CLUSTER_DIR, load_cluster
+        from ..planner.cluster import ClusterError, load_cluster
     except ImportError:
         return None
-    path = Path(cluster)
-    if not (path.suffix in (".yaml", ".yml") and path.exists()) and not (CLUSTER_DIR / f"{cluster}.yaml").exists():
+    from ..inputs import find_config
+
+    try:
+        find_config("clusters", cluster, "cluster", ClusterError)
+    except ClusterError:  # no such file: a roofline preset, perhaps
         return None
     return PlannerDurations(load_cluster(cluster), mesh)  # a malformed file raises ClusterError naming the field
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import sympy
 import yaml
 
+from ..inputs import check_str, mapping, parse_yaml, read_yaml
 from . import graph as G
 from .graph import Graph, Op
 from .mesh import Mesh
@@ -24,6 +25,7 @@ from .strategies import (
 )
 
 FORMAT_VERSION = 1
+MAX_RANKS = 1 << 20  # a mesh larger than any machine is a typo, not a plan
 
 
 def _exact_default(op: Op) -> str:
@@ -136,10 +138,15 @@ class Plan:
         for key in ("model", "mesh", "ops"):
             if key not in d:
                 raise PlanError(f"plan.{key}: missing")
+        check_str("plan.model", d["model"], PlanError)
         try:
             mesh, pipeline = _split_pipeline(d["mesh"], d.get("pipeline"))
         except ValueError as e:
             raise PlanError(f"plan.{e}") from None
+        if mesh.size > MAX_RANKS:
+            raise PlanError(f"plan.mesh: {mesh} has {mesh.size} ranks, more than {MAX_RANKS}")
+        if d.get("meta") is not None and not isinstance(d["meta"], dict):
+            raise PlanError(f"plan.meta: expected a mapping, got {type(d['meta']).__name__}")
         if not isinstance(d["ops"], dict):
             raise PlanError("plan.ops: expected a mapping op name -> entry")
         ops = {}
@@ -165,6 +172,7 @@ class Plan:
             precision = e.get("precision") or {}
             if not isinstance(precision, dict):
                 raise PlanError(f"{where}.precision: expected a mapping collective -> dtype")
+            _check_entry_types(where, e, precision)
             ops[name] = OpPlan(str(e["strategy"]), e.get("axis"), placements["input"], placements["output"],
                                {str(k): str(v) for k, v in precision.items()})
         return cls(str(d["model"]), mesh, ops, dict(d.get("meta") or {}), pipeline)
@@ -172,13 +180,12 @@ class Plan:
     @classmethod
     def from_yaml(cls, source: str | Path) -> "Plan":
         """A path to a YAML file, or YAML text."""
-        text = Path(source).read_text() if isinstance(source, Path) or (
-            "\n" not in str(source) and Path(str(source)).exists()) else str(source)
-        try:
-            d = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise PlanError(f"plan: not valid YAML: {e}") from None
-        return cls.from_dict(d)
+        if isinstance(source, Path) or ("\n" not in str(source) and Path(str(source)).exists()):
+            d = read_yaml(source, "plan", PlanError)
+            return cls.from_dict(mapping(f"plan {str(source)!r}", d, PlanError))
+        if "\n" not in str(source) and str(source).endswith((".yaml", ".yml")):
+            raise PlanError(f"plan {str(source)!r}: no such file")
+        return cls.from_dict(parse_yaml(str(source), "plan", PlanError))
 
     # ---- validation -----------------------------------------------------------------------------------
     def validate(self, graph: Graph, batch: int | None = None, seq: int | None = None) -> "Plan":
@@ -327,6 +334,23 @@ def _split_pipeline(mesh: dict, pipeline: dict | None) -> tuple[Mesh, Pipeline]:
         raise ValueError(f"mesh.{PP_AXIS}: the pipeline axis must come first (outermost), got {list(mesh)}")
     rest = {k: v for k, v in mesh.items() if k != PP_AXIS}
     return Mesh.from_dict(rest or {"dp": 1}), Pipeline.from_dict(mesh[PP_AXIS], pipeline)
+
+
+def _check_entry_types(where: str, e: dict, precision: dict) -> None:
+    """Load-time types of one ops entry: names are strings, the axis a string or null."""
+    check_str(f"{where}.strategy", e["strategy"], PlanError)
+    if e.get("axis") is not None:
+        check_str(f"{where}.axis", e["axis"], PlanError)
+    for k, v in precision.items():
+        check_str(f"{where}.precision.{k}", v, PlanError)
+
+
+def check_model(plan: Plan, graph: Graph) -> None:
+    """The plan was written for this model: plan.model must equal the model's name (a plan for mixtral-8x7b is
+    never validated against tiny, even where the op names happen to agree)."""
+    if plan.model != graph.name:
+        raise PlanError(f"plan.model: the plan is for {plan.model!r} but the model is {graph.name!r} (plan this "
+                        f"model, or set plan.model if the architecture is the same)")
 
 
 def evaluate_shape(shape, batch: int, seq: int) -> tuple[int, ...]:

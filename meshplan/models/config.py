@@ -5,7 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from ..inputs import check_bool, check_int, check_number, check_str, find_config, mapping, read_yaml
+from ..resources import shipped
 
 
 class ConfigError(ValueError):
@@ -52,16 +53,31 @@ class ModelConfig:
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.n_dense_layers
 
+    def param_count(self) -> int:
+        """Parameters of the LM (moe_transformer.Transformer, head="lm") from the sizes alone, without building
+        it: the planner's memory floor answers an impossible request before the model is built or traced."""
+        d, hd = self.dim, self.head_dim
+        attention = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads) + 2 * d  # wq, wk, wv, wo + both norms
+        moe = d * self.n_experts + 3 * d * self.ffn_dim * (self.n_experts + self.n_shared_experts)
+        dense = 3 * d * self.dense_hidden
+        n_moe = self.n_layers - self.n_dense_layers
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.n_layers * attention + n_moe * moe + self.n_dense_layers * dense + d + head
+
     def validate(self) -> None:
-        positive = ["vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"]
-        for f in positive:
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ConfigError(f"model.{f}: must be a positive integer, got {v!r}")
-        for f in ["n_experts", "top_k", "n_shared_experts", "n_dense_layers", "dense_ffn_dim"]:
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ConfigError(f"model.{f}: must be a non-negative integer, got {v!r}")
+        """Types (a bool is a bool, an int an int), finite numbers, ranges and cross-field constraints; the first
+        violation raises one ConfigError naming the field."""
+        check_str("model.name", self.name, ConfigError)
+        for f in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            check_int(f"model.{f}", getattr(self, f), ConfigError, lo=1)
+        for f in ("n_experts", "top_k", "n_shared_experts", "n_dense_layers", "dense_ffn_dim"):
+            check_int(f"model.{f}", getattr(self, f), ConfigError, lo=0)
+        for f in ("norm_topk_prob", "tie_embeddings"):
+            check_bool(f"model.{f}", getattr(self, f), ConfigError)
+        if self.capacity_factor is not None:
+            check_number("model.capacity_factor", self.capacity_factor, ConfigError, lo=0, lo_open=True)
+        check_number("model.rope_theta", self.rope_theta, ConfigError, lo=0, lo_open=True)
+        check_number("model.norm_eps", self.norm_eps, ConfigError, lo=0, hi=1, lo_open=True, hi_open=True)
         if self.dim % self.n_heads:
             raise ConfigError(f"model.dim: {self.dim} is not divisible by n_heads={self.n_heads}")
         if self.head_dim % 2:
@@ -75,24 +91,20 @@ class ModelConfig:
                 raise ConfigError("model.n_experts: MoE layers need at least one expert")
             if not 1 <= self.top_k <= self.n_experts:
                 raise ConfigError(f"model.top_k: must be in [1, n_experts={self.n_experts}], got {self.top_k}")
-        for f in _FLOAT_FIELDS:
-            v = getattr(self, f)
-            if v is None and f == "capacity_factor":
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ConfigError(f"model.{f}: must be a positive number, got {v!r}")
-        if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise ConfigError(f"model.capacity_factor: must be > 0 or null, got {self.capacity_factor}")
 
     # ---- YAML -------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        if not isinstance(d, dict):
-            raise ConfigError(f"model config: expected a mapping, got {type(d).__name__}")
+        """From a YAML mapping: unknown fields and missing required ones (REQUIRED) are errors, as are wrong
+        types; the optional fields default (`defaulted(d)` lists them)."""
+        d = mapping("model", d, ConfigError)
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(map(str, set(d) - known))
         if unknown:
             raise ConfigError(f"model.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
+        for f in REQUIRED:
+            if f not in d:
+                raise ConfigError(f"model.{f}: missing (a model config needs {', '.join(REQUIRED)})")
         d = dict(d)
         for f in _FLOAT_FIELDS:
             # YAML 1.1 reads "1e-5" (no dot) as a string: accept any number spelled as one.
@@ -105,8 +117,7 @@ class ModelConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ModelConfig":
-        with open(path) as f:
-            d = yaml.safe_load(f)
+        d = read_yaml(path, "model config", ConfigError)
         if isinstance(d, dict) and "model" in d and isinstance(d["model"], dict):
             d = d["model"]
         return cls.from_dict(d)
@@ -116,17 +127,22 @@ class ModelConfig:
 
 
 _FLOAT_FIELDS = ("rope_theta", "norm_eps", "capacity_factor")
+# a YAML model config must name these; the others default (a missing n_experts must not silently become 4)
+REQUIRED = ("name", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "n_experts", "top_k",
+            "max_seq_len")
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+CONFIG_DIR = shipped("models")
+
+
+def defaults_used(name_or_path: str | Path) -> dict:
+    """The optional fields a model config file leaves out, with the defaults they get (--verbose output)."""
+    d = read_yaml(find_config("models", name_or_path, "model config", ConfigError), "model config", ConfigError)
+    if isinstance(d, dict) and isinstance(d.get("model"), dict):
+        d = d["model"]
+    return {f.name: f.default for f in dataclasses.fields(ModelConfig) if isinstance(d, dict) and f.name not in d}
 
 
 def load_config(name_or_path: str | Path) -> ModelConfig:
-    """A path to a YAML file, or the name of one in configs/models/ ("tiny", "internal-352b", ...)."""
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") and p.exists():
-        return ModelConfig.from_yaml(p)
-    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
-    if candidate.exists():
-        return ModelConfig.from_yaml(candidate)
-    known = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.exists() else []
-    raise ConfigError(f"model config {str(name_or_path)!r}: no such file, and not one of {known}")
+    """A path to a YAML file, or the name of one in $XDG_CONFIG_HOME/meshplan/models/ or the shipped configs
+    ("tiny", "internal-352b", ...)."""
+    return ModelConfig.from_yaml(find_config("models", name_or_path, "model config", ConfigError))

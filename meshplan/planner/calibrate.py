@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from . import collectives_cost as cc
-from .cluster import CLUSTER_DIR, AlphaBeta, Cluster, Link
+from ..inputs import user_config_dir
+from .cluster import AlphaBeta, Cluster, Link
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 DEFAULT_SIZES = tuple(4 ** k * 1024 for k in range(1, 7))  # 4 KiB .. 4 MiB held per rank
@@ -163,7 +164,8 @@ def fit_alpha_beta(samples: list[tuple[str, int, int, float]], kind: str) -> Alp
 
 def calibrate(out: str | Path | None = None, ranks=(2, 4), sizes=DEFAULT_SIZES, reps: int = 5,
               name: str = "local", start_method: str = "spawn") -> tuple[Cluster, list]:
-    """Measure, fit, and write configs/clusters/{name}.yaml (or `out`). Returns the cluster and raw samples."""
+    """Measure, fit, and write $XDG_CONFIG_HOME/meshplan/clusters/{name}.yaml (or `out`). Returns the cluster and
+    raw samples."""
     gemm = measure_matmul()
     peak, c = fit_gemm(gemm)
     copy_bw = measure_copy_bandwidth()
@@ -184,6 +186,8 @@ def calibrate(out: str | Path | None = None, ranks=(2, 4), sizes=DEFAULT_SIZES, 
               f"{len(sizes)} sizes x ranks {list(ranks)}. One machine: inter_node = intra_node.\n"
               f"# Activations are float32 here; codec_efficiency: encode + decode of each wire format (torch path)\n"
               f"# as a fraction of copy bandwidth; cpu_cores: the threads these rates were measured with.\n")
-    path = Path(out) if out is not None else CLUSTER_DIR / f"{name}.yaml"
+    # never into the install tree: the user's config directory, where load_cluster(name) looks first
+    path = Path(out) if out is not None else user_config_dir() / "clusters" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
     cluster.to_yaml(path, header)
     return cluster, samples

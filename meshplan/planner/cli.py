@@ -8,10 +8,17 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
+
+from ..cli_args import UsageError, int_at_least, int_list, number, positive_int
+from ..inputs import user_config_dir
 
 
-def _graph(config: str):
-    if str(config).endswith(".json"):  # a Hugging Face config.json (meshplan.hf)
+def _graph(config: str, floor_check=None):
+    """(IR graph, config) of a model config, on the meta device (planning needs shapes only: never allocate
+    weights). floor_check(name, total_params) runs before tracing, so a model that cannot fit is told at once.
+    A Hugging Face config.json is built through meshplan.hf (its floor is checked by the search)."""
+    if str(config).endswith(".json"):
         from ..hf.config_json import trace_config
 
         return trace_config(config)
@@ -19,12 +26,19 @@ def _graph(config: str):
     from ..models import build_model, load_config
 
     cfg = load_config(config)
-    return trace(build_model(cfg, device="meta")), cfg  # planning needs shapes only: never allocate weights
+    if floor_check is not None:
+        floor_check(cfg.name, cfg.param_count())
+    return trace(build_model(cfg, device="meta")), cfg
 
 
 def _options(args, cfg):
     from .pricing import Options
 
+    seq = args.seq or cfg.max_seq_len
+    if seq > cfg.max_seq_len:
+        raise UsageError(f"--seq: {seq} is longer than the model's max_seq_len {cfg.max_seq_len}")
+    if args.global_batch > 1 << 24:
+        raise UsageError(f"--global-batch: {args.global_batch} sequences per step is more than 2**24")
     budget = None if args.error_budget is not None and args.error_budget < 0 else args.error_budget
     opts = Options(seq=args.seq or cfg.max_seq_len, overlap=args.overlap, zero=not args.no_zero, dp_ops=args.dp_ops,
                    recompute=args.recompute)
@@ -36,17 +50,20 @@ def _options(args, cfg):
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="configs/models/NAME.yaml, a NAME in configs/models/ (tiny, internal-352b, ...), "
+    p.add_argument("model", help="a model config: a NAME (tiny, internal-352b, ...), a YAML path, "
                                  "or a Hugging Face config.json (configs/hf/*/config.json)")
-    p.add_argument("--cluster", default="h800", help="configs/clusters/NAME.yaml or a NAME (h800, h100, h200, local)")
-    p.add_argument("--gpus", type=int, required=True, help="number of GPUs G")
-    p.add_argument("--global-batch", type=int, default=720, help="sequences per step (default 720, REFERENCE.md)")
-    p.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's max_seq_len)")
-    p.add_argument("--error-budget", type=float, default=None,
+    p.add_argument("--cluster", default="h800", help="a cluster: a NAME (h800, h100, h200, local) or a YAML path")
+    p.add_argument("--gpus", type=int_at_least(1, 1 << 20), required=True, help="number of GPUs G")
+    p.add_argument("--global-batch", type=positive_int, default=720,
+                   help="sequences per step (default 720, docs/reference.md)")
+    p.add_argument("--seq", type=positive_int, default=None,
+                   help="sequence length (default and maximum: the model's max_seq_len)")
+    p.add_argument("--error-budget", type=number(), default=None,
                    help="root-sum-square relative error allowed over all collectives (default 0.2; <0: unlimited)")
-    p.add_argument("--overlap", type=float, default=0.5,
+    p.add_argument("--overlap", type=number(0.0, 1.0), default=0.5,
                    help="fraction of an op's communication that can hide behind compute (default 0.5: two chunks)")
-    p.add_argument("--memory-gb", type=float, default=None, help="per-GPU memory limit (default: the cluster's)")
+    p.add_argument("--memory-gb", type=number(0.0, lo_open=True), default=None,
+                   help="per-GPU memory limit (default: the cluster's)")
     p.add_argument("--no-zero", action="store_true", help="do not shard optimizer state over data-parallel ranks")
     p.add_argument("--recompute", choices=["auto", "never", "always"], default="auto",
                    help="full activation recomputation: searched (auto, default), never, always")
@@ -56,9 +73,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 # ---- plan ------------------------------------------------------------------------------------------------------
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("plan", help="choose strategies, precisions and a mesh for a model on a cluster (ILP)")
+    p = subparsers.add_parser("plan", help="choose strategies, precisions and a mesh for a model on a cluster (ILP)",
+                              description="Search meshes pp x dp x mp and, per mesh, solve the ILP choosing each "
+                                          "op's strategy and each collective's precision; print the per-op table.")
     _common(p)
-    p.add_argument("--out", help="write the plan YAML here")
+    p.add_argument("--out", "-o", help="write the plan YAML here")
     p.add_argument("--explain", metavar="OP", help="print the formulas and values behind one op's (or template's) "
                                                    "costs, e.g. layers.0.attention or layers.*.feed_forward")
     p.set_defaults(func=cmd_plan)
@@ -70,8 +89,8 @@ def cmd_plan(args) -> int:
     from .explain import explain_op, op_table, stage_table
 
     t0 = time.perf_counter()
-    graph, cfg = _graph(args.model)
     cluster = load_cluster(args.cluster)
+    graph, cfg = _graph(args.model, lambda name, params: _floor(name, params, cluster, args))
     opts = _options(args, cfg)
     plan, r = plan_model(graph, cluster, args.gpus, args.global_batch, opts)
     plan.validate(graph, batch=r.mesh.b * r.mesh.d, seq=opts.seq)
@@ -91,10 +110,24 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _floor(name: str, total_params: int, cluster, args) -> None:
+    """mesh_search's memory floor on the untraced model (the same bound search starts with)."""
+    from types import SimpleNamespace
+
+    from .mesh_search import check_memory_floor
+    from .pricing import Options
+
+    mem_limit = args.memory_gb * 1e9 if args.memory_gb is not None else None
+    check_memory_floor(SimpleNamespace(name=name, total_params=total_params), cluster, args.gpus,
+                       Options(mem_limit=mem_limit))
+
+
 # ---- simulate --------------------------------------------------------------------------------------------------
 def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("simulate", help="predict step time, tokens/s, MFU and memory of the planner's plan "
-                                               "and the baselines at scale")
+                                               "and the baselines at scale",
+                              description="Predict step time, tokens/s, MFU and memory per GPU of the planner's plan, "
+                                          "the Megatron-style plan and all-EP/DP.")
     _common(p)
     p.add_argument("--json", help="also write the rows as JSON here")
     p.add_argument("--breakdown", action="store_true",
@@ -127,11 +160,17 @@ def cmd_simulate(args) -> int:
 
 # ---- calibrate -------------------------------------------------------------------------------------------------
 def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("calibrate", help="measure this machine (matmul, gloo collectives) into a cluster YAML")
-    p.add_argument("--out", default=None, help="output YAML (default configs/clusters/local.yaml)")
-    p.add_argument("--ranks", default="2,4", help="rank counts to measure, comma-separated (default 2,4)")
-    p.add_argument("--sizes", default=None, help="bytes held per rank, comma-separated (default 4K..4M)")
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions per point (median)")
+    p = subparsers.add_parser("calibrate", help="measure this machine (matmul, gloo collectives) into a cluster YAML",
+                              description="Measure this machine (matmul rate, copy bandwidth, gloo alpha/beta per "
+                                          "collective) into a cluster YAML in your config directory.")
+    p.add_argument("--out", default=None,
+                   help="output YAML (default $XDG_CONFIG_HOME/meshplan/clusters/local.yaml, which --cluster local "
+                        "then reads)")
+    p.add_argument("--ranks", type=int_list(2, 64), default=(2, 4),
+                   help="rank counts to measure, comma-separated (default 2,4)")
+    p.add_argument("--sizes", type=int_list(1, 1 << 30), default=None,
+                   help="bytes held per rank, comma-separated (default 4K..4M)")
+    p.add_argument("--reps", type=int_at_least(1, 1000), default=5, help="timed repetitions per point (median)")
     p.set_defaults(func=cmd_calibrate)
     return p
 
@@ -140,15 +179,14 @@ def cmd_calibrate(args) -> int:
     from ..table import format_table
     from .calibrate import DEFAULT_SIZES, calibrate
 
-    ranks = tuple(int(x) for x in args.ranks.split(","))
-    sizes = tuple(int(x) for x in args.sizes.split(",")) if args.sizes else DEFAULT_SIZES
-    cluster, samples = calibrate(args.out, ranks, sizes, args.reps)
+    out = Path(args.out) if args.out else user_config_dir() / "clusters" / "local.yaml"
+    cluster, samples = calibrate(out, args.ranks, args.sizes or DEFAULT_SIZES, args.reps)
     print(f"matmul peak {cluster.peak_flops / 1e9:.1f} GFLOP/s (size efficiency c = {cluster.gemm_half_size:.0f}), "
           f"copy bandwidth {cluster.hbm_bandwidth / 1e9:.1f} GB/s")
     rows = [[k, f"{ab.latency * 1e6:.1f}", f"{ab.bandwidth / 1e9:.3f}"]
             for k, ab in cluster.intra_node.collectives.items()]
     print(format_table(["collective", "alpha us/step", "bandwidth GB/s"], rows, align="lrr"))
-    print(f"wrote {args.out or 'configs/clusters/local.yaml'} ({len(samples)} samples)")
+    print(f"wrote {out} ({len(samples)} samples)")
     return 0
 
 
@@ -160,10 +198,12 @@ def add_parsers(subparsers) -> None:
 
 def main(argv=None) -> int:
     """Standalone use: python -m meshplan.planner.cli plan tiny --gpus 4."""
-    parser = argparse.ArgumentParser(prog="meshplan-planner")
+    from ..cli_args import Parser, run_command
+
+    parser = Parser(prog="meshplan-planner")
     add_parsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,11 @@ from pathlib import Path
 
 import yaml
 
+from ..inputs import check_number, check_str, find_config, mapping, read_yaml
 from ..models.config import ConfigError
+from ..resources import shipped
 
-CLUSTER_DIR = Path(__file__).resolve().parents[2] / "configs" / "clusters"
+CLUSTER_DIR = shipped("clusters")
 COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "p2p")
 WIRE_DTYPES = ("fp32", "bf16", "fp8")
 
@@ -134,13 +136,15 @@ class Cluster:
 
 
 def _number(where: str, v, positive: bool = True, at_most_one: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ClusterError(f"{where}: must be a number, got {v!r}")
-    if positive and v <= 0:
+    """A finite number (never NaN, inf or a bool): > 0 (positive) or >= 0, and <= 1 for a fraction."""
+    x = check_number(where, v, ClusterError)
+    if positive and x <= 0:
         raise ClusterError(f"{where}: must be > 0, got {v!r}")
-    if at_most_one and v > 1:
+    if x < 0:
+        raise ClusterError(f"{where}: must be >= 0, got {v!r}")
+    if at_most_one and x > 1:
         raise ClusterError(f"{where}: is a fraction, must be <= 1, got {v!r}")
-    return float(v)
+    return x
 
 
 def _fields(where: str, d, required: set[str], optional: set[str]) -> dict:
@@ -214,8 +218,8 @@ def _fractions(field_name: str, d: dict, what: str, known: tuple[str, ...]) -> d
 
 
 def _cores(v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ClusterError(f"cluster.cpu_cores: must be an integer >= 0, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 1 << 20:
+        raise ClusterError(f"cluster.cpu_cores: must be an integer >= 0 (at most 2**20), got {v!r}")
     return v
 
 
@@ -226,15 +230,15 @@ def cluster_from_dict(d) -> Cluster:
                 "cpu_cores", "description", "kernels"}
     d = _fields("cluster", d, required, optional)
     gpn = d["gpus_per_node"]
-    if isinstance(gpn, bool) or not isinstance(gpn, int) or gpn < 1:
-        raise ClusterError(f"cluster.gpus_per_node: must be a positive integer, got {gpn!r}")
+    if isinstance(gpn, bool) or not isinstance(gpn, int) or not 1 <= gpn <= 1 << 16:
+        raise ClusterError(f"cluster.gpus_per_node: must be a positive integer <= 65536, got {gpn!r}")
     eff = _fractions("collective_efficiency", d, "collective", COLLECTIVES)
     act = d.get("activation_dtype", "bf16")
     if act not in WIRE_DTYPES[:2]:
         raise ClusterError(f"cluster.activation_dtype: {act!r}; expected one of {', '.join(WIRE_DTYPES[:2])}")
     codec = _fractions("codec_efficiency", d, "wire dtype", WIRE_DTYPES)
     return Cluster(
-        name=str(d["name"]),
+        name=check_str("cluster.name", d["name"], ClusterError),
         peak_flops=_number("cluster.peak_flops", d["peak_flops"]),
         gemm_efficiency=_number("cluster.gemm_efficiency", d["gemm_efficiency"], at_most_one=True),
         hbm_bytes=_number("cluster.hbm_bytes", d["hbm_bytes"]),
@@ -248,21 +252,13 @@ def cluster_from_dict(d) -> Cluster:
         activation_dtype=act,
         codec_efficiency={str(k): float(v) for k, v in codec.items()},
         cpu_cores=_cores(d.get("cpu_cores", 0)),
-        description=str(d.get("description", "")),
+        description=check_str("cluster.description", d.get("description", ""), ClusterError, nonempty=False),
         kernels=_kernels(d.get("kernels")),
     )
 
 
 def load_cluster(name_or_path: str | Path) -> Cluster:
-    """A YAML path, or the name of a file in configs/clusters/ ("h800", "h100", "h200", "local")."""
-    p = Path(name_or_path)
-    if p.suffix not in (".yaml", ".yml") or not p.exists():
-        p = CLUSTER_DIR / f"{name_or_path}.yaml"
-    if not p.exists():
-        known = sorted(q.stem for q in CLUSTER_DIR.glob("*.yaml")) if CLUSTER_DIR.exists() else []
-        raise ClusterError(f"cluster {str(name_or_path)!r}: no such file, and not one of {known}")
-    try:
-        d = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ClusterError(f"cluster {str(p)!r}: not valid YAML: {e}") from None
-    return cluster_from_dict(d)
+    """A YAML path, or the name of a file in $XDG_CONFIG_HOME/meshplan/clusters/ (where `meshplan calibrate`
+    writes) or the shipped configs ("h800", "h100", "h200", "local")."""
+    p = find_config("clusters", name_or_path, "cluster", ClusterError)
+    return cluster_from_dict(mapping(f"cluster {str(p)!r}", read_yaml(p, "cluster", ClusterError), ClusterError))

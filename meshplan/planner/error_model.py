@@ -27,8 +27,9 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_PATH = ROOT / "configs" / "error_model.yaml"
+from ..resources import shipped
+
+DEFAULT_PATH = shipped("error_model.yaml")
 FAN_INS = (2, 4, 8, 16)
 KINDS = ("move", "move_bwd", "reduce", "grad", "grad_2level")
 # Planner collective kind -> measured kind. Reductions use the fan-in, moves do not.

@@ -18,7 +18,7 @@ from ..ir.plan import PlanError
 from ..ir.strategies import allowed_precisions, batch_parallel_error
 from . import ilp
 from .cluster import Cluster
-from .memory import static_bytes
+from .memory import OPTIMIZER_BYTES, WEIGHT_GRAD_BYTES, static_bytes
 from .pricing import CostModel, MeshConfig, Options
 from .problem import Assignment, Breakdown, Problem, evaluate
 
@@ -176,6 +176,10 @@ def search(graph: Graph, cluster: Cluster, gpus: int, global_batch: int, options
     start = time.perf_counter()
     options = options or Options()
     cm = cost_model or CostModel(graph, cluster, options)
+    limit = options.mem_limit if options.mem_limit is not None else cluster.memory_limit
+    if memory_floor(graph, gpus) > limit:  # no mesh can fit: skip pricing this GPU count's meshes
+        raise PlannerError(floor_message(graph, cluster, gpus, limit) + _fix(graph, cluster, gpus, global_batch,
+                                                                             options, Bounds(cm), limit))
     cands = meshes(gpus, global_batch, graph.n_layers(), cluster.gpus_per_node, model_axis=model_axis, pp=pp,
                    recompute=RECOMPUTE_CHOICES[options.recompute])
     mixing = next((op for op in graph.ops() if batch_parallel_error(op)), None)
@@ -190,7 +194,6 @@ def search(graph: Graph, cluster: Cluster, gpus: int, global_batch: int, options
                            f"{cluster.gpus_per_node} GPUs per node, pp <= {graph.n_layers()} layers and dp "
                            f"dividing the global batch {global_batch}")
     bounds = Bounds(cm)
-    limit = options.mem_limit if options.mem_limit is not None else cluster.memory_limit
     feasible, tightest = [], None
     for mc in cands:
         mem = bounds.memory(mc)
@@ -223,19 +226,58 @@ def search(graph: Graph, cluster: Cluster, gpus: int, global_batch: int, options
     return best
 
 
-def _memory_advice(graph, cluster, gpus, global_batch, options, cm, tightest, limit) -> str:
-    mem, mc = tightest
-    ratio = mem / limit
-    bounds = Bounds(cm)
-    fix = None
-    g = gpus
+def memory_floor(graph: Graph, gpus: int) -> float:
+    """A lower bound on any plan's per-GPU memory (bytes): every parameter's weight, gradient and optimizer state
+    is held somewhere at least once, so the G GPUs hold at least total_params x (weight + grad + optimizer bytes)
+    together, and the fullest GPU at least a G-th of that. No mesh can beat it, so it needs no search."""
+    return graph.total_params * (WEIGHT_GRAD_BYTES + OPTIMIZER_BYTES) / gpus
+
+
+def floor_message(graph, cluster: Cluster, gpus: int, limit: float) -> str:
+    floor = memory_floor(graph, gpus)
+    return (f"{graph.name} does not fit {gpus} x {cluster.name}: binding constraint is per-GPU memory; weights, "
+            f"gradients and optimizer state alone need >= {floor / 1e9:.1f} GB per GPU even sharded over all {gpus} "
+            f"GPUs > {limit / 1e9:.1f} GB usable, i.e. >= {floor / limit:.2f}x memory")
+
+
+def check_memory_floor(graph, cluster: Cluster, gpus: int, options: Options) -> None:
+    """Answer a model that cannot fit at once, before it is traced (graph: anything with .name and
+    .total_params, e.g. from ModelConfig.param_count). The fix named is a lower bound on the GPU count."""
+    limit = options.mem_limit if options.mem_limit is not None else cluster.memory_limit
+    if memory_floor(graph, gpus) <= limit:
+        return
+    need = math.ceil(graph.total_params * (WEIGHT_GRAD_BYTES + OPTIMIZER_BYTES) / limit)
+    raise PlannerError(floor_message(graph, cluster, gpus, limit) + f". Smallest fix: use >= {need} GPUs (a lower "
+                       f"bound: activations need more; `meshplan plan --gpus {need}` names the mesh), or GPUs with >= "
+                       f"{math.ceil(memory_floor(graph, gpus) / cluster.memory_fraction / 1e9)} GB")
+
+
+def _fix(graph, cluster, gpus, global_batch, options, bounds, limit) -> str:
+    """'. Smallest fix: ...' starting the search for a GPU count that fits at the floor's lower bound."""
+    need = math.ceil(graph.total_params * (WEIGHT_GRAD_BYTES + OPTIMIZER_BYTES) / limit)
+    gpn = cluster.gpus_per_node
+    start = max(gpus, (need // gpn) * gpn if need >= gpn else need)
+    fix, g = _smallest_fit(graph, cluster, start - 1, global_batch, options, bounds, limit)
+    if fix is None:
+        return f". Even {g} GPUs do not fit: reduce the global batch {global_batch} or use GPUs with more memory"
+    return f". Smallest fix: use >= {fix.gpus} GPUs with pp >= {fix.pp} (e.g. {fix})"
+
+
+def _smallest_fit(graph, cluster, g, global_batch, options, bounds, limit):
+    """(the fastest-bound mesh with the least pp at the smallest GPU count above g that fits, that count)."""
     for _ in range(64):  # the smallest larger GPU count (whole nodes) with a mesh that fits
         g = (g // cluster.gpus_per_node + 1) * cluster.gpus_per_node if g >= cluster.gpus_per_node else g * 2
         fits = [m for m in meshes(g, global_batch, graph.n_layers(), cluster.gpus_per_node,
                                   recompute=RECOMPUTE_CHOICES[options.recompute]) if bounds.memory(m) <= limit]
         if fits:
-            fix = min(fits, key=lambda m: (m.pp, bounds.time(m)))
-            break
+            return min(fits, key=lambda m: (m.pp, bounds.time(m))), g
+    return None, g
+
+
+def _memory_advice(graph, cluster, gpus, global_batch, options, cm, tightest, limit) -> str:
+    mem, mc = tightest
+    ratio = mem / limit
+    fix, g = _smallest_fit(graph, cluster, gpus, global_batch, options, Bounds(cm), limit)
     msg = (f"{graph.name} does not fit {gpus} x {cluster.name}: binding constraint is per-GPU memory; the best mesh "
            f"({mc}) needs {mem / 1e9:.1f} GB > {limit / 1e9:.1f} GB usable, i.e. >= {ratio:.2f}x memory")
     if fix is not None:

@@ -98,6 +98,10 @@ def validate_algo(a: AlgoConfig, group_size: int) -> str | None:
         return "overlong_buffer: must be >= 0 (or -1: a fifth of max_new_tokens)"
     if a.value_clip < 0:
         return "value_clip: must be >= 0"
+    if a.overlong_penalty < 0:
+        return "overlong_penalty: must be >= 0"
+    if a.max_sampling_rounds > 1000:
+        return "max_sampling_rounds: must be <= 1000"
     if not a.critic and group_size < 2:
         return "critic: group-normalised advantages need rollout.samples_per_prompt >= 2"
     if a.dynamic_sampling and group_size < 2:

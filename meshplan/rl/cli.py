@@ -1,21 +1,37 @@
-"""`meshplan train CONFIG [--nproc N] [--resume] [--steps K] [--out DIR]` (wired into meshplan.cli by the lead)."""
+"""`meshplan train CONFIG [--nproc N] [--resume | --overwrite] [--steps K] [--out DIR]` (wired into meshplan.cli).
+
+Everything is checked here, in the launcher, before any rank process starts: the config, the model it names,
+the task's sequence lengths against the model, and the output directory (a directory that already holds a run
+is refused unless --resume continues it or --overwrite replaces it).
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from .config import RLConfigError, load_rl_config
+from ..cli_args import Parser, UsageError, int_at_least, nonneg_int, number, run_command
+from .config import load_rl_config, validate
+
+RUN_FILES = ("metrics.jsonl", "checkpoint.pt", "curves.png")  # what a run writes into its --out directory
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("train", help="RL-train a model on a verifiable task (VAPO, PPO, GRPO, DAPO)",
-                              description="Train with the RL config (configs/rl/*.yaml) through meshplan's runtime.")
-    p.add_argument("config", help="RL config YAML, e.g. configs/rl/vapo-tiny.yaml")
-    p.add_argument("--nproc", type=int, default=None, help="data-parallel processes (gloo); default: train.nproc")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--steps", type=int, default=None, help="RL steps to reach; default: train.steps")
+                              description="Train with an RL config through meshplan's runtime: warm-up, value "
+                                          "pretraining, then RL steps, with metrics, checkpoints and a plot.")
+    p.add_argument("config", help="RL config: a NAME (vapo-tiny, ppo-tiny, grpo-tiny, dapo-tiny) or a YAML path")
+    p.add_argument("--nproc", type=int_at_least(1, 256), default=None,
+                   help="data-parallel processes (gloo); default: train.nproc")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint.pt")
+    resume.add_argument("--overwrite", action="store_true",
+                        help="replace the run in OUT (its metrics, checkpoint and plot) instead of refusing")
+    p.add_argument("--steps", type=nonneg_int, default=None, help="RL steps to reach; default: train.steps")
     p.add_argument("--out", default=None, help="output directory; default: train.out")
-    p.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    p.add_argument("--seed", type=nonneg_int, default=None, help="override the config's seed")
+    p.add_argument("--timeout", type=number(0.0, 86400.0, lo_open=True), default=600.0,
+                   help="collective timeout in seconds: a hung or stopped rank ends the run after this (+ a few s)")
     p.set_defaults(func=cmd_train)
     return p
 
@@ -25,27 +41,42 @@ def add_parsers(subparsers) -> None:
     add_train_parser(subparsers)
 
 
+def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse an --out that holds a run unless resuming or overwriting; remove stale checkpoint temp files."""
+    from .checkpoint import remove_stale_temps
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {str(out)!r} exists and is not a directory")
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held and not (resume or overwrite):
+        raise UsageError(f"--out: {str(out)!r} already holds a run ({', '.join(held)}); pass --resume to continue "
+                         f"it or --overwrite to replace it")
+    if overwrite:
+        for name in held:
+            (out / name).unlink()
+    remove_stale_temps(out)
+
+
 def cmd_train(args) -> int:
-    from meshplan.models import ConfigError
+    from .trainer import preflight, train
 
-    from .trainer import train
+    cfg = load_rl_config(args.config)
+    if args.nproc is not None:
+        cfg.train.nproc = args.nproc
+    if args.steps is not None:
+        cfg.train.steps = args.steps
+    if args.out is not None:
+        cfg.train.out = args.out
+    if args.seed is not None:
+        cfg.seed = args.seed
+    validate(cfg)
+    preflight(cfg)
+    prepare_out(Path(cfg.train.out), args.resume, args.overwrite)
+    if cfg.warmup.cache:
+        from .checkpoint import remove_stale_temps
 
-    try:
-        cfg = load_rl_config(args.config)
-        if args.nproc is not None:
-            cfg.train.nproc = args.nproc
-        if args.steps is not None:
-            cfg.train.steps = args.steps
-        if args.out is not None:
-            cfg.train.out = args.out
-        if args.seed is not None:
-            cfg.seed = args.seed
-        from .config import validate
-        validate(cfg)
-        records = train(cfg, resume=args.resume)
-    except (RLConfigError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        remove_stale_temps(cfg.warmup.cache)  # an interrupted cache write leaves its temp file here too
+    records = train(cfg, resume=args.resume, timeout_s=args.timeout)
     evals = [r for r in records if r.get("phase") == "rl" and "eval_accuracy" in r]
     if evals:
         print(f"held-out accuracy: {evals[0]['eval_accuracy']:.3f} at step {evals[0]['step']} -> "
@@ -54,7 +85,11 @@ def cmd_train(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="meshplan")
+    parser = Parser(prog="meshplan")
     add_train_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return args.func(args)
+    return run_command(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

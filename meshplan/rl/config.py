@@ -10,8 +10,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from ..inputs import MAX_INT, check_int, check_number, find_config, mapping, read_yaml
 from .algorithms import PRESETS, AlgoConfig
 
 
@@ -114,11 +113,11 @@ def _check_type(value, tp, where: str):
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise RLConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
+        return check_int(where, value, RLConfigError, lo=-MAX_INT)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RLConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        return check_number(where, value, RLConfigError)  # finite: never NaN or inf
     if tp is str:
         if not isinstance(value, str):
             raise RLConfigError(f"{where}: expected a string, got {value!r}")
@@ -147,9 +146,10 @@ def config_from_dict(d: dict) -> RLConfig:
     fill(cfg, top, "rl")
     for key, cls in _NESTED.items():
         setattr(cfg, key, fill(cls(), d.get(key) or {}, f"rl.{key}"))
-    algo = dict(d.get("algo") or {})
+    algo = d.get("algo") or {}
     if not isinstance(algo, dict):
-        raise RLConfigError("rl.algo: expected a mapping")
+        raise RLConfigError(f"rl.algo: expected a mapping (e.g. {{preset: vapo}}), got {algo!r}")
+    algo = dict(algo)
     preset = algo.pop("preset", "vapo")
     if preset not in PRESETS:
         raise RLConfigError(f"rl.algo.preset: {preset!r} is not one of {', '.join(PRESETS)}")
@@ -158,15 +158,21 @@ def config_from_dict(d: dict) -> RLConfig:
     return cfg
 
 
+REQUIRED = ("model", "algo")  # a run must say what it trains and how; every other field has a default
+
+
 def load_rl_config(path: str | Path) -> RLConfig:
-    try:
-        with open(path) as f:
-            d = yaml.safe_load(f)
-    except OSError as e:
-        raise RLConfigError(f"rl config {str(path)!r}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise RLConfigError(f"rl config {str(path)!r}: not valid YAML: {e}") from None
-    return config_from_dict(d or {})
+    """An RL config file (a path, or a name in $XDG_CONFIG_HOME/meshplan/rl/ or the shipped configs)."""
+    p = find_config("rl", path, "rl config", RLConfigError)
+    d = mapping(f"rl config {str(p)!r}", read_yaml(p, "rl config", RLConfigError), RLConfigError)
+    cfg = config_from_dict(d)  # unknown fields and wrong values first: they name the field that is there
+    for key in REQUIRED:
+        if key not in d:
+            raise RLConfigError(f"rl.{key}: missing (an RL config needs {' and '.join(REQUIRED)}; see "
+                                f"meshplan/configs/rl/vapo-tiny.yaml)")
+    if isinstance(d["algo"], dict) and "preset" not in d["algo"]:
+        raise RLConfigError(f"rl.algo.preset: missing (one of {', '.join(PRESETS)})")
+    return cfg
 
 
 def validate(cfg: RLConfig) -> None:
@@ -174,34 +180,50 @@ def validate(cfg: RLConfig) -> None:
         if not ok:
             raise RLConfigError(f"rl.{where}: {msg}")
 
+    need(isinstance(cfg.model, str) and bool(cfg.model.strip()), "model", "must name a model config")
+    need(cfg.seed >= 0, "seed", "must be >= 0")
     t = cfg.task
     need(t.name == "arithmetic", "task.name", f"only 'arithmetic' is implemented, got {t.name!r}")
     need(1 <= t.min_digits <= t.max_digits, "task.min_digits", "need 1 <= min_digits <= max_digits")
+    need(t.max_digits <= 18, "task.max_digits", f"must be <= 18 (int64 sums), got {t.max_digits}")
     need(bool(t.ops) and not set(t.ops) - set("+-"), "task.ops", f"a string over '+-', got {t.ops!r}")
     need(t.eval_size > 0, "task.eval_size", "must be > 0")
+    need(t.eval_seed >= 0, "task.eval_seed", "must be >= 0")
     need(t.wrong_reward <= 0, "task.wrong_reward", "must be <= 0 (1 is the reward of a correct answer)")
-    need(cfg.warmup.steps >= 0, "warmup.steps", "must be >= 0")
-    need(cfg.warmup.batch_size > 0, "warmup.batch_size", "must be > 0")
+    w = cfg.warmup
+    need(w.steps >= 0, "warmup.steps", "must be >= 0")
+    need(w.batch_size > 0, "warmup.batch_size", "must be > 0")
+    need(w.lr > 0, "warmup.lr", f"must be > 0, got {w.lr}")
     r = cfg.rollout
     need(r.prompts_per_step > 0, "rollout.prompts_per_step", "must be > 0")
     need(r.samples_per_prompt > 0, "rollout.samples_per_prompt", "must be > 0")
     need(r.temperature >= 0, "rollout.temperature", "must be >= 0")
     need(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
     need(r.max_new_tokens >= 0, "rollout.max_new_tokens", "must be >= 0")
-    o = cfg.optim
-    need(o.actor_lr > 0 and o.critic_lr > 0, "optim.actor_lr", "learning rates must be > 0")
-    need(o.epochs > 0, "optim.epochs", "must be > 0")
-    need(o.minibatches > 0, "optim.minibatches", "must be > 0")
-    need(r.prompts_per_step * r.samples_per_prompt >= o.minibatches, "optim.minibatches",
-         "more minibatches than samples per step")
+    _validate_optim(cfg.optim, r, need)
     tr = cfg.train
     need(tr.steps >= 0, "train.steps", "must be >= 0")
+    need(tr.max_samples >= 0, "train.max_samples", "must be >= 0")
     need(tr.eval_every > 0, "train.eval_every", "must be > 0")
     need(tr.checkpoint_every > 0, "train.checkpoint_every", "must be > 0")
-    need(tr.nproc > 0, "train.nproc", "must be > 0")
+    need(bool(tr.out.strip()), "train.out", "must be a directory path")
+    need(0 < tr.nproc <= 256, "train.nproc", f"must be in [1, 256], got {tr.nproc}")
+    need(tr.threads >= 0, "train.threads", "must be >= 0")
     need(r.prompts_per_step % tr.nproc == 0, "rollout.prompts_per_step",
          f"{r.prompts_per_step} prompts do not split evenly over nproc={tr.nproc}")
     from .algorithms import validate_algo
     err = validate_algo(cfg.algo, r.samples_per_prompt)
     if err:
         raise RLConfigError(f"rl.algo.{err}")
+
+
+def _validate_optim(o: OptimConfig, r: RolloutConfig, need) -> None:
+    need(o.actor_lr > 0, "optim.actor_lr", f"must be > 0, got {o.actor_lr}")
+    need(o.critic_lr > 0, "optim.critic_lr", f"must be > 0, got {o.critic_lr}")
+    need(all(0 <= b < 1 for b in o.betas), "optim.betas", f"each must be in [0, 1), got {list(o.betas)}")
+    need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    need(o.grad_clip > 0, "optim.grad_clip", f"must be > 0, got {o.grad_clip}")
+    need(o.epochs > 0, "optim.epochs", "must be > 0")
+    need(o.minibatches > 0, "optim.minibatches", "must be > 0")
+    need(r.prompts_per_step * r.samples_per_prompt >= o.minibatches, "optim.minibatches",
+         "more minibatches than samples per step")

@@ -60,21 +60,29 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _entry(rank: int, world: int, port: int, fn, args) -> None:
-    init(rank, world, port)
-    try:
-        fn(rank, world, *args)
-    finally:
-        shutdown()
+def launch(fn, nproc: int, *args, timeout_s: float = 600.0) -> None:
+    """Run fn(rank, world, *args) in nproc gloo processes (in this process when nproc == 1), through the
+    runtime's local_spawn: a private file:// store, loopback sockets, every rank stopped with the launcher."""
+    from ..runtime.local_spawn import init_local, private_store, spawn
 
+    if nproc > 1:
+        try:
+            spawn(nproc, fn, *args, backend="gloo", timeout_s=timeout_s, start_method="spawn", threads=1)
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+            from ..cli_args import RunFailed
+            from ..runtime.local_spawn import first_line_of_failure
 
-def launch(fn, nproc: int, *args) -> None:
-    """Run fn(rank, world, *args) in nproc gloo processes (in this process when nproc == 1)."""
-    port = free_port()
-    if nproc == 1:
-        _entry(0, 1, port, fn, args)
-    else:
-        mp.spawn(_entry, args=(nproc, port, fn, args), nprocs=nproc, join=True)
+            raise RunFailed(first_line_of_failure(e)) from None
+        return
+    if dist.is_initialized():  # the caller's one-rank group (tests, notebooks): use it, leave it to them
+        fn(0, 1, *args)
+        return
+    with private_store() as init_method:
+        init_local(init_method, 0, 1, "gloo", timeout_s)
+        try:
+            fn(0, 1, *args)
+        finally:
+            shutdown()
 
 
 def set_threads(threads: int, nproc: int) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from meshplan.cli_args import PLOT_HINT, have
 from meshplan.models import build_model, load_config
 
 from . import checkpoint as ckpt_io
@@ -39,6 +40,22 @@ def derived_seed(*parts) -> int:
 
 def generator(*parts) -> torch.Generator:
     return torch.Generator().manual_seed(derived_seed(*parts))
+
+
+def check_sizes(m, task, max_new: int) -> None:
+    tok = task.tokenizer
+    if m.vocab_size < tok.vocab_size:
+        raise RLConfigError(f"rl.model: vocab_size {m.vocab_size} < the task tokenizer's {tok.vocab_size}")
+    if task.max_prompt_len + max_new > m.max_seq_len:
+        raise RLConfigError(f"rl.rollout.max_new_tokens: prompt {task.max_prompt_len} + {max_new} "
+                            f"new tokens exceed model.max_seq_len {m.max_seq_len}")
+
+
+def preflight(cfg: RLConfig) -> None:
+    """The checks a rank would make at start, made in the launcher: the model config loads and fits the task."""
+    task = build_task(cfg.task)
+    longest = task.max_response_len
+    check_sizes(load_config(cfg.model), task, cfg.rollout.max_new_tokens or longest + longest // 4)
 
 
 class Trainer:
@@ -79,12 +96,7 @@ class Trainer:
             self._restore(state)
 
     def _check_sizes(self) -> None:
-        m, tok = self.model_cfg, self.task.tokenizer
-        if m.vocab_size < tok.vocab_size:
-            raise RLConfigError(f"rl.model: vocab_size {m.vocab_size} < the task tokenizer's {tok.vocab_size}")
-        if self.task.max_prompt_len + self.max_new > m.max_seq_len:
-            raise RLConfigError(f"rl.rollout.max_new_tokens: prompt {self.task.max_prompt_len} + {self.max_new} "
-                                f"new tokens exceed model.max_seq_len {m.max_seq_len}")
+        check_sizes(self.model_cfg, self.task, self.max_new)
 
     # ---- warm-up ------------------------------------------------------------------------------------------
     def _warmed_up_weights(self) -> dict:
@@ -325,7 +337,9 @@ class Trainer:
             bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=rec.get("eval_accuracy", "-"))
         bar.close()
         records = read_metrics(self.log_metrics.path) if self.rank == 0 else []
-        if self.rank == 0 and tr.plot:
+        if self.rank == 0 and tr.plot and not have("matplotlib"):
+            print(f"train.plot: curves.png skipped: it {PLOT_HINT}")
+        elif self.rank == 0 and tr.plot:
             plot_metrics(records, self.out / "curves.png", f"{cfg.name} ({cfg.algo.name}, seed {cfg.seed})")
         return records
 
@@ -335,7 +349,7 @@ def _worker(rank: int, world: int, cfg: RLConfig, resume: bool) -> None:
     Trainer(cfg, rank, world, resume).run()
 
 
-def train(cfg: RLConfig, resume: bool = False) -> list[dict]:
+def train(cfg: RLConfig, resume: bool = False, timeout_s: float = 600.0) -> list[dict]:
     """Run the configured training in cfg.train.nproc gloo processes; returns the metrics records."""
-    launch(_worker, cfg.train.nproc, cfg, resume)
+    launch(_worker, cfg.train.nproc, cfg, resume, timeout_s=timeout_s)
     return read_metrics(Path(cfg.train.out) / "metrics.jsonl")

@@ -3,9 +3,11 @@
 Two launches, one code path:
   torchrun --nproc_per_node 4 -m meshplan.runtime.launch --model tiny --plan plan.yaml --steps 10
   meshplan run --nproc 4 --model tiny --plan plan.yaml --steps 10      (spawns the 4 processes itself)
-Under torchrun (RANK/WORLD_SIZE in the environment) each process joins the env:// rendezvous; otherwise
-`cli_run` picks a free local port and starts --nproc processes with torch.multiprocessing. gloo on CPU, NCCL
-when every process has a GPU. Rank 0 prints the loss, tokens/s and bytes sent per rank at every step.
+Everything is validated in the launcher first (`check_run`: the plan traced against the model), so a bad input
+is one line and no process starts. Under torchrun (RANK/WORLD_SIZE in the environment) each process joins the
+env:// rendezvous; otherwise `cli_run` starts the ranks with local_spawn.spawn (a private file:// store, gloo on
+loopback, every rank stopped with the launcher). gloo on CPU, NCCL when every process has a GPU (or --backend).
+Rank 0 prints the loss, tokens/s and bytes sent per rank at every step.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import os
 import socket
 import sys
 import time
-from typing import Any, Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -23,26 +25,33 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from ..ir.plan import Plan, PlanError
-from ..models import ConfigError, build_model, load_config
+from ..models import build_model, load_config
 from . import run_plan
 from .executor import ParallelModel
+from .local_spawn import first_line_of_failure, spawn
 from .verify import verify, verify_tokens
 from .process_groups import init_distributed
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="meshplan run", description=__doc__.splitlines()[0])
-    p.add_argument("--nproc", type=int, default=None, help="processes to start (default: the plan's mesh size)")
-    p.add_argument("--model", required=True, help="model config: a name in configs/models/ or a YAML path")
-    p.add_argument("--plan", required=True, help="plan YAML (meshplan plan ... -o plan.yaml)")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--batch", type=int, default=8, help="global batch (sequences per step)")
-    p.add_argument("--seq", type=int, default=64, help="sequence length")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--head", choices=("lm", "value"), default="lm")
-    p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto")
-    p.add_argument("--timeout", type=float, default=300.0, help="collective timeout in seconds")
+    from ..cli_args import Parser, int_at_least, nonneg_int, number, positive_int
+
+    p = parser or Parser(prog="meshplan run", description=__doc__.splitlines()[0])
+    p.add_argument("--nproc", type=int_at_least(1, 1024), default=None,
+                   help="processes to start (default: the plan's mesh size; must equal it)")
+    p.add_argument("--model", required=True, help="model config: a NAME (tiny, ...) or a YAML path")
+    p.add_argument("--plan", required=True, help="plan YAML (e.g. from `meshplan plan MODEL ... --out plan.yaml`)")
+    p.add_argument("--steps", type=positive_int, default=10, help="training steps (default 10)")
+    p.add_argument("--batch", type=positive_int, default=8, help="global batch (sequences per step, default 8)")
+    p.add_argument("--seq", type=positive_int, default=64,
+                   help="sequence length (default 64; at most the model's max_seq_len)")
+    p.add_argument("--lr", type=number(0.0, 1.0, lo_open=True), default=1e-3, help="AdamW learning rate")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="model initialisation and data seed")
+    p.add_argument("--head", choices=("lm", "value"), default="lm", help="LM head or value head (critic)")
+    p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
+                   help="collective backend (auto: NCCL when every rank has a GPU, else gloo)")
+    p.add_argument("--timeout", type=number(0.0, 86400.0, lo_open=True), default=300.0,
+                   help="collective timeout in seconds: a hung or stopped rank ends the run after this (+ a few s)")
     p.add_argument("--comm", action="store_true", help="print rank 0's per-collective byte table after the last step")
     p.add_argument("--verify", action="store_true", help="before training, run one step against the single-device "
                    "model and stop with the first differing op if the plan does not compute what it computes")
@@ -55,28 +64,64 @@ def _under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
-def cli_run(argv: list[str] | argparse.Namespace | None = None) -> int:
-    args = argv if isinstance(argv, argparse.Namespace) else build_parser().parse_args(argv)
+def check_run(args: argparse.Namespace) -> Plan:
+    """Everything a run can get wrong, checked in the launcher before any process starts: the model config, the
+    plan file, the plan against the traced model (op names, strategies, divisibility by the mesh for this batch
+    and sequence), plan.model against the model, the sequence against max_seq_len, --nproc against the mesh."""
+    from ..cli_args import UsageError
+    from ..ir import trace
+    from ..ir.plan import check_model
+
+    cfg = load_config(args.model)
+    plan = Plan.from_yaml(Path(args.plan))
+    nproc = args.nproc or plan.world_size
+    if nproc != plan.world_size:
+        pp = f"pp={plan.pipeline.stages} x " if plan.pipeline.enabled else ""
+        raise PlanError(f"plan.mesh {pp}{plan.mesh} needs {plan.world_size} ranks, but --nproc is {nproc}")
+    if args.seq > cfg.max_seq_len:
+        raise UsageError(f"--seq: {args.seq} is longer than the model's max_seq_len {cfg.max_seq_len}")
+    _check_host_memory(cfg, plan.world_size)
+    graph = trace(build_model(cfg, head=args.head, device="meta"))
+    check_model(plan, graph)
+    plan.validate(graph, batch=args.batch, seq=args.seq)
+    if args.metrics and not Path(args.metrics).resolve().parent.is_dir():
+        raise UsageError(f"--metrics: directory {str(Path(args.metrics).parent)!r} does not exist")
+    return plan
+
+
+def _check_host_memory(cfg, ranks: int) -> None:
+    """Every local rank builds the whole fp32 model before taking its shards: refuse what this machine's memory
+    cannot hold, instead of N processes being killed by the OOM killer."""
+    need = cfg.param_count() * 4 * ranks
     try:
-        plan = Plan.from_yaml(args.plan)
-        load_config(args.model)
-    except (PlanError, ConfigError, OSError) as e:
-        print(f"meshplan run: {e}", file=sys.stderr)
-        return 2
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have:
+        raise PlanError(f"model {cfg.name}: {ranks} local ranks each build the full fp32 model ({cfg.param_count():,} "
+                        f"parameters), {need / 1e9:.1f} GB in all, more than this machine's {have / 1e9:.1f} GB")
+
+
+def cli_run(argv: list[str] | argparse.Namespace | None = None) -> int:
+    """`meshplan run`: validate, then train on --nproc local processes (or this process under torchrun)."""
+    from ..cli_args import run_command
+
+    args = argv if isinstance(argv, argparse.Namespace) else build_parser().parse_args(argv)
+    return run_command(_run, args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..cli_args import RunFailed
+
+    plan = check_run(args)
     if _under_torchrun():
         train(args)
         return 0
-    nproc = args.nproc or plan.world_size
-    if nproc != plan.world_size:  # fail here, not in N processes
-        pp = f"pp={plan.pipeline.stages} x " if plan.pipeline.enabled else ""
-        print(f"meshplan run: plan.mesh {pp}{plan.mesh} needs {plan.world_size} ranks, but --nproc is {nproc}",
-              file=sys.stderr)
-        return 2
     try:
-        spawn(nproc, _train_entry, args, timeout_s=args.timeout)
-    except Exception as e:  # noqa: BLE001 - a failed rank: report and exit non-zero
-        print(f"meshplan run: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        spawn(plan.world_size, _train_entry, args, backend=None if args.backend == "auto" else args.backend,
+              timeout_s=args.timeout)
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+        raise RunFailed(first_line_of_failure(e)) from None
     return 0
 
 
@@ -143,30 +188,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, backend: str | None,
-           timeout_s: float) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    init_distributed(backend, timeout_s)
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(nproc: int, fn: Callable[..., Any], *args: Any, backend: str | None = None,
-          timeout_s: float = 300.0) -> None:
-    """Run fn(rank, world, *args) in nproc fresh processes with torch.distributed initialised. If any process
-    fails, the others are terminated and the error is raised here.
-
-    Processes fork from a forkserver that imported torch and meshplan once (a single-threaded process, so forking
-    it is safe): starting N ranks costs one import instead of N concurrent ones."""
-    preload_forkserver()
-    mp.start_processes(_entry, args=(nproc, free_port(), fn, args, backend, timeout_s), nprocs=nproc, join=True,
-                       start_method="forkserver")
-
-
 def preload_forkserver(modules: tuple[str, ...] = ("torch", "meshplan.runtime")) -> None:
     import multiprocessing
 
@@ -180,9 +201,10 @@ def main() -> None:
 def add_parsers(sub) -> None:
     """`meshplan run`, wired into meshplan/cli.py."""
     p = sub.add_parser("run", help="run a plan on N local ranks (gloo on CPU, NCCL on GPU), training on synthetic "
-                                   "tokens")
+                                   "tokens", description="Validate a plan against the model, then train it on N local "
+                                   "processes (one per rank) on synthetic tokens, printing loss and tokens/s.")
     build_parser(p)
-    p.set_defaults(func=cli_run)
+    p.set_defaults(func=_run)
 
 
 if __name__ == "__main__":

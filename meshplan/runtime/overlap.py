@@ -1,20 +1,20 @@
 """Run a ParallelModel's chunked ops through the code codegen emits for its overlap schedule.
 
     pm = ParallelModel(model, plan, groups=...)
-    enable_overlap(pm, batch=8, seq=64, chunks=2)     # emit, write to the cache dir, import, install
+    enable_overlap(pm, batch=8, seq=64, chunks=2)     # emit, compile in memory, install
     loss_of(pm(tokens), targets).backward()             # the same loss and gradients, forward overlapped
 
-The emitted module is plain source in a file named by the hash of its text (so a plan, batch, seq and chunk
-count emit and import once per process, and the file is there to read), imported with importlib, and its `OPS`
-(op name -> function(ctx, x)) installed as the model's op_overrides. Every other op runs as before.
+The emitted module is plain source, compiled from memory once per process (keyed by the hash of its text) and
+never executed from a file (a shared temp directory would let another user swap the code); `directory=` also
+writes a copy to read. Its `OPS` (op name -> function(ctx, x)) become the model's op_overrides. Every other op
+runs as before.
 """
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import linecache
 import os
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -27,14 +27,10 @@ _LOADED: dict[str, ModuleType] = {}
 _LOCK = threading.Lock()  # the ranks of an in-process world load the same module at once
 
 
-def cache_dir() -> Path:
-    """$MESHPLAN_CACHE/emitted, else <tmp>/meshplan-emitted."""
-    root = os.environ.get("MESHPLAN_CACHE")
-    return Path(root, "emitted") if root else Path(tempfile.gettempdir(), "meshplan-emitted")
-
-
 def load_emitted(source: str, directory: str | Path | None = None) -> ModuleType:
-    """Write `source` to <directory>/overlap_<hash>.py (once) and import it (once per process)."""
+    """Compile and import `source` from memory (once per process). Nothing is executed from a file: with
+    `directory`, a copy is written to <directory>/overlap_<hash>.py for reading (the module's __file__), but
+    the code that runs is the string codegen produced; tracebacks show its lines either way (linecache)."""
     with _LOCK:
         return _load(source, directory)
 
@@ -44,17 +40,20 @@ def _load(source: str, directory: str | Path | None) -> ModuleType:
     name = f"meshplan_emitted_overlap_{digest}"
     if name in _LOADED:
         return _LOADED[name]
-    path = Path(directory) if directory is not None else cache_dir()
-    path.mkdir(parents=True, exist_ok=True)
-    file = path / f"overlap_{digest}.py"
-    if not file.exists() or file.read_text() != source:
+    filename = f"<meshplan emitted overlap_{digest}.py>"
+    if directory is not None:
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        file = path / f"overlap_{digest}.py"
         tmp = file.with_suffix(f".{os.getpid()}.tmp")  # concurrent rank processes: write aside, rename atomically
         tmp.write_text(source)
         tmp.replace(file)
-    spec = importlib.util.spec_from_file_location(name, file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.modules[name] = module
+        filename = str(file)
+    module = ModuleType(name)
+    module.__file__ = filename
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    sys.modules[name] = module  # dataclasses and pickling by reference look the module up here
+    exec(compile(source, filename, "exec"), module.__dict__)  # noqa: S102 - meshplan's own generated code
     _LOADED[name] = module
     return module
 

@@ -71,9 +71,12 @@ def test_meta_device_builds_big_model_without_memory():
 
 def test_yaml_exponent_floats(tmp_path):
     p = tmp_path / "m.yaml"
-    p.write_text("norm_eps: 1e-6\nrope_theta: 5e5\n")  # YAML 1.1 reads these as strings
+    tiny = load_config("tiny").to_dict()
+    required = "".join(f"{k}: {tiny[k]}\n" for k in ("name", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
+                                                   "ffn_dim", "n_experts", "top_k", "max_seq_len"))
+    p.write_text(required + "norm_eps: 1e-6\nrope_theta: 5e5\n")  # YAML 1.1 reads these as strings
     cfg = ModelConfig.from_yaml(p)
     assert cfg.norm_eps == 1e-6 and cfg.rope_theta == 5e5
-    p.write_text("norm_eps: small\n")
+    p.write_text(required + "norm_eps: small\n")
     with pytest.raises(ConfigError, match=r"model\.norm_eps: must be a number"):
         ModelConfig.from_yaml(p)

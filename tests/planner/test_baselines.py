@@ -1,9 +1,8 @@
 """Baselines are ordinary Plans, priced by the planner's own model; the shipped tiny plans stay valid."""
-from pathlib import Path
-
 import pytest
 
 from meshplan.ir import Plan
+from meshplan.resources import shipped
 from meshplan.ir import graph as G
 from meshplan.planner import MeshConfig, Options, search
 from meshplan.planner.baselines import baseline, ep_dp_plan, megatron_plan
@@ -11,7 +10,7 @@ from meshplan.planner.cluster import load_cluster
 from meshplan.planner.plans import price_plan
 from meshplan.planner.simulate import simulate, table
 
-PLANS = Path(__file__).resolve().parents[2] / "configs" / "plans"
+PLANS = shipped("plans")
 
 
 def test_megatron_plan_is_tp_with_sequence_parallel(graph):

@@ -15,6 +15,13 @@ def test_plan_is_data_parallel():
 
 def test_engine_matches_the_plain_module():
     init(0, 1, free_port())  # a one-rank gloo group, as `meshplan train --nproc 1` makes
+    try:
+        _engine_matches_the_plain_module()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _engine_matches_the_plain_module():
     tokens = torch.randint(3, 256, (4, 12), generator=torch.Generator().manual_seed(0))
     for head in ("lm", "value"):
         plain = build_model(load_config("tiny"), head=head, seed=1)

@@ -74,15 +74,18 @@ def _steps(stdout: str) -> list[float]:
 
 
 def _one_device_losses(steps: int, batch: int, seq: int, seed: int, lr: float) -> list[float]:
-    """launch.train's loop written out on one device: the same model seed, data generator (seed + 1), AdamW."""
+    """run_plan.train's loop written out on one device: the same model seed, the same global batches (the
+    synthetic token stream of seed + 1, every rank's shard together), AdamW, cross-entropy over all tokens."""
+    from meshplan.runtime.data import ShardedLoader, TokenStream
+
     cfg = tiny_config()
     model = build_model(cfg, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed + 1)
+    loader = ShardedLoader(TokenStream.synthetic(cfg.vocab_size, seed + 1), batch, seq, (), [], seed=seed)
     losses = []
-    for _ in range(steps):
-        data = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=gen)
-        loss = F.cross_entropy(model(data[:, :-1]).flatten(0, 1).float(), data[:, 1:].flatten())
+    for step in range(steps):
+        tokens, targets = loader.global_batch(step)
+        loss = F.cross_entropy(model(tokens).flatten(0, 1).float(), targets.flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -92,7 +95,7 @@ def _one_device_losses(steps: int, batch: int, seq: int, seed: int, lr: float) -
 
 def test_torchrun_end_to_end(tmp_path, subprocess_env):
     """torchrun's 2 ranks (sp attention, ep MoE) train like one device: 3 losses equal to 1e-5, and the printed
-    ones agree with the metrics file. Mutation tried: launch.train skipping pm.reduce_gradients(): the step-2
+    ones agree with the metrics file. Mutation tried: the training loop skipping pm.reduce_gradients(): the step-2
     and step-3 losses differ (fails)."""
     plan = _plan_file(tmp_path, Mesh.of(mp=2), {"attention": "sp", "moe": "ep"})
     metrics = tmp_path / "metrics.jsonl"
