@@ -22,6 +22,7 @@ demo: install
 	$(BIN)/meshplan demo
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests
 
 bench: install

@@ -1,5 +1,6 @@
-"""Predicted throughput of the planner's plan vs Megatron-LM (TP=8 + SP, PP=15 as REFERENCE.md quotes, and
-Megatron at its best pipeline depth; FP32 grads, TP comm exposed), MegaScale-style (SP+EP, PP=15) and all-EP/DP, for internal-352b on 240..1440 H800 GPUs, sequence 8192,
+"""Predicted throughput of the planner's plan vs Megatron-LM (TP=8 + SP, PP=15 as docs/reference.md quotes, and
+Megatron at its best pipeline depth; FP32 grads, TP comm exposed), MegaScale-style (SP+EP, PP=15) and all-EP/DP, for
+internal-352b on 240..1440 H800 GPUs, sequence 8192,
 global batch 720 sequences. Every plan is priced by the same model (planner/problem.py).
 
     python benchmarks/planner_throughput.py    # writes benchmarks/results/planner_throughput.json

@@ -5,9 +5,11 @@ Every run is expressed as meshplan can express it (docs/reference.md#published-r
 the MoE expert-parallel over mp = EP and every other op data parallel (baselines.ep_dp_plan), micro-batch MBS
 sequences per GPU; Megatron's attention TP=2 is approximated as data parallel (same FLOPs per GPU, its TP
 collectives not priced), virtual pipeline stages are not modelled (bubble (pp-1)/(m+pp-1)), FP8 runs' GEMMs run on
-the FP8 peak with their operands cast in HBM (Options.gemm_dtype; attention stays BF16), gradients reduce-scattered in FP32
+the FP8 peak with their operands cast in HBM (Options.gemm_dtype; attention stays BF16), gradients reduce-scattered in
+FP32
 (Megatron's default) with the distributed optimizer, EP across nodes dispatched by DeepEP (once per destination
-node, Options.ep_dispatch: what Megatron's cross-node EP recipes on H100 use), routing force-balanced (Megatron-Bridge's benchmarks do),
+node, Options.ep_dispatch: what Megatron's cross-node EP recipes on H100 use), routing force-balanced (Megatron-Bridge's
+benchmarks do),
 activation recompute only where memory forces it. The model configs approximate MLA and wide-q GQA (their YAML
 headers say how). Predicted TFLOP/s = the model's 3x forward FLOPs per step / step time / GPUs.
 

@@ -1,7 +1,8 @@
 """At-scale simulation table: for each model of MegaScale-MoE's Table 2 on H800 at a few GPU counts (seq 8192,
 global batch 720 sequences), the planner's plan vs Megatron-LM (TP=8+SP, best pipeline depth and PP=15 where that
 divides) vs MegaScale-style (SP+EP, PP=15, BF16 grads) vs all-EP/DP (the baselines' activation recompute fixed per
-model at its smallest GPU count, simulate.fixed_recompute): predicted step time, tokens/s, MFU, memory per GPU, pipeline bubble. Everything is priced
+model at its smallest GPU count, simulate.fixed_recompute): predicted step time, tokens/s, MFU, memory per GPU, pipeline
+bubble. Everything is priced
 by the one cost model (planner/simulate.py). These are PREDICTIONS of the cost model, not measurements.
 
 GPU counts: 240, 480, 960 (multiples of 8 GPUs/node whose data-parallel factor can divide 720). A plan that does
@@ -59,7 +60,7 @@ def baseline_rows(graph, cluster, gpus: int, global_batch: int, seq: int,
     from meshplan.planner.simulate import _row
 
     opts, out = Options(seq=seq), []
-    for kind, pp, note in (("megatron", None, "best pp"), ("megatron", 15, "pp=15 (REFERENCE.md)"),
+    for kind, pp, note in (("megatron", None, "best pp"), ("megatron", 15, "pp=15 (docs/reference.md)"),
                            ("megascale", 15, "pp=15, SP+EP, bf16 grads"), ("ep_dp", None, "best pp")):
         try:
             p = baseline(kind, graph, cluster, gpus, global_batch, opts, pp=pp, recompute=(recompute or {}).get(kind))

@@ -29,7 +29,7 @@ def wire_bytes(collective: str, nbytes: float, group: int) -> float:
     all-gather / reduce-scatter: each rank passes on (n-1)/n of the gathered (scattered) tensor;
     all-reduce: reduce-scatter then all-gather, 2·(n-1)/n;
     all-to-all: each rank holds nbytes/n and sends (n-1)/n of that to the others.
-    With nbytes = b·s·h·dtype these give REFERENCE.md's V_TP (AG + RS) and V_EP (two all-to-alls of k·b·s·h).
+    With nbytes = b·s·h·dtype these give docs/reference.md's V_TP (AG + RS) and V_EP (two all-to-alls of k·b·s·h).
     """
     if group <= 1:
         return 0.0
@@ -59,10 +59,11 @@ class Roofline:
 
 
 ROOFLINES = {
-    # REFERENCE.md "Hardware": H800 989 TFLOPS dense BF16, 3.35 TB/s HBM, NVLink 400 GB/s; inter-node ~50 GB/s per
+    # docs/reference.md "Hardware": H800 989 TFLOPS dense BF16, 3.35 TB/s HBM, NVLink 200 GB/s per direction; inter-node
+    # ~50 GB/s per
     # GPU (set axis_bw={"dp": 50e9} for a data-parallel axis across nodes). Latency and launch are typical, not
     # measured. Used only where the planner's configs/clusters/h800.yaml is not available.
-    "h800": Roofline("h800", 989e12, 3.35e12, 400e9),
+    "h800": Roofline("h800", 989e12, 3.35e12, 200e9),
     # CPU ranks talking gloo over loopback, as the runtime's tests do. Uncalibrated guesses of the right order, so
     # that a tiny model's compute and collectives come out comparable; calibrate before trusting absolute times.
     "cpu-gloo": Roofline("cpu-gloo", 50e9, 10e9, 2e9, latency=50e-6, launch=10e-6),

@@ -5,7 +5,7 @@ phases.py), the emitted function runs the op's forward tasks for one rank in the
 tasks merged by start time, every all-to-all issued asynchronously where the comm stream starts it
 (`start_exchange`/`start_rows`), and its `.wait()` placed just before the first compute task that uses it. So
 chunk i's all-to-all is in flight while chunk i+1 routes or projects, and chunk i's experts run while chunk
-i-1's combine is in flight (MegaScale-MoE's inter-operator overlap, REFERENCE.md "Overlap"). The compute pieces
+i-1's combine is in flight (MegaScale-MoE's inter-operator overlap, docs/reference.md "Overlap"). The compute pieces
 are runtime/overlap_ops.py; the module maps op names to functions in `OPS`, which ParallelModel.op_overrides
 takes (runtime/overlap.py).
 

@@ -1,7 +1,7 @@
 """What one op becomes in a training step: its phases, by strategy, with per-rank FLOPs and bytes.
 
 An op whose strategy has collectives inside it is split at them, so that a scheduler can run one micro-batch
-chunk's collective while another chunk computes (MegaScale-MoE's inter-operator overlap, REFERENCE.md "Overlap"):
+chunk's collective while another chunk computes (MegaScale-MoE's inter-operator overlap, docs/reference.md "Overlap"):
   EP MoE:            route -> dispatch (all-to-all) -> experts -> combine (all-to-all) -> unpermute,
                      with shared experts (when the model has them) beside the all-to-alls;
   Ulysses attention: qkv -> qkv_a2a (all-to-all) -> core -> out_a2a (all-to-all) -> out_proj.
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from ..ir import graph as G
 from ..ir.graph import Graph, Op, dtype_size
-from ..ir.plan import Plan, evaluate_shape
 from ..ir.placement import Shard
+from ..ir.plan import Plan, evaluate_shape
 
 COMPUTE, COMM = "compute", "comm"
 STREAMS = (COMPUTE, COMM)
@@ -107,7 +107,8 @@ def grad_phases(v: OpView, bucket_bytes: float = DDP_BUCKET_BYTES) -> list[Phase
     """Data-parallel gradient reductions of one op (all-reduces), issued after the op's whole backward.
 
     Split parameters reduce over the data-parallel axes; whole ones also over the model axis when its ranks saw
-    different tokens (sequence- or batch-sharded input), as SP's replicated attention weights do (REFERENCE.md).
+    different tokens (sequence- or batch-sharded input), as SP's replicated attention weights do (docs/reference.md,
+    "Communication volumes").
     A reduction larger than `bucket_bytes` is cut into buckets ("grad.0", "grad.1", ...) as DDP does: one
     collective cannot be preempted, so a single multi-GB reduction would hold the comm stream while the next
     layer's all-to-all waits.
@@ -146,7 +147,8 @@ def op_phases(v: OpView) -> list[Phase]:
 
 
 def _ulysses_attention(v: OpView) -> list[Phase]:
-    # Shapes from REFERENCE.md: qkv [b, s/n, h(1+2/m)] -> all-to-all -> [b, s, h(1+2/m)/n]; core; out [b, s, h/n]
+    # Shapes from docs/reference.md, "Communication volumes": qkv [b, s/n, h(1+2/m)] -> all-to-all -> [b, s,
+    # h(1+2/m)/n]; core; out [b, s, h/n]
     # -> all-to-all -> [b, s/n, h]. Per rank everything is 1/size of the global step (heads or sequence split).
     a, t, r = v.op.attrs, v.tokens, v.plan.mesh.size
     d, hd = a["dim"], a["head_dim"]
@@ -170,7 +172,8 @@ def _ulysses_attention(v: OpView) -> list[Phase]:
 
 
 def _expert_parallel_moe(v: OpView) -> list[Phase]:
-    # Each token goes to k experts: dispatch and combine each move k·b·s·h per group (V_EP, REFERENCE.md).
+    # Each token goes to k experts: dispatch and combine each move k·b·s·h per group (V_EP, docs/reference.md,
+    # "Communication volumes").
     a, t, r = v.op.attrs, v.tokens, v.plan.mesh.size
     d, k, e, f, sh = a["dim"], a["top_k"], a["n_experts"], a["ffn_dim"], a["shared_hidden"]
     pb, ab = dtype_size(v.op.param_dtype), v.act

@@ -6,7 +6,7 @@ gradient is an all-to-all, an all-gather's a reduce-scatter) and adds each op's 
 overlap the backward of earlier ops.
 
 Chosen ops are split into c chunks along the batch so that one chunk's collective can run while another chunk
-computes (REFERENCE.md "Overlap"). Every op of the model treats samples independently, so a chunk of one chunked op
+computes (docs/reference.md "Overlap"). Every op of the model treats samples independently, so a chunk of one chunked op
 depends only on the same chunk of the next; an op left whole joins all chunks before it, and the loss (a mean over
 the batch) joins all chunks between forward and backward.
 """
@@ -20,7 +20,15 @@ from ..ir.placement import Shard
 from ..ir.plan import Plan
 from ..ir.strategies import transition
 from .phases import (
-    COMM, COMPUTE, DDP_BUCKET_BYTES, MIRROR, PRECISION_BYTES, OpView, Phase, grad_phases, op_phases,
+    COMM,
+    COMPUTE,
+    DDP_BUCKET_BYTES,
+    MIRROR,
+    PRECISION_BYTES,
+    OpView,
+    Phase,
+    grad_phases,
+    op_phases,
 )
 
 FWD, BWD = "fwd", "bwd"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 
-
 class HFConfigError(ValueError):
     """An HF config attribute meshplan's blocks do not implement."""
 

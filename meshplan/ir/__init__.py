@@ -1,5 +1,5 @@
 """meshplan's IR: ops with sympy shapes, placements per mesh axis, and the Plan every stage reads or writes."""
-from .graph import B, S, Graph, Op, TensorMeta
+from .graph import B, Graph, Op, S, TensorMeta
 from .mesh import Mesh
 from .ops import LeafSpec, register_leaf
 from .placement import Partial, Placement, Replicate, Shard, parse_placement

@@ -20,7 +20,8 @@ B, S = sympy.symbols("B S", positive=True, integer=True)
 # Op kinds. Leaf kinds carry their block's hyperparameters in Op.attrs; "generic" is any other traced call
 # (residual adds, elementwise), "input"/"output" are the graph's boundary.
 INPUT, OUTPUT, GENERIC = "input", "output", "generic"
-EMBEDDING, NORM, ATTENTION, MOE, FFN, LINEAR, LM_HEAD = "embedding", "norm", "attention", "moe", "ffn", "linear", "lm_head"
+EMBEDDING, NORM, ATTENTION, MOE, FFN = "embedding", "norm", "attention", "moe", "ffn"
+LINEAR, LM_HEAD = "linear", "lm_head"
 OP_KINDS = (INPUT, OUTPUT, GENERIC, EMBEDDING, NORM, ATTENTION, MOE, FFN, LINEAR, LM_HEAD)
 
 _LAYER = re.compile(r"(^|\.)(\d+)(\.|$)")

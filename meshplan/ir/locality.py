@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+
 import sympy
 import torch
 import torch.nn as nn

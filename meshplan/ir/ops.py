@@ -186,12 +186,10 @@ def _layer_norm_attrs(m) -> dict:
     return {"dim": dim, "eps": m.eps if m.eps is not None else 0.0}
 
 
-def _register_builtins() -> None:
-    from ..models import moe_transformer as mt
-
-    # Token-wise by construction: a lookup, a row-wise norm, a matmul on the last dim, a per-token FFN. meshplan's
-    # MoE routes each token on its own and its runtime strategies decide capacity on the whole batch, as the
-    # single-device model does. Attention mixes positions (its `sp` is Ulysses, not sequence sharding).
+def _register_torch_modules() -> None:
+    """torch.nn's own blocks. meshplan's reference blocks register themselves (models/leaves.py): the IR imports
+    nothing above it."""
+    # Token-wise by construction: a lookup, a row-wise norm, a matmul on the last dim.
     register_leaf(nn.Embedding, LeafSpec(
         kind=G.EMBEDDING,
         attrs=lambda m: {"num_embeddings": m.num_embeddings, "dim": m.embedding_dim},
@@ -200,36 +198,17 @@ def _register_builtins() -> None:
         out_dtype=lambda m, ins: str(m.weight.dtype).removeprefix("torch."),
         token_wise=True, strategies=_embedding_strategies, builtin=True,
     ))
-    norm_spec = LeafSpec(
-        kind=G.NORM,
-        attrs=lambda m: {"dim": m.weight.shape[-1], "eps": m.eps},
-        flops=lambda a, ins: 4 * prod(ins[0]),
-        token_wise=True, strategies=None, builtin=True,
-    )
-    register_leaf(mt.RMSNorm, norm_spec)
-    layer_norm = LeafSpec(kind=G.NORM, attrs=_layer_norm_attrs, flops=norm_spec.flops,
+    layer_norm = LeafSpec(kind=G.NORM, attrs=_layer_norm_attrs, flops=NORM_SPEC.flops,
                           token_wise=lambda m: len(m.normalized_shape) == 1, strategies=None, builtin=True)
     register_leaf(nn.LayerNorm, layer_norm)
     if hasattr(nn, "RMSNorm"):
         register_leaf(nn.RMSNorm, layer_norm)
-    register_leaf(mt.Attention, LeafSpec(kind=G.ATTENTION, attrs=_attention_attrs, flops=_attention_flops,
-                                         strategies=_attention_strategies, builtin=True))
-    from ..models import mla
-
-    register_leaf(mla.MLAttention, LeafSpec(kind=G.ATTENTION, attrs=lambda m: m.attrs(), flops=_mla_flops,
-                                            strategies=None, builtin=True))
-    register_leaf(mt.MoE, LeafSpec(kind=G.MOE, attrs=_moe_attrs, flops=_moe_flops, active_params=_moe_active,
-                                   token_wise=True, strategies=None, builtin=True))
-    register_leaf(mt.FeedForward, LeafSpec(
-        kind=G.FFN,
-        attrs=lambda m: {"dim": m.w1.in_features, "hidden": m.w1.out_features},
-        flops=lambda a, ins: 6 * tokens(ins[0]) * a["dim"] * a["hidden"],
-        token_wise=True, strategies=None, builtin=True,
-    ))
     register_leaf(nn.Linear, LeafSpec(kind=G.LINEAR, attrs=_linear_attrs, out_shape=_linear_shape,
                                       flops=_linear_flops, token_wise=True, strategies=None, builtin=True))
-    register_leaf(mt.OutputHead, LeafSpec(kind=G.LM_HEAD, attrs=_linear_attrs, out_shape=_linear_shape,
-                                          flops=_linear_flops, token_wise=True, strategies=None, builtin=True))
 
 
-_register_builtins()
+# A row-wise norm with a weight over the last dim (meshplan's RMSNorm; LayerNorm shares its FLOPs).
+NORM_SPEC = LeafSpec(kind=G.NORM, attrs=lambda m: {"dim": m.weight.shape[-1], "eps": m.eps},
+                     flops=lambda a, ins: 4 * prod(ins[0]), token_wise=True, strategies=None, builtin=True)
+
+_register_torch_modules()

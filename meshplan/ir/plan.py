@@ -17,11 +17,20 @@ from ..inputs import check_str, mapping, parse_yaml, read_yaml
 from . import graph as G
 from .graph import Graph, Op
 from .mesh import Mesh
-from .pipeline import AXIS as PP_AXIS, Pipeline
+from .pipeline import AXIS as PP_AXIS
+from .pipeline import Pipeline
 from .placement import Partial, Placement, Replicate, Shard, parse_placement
 from .strategies import (
-    BATCH, DEFAULT_STRATEGY, STRATEGIES, allowed_precisions, batch_parallel_error, collective_names,
-    divisibility_error, layout_error, native_io, offered_error,
+    BATCH,
+    DEFAULT_STRATEGY,
+    STRATEGIES,
+    allowed_precisions,
+    batch_parallel_error,
+    collective_names,
+    divisibility_error,
+    layout_error,
+    native_io,
+    offered_error,
 )
 
 FORMAT_VERSION = 1
@@ -134,7 +143,8 @@ class Plan:
         if unknown:
             raise PlanError(f"plan.{sorted(unknown)[0]}: unknown field")
         if d.get("meshplan_plan", FORMAT_VERSION) != FORMAT_VERSION:
-            raise PlanError(f"plan.meshplan_plan: format {d['meshplan_plan']!r} unsupported (expected {FORMAT_VERSION})")
+            raise PlanError(f"plan.meshplan_plan: format {d['meshplan_plan']!r} unsupported "
+                            f"(expected {FORMAT_VERSION})")
         for key in ("model", "mesh", "ops"):
             if key not in d:
                 raise PlanError(f"plan.{key}: missing")

@@ -61,7 +61,8 @@ STRATEGIES: dict[str, dict[str, Strategy]] = {
                        "expert parallel: all-to-all dispatch of routed tokens, local experts, all-to-all combine"),
         "tp": Strategy("tp", _TP_IO, "ffn", (), "every expert's hidden dimension split (w1/w3 column, w2 row)"),
         "ag_scatter": Strategy("ag_scatter", _TP_IO, "experts", (),
-                               "all-gather tokens, local scatter to this rank's experts, partial sum to reduce-scatter"),
+                               "all-gather tokens, local scatter to this rank's experts, "
+                               "partial sum to reduce-scatter"),
         "seq": _seq("every rank holds all experts and routes its own tokens"),
         "replicate": Strategy("replicate", _REP_IO, "none"),
     },
@@ -189,7 +190,7 @@ def collective_names(op: Op, strategy: str) -> tuple[str, ...]:
 
 
 def allowed_precisions(collective: str) -> tuple[str, ...]:
-    # Gradients are exchanged in at most BF16 (REFERENCE.md, "Communication compression"): FP8 is for activations.
+    # Gradients are exchanged in at most BF16 (docs/reference.md, "Communication compression"): FP8 is for activations.
     return ("fp32", "bf16") if collective == GRAD else PRECISIONS
 
 

@@ -43,7 +43,7 @@ class ModelConfig:
 
     @property
     def gqa_ratio(self) -> int:
-        """m in REFERENCE.md: query heads per KV head."""
+        """m in docs/reference.md, "Notation and model shapes": query heads per KV head."""
         return self.n_heads // self.n_kv_heads
 
     @property

@@ -8,7 +8,8 @@
 Heads are independent after the shared latent, so head-split TP ("tp") runs `mla` itself on a rank's rows of
 wq (or wq_b), wkv_b and its columns of wo (the latents and their norms are replicated): the result is the
 rank's Partial summand. Ulysses ("sp", ulysses_attention.mla_sp) projects and rotates its sequence chunk with
-every head, then exchanges q/k and v to whole sequences of a head subset. The parameter names follow meshplan's (wq, wo) where the role is the same.
+every head, then exchanges q/k and v to whole sequences of a head subset. The parameter names follow meshplan's (wq, wo)
+where the role is the same.
 Source: transformers 5.25 DeepseekV3Attention (docs/reference.md, "Hugging Face block variants").
 """
 from __future__ import annotations

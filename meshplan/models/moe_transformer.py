@@ -264,7 +264,8 @@ def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: 
 
 
 def keep_mask(idx: torch.Tensor, n_experts: int, capacity: int | None) -> torch.Tensor:
-    """[T, k] bool: which (token, slot) assignments fit their expert's capacity, first come (token order) first served."""
+    """[T, k] bool: which (token, slot) assignments fit their expert's capacity, first come (token order) first
+    served."""
     if capacity is None:
         return torch.ones_like(idx, dtype=torch.bool)
     flat = idx.reshape(-1)

@@ -1,7 +1,8 @@
 """Baseline plans, expressed as ordinary Plans and priced by the planner's own model (plans.price_plan), each as
 its users run it (docs/reference.md#baselines).
 
-megatron: Megatron-LM with sequence parallelism (REFERENCE.md's baseline): TP over the node (mp = 8) for attention,
+megatron: Megatron-LM with sequence parallelism (docs/reference.md, "Hardware" and "Baselines"): TP over the node (mp =
+8) for attention,
     the experts and dense FFNs; norms and residual adds sequence-sharded; vocab-parallel embedding; PP across
     nodes; DP outermost. Activation collectives in BF16; gradients reduce-scattered in FP32 and BF16 parameters
     all-gathered (its distributed optimizer without --grad-reduce-in-bf16: Options.zero); TP all-gathers and
@@ -11,7 +12,8 @@ megascale: MegaScale-MoE's fixed plan: Ulysses SP attention and EP experts over 
 ep_dp: all-EP/DP: the MoE FFN expert-parallel over the node, every other op data parallel on every axis (one
     sequence per GPU per micro-batch), so the only model-axis communication is the EP all-to-all and the
     batch <-> sequence all-to-all around it.
-Both pick the pipeline depth that fits memory fastest unless `pp` is given (REFERENCE.md quotes PP=15).
+Both pick the pipeline depth that fits memory fastest unless `pp` is given (docs/reference.md, "Hardware", quotes
+PP=15).
 """
 from __future__ import annotations
 

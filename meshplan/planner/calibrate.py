@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import collectives_cost as cc
 from ..inputs import user_config_dir
+from . import collectives_cost as cc
 from .cluster import AlphaBeta, Cluster, Link
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")

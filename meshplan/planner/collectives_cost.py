@@ -7,13 +7,14 @@ its group of n ranks, and we count what one GPU *sends* (links are full duplex, 
   reduce_scatter (each rank holds a partial X, ends X/n):    X·(n-1)/n
   all_reduce     (= reduce_scatter + all_gather):            2·X·(n-1)/n
   all_to_all     (each rank holds X/n, keeps 1/n of it):     X/n·(n-1)/n
-So REFERENCE.md's V_TP = 2·b·s·h·(n-1)/n is one all-gather plus one reduce-scatter of X = b·s·h, and
+So docs/reference.md's V_TP = 2·b·s·h·(n-1)/n is one all-gather plus one reduce-scatter of X = b·s·h, and
 V_EP = 2·(k/n)·b·s·h·(n-1)/n is two all-to-alls of X = k·b·s·h (the routed token copies of the whole group).
 For Ulysses SP our count is half the paper's Eq. 2 (see cost_model.py): a rank holding [b, s/n, h(1+2/m)] keeps
 1/n of it and sends the rest, X/n·(n-1)/n with X = b·s·h(1+2/m); the out all-to-all sends b·s·h/n·(n-1)/n.
 
 Hierarchy: a group of n ranks with l of them per node (l < n spans g = n/l nodes) runs ring collectives in two
-levels (REFERENCE.md, SP gradients: intra-node RS, inter-node RS/AG on 1/l of the data, intra-node AG), and
+levels (docs/reference.md, "Communication volumes", SP gradients: intra-node RS, inter-node RS/AG on 1/l of the data,
+intra-node AG), and
 all-to-alls send (l-1)/(n-1) of their traffic over NVLink and the rest over the NIC, concurrently.
 
 Functions here work on floats and on sympy expressions alike (plain arithmetic, Max for concurrency).
@@ -29,7 +30,7 @@ from . import error_model
 from .cluster import Cluster
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
-FP8_SCALE_BYTES = 4  # one fp32 scale per token row (REFERENCE.md: per-token scales)
+FP8_SCALE_BYTES = 4  # one fp32 scale per token row (docs/reference.md, "Communication compression": per-token scales)
 # Fallback when no measured error model exists: unit roundoff 2^-p of a format with p significand bits (bf16 8,
 # e4m3 4). fp32 is the reference the error budget is measured against, so it adds no error.
 UNIT_ROUNDOFF = {"fp32": 0.0, "bf16": 2.0 ** -8, "fp8": 2.0 ** -4}
@@ -124,7 +125,7 @@ def wire_bytes(elems, rows, dtype: str):
 def relative_error(kind: str, dtype: str, n: int) -> float:
     """Relative error one collective adds to the values it moves: the measured, fitted model of error_model.py
     (configs/error_model.yaml). Reductions are an all-to-all of encoded summands plus a float32 local sum
-    (REFERENCE.md, communication compression), so each summand is rounded once, whatever n. Without a measured
+    (docs/reference.md, "Communication compression"), so each summand is rounded once, whatever n. Without a measured
     model: the format's unit roundoff u (round-to-nearest: half the spacing of the significand's last bit)."""
     if kind in ("none", "slice") or n <= 1 or dtype == "fp32":
         return 0.0

@@ -12,7 +12,7 @@ once per mesh through sympy.lambdify (see problem.py). Conventions:
     forward HBM bytes, a fixed cost per kernel launch; EP experts run the most loaded rank's rows (ep_imbalance).
     Without a kernel model (CPU clusters): 3·FLOPs / (peak · gemm_efficiency · size efficiency) + 3·HBM bytes /
     HBM bandwidth, size efficiency prod(x / (x + c)) over the op's main GEMM dims (c = cluster.gemm_half_size).
-  * Collective volumes follow collectives_cost.py (bytes each GPU sends); REFERENCE.md per-layer volumes:
+  * Collective volumes follow collectives_cost.py (bytes each GPU sends); docs/reference.md per-layer volumes:
       TP attention / MoE:  all-gather + reduce-scatter of X = b·s·h on the edges  -> V_TP = 2·b·s·h·(n-1)/n
       SP attention:  qkv all-to-all of X = b·s·h(1+2/m), out all-to-all of X = b·s·h:
                      sent = b·s·h·(2+2/m)·(n-1)/n² = half of REFERENCE Eq. 2 (which counts send and receive)
@@ -30,11 +30,17 @@ from ..ir import graph as G
 from ..ir.graph import Op
 from ..ir.placement import Partial, Placement, Replicate, Shard
 from ..ir.strategies import (
-    DEFAULT_STRATEGY, STRATEGIES, batch_parallel_error, divisibility_error, layout_error, native_io, offered_error,
+    DEFAULT_STRATEGY,
+    STRATEGIES,
+    batch_parallel_error,
+    divisibility_error,
+    layout_error,
+    native_io,
+    offered_error,
     transition,
 )
 from . import kernels, memory
-from .memory import DP, N, SEQ_LIKE
+from .memory import DP, SEQ_LIKE, N
 
 BATCH = Shard(0)
 

@@ -1,7 +1,8 @@
 """Gradient synchronisation once per step: what the data-parallel reduction and the parameter all-gather cost.
 
 Two schemes (docs/reference.md#baselines):
-  * without ZeRO (Options.zero False; runtime/data_parallel.py): fp32, an all-reduce of the float32 gradients; a compressed
+  * without ZeRO (Options.zero False; runtime/data_parallel.py): fp32, an all-reduce of the float32 gradients; a
+  compressed
     format, the gradients cast once, an all-to-all of the shards (summed in float32), an all-gather of the reduced
     shards, each in the wire format, plus the conversions as HBM traffic. All of it after the last backward.
   * with ZeRO-1, the optimizer state sharded as memory.py prices it (Megatron's distributed optimizer,

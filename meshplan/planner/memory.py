@@ -1,7 +1,7 @@
 """Per-GPU memory of one op under one strategy: parameters, gradients, optimizer state, saved activations.
 
 Training state per parameter (mixed precision, Megatron-style): BF16 weight (2 B) + FP32 gradient accumulator
-(4 B, REFERENCE.md: "accumulate FP32") + Adam's FP32 master copy, m and v (12 B). With the distributed optimizer
+(4 B, docs/reference.md, "Memory") + Adam's FP32 master copy, m and v (12 B). With the distributed optimizer
 (ZeRO-1, on by default) the 12 B are sharded over every rank that holds a replica of the parameter: the d data
 ranks for parameters split on the model axis, all n·d ranks for parameters replicated on it.
 
@@ -78,7 +78,7 @@ def static_bytes(split, replicated, n: int, d: int, zero: bool = True):
 
 def checkpoint_bytes(op: Op, sharded_input: bool) -> sympy.Expr:
     """What an op keeps under full activation recomputation: its inputs as this rank holds them (backward reruns
-    the forward from them: REFERENCE.md's rematerialisation, taken to the whole op)."""
+    the forward from them: docs/reference.md, "Memory": rematerialisation, taken to the whole op)."""
     total = sympy.Integer(0)
     for m in op.input_metas:
         total += m.numel * (ACT_BYTES if m.dtype.startswith(("float", "bfloat")) else 8)

@@ -22,7 +22,6 @@ from .memory import OPTIMIZER_BYTES, WEIGHT_GRAD_BYTES, static_bytes
 from .pricing import CostModel, MeshConfig, Options
 from .problem import Assignment, Breakdown, Problem, evaluate
 
-
 RECOMPUTE_CHOICES = {"auto": (False, True), "never": (False,), "always": (True,)}
 
 

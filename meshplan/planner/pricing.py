@@ -23,7 +23,7 @@ from .options import DEFAULT_ERROR_BUDGET, MeshConfig, Options  # noqa: F401  (r
 from .problem import Choice, Edge, Group, Problem, Stage
 
 RECOMPUTE = (4 / 3, 3 / 2)
-TP_KINDS = {"all_gather", "reduce_scatter", "all_reduce", "none", "slice"}  # tensor-parallel communication  # (compute, op-internal collectives) factors under full recomputation
+TP_KINDS = {"all_gather", "reduce_scatter", "all_reduce", "none", "slice"}  # tensor-parallel communication
 
 
 # Per collective kind over n ranks: elements one rank encodes plus decodes, as a multiple of the tensor X of
@@ -87,7 +87,8 @@ class CostModel:
         if self.opt.ep_dispatch not in ("all_to_all", "deepep"):
             raise ValueError(f"options.ep_dispatch: {self.opt.ep_dispatch!r}; expected all_to_all or deepep")
         if self.opt.gemm_dtype == "fp8" and cluster.kernels is None:
-            raise ValueError(f"options.gemm_dtype: fp8 needs a cluster with a kernels: section ({cluster.name} has none)")
+            raise ValueError(f"options.gemm_dtype: fp8 needs a cluster with a kernels: section "
+                             f"({cluster.name} has none)")
         self.ops = [op for op in graph.ops() if op.kind not in (G.INPUT, G.OUTPUT)]
         self.groups: dict[str, GroupInfo] = {}
         self.group_of: dict[str, str] = {}

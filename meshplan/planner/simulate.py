@@ -46,7 +46,8 @@ def _row(name: str, graph: Graph, cluster: Cluster, r, global_batch: int, seq: i
 
 def simulate(graph: Graph, cluster: Cluster, gpus: int, global_batch: int, options: Options | None = None,
              reference_pp: int | None = 15, baseline_recompute: dict[str, bool] | None = None) -> list[Row]:
-    """Rows for: the planner, Megatron at its best pipeline depth, Megatron at REFERENCE.md's PP=15 (when that
+    """Rows for: the planner, Megatron at its best pipeline depth, Megatron at docs/reference.md's PP=15
+    ("Hardware") (when that
     divides the model and GPUs), MegaScale-style at PP=15, and all-EP/DP. A baseline that cannot run at all is
     reported, not raised. `baseline_recompute`: per baseline kind, its activation-recompute setting, fixed by its
     user across scales (fixed_recompute, baselines.baseline); a kind not in it: whichever fits fastest here."""
@@ -61,7 +62,7 @@ def simulate(graph: Graph, cluster: Cluster, gpus: int, global_batch: int, optio
         rows.append(_infeasible("planner", e))
     variants = [("megatron", None, "best pp")]
     if reference_pp:
-        variants.append(("megatron", reference_pp, f"pp={reference_pp} (REFERENCE.md)"))
+        variants.append(("megatron", reference_pp, f"pp={reference_pp} (docs/reference.md)"))
         variants.append(("megascale", reference_pp, f"pp={reference_pp}, SP+EP, bf16 grads"))
     variants.append(("ep_dp", None, "best pp"))
     for kind, pp, note in variants:

@@ -2,7 +2,7 @@
 
 All per-token tensors are [N, T] over action positions with a bool mask; each row's valid actions form one
 contiguous span (the response), and the value after the span's last action is 0 (the episode ends there).
-gamma = 1 and the reward sits on the final response token only (REFERENCE.md, VAPO).
+gamma = 1 and the reward sits on the final response token only (docs/reference.md, VAPO).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, lam: fl
 
 def monte_carlo_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
     """Reward-to-go sum_{l>=0} gamma^l r_{t+l}: GAE with lam = 1, whose returns do not depend on the values.
-    VAPO's value-pretraining targets (REFERENCE.md: Monte-Carlo returns, GAE lambda = 1.0)."""
+    VAPO's value-pretraining targets (docs/reference.md: Monte-Carlo returns, GAE lambda = 1.0)."""
     return gae(rewards, torch.zeros_like(rewards), mask, 1.0, gamma)[1]
 
 

@@ -1,7 +1,7 @@
 """VAPO and its baselines as configurations of one code path.
 
 Every VAPO component is one flag of AlgoConfig, so each can be switched off alone (ablations), and PPO, GRPO and
-DAPO are presets of the same flags (REFERENCE.md, VAPO section):
+DAPO are presets of the same flags (docs/reference.md, VAPO section):
 
 | flag                 | vapo        | ppo         | grpo        | dapo        |
 |----------------------|-------------|-------------|-------------|-------------|

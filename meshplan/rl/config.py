@@ -26,7 +26,7 @@ class TaskConfig:
     ops: str = "+"  # "+", "-" or "+-"
     eval_size: int = 256
     eval_seed: int = 12345
-    wrong_reward: float = 0.0  # reward of an incorrect answer: 0 or -1 (REFERENCE.md)
+    wrong_reward: float = 0.0  # reward of an incorrect answer: 0 or -1 (docs/reference.md, "VAPO")
 
 
 @dataclass

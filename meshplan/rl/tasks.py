@@ -9,7 +9,7 @@ answer needs a variable number of steps (one per column) and the model must carr
     prompt   "402-35="
     response "2-5-0=17,0-3-1=16,4-0-1=03:367"       a-b-borrow: "1d" means borrowed (d = a-b-borrow+10)
 
-Only the answer after ":" is rewarded (rule-based, REFERENCE.md VAPO: 1 if correct, else 0 or -1). A held-out
+Only the answer after ":" is rewarded (rule-based, docs/reference.md VAPO: 1 if correct, else 0 or -1). A held-out
 eval split is fixed by its own seed and excluded from training prompts.
 """
 from __future__ import annotations
@@ -143,7 +143,7 @@ class ArithmeticTask:
 
 
 def reward(correct: bool, wrong: float = 0.0) -> float:
-    """REFERENCE.md VAPO: rule-based reward, 1 if correct, else `wrong` (0 or -1)."""
+    """docs/reference.md VAPO: rule-based reward, 1 if correct, else `wrong` (0 or -1)."""
     return 1.0 if correct else wrong
 
 

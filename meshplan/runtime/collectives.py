@@ -13,7 +13,7 @@ a local slice's backward is a free zero-pad, never an all_gather.
 
 Precision: a channel's precision ("fp32" = the tensor's own dtype, "bf16", "fp8") is the wire format
 (compression.py). Data movement encodes before and decodes after; a reduction becomes an all-to-all of
-low-precision chunks and a float32 local sum (REFERENCE.md, "Communication compression"), so nothing is ever
+low-precision chunks and a float32 local sum (docs/reference.md, "Communication compression"), so nothing is ever
 accumulated in low precision. FP8 is E4M3 with per-token scales in the forward; an all-gather in the backward
 (the gradient of an FP8 reduce-scatter) uses per-channel scales over groups of 128 tokens.
 """

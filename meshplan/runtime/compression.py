@@ -1,4 +1,4 @@
-"""Wire formats of compressed collectives (REFERENCE.md, "Communication compression").
+"""Wire formats of compressed collectives (docs/reference.md, "Communication compression").
 
 A collective's precision is its wire format, never its arithmetic: values are encoded just before the bytes
 move and decoded to float32 (or the tensor's dtype) on arrival, and every reduction sums decoded values in

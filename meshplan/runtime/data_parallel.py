@@ -3,11 +3,12 @@
 A local parameter shard is replicated on every mesh axis its op does not split it on, and there its gradient is a
 Partial sum (collectives.py's convention), so the reduction is an all-reduce over exactly those axes. Gradients
 with the same set of axes and wire precision are flattened into buckets (fewer, larger collectives). Over two or
-more axes the reduction is hierarchical (REFERENCE.md): reduce on the innermost axis (intra-node) first, then on
+more axes the reduction is hierarchical (docs/reference.md, "Communication volumes"): reduce on the innermost axis
+(intra-node) first, then on
 each outer axis on the 1/n shard, then gather back outermost first, so outer links carry 1/n of the bytes.
 
 precision "fp32": reduce-scatter / all-reduce / all-gather in the gradients' dtype.
-precision "bf16" (plan precision["grad"]; REFERENCE.md, "Communication compression"): the float32-accumulated
+precision "bf16" (plan precision["grad"]; docs/reference.md, "Communication compression"): the float32-accumulated
 bucket is cast to bfloat16 ONCE; each axis's reduce-scatter is an all-to-all of bf16 shards summed locally in
 float32; the reduced shard is cast to bf16 once more and all-gathered in bf16. Why the gather is bf16 too: the
 point is half the bytes of the fp32 all-reduce (an fp32 gather would leave 3/4), and rounding a finished fp32
@@ -72,7 +73,7 @@ def reduce_flat(x: torch.Tensor, axes: tuple[AxisGroup, ...], precision: str, st
         return _reduce_fp32(x, axes, stats)
     if precision != "bf16":
         raise ValueError(f"gradient precision {precision!r}: gradients are exchanged in fp32 or bf16 "
-                         f"(REFERENCE.md: FP8 is for activations)")
+                         f"(docs/reference.md, 'Communication compression': FP8 is for activations)")
     return _reduce_bf16(x, axes, stats)
 
 

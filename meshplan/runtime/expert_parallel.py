@@ -6,9 +6,9 @@ experts (an all_to_all_single of counts). The rows then travel with uneven split
 experts on what arrived, the results travel back the reverse way (combine), and the sender forms the weighted
 sum in token order. Dropless by default; with a capacity factor the single-device choice of dropped tokens is
 reproduced exactly (moe_routing.capacity_keep). Bytes each rank sends: (rows it dispatches to other ranks) · D in
-each direction, k/n·b·s/n·D·(n-1) expected under uniform routing (REFERENCE.md, V_EP).
+each direction, k/n·b·s/n·D·(n-1) expected under uniform routing (docs/reference.md, "Communication volumes").
 
-FP8 dispatch (plan precision["dispatch"] == "fp8"; REFERENCE.md, "Communication compression"): each token is
+FP8 dispatch (plan precision["dispatch"] == "fp8"; docs/reference.md, "Communication compression"): each token is
 quantised once with a per-token scale, its k copies made by codegen's fused `permute(..., quantize=True)` (the
 same kernel a GPU run uses; its torch reference on CPU), and the codes travel as uint8 with their float32 scales
 beside them: (D + 4)/(4·D) of the fp32 bytes. The receiver dequantises before its experts. The backward sends the

@@ -29,8 +29,8 @@ from ..models import build_model, load_config
 from . import run_plan
 from .executor import ParallelModel
 from .local_spawn import first_line_of_failure, spawn
-from .verify import verify, verify_tokens
 from .process_groups import init_distributed
+from .verify import verify, verify_tokens
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

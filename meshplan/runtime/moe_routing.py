@@ -17,7 +17,13 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..models.moe_transformer import (
-    GroupedExperts, accumulation_dtype, expert_capacity, keep_mask, route, route_variant, router_logits,
+    GroupedExperts,
+    accumulation_dtype,
+    expert_capacity,
+    keep_mask,
+    route,
+    route_variant,
+    router_logits,
 )
 from .moe_kernels import combine_rows, expert_ffn_sorted, use_triton
 from .op_context import OpContext
@@ -78,8 +84,8 @@ def run_experts(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, expert: to
 
 def combine(n_tokens: int, tok: torch.Tensor, slot: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
             dtype: torch.dtype) -> torch.Tensor:
-    """Weighted sum of expert outputs per token, in float32 (float64 for float64) as the reference does. Row i of y belongs to the
-    pair (tok[i], slot[i]); on the Triton path one fused kernel gathers and sums each token's rows."""
+    """Weighted sum of expert outputs per token, in float32 (float64 for float64) as the reference does. Row i of
+    y belongs to the pair (tok[i], slot[i]); on the Triton path one fused kernel gathers and sums each token's rows."""
     if use_triton(y, "combine"):
         return combine_rows(n_tokens, tok, slot, y, weights, dtype)
     acc = accumulation_dtype(y.dtype)

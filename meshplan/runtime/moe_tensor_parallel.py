@@ -4,7 +4,7 @@ and the communication-free ones ("seq", "replicate").
 - "tp": every expert's hidden dimension split (w1/w3 rows, w2 columns, and the shared experts likewise). Every
   rank routes every token (the router is replicated), runs all experts on its hidden slice, and the weighted sum
   of the slices is the Partial output.
-- "ag_scatter" (REFERENCE.md's adjusted pattern for large top-k): the all-gather is the edge into the op; each rank
+- "ag_scatter" (docs/reference.md's adjusted pattern for large top-k): the all-gather is the edge into the op; each rank
   routes every token, scatters the assignments of its own experts locally, runs them (grouped GEMM), gathers the
   results back into token order, and its weighted sum is a Partial that the edge out reduce-scatters. Shared
   experts (replicated weights) are computed on a 1/n slice of the tokens per rank, zero elsewhere, so that they

@@ -4,7 +4,7 @@ Each rank projects q/k/v for its sequence chunk with the (replicated) weights, t
 [b, s/n, heads] into [b, s, heads/n]: query head group g and its KV heads go to rank g, and the chunks that arrive
 are concatenated in source order, which is sequence order. Attention runs on whole sequences of a head subset
 (RoPE on positions 0..s-1), and a second all-to-all turns [b, s, Hq/n] back into [b, s/n, Hq] for the replicated
-output projection. Bytes each rank sends (REFERENCE.md, V_SP, counting sends only):
+output projection. Bytes each rank sends (docs/reference.md, "Communication volumes", counting sends only):
     qkv: (n-1)/n · b·(s/n)·(Hq + 2·Hkv')·hd    out: (n-1)/n · b·s·(Hq/n)·hd
 with Hkv' = Hkv when n divides the KV heads, else n: with fewer KV heads than ranks each KV head is repeated
 n/Hkv times before the exchange so that every rank receives exactly the one its query heads use (cheaper than

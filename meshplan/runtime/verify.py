@@ -43,7 +43,8 @@ class VerifyReport:
 
     def __str__(self) -> str:
         return (f"verify: loss rel err {self.loss_error:.2e}, grads max rel err {self.grad_error:.2e} "
-                f"(this rank's worst: {self.worst_grad}), tolerance {self.tolerance:.0e}; reference step {self.reference_s:.3f} s, "
+                f"(this rank's worst: {self.worst_grad}), tolerance {self.tolerance:.0e}; "
+                f"reference step {self.reference_s:.3f} s, "
                 f"compiled step {self.compiled_s:.3f} s")
 
 
@@ -229,4 +230,5 @@ def _diagnose(pm, graph, model: nn.Module, tokens: torch.Tensor, tol: float, rep
     return f"{head}; every op's forward output matches, so the difference is in the backward or the gradient sync"
 
 
-__all__ = ["PlanVerificationError", "VerifyReport", "verify", "check_same_weights", "verify_tokens", "tolerance_for", "TOLERANCE"]
+__all__ = ["PlanVerificationError", "VerifyReport", "verify", "check_same_weights", "verify_tokens", "tolerance_for",
+           "TOLERANCE"]

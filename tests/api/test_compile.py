@@ -122,7 +122,8 @@ def test_compiled_model_trains_like_one_device_on_two_ranks(tmp_path):
     assert got["losses"] == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
     assert set(got["grads"]) == set(ref_grads)
     for name, ref in ref_grads.items():
-        torch.testing.assert_close(got["grads"][name], ref, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(got["grads"][name], ref, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_compiled_model_loss_is_the_single_device_loss_on_local_shards():

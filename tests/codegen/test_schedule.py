@@ -9,7 +9,11 @@ from hypothesis import strategies as st
 from meshplan.codegen.durations import ROOFLINES, Fixed, PlannerDurations, Roofline, durations_for, wire_bytes
 from meshplan.codegen.schedule import Schedule, ScheduleError, Slot
 from meshplan.codegen.scheduler import (
-    critical_path, earliest_start_schedule, insertion_schedule, list_schedule, sequential_schedule,
+    critical_path,
+    earliest_start_schedule,
+    insertion_schedule,
+    list_schedule,
+    sequential_schedule,
 )
 from meshplan.codegen.task_graph import BWD, FWD, Task, TaskGraphError, build_task_graph
 from meshplan.ir import Mesh, Plan, PlanError, trace
@@ -39,7 +43,7 @@ def test_ep_moe_is_a_chain_of_compute_and_all_to_alls_with_the_reference_volume(
     assert [tg[t].stream for t in chain] == ["compute", "comm", "compute", "comm", "compute"]
     a2a = [tg[t] for t in chain if tg[t].stream == "comm"]
     assert all(t.collective == "all_to_all" and t.group == 2 and t.axes == ("mp",) for t in a2a)
-    # REFERENCE.md: V_EP = 2·(k/n)·b·s·h·(n-1)/n per rank; b = 4 sequences per data-parallel replica, fp32
+    # docs/reference.md: V_EP = 2·(k/n)·b·s·h·(n-1)/n per rank; b = 4 sequences per data-parallel replica, fp32
     b, k, n, h = B // 2, 2, 2, 64
     assert sum(wire_bytes(t.collective, t.nbytes, t.group) for t in a2a) == 2 * (k / n) * b * S * h * (n - 1) / n * 4
     # backward mirrors: the same all-to-alls in reverse order
@@ -57,7 +61,7 @@ def test_ulysses_attention_volume_is_half_of_eq2():
         assert tg[nxt].deps == (prev,)
     sent = sum(wire_bytes(tg[t].collective, tg[t].nbytes, tg[t].group) for t in chain if tg[t].stream == "comm")
     b, h, n, m = B // 2, 64, 2, 2
-    eq2 = 2 * b * S * h * (n - 1) / n * (2 + 2 / m) / n  # elements; what one rank sends is half (REFERENCE.md)
+    eq2 = 2 * b * S * h * (n - 1) / n * (2 + 2 / m) / n  # elements; what one rank sends is half (docs/reference.md)
     assert sent == eq2 / 2 * 4
 
 

@@ -128,8 +128,9 @@ CLUSTER_MUTATIONS = [
     ("intra_node/efficiency/all_to_all", float("nan"), "cluster.intra_node.efficiency.all_to_all"),
     ("intra_node/efficiency/all_to_all", 2, "cluster.intra_node.efficiency.all_to_all"),
     ("inter_node/efficiency/broadcast", 0.5, "cluster.inter_node.efficiency.broadcast"),
-    ("kernels/sm_count", -1, "cluster.kernels.sm_count"), ("kernels/launch_s", float("inf"), "cluster.kernels.launch_s"),
-    ("kernels/tile", [128], "cluster.kernels.tile"), ("kernels/gemm_efficiency", 1.5, "cluster.kernels.gemm_efficiency"),
+    ("kernels/sm_count", -1, "cluster.kernels.sm_count"),
+    ("kernels/launch_s", float("inf"), "cluster.kernels.launch_s"), ("kernels/tile", [128], "cluster.kernels.tile"),
+    ("kernels/gemm_efficiency", 1.5, "cluster.kernels.gemm_efficiency"),
     ("activation_dtype", "fp16", "cluster.activation_dtype"), ("codec_efficiency/fp4", 0.5, "cluster.codec_efficiency"),
     ("name", 5, "cluster.name"), ("peak_flop", 1.0, "cluster.peak_flop"), ("cpu_cores", -1, "cluster.cpu_cores"),
 ]

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import torch
+from hf_models import batch, hf_model, hf_reference, loss_of
 
 import meshplan
 from meshplan.hf import adapt
 from meshplan.ir import Mesh, Plan, trace
 from meshplan.runtime import LocalWorld, ParallelModel
-
-from hf_models import batch, hf_model, hf_reference, loss_of
 
 LOSS_TOL, GRAD_RTOL = 1e-5, 1e-4
 

@@ -4,14 +4,13 @@ import pytest
 
 pytest.importorskip("transformers")
 
-import torch  # noqa: E402
+
+from hf_harness import GRAD_RTOL, LOSS_TOL  # noqa: E402
+from hf_models import batch, hf_model, hf_reference, loss_of  # noqa: E402
 
 from meshplan.hf.checkpoint import empty_model, load_shards  # noqa: E402
 from meshplan.ir import Mesh, Plan, trace  # noqa: E402
 from meshplan.runtime import LocalWorld, ParallelModel  # noqa: E402
-
-from hf_harness import GRAD_RTOL, LOSS_TOL  # noqa: E402
-from hf_models import batch, hf_model, hf_reference, loss_of  # noqa: E402
 
 
 @pytest.mark.parametrize("family, strategies, mesh", [

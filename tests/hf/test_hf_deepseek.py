@@ -5,13 +5,12 @@ import pytest
 pytest.importorskip("transformers")
 
 import torch  # noqa: E402
-
-from meshplan.hf import adapt  # noqa: E402
-from meshplan.ir import Mesh, Plan, trace  # noqa: E402
-
 from hf_harness import auto_plan, forced_plan, run_threads  # noqa: E402
 from hf_models import batch, hf_model  # noqa: E402
 from test_hf_parallel import PLANNED  # noqa: E402
+
+from meshplan.hf import adapt  # noqa: E402
+from meshplan.ir import Mesh, Plan, trace  # noqa: E402
 
 VARIANTS = [{}, {"q_lora_rank": 12}, {"rope_interleave": False}]
 

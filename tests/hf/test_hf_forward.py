@@ -4,12 +4,11 @@ import pytest
 pytest.importorskip("transformers")
 
 import torch  # noqa: E402
+from hf_models import FAMILIES, batch, hf_model, loss_of  # noqa: E402
 
 import meshplan  # noqa: E402
 from meshplan.hf import HFConfigError, adapt  # noqa: E402
 from meshplan.ir import PlanError  # noqa: E402
-
-from hf_models import FAMILIES, batch, hf_model, loss_of  # noqa: E402
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -4,10 +4,10 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from meshplan.ir import Mesh, Plan  # noqa: E402
-
 from hf_harness import auto_plan, forced_plan, run_threads  # noqa: E402
 from hf_models import FAMILIES  # noqa: E402
+
+from meshplan.ir import Mesh, Plan  # noqa: E402
 
 MOE = ("ep", "tp", "ag_scatter")
 CASES = [("llama", {"attention": a, "ffn": "tp"}) for a in ("sp", "tp")]

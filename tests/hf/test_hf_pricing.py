@@ -5,12 +5,11 @@ import pytest
 pytest.importorskip("transformers")
 
 import sympy  # noqa: E402
+from hf_models import hf_model  # noqa: E402
 
 from meshplan.hf import adapt  # noqa: E402
 from meshplan.ir import trace  # noqa: E402
 from meshplan.planner.memory import N, param_split  # noqa: E402
-
-from hf_models import hf_model  # noqa: E402
 
 
 def _ops(family):

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from meshplan.ir import Mesh, Partial, Plan, PlanError, Replicate, Shard, trace
 from meshplan.ir import graph as G
-from meshplan.ir.strategies import STRATEGIES, collective_names, allowed_precisions, divisibility_error
+from meshplan.ir.strategies import STRATEGIES, allowed_precisions, collective_names, divisibility_error
 from meshplan.models import ModelConfig, build_model
 
 CONFIGS = [

@@ -4,9 +4,8 @@ import sympy
 import torch
 import torch.nn as nn
 
-from meshplan.ir import B, S, TraceError, register_leaf, trace
+from meshplan.ir import B, S, TraceError, ops, register_leaf, trace
 from meshplan.ir import graph as G
-from meshplan.ir import ops
 from meshplan.models import build_model, load_config
 
 TABLE = ["internal-352b", "mixtral-8x7b", "mixtral-8x22b", "hunyuan-large", "phi-3.5-moe", "deepseekmoe"]

@@ -2,13 +2,13 @@
 import pytest
 
 from meshplan.ir import Plan
-from meshplan.resources import shipped
 from meshplan.ir import graph as G
 from meshplan.planner import MeshConfig, Options, search
 from meshplan.planner.baselines import baseline, ep_dp_plan, megatron_plan
 from meshplan.planner.cluster import load_cluster
 from meshplan.planner.plans import price_plan
 from meshplan.planner.simulate import simulate, table
+from meshplan.resources import shipped
 
 PLANS = shipped("plans")
 
@@ -71,7 +71,7 @@ def test_shipped_352b_plans_validate_and_price(graph, h800, name):
     plan.validate(g, batch=plan.mesh.axis_size("dp"), seq=8192)
     pipe = plan.meta["pipeline"]
     if name == "megatron":
-        assert pipe["stages"] == 15  # REFERENCE.md's PP=15
+        assert pipe["stages"] == 15  # docs/reference.md's PP=15
     else:  # the planner's own depth: every one of the 60 layers in exactly one of its stages
         assert len(pipe["layers_per_stage"]) == pipe["stages"] and sum(pipe["layers_per_stage"]) == 60
     priced = price_plan(g, h800, plan, 720, Options(seq=8192))

@@ -1,7 +1,6 @@
-"""Cost formulas against hand-computed values (REFERENCE.md's per-layer volumes) and against the bytes that
+"""Cost formulas against hand-computed values (docs/reference.md's per-layer volumes) and against the bytes that
 a simulated all-to-all actually moves."""
 import dataclasses
-import math
 
 import numpy as np
 import pytest
@@ -34,7 +33,7 @@ def test_v_tp_is_all_gather_plus_reduce_scatter(graph):
     assert cm.edge_kinds(norm, "seq", attn, "tp") == ("all_gather", "reduce_scatter")
     add = next(op for op in g.ops(G.GENERIC) if attn.name in op.inputs)
     assert cm.edge_kinds(attn, "tp", add, "seq") == ("reduce_scatter", "all_gather")
-    v_tp = 2 * b * s * h * (n - 1) / n * BF16  # REFERENCE.md, bytes per GPU per layer (forward)
+    v_tp = 2 * b * s * h * (n - 1) / n * BF16  # docs/reference.md, bytes per GPU per layer (forward)
     assert _sent("all_gather", b * s * h) + _sent("reduce_scatter", b * s * h) == pytest.approx(v_tp)
 
 
@@ -112,7 +111,7 @@ def test_ep_volume_matches_tokens_moved():
 
 
 def test_sp_gradients_cross_nodes_like_tp():
-    """REFERENCE.md: replicated SP weights reduce over n·d ranks hierarchically, same inter-node volume as TP:
+    """docs/reference.md: replicated SP weights reduce over n·d ranks hierarchically, same inter-node volume as TP:
     2·P/n·(d-1)/d."""
     p_bytes, d = 1e9, 6
     t = cc.traffic("all_reduce", p_bytes, n * d, n)

@@ -6,9 +6,8 @@ from pathlib import Path
 import pytest
 
 from meshplan.ir import graph as G
-from meshplan.planner import MeshConfig, Options
+from meshplan.planner import MeshConfig, Options, kernels
 from meshplan.planner import cost_model as cm
-from meshplan.planner import kernels
 from meshplan.planner.pricing import CostModel
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"

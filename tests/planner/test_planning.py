@@ -5,8 +5,7 @@ import math
 import pytest
 
 from meshplan.ir import Plan
-from meshplan.planner import CostModel, MeshConfig, Options, PlannerError, plan_model, search
-from meshplan.planner import ilp
+from meshplan.planner import CostModel, MeshConfig, Options, PlannerError, ilp, plan_model, search
 from meshplan.planner.cluster import cluster_from_dict, load_cluster
 from meshplan.planner.plans import price_plan
 from meshplan.planner.problem import evaluate

@@ -7,7 +7,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshplan.rl.advantages import (
-    final_token_rewards, gae, group_normalized_advantages, length_adaptive_lambda, monte_carlo_returns, whiten,
+    final_token_rewards,
+    gae,
+    group_normalized_advantages,
+    length_adaptive_lambda,
+    monte_carlo_returns,
+    whiten,
 )
 from meshplan.rl.algorithms import AlgoConfig, advantages_and_returns
 

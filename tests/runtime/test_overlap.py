@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from rt_harness import (
-    MESHES, batch_for, make_model, mismatches, rank_step, reference, tiny_config, uniform_plan,
+    MESHES,
+    batch_for,
+    make_model,
+    mismatches,
+    rank_step,
+    reference,
+    tiny_config,
+    uniform_plan,
 )
 
 from meshplan.codegen.emit import emit_module

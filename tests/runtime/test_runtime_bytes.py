@@ -1,4 +1,4 @@
-"""comm_stats against closed forms (volumes.py, derived from REFERENCE.md's shapes): what each rank sends per step.
+"""comm_stats against closed forms (volumes.py, derived from docs/reference.md's shapes): what each rank sends per step.
 
 Tiny model, sequence-parallel norms and residuals, so attention and FFN traffic is exactly their op's own
 collectives plus the edges in and out of them. EP with uneven routing is checked against the routed token counts
@@ -13,7 +13,13 @@ from meshplan.models import build_model, load_config
 from meshplan.runtime import LocalWorld, ParallelModel
 from meshplan.runtime.comm_stats import BWD, FWD
 from meshplan.runtime.volumes import (
-    attention_bytes, ep_counts_bytes, measure_bytes, moe_ep_bytes, moe_tp_bytes, routed_rows, split_bytes,
+    attention_bytes,
+    ep_counts_bytes,
+    measure_bytes,
+    moe_ep_bytes,
+    moe_tp_bytes,
+    routed_rows,
+    split_bytes,
 )
 
 B, S = 4, 16
@@ -64,7 +70,7 @@ def test_bytes_per_rank_match_closed_forms(tiny, n, attention, moe):
 
 
 def test_sp_vs_tp_and_ep_vs_tp_ratios(tiny):
-    """REFERENCE.md: V_SP/V_TP = (2 + 2/m)/(2n) counting sends (m = 2 here, KV heads split at n = 2), and
+    """docs/reference.md: V_SP/V_TP = (2 + 2/m)/(2n) counting sends (m = 2 here, KV heads split at n = 2), and
     V_EP/V_TP = k/n (plus the token counts, and up to the routing's unevenness)."""
     cfg, _, _ = tiny
     got = measure_bytes(cfg, n=2, batch=B, seq=S)

@@ -13,7 +13,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rt_harness import (
-    DP_ONLY, MESHES, check_threads, make_model, mismatches, op_plan, random_config, random_plan, tiny_config,
+    DP_ONLY,
+    MESHES,
+    check_threads,
+    make_model,
+    mismatches,
+    op_plan,
+    random_config,
+    random_plan,
+    tiny_config,
     uniform_plan,
 )
 

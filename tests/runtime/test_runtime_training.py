@@ -8,7 +8,6 @@ from meshplan.ir import trace
 from meshplan.ir.placement import Replicate, Shard
 from meshplan.runtime import LocalWorld, ParallelModel
 
-
 OPTIMIZERS = {  # Adam divides by sqrt(v): float32 noise in near-zero gradients moves a parameter by ~1e-6 of lr
     "sgd": (lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9), 1e-6),
     "adamw": (lambda params: torch.optim.AdamW(params, lr=1e-2), 2e-5),

@@ -8,10 +8,8 @@ modules are imported on first use of the Triton backend (see _backend.py for why
 """
 
 from ._backend import resolve_backend, triton_available
-from .fp8 import (FP8_DTYPE, FP8_MAX, dequantize_fp8, dequantize_fp8_ref, quantize_fp8,
-                  quantize_fp8_ref)
-from .grouped_gemm import (expert_ffn, grouped_gemm, grouped_gemm_ref, grouped_swiglu,
-                           grouped_swiglu_ref)
+from .fp8 import FP8_DTYPE, FP8_MAX, dequantize_fp8, dequantize_fp8_ref, quantize_fp8, quantize_fp8_ref
+from .grouped_gemm import expert_ffn, grouped_gemm, grouped_gemm_ref, grouped_swiglu, grouped_swiglu_ref
 from .moe_permute import DispatchIndex, PermuteResult, dispatch_index, permute, permute_rows_ref
 from .moe_unpermute import unpermute, unpermute_ref
 

@@ -1,4 +1,4 @@
-"""Per-token FP8 (E4M3) quantisation for MoE dispatch (REFERENCE.md, "Communication compression").
+"""Per-token FP8 (E4M3) quantisation for MoE dispatch (docs/reference.md, "Communication compression").
 
 Each row (token) t of x[T, H] gets one float32 scale s_t = amax_t / 448, where 448 is the
 largest finite float8_e4m3fn, and is sent as q = fp8(clamp(x / s_t, -448, 448)) with

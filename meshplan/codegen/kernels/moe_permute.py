@@ -6,7 +6,7 @@ the rows keep this rank's token order. Experts are owned contiguously by the EP 
 holds experts [r*experts_per_rank, (r+1)*experts_per_rank)), so the buffer splits into R =
 num_experts / experts_per_rank contiguous chunks, one per destination rank, of
 `split_sizes[r]` rows: exactly the input split of an all-to-all. MegaScale-MoE's "sorted by
-expert, then by source rank" order (REFERENCE.md, "Overlap") is what the *receiver* sees:
+expert, then by source rank" order (docs/reference.md, "Overlap") is what the *receiver* sees:
 the all-to-all concatenates what each source rank sent in rank order, so after it every
 expert's rows from rank 0 precede those from rank 1, and so on.
 
