@@ -2,7 +2,8 @@
 
 On a 2-rank in-process gloo world, every rank times, interleaved (so load drift hits both alike):
   step:   forward + backward + gradient reduction of the compiled model (what training repeats);
-  verify: the single-device reference step, the compiled step, gathering every gradient, the weight check.
+  verify: what compile(verify=True) runs: the weight check, the single-device reference step and the compiled
+          step on the smallest batch the plan accepts (one sample per data-parallel shard), the gradient check.
 Models: the tiny MoE under SP attention + EP MoE, and a nanoGPT (plain torch) under the planner's own plan.
 Writes benchmarks/results/verify_cost.json and prints a table.
 
@@ -24,7 +25,7 @@ import meshplan  # noqa: E402
 from meshplan.ir import Mesh, Plan, trace  # noqa: E402
 from meshplan.models import build_model, load_config  # noqa: E402
 from meshplan.runtime import LocalWorld, ParallelModel  # noqa: E402
-from meshplan.runtime.verify import _loss, verify, verify_tokens  # noqa: E402
+from meshplan.runtime.verify import _loss, small_batch, verify, verify_tokens  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "soundness"))
 from user_models import NanoGPT  # noqa: E402
@@ -44,6 +45,7 @@ def cases(batch: int, seq: int):
 def measure(model, plan: Plan, batch: int, seq: int, repeats: int) -> dict:
     graph = trace(model, (torch.zeros(batch, seq, dtype=torch.long),))
     tokens = verify_tokens(graph, torch.zeros(batch, seq, dtype=torch.long))
+    small = tokens[:small_batch(plan, graph, batch, seq)]  # what compile(verify=True) checks
     world = LocalWorld(plan.mesh.size, timeout_s=120)
     groups = world.groups(plan.mesh)
     models = [copy.deepcopy(model) for _ in range(plan.mesh.size)]
@@ -58,7 +60,7 @@ def measure(model, plan: Plan, batch: int, seq: int, repeats: int) -> dict:
             for p in pm.parameters():
                 p.grad = None
 
-        return interleaved({"step": step, "verify": lambda: verify(pm, models[r], graph, tokens)}, repeats)
+        return interleaved({"step": step, "verify": lambda: verify(pm, models[r], graph, small)}, repeats)
 
     t = world.run(rank)[0]
     return {"step_s": t["step"]["median_s"], "verify_s": t["verify"]["median_s"],

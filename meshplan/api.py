@@ -149,13 +149,15 @@ class CompiledModel(nn.Module):
             self.distributed = False
 
     def _verify(self, model: nn.Module, example: torch.Tensor | None):
-        """One step against the single-device model on a batch shaped like the example (runtime/verify.py)."""
-        from .runtime.verify import verify, verify_tokens
+        """One step against the single-device model on the example's smallest batch the plan runs (one sample
+        per data-parallel shard; runtime/verify.py)."""
+        from .runtime.verify import small_batch, verify, verify_tokens
 
         if any(p.is_meta for p in model.parameters()):
             raise PlanError("compile(verify=True): the model is on the meta device; verification needs the "
                             "single-device model's weights on this rank")
         example = example if example is not None else torch.zeros(self.batch, self.seq, dtype=torch.long)
+        example = example[:small_batch(self.plan, self.graph, self.batch, self.seq)]
         return verify(self.module, model, self.graph, verify_tokens(self.graph, example))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,20 @@ def verify_tokens(graph, tokens: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, tuple(tokens.shape), generator=torch.Generator().manual_seed(seed))
 
 
+def small_batch(plan, graph, batch: int, seq: int) -> int:
+    """The smallest batch (a divisor of `batch`) the plan runs at this sequence length: verification needs one
+    sample per data-parallel shard, not the training batch."""
+    from ..ir.plan import PlanError as _PlanError
+
+    for b in (d for d in range(1, batch + 1) if batch % d == 0):
+        try:
+            plan.validate(graph, batch=b, seq=seq)
+            return b
+        except _PlanError:
+            continue
+    return batch
+
+
 def _weights(out: torch.Tensor, seed: int = 1) -> torch.Tensor:
     return torch.rand(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32) + 0.5
 
@@ -231,4 +245,4 @@ def _diagnose(pm, graph, model: nn.Module, tokens: torch.Tensor, tol: float, rep
 
 
 __all__ = ["PlanVerificationError", "VerifyReport", "verify", "check_same_weights", "verify_tokens", "tolerance_for",
-           "TOLERANCE"]
+           "small_batch", "TOLERANCE"]
