@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ..table import format_table
 from .pricing import RECOMPUTE, CostModel, MeshConfig, layers_per_stage
-from .problem import Assignment, Breakdown, Problem
+from .problem import Assignment, Breakdown, Problem, stage_tail
 
 MS = 1e3
 KINDS = ("gemm", "attention", "memory", "launch")
@@ -38,17 +38,9 @@ def split(cmodel: CostModel, mc: MeshConfig, problem: Problem, a: Assignment, bd
 
 def _tail(problem: Problem, a: Assignment, bd: Breakdown) -> tuple[float, float, float]:
     """(exposed grad sync, exposed param gather, optimizer) of the stage with the largest per-step tail."""
-    alpha, best = problem.overlap, (0.0, 0.0, 0.0)
+    best = (0.0, 0.0, 0.0)
     for k, st in enumerate(problem.stages):
-        compute = sum(gc.compute for gc in bd.groups[k].values())
-        grad = gather = opt = 0.0
-        for g, c in st.groups.items():
-            ch = problem.groups[g].choices[a.strategy[g]]
-            if ch.grad:
-                grad += c * ch.grad[a.dtype(g, "grad", problem)]
-                gather += c * ch.gather
-            opt += c * ch.opt_time
-        x = (max((1 - alpha) * grad, grad - 2 / 3 * compute), max((1 - alpha) * gather, gather - compute / 3), opt)
+        x = stage_tail(problem, a, st, sum(gc.compute for gc in bd.groups[k].values()))
         if sum(x) > sum(best):
             best = x
     return best

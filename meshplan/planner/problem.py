@@ -163,17 +163,12 @@ def evaluate(p: Problem, a: Assignment) -> Breakdown:
         compute = sum(gc.compute for gc in costs.values())
         p2p = sum(c * p.groups[g].choices[a.strategy[g]].p2p for g, c in st.sends.items())
         t_stage.append(compute + sum(gc.exposed for gc in costs.values()) + p2p)
-        grad = gather = opt = static = act = 0.0
+        static = act = 0.0
         for g, c in st.groups.items():
             ch = p.groups[g].choices[a.strategy[g]]
-            if ch.grad:
-                grad += c * ch.grad[a.dtype(g, "grad", p)]
-                gather += c * ch.gather
-            opt += c * ch.opt_time
             static += c * ch.static_mem
             act += c * ch.act_mem
-        x_stage.append(max((1 - alpha) * grad, grad - 2 / 3 * compute)
-                       + max((1 - alpha) * gather, gather - 1 / 3 * compute) + opt)
+        x_stage.append(sum(stage_tail(p, a, st, compute)))
         mems.append(static + st.inflight * act)
         per_stage.append(costs)
     err2 = 0.0
@@ -191,3 +186,17 @@ def evaluate(p: Problem, a: Assignment) -> Breakdown:
     elif p.error_budget is not None and error > p.error_budget * (1 + 1e-9) + 1e-15:
         binding = f"error: {error:.3g} > budget {p.error_budget:.3g}"
     return Breakdown(step, t_stage, max(x_stage), mems, error, not binding, binding, per_stage)
+
+
+def stage_tail(p: Problem, a: Assignment, st, compute: float) -> tuple[float, float, float]:
+    """(exposed gradient sync, exposed parameter gather, optimizer) of one stage, per step: the sync hides behind
+    the backward (2/3 of the compute), the gather behind the forward (1/3), neither more than the overlap allows."""
+    alpha = p.overlap
+    grad = gather = opt = 0.0
+    for g, c in st.groups.items():
+        ch = p.groups[g].choices[a.strategy[g]]
+        if ch.grad:
+            grad += c * ch.grad[a.dtype(g, "grad", p)]
+            gather += c * ch.gather
+        opt += c * ch.opt_time
+    return (max((1 - alpha) * grad, grad - 2 / 3 * compute), max((1 - alpha) * gather, gather - compute / 3), opt)
