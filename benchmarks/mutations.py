@@ -67,7 +67,7 @@ MUTATIONS = [
              ("tests/runtime/test_wire_codecs.py::test_bf16_gradient_reduction_sums_in_float32",
               "tests/runtime/test_runtime_precision.py::test_bf16_gradient_reduction_is_close_and_summed_in_fp32")),
     Mutation("fp8-scale", "fp8 row scale amax / 240 (the e4m3fnuz maximum) instead of / 448",
-             "meshplan/codegen/kernels/fp8.py", "return amax / torch.full_like(amax, FP8_MAX)",
+             "meshplan/kernels/fp8.py", "return amax / torch.full_like(amax, FP8_MAX)",
              "return amax / torch.full_like(amax, 240.0)",
              ("tests/runtime/test_wire_codecs.py::test_fp8_row_codec_equals_the_e4m3_definition",)),
     Mutation("mfu-per-gpu", "simulate's MFU without the GPU count in its denominator",

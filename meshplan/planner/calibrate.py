@@ -59,9 +59,9 @@ def measure_copy_bandwidth(nbytes: int = 1 << 26, reps: int = 3) -> float:
 
 def measure_codec_efficiency(copy_bw: float, rows: int = 4096, dim: int = 1024, reps: int = 3) -> dict[str, float]:
     """Per compressed wire format, the fraction of copy bandwidth its encode + decode reaches on float32
-    activations, through the kernels the runtime runs here (codegen.kernels: the torch references on CPU): the
+    activations, through the kernels the runtime runs here (kernels: the torch references on CPU): the
     traffic CostModel.codec_time counts over the measured time."""
-    from ..codegen.kernels import dequantize_fp8, quantize_fp8
+    from ..kernels import dequantize_fp8, quantize_fp8
     from .collectives_cost import wire_bytes
 
     x = torch.randn(rows, dim)
