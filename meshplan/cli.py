@@ -170,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Stages register their own subcommands; a stage missing from this build simply has none.
     for module, adder in [("meshplan.demo", "add_parsers"), ("meshplan.planner.cli", "add_parsers"),
+                          ("meshplan.measure.cli", "add_parsers"),
                           ("meshplan.runtime.launch", "add_parsers"), ("meshplan.codegen.cli", "add_parsers"),
                           ("meshplan.rl.cli", "add_parsers")]:
         m = _optional(module)

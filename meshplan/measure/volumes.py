@@ -20,9 +20,9 @@ import torch
 from ..ir import Mesh, trace
 from ..ir.plan import Plan
 from ..models import ModelConfig, build_model, load_config, route
-from .comm_stats import BWD, FWD, GRAD, CommStats
-from .executor import ParallelModel
-from .local_world import LocalWorld
+from ..runtime.comm_stats import BWD, FWD, GRAD, CommStats
+from ..runtime.executor import ParallelModel
+from ..runtime.local_world import LocalWorld
 
 
 def attention_bytes(strategy: str, cfg: ModelConfig, b: int, s: int, n: int, elem: int = 4) -> int:
