@@ -49,11 +49,6 @@ def moe_ep_bytes(rows_sent: int, rows_received: int, cfg: ModelConfig, elem: int
     return (rows_sent + rows_received) * cfg.dim * elem
 
 
-def moe_ep_expected_bytes(cfg: ModelConfig, b: int, s: int, n: int, elem: int = 4) -> float:
-    """V_EP = 2·(k/n)·b·s·h·(n-1)/n under uniform routing."""
-    return 2 * cfg.top_k / n * b * s * cfg.dim * (n - 1) / n * elem
-
-
 def ep_counts_bytes(cfg: ModelConfig, n: int) -> int:
     return (n - 1) * (cfg.n_experts // n) * 8
 
