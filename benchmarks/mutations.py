@@ -81,7 +81,7 @@ MUTATIONS = [
              "meshplan/runtime/launch.py", "        pm.reduce_gradients()\n        opt.step()", "        opt.step()",
              ("tests/runtime/test_runtime_multiprocess.py::test_torchrun_end_to_end",)),
     Mutation("trace-head-ignored", "`meshplan trace --head value` traces the LM model",
-             "meshplan/cli.py", "model = _load_model(args.config, args.head)", "model = _load_model(args.config)",
+             "meshplan/cli.py", "model = load_model(args.config, args.head)", "model = load_model(args.config)",
              ("tests/cli/test_cli_commands.py::test_trace_value_head",)),
     Mutation("train-resume-dropped", "`meshplan train --resume` starts from scratch",
              "meshplan/rl/cli.py", "train(cfg, resume=args.resume,", "train(cfg, resume=False,",

@@ -10,23 +10,7 @@ import sys
 import time
 
 from ..cli_args import UsageError, int_at_least, number, positive_int
-
-
-def _graph(config: str, floor_check=None):
-    """(IR graph, config) of a model config, on the meta device (planning needs shapes only: never allocate
-    weights). floor_check(name, total_params) runs before tracing, so a model that cannot fit is told at once.
-    A Hugging Face config.json is built through meshplan.hf (its floor is checked by the search)."""
-    if str(config).endswith(".json"):
-        from ..hf.config_json import trace_config
-
-        return trace_config(config)
-    from ..ir import trace
-    from ..models import build_model, load_config
-
-    cfg = load_config(config)
-    if floor_check is not None:
-        floor_check(cfg.name, cfg.param_count())
-    return trace(build_model(cfg, device="meta")), cfg
+from ..loading import load_graph
 
 
 def _options(args, cfg):
@@ -88,7 +72,7 @@ def cmd_plan(args) -> int:
 
     t0 = time.perf_counter()
     cluster = load_cluster(args.cluster)
-    graph, cfg = _graph(args.model, lambda name, params: _floor(name, params, cluster, args))
+    graph, cfg = load_graph(args.model, lambda name, params: _floor(name, params, cluster, args))
     opts = _options(args, cfg)
     plan, r = plan_model(graph, cluster, args.gpus, args.global_batch, opts)
     plan.validate(graph, batch=r.mesh.b * r.mesh.d, seq=opts.seq)
@@ -139,7 +123,7 @@ def cmd_simulate(args) -> int:
     from . import load_cluster
     from .simulate import simulate, table
 
-    graph, cfg = _graph(args.model)
+    graph, cfg = load_graph(args.model)
     cluster = load_cluster(args.cluster)
     opts = _options(args, cfg)
     rows = simulate(graph, cluster, args.gpus, args.global_batch, opts)
