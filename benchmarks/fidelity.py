@@ -211,7 +211,7 @@ def run(model_name: str = "small", worlds=(2, 4), batch: int = 8, seq: int = 128
     from meshplan.planner import load_cluster
 
     if calibrate:
-        from meshplan.planner.calibrate import calibrate as do_calibrate
+        from meshplan.measure.calibrate import calibrate as do_calibrate
 
         path = RESULTS / "local_calibrated.yaml"
         RESULTS.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""GPU benchmark of meshplan's MoE communication kernels (meshplan/codegen/kernels).
+"""GPU benchmark of meshplan's MoE communication kernels (meshplan/kernels).
 
 For each kernel at MegaScale-MoE-like sizes (T=8192 tokens, H=4096, E=32 experts, top-k
 2..8) it first checks the Triton result against the torch reference, then times both with
@@ -62,7 +62,7 @@ def row(name, params, ms, ms_ref, ok, err, nbytes=None, flops=None, ms_ceiling=N
 
 
 def bench_fp8(K):
-    from meshplan.codegen.kernels import fp8_triton
+    from meshplan.kernels import fp8_triton
 
     x = torch.randn(T, H, device=DEVICE, dtype=torch.bfloat16)
     q, s = K.quantize_fp8(x, backend="triton")
@@ -82,7 +82,7 @@ def bench_fp8(K):
 
 
 def bench_moe(K, k):
-    from meshplan.codegen.kernels import moe_permute_triton, moe_unpermute_triton
+    from meshplan.kernels import moe_permute_triton, moe_unpermute_triton
 
     x = torch.randn(T, H, device=DEVICE, dtype=torch.bfloat16)
     topk_idx = torch.rand(T, E, device=DEVICE).topk(k, dim=1).indices
@@ -122,7 +122,7 @@ def bench_moe(K, k):
 
 
 def bench_gemm(K, k):
-    from meshplan.codegen.kernels import grouped_gemm_triton
+    from meshplan.kernels import grouped_gemm_triton
 
     e_local = E // EP
     N = T * k  # rows a rank receives when routing is balanced
@@ -164,7 +164,7 @@ GEMM_CONFIGS = {
 
 def bench_gemm_configs(K, k=2):
     """Each tile configuration of GEMM_CONFIGS on the k=2 problem, checked against the torch path."""
-    from meshplan.codegen.kernels import grouped_gemm_triton
+    from meshplan.kernels import grouped_gemm_triton
 
     e_local, N = E // EP, T * k
     counts = torch.bincount(torch.randint(0, e_local, (N,), device=DEVICE), minlength=e_local)
@@ -214,7 +214,7 @@ def main() -> int:
         return 0
     import triton
 
-    from meshplan.codegen import kernels as K
+    from meshplan import kernels as K
 
     results, t0 = [], time.time()
     ceil = ceilings()

@@ -11,26 +11,11 @@ import sys
 from pathlib import Path
 
 from .cli_args import Parser, UsageError, positive_int, run_command
+from .loading import load_model
 from .table import format_table
 
 
 # ---- trace -------------------------------------------------------------------------------------------------
-def _load_model(config: str, head: str = "lm"):
-    from .models import build_model, load_config
-
-    if config.endswith(".json"):  # a Hugging Face config.json: its causal LM on the meta device (meshplan.hf)
-        from .hf.config_json import meta_model
-
-        return meta_model(config)
-
-    cfg = load_config(config)
-    # anything past CPU size stays on the meta device (an estimate of the parameter count: embeddings, attention,
-    # every expert), so a typo'd vocab_size or n_experts never tries to allocate terabytes
-    per_layer = 4 * cfg.dim * cfg.dim + 3 * cfg.dim * cfg.ffn_dim * (cfg.n_experts + cfg.n_shared_experts + 1)
-    big = 2 * cfg.vocab_size * cfg.dim + cfg.n_layers * per_layer > 50_000_000
-    return build_model(cfg, head=head, device="meta" if big else "cpu")
-
-
 def trace_table(graph, batch: int, seq: int) -> str:
     from .ir.graph import human
 
@@ -47,7 +32,7 @@ def cmd_trace(args) -> int:
     from .ir import trace
     from .ir.graph import human
 
-    model = _load_model(args.config, args.head)
+    model = load_model(args.config, args.head)
     if args.verbose:
         from .models.config import defaults_used
 
@@ -113,7 +98,7 @@ def cmd_show(args) -> int:
 
     plan = Plan.from_yaml(Path(args.plan))
     if args.model:
-        graph = trace(_load_model(args.model))
+        graph = trace(load_model(args.model))
         check_model(plan, graph)
         plan.validate(graph)
     print(f"plan for {plan.model} on mesh {plan.mesh} ({plan.mesh.size} ranks)")
@@ -170,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Stages register their own subcommands; a stage missing from this build simply has none.
     for module, adder in [("meshplan.demo", "add_parsers"), ("meshplan.planner.cli", "add_parsers"),
+                          ("meshplan.measure.cli", "add_parsers"),
                           ("meshplan.runtime.launch", "add_parsers"), ("meshplan.codegen.cli", "add_parsers"),
                           ("meshplan.rl.cli", "add_parsers")]:
         m = _optional(module)

@@ -49,3 +49,32 @@ def test_file_helpers_are_leaves():
     for name in ("inputs.py", "resources.py"):
         assert [m for m, _ in _imports(PKG / name) if m.startswith("meshplan")
                 and m not in ("meshplan.inputs", "meshplan.resources")] == [], name
+
+
+def _violations(package: str, forbidden: tuple[str, ...]) -> list[str]:
+    """Imports in meshplan/<package>/ of any meshplan package named in `forbidden` (lazy imports included)."""
+    banned = tuple(f"meshplan.{f}" for f in forbidden)
+    return [f"{p.relative_to(PKG.parent)}:{line} imports {mod}"
+            for p in sorted((PKG / package).rglob("*.py")) for mod, line in _imports(p)
+            if any(mod == b or mod.startswith(b + ".") for b in banned)]
+
+
+def test_planner_imports_no_later_stage_and_no_measurement():
+    """The planner reads YAML (clusters, error_model.yaml) that measure/ writes; it never runs what it plans."""
+    assert _violations("planner", ("runtime", "codegen", "kernels", "measure")) == []
+
+
+def test_codegen_imports_no_runtime():
+    """Emitted modules name runtime functions in their source text; codegen itself does not import the runtime."""
+    assert _violations("codegen", ("runtime", "measure")) == []
+
+
+def test_runtime_imports_no_planner_and_no_measurement():
+    assert _violations("runtime", ("planner", "measure")) == []
+
+
+def test_kernels_import_nothing_of_meshplan():
+    bad = [f"{p.relative_to(PKG.parent)}:{line} imports {mod}"
+           for p in sorted((PKG / "kernels").rglob("*.py")) for mod, line in _imports(p)
+           if (mod == "meshplan" or mod.startswith("meshplan.")) and not mod.startswith("meshplan.kernels")]
+    assert bad == []

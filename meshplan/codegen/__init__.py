@@ -1,11 +1,11 @@
 """Codegen: from a Plan to what runs. The overlap schedule lives here (task_graph -> durations -> scheduler ->
-schedule, inspected with `meshplan schedule`); Triton kernels live in codegen/kernels/.
+schedule, inspected with `meshplan schedule`) and the emitted overlap code; Triton kernels live in meshplan/kernels/.
 
 Typical use:
     tg = build_task_graph(graph, plan, batch, seq, chunks=2)
     sch = list_schedule(tg, durations_for("h800")).validate(set(tg.tasks))
 
-The names below load on first use: importing `meshplan.codegen.kernels` must stay free of the IR (whose torch.fx
+The names below load on first use: importing `meshplan.kernels` must stay free of the IR (whose torch.fx
 imports pull in triton), so this package imports nothing eagerly.
 """
 import importlib

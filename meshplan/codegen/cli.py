@@ -28,9 +28,9 @@ def comparison_table(schedules: dict[str, Schedule], lower_bound: float) -> str:
 
 
 def cmd_schedule(args) -> int:
-    from ..cli import _load_model
     from ..ir import Plan, trace
     from ..ir.plan import check_model
+    from ..loading import load_model
     from ..models import ConfigError
     from .durations import durations_for
     from .scheduler import compare, critical_path
@@ -48,7 +48,7 @@ def cmd_schedule(args) -> int:
         if isinstance(e, ConfigError):  # a malformed cluster file: main() prints it
             raise
         return _error(f"--cluster: {e}")
-    model = _load_model(args.model)
+    model = load_model(args.model)
     seq = args.seq or model.config.max_seq_len
     if seq > model.config.max_seq_len:
         return _error(f"--seq: {seq} is longer than the model's max_seq_len {model.config.max_seq_len}")

@@ -19,6 +19,7 @@ from ..ir import graph as G
 from ..ir.graph import Graph, Op, dtype_size
 from ..ir.placement import Shard
 from ..ir.plan import Plan, evaluate_shape
+from ..ir.strategies import PRECISION_BYTES
 
 COMPUTE, COMM = "compute", "comm"
 STREAMS = (COMPUTE, COMM)
@@ -28,7 +29,6 @@ STREAMS = (COMPUTE, COMM)
 # of a partial sum passes its (replicated) gradient through; a local slice's gradient must be all-gathered.
 MIRROR = {"all_to_all": "all_to_all", "all_gather": "reduce_scatter", "reduce_scatter": "all_gather",
           "all_reduce": None, "slice": "all_gather", None: None}
-PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
 DDP_BUCKET_BYTES = 25 * 2**20  # PyTorch DDP's default bucket_cap_mb
 
 

@@ -18,13 +18,12 @@ from ..ir import graph as G
 from ..ir.graph import Graph
 from ..ir.placement import Shard
 from ..ir.plan import Plan
-from ..ir.strategies import transition
+from ..ir.strategies import PRECISION_BYTES, transition
 from .phases import (
     COMM,
     COMPUTE,
     DDP_BUCKET_BYTES,
     MIRROR,
-    PRECISION_BYTES,
     OpView,
     Phase,
     grad_phases,

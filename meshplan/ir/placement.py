@@ -53,7 +53,3 @@ def parse_placement(text: str) -> Placement:
     if m := _PARTIAL.match(t):
         return Partial(m.group(1))
     raise ValueError(f"not a placement: {text!r} (expected 'S(dim)', 'R' or 'P(sum|avg)')")
-
-
-def format_placements(placements: tuple[Placement, ...] | list[Placement]) -> list[str]:
-    return [str(p) for p in placements]

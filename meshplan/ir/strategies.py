@@ -20,6 +20,7 @@ from .placement import Partial, Placement, Replicate, Shard
 
 SEQ, BATCH = Shard(1), Shard(0)
 PRECISIONS = ("fp32", "bf16", "fp8")
+PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}  # bytes per element on the wire (fp8 scales counted apart)
 GRAD = "grad"  # the data-parallel gradient reduction of an op's parameters
 
 

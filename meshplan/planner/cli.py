@@ -1,4 +1,4 @@
-"""The planner's subcommands: `meshplan plan`, `meshplan simulate`, `meshplan calibrate`.
+"""The planner's subcommands: `meshplan plan`, `meshplan simulate` (`meshplan calibrate` is measure/cli.py).
 
 meshplan/cli.py calls `add_parsers(subparsers)`; each command is also usable alone via its add_*_parser helper.
 """
@@ -8,27 +8,9 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-from ..cli_args import UsageError, int_at_least, int_list, number, positive_int
-from ..inputs import user_config_dir
-
-
-def _graph(config: str, floor_check=None):
-    """(IR graph, config) of a model config, on the meta device (planning needs shapes only: never allocate
-    weights). floor_check(name, total_params) runs before tracing, so a model that cannot fit is told at once.
-    A Hugging Face config.json is built through meshplan.hf (its floor is checked by the search)."""
-    if str(config).endswith(".json"):
-        from ..hf.config_json import trace_config
-
-        return trace_config(config)
-    from ..ir import trace
-    from ..models import build_model, load_config
-
-    cfg = load_config(config)
-    if floor_check is not None:
-        floor_check(cfg.name, cfg.param_count())
-    return trace(build_model(cfg, device="meta")), cfg
+from ..cli_args import UsageError, int_at_least, number, positive_int
+from ..loading import load_graph
 
 
 def _options(args, cfg):
@@ -90,7 +72,7 @@ def cmd_plan(args) -> int:
 
     t0 = time.perf_counter()
     cluster = load_cluster(args.cluster)
-    graph, cfg = _graph(args.model, lambda name, params: _floor(name, params, cluster, args))
+    graph, cfg = load_graph(args.model, lambda name, params: _floor(name, params, cluster, args))
     opts = _options(args, cfg)
     plan, r = plan_model(graph, cluster, args.gpus, args.global_batch, opts)
     plan.validate(graph, batch=r.mesh.b * r.mesh.d, seq=opts.seq)
@@ -141,7 +123,7 @@ def cmd_simulate(args) -> int:
     from . import load_cluster
     from .simulate import simulate, table
 
-    graph, cfg = _graph(args.model)
+    graph, cfg = load_graph(args.model)
     cluster = load_cluster(args.cluster)
     opts = _options(args, cfg)
     rows = simulate(graph, cluster, args.gpus, args.global_batch, opts)
@@ -158,42 +140,9 @@ def cmd_simulate(args) -> int:
     return 0
 
 
-# ---- calibrate -------------------------------------------------------------------------------------------------
-def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("calibrate", help="measure this machine (matmul, gloo collectives) into a cluster YAML",
-                              description="Measure this machine (matmul rate, copy bandwidth, gloo alpha/beta per "
-                                          "collective) into a cluster YAML in your config directory.")
-    p.add_argument("--out", default=None,
-                   help="output YAML (default $XDG_CONFIG_HOME/meshplan/clusters/local.yaml, which --cluster local "
-                        "then reads)")
-    p.add_argument("--ranks", type=int_list(2, 64), default=(2, 4),
-                   help="rank counts to measure, comma-separated (default 2,4)")
-    p.add_argument("--sizes", type=int_list(1, 1 << 30), default=None,
-                   help="bytes held per rank, comma-separated (default 4K..4M)")
-    p.add_argument("--reps", type=int_at_least(1, 1000), default=5, help="timed repetitions per point (median)")
-    p.set_defaults(func=cmd_calibrate)
-    return p
-
-
-def cmd_calibrate(args) -> int:
-    from ..table import format_table
-    from .calibrate import DEFAULT_SIZES, calibrate
-
-    out = Path(args.out) if args.out else user_config_dir() / "clusters" / "local.yaml"
-    cluster, samples = calibrate(out, args.ranks, args.sizes or DEFAULT_SIZES, args.reps)
-    print(f"matmul peak {cluster.peak_flops / 1e9:.1f} GFLOP/s (size efficiency c = {cluster.gemm_half_size:.0f}), "
-          f"copy bandwidth {cluster.hbm_bandwidth / 1e9:.1f} GB/s")
-    rows = [[k, f"{ab.latency * 1e6:.1f}", f"{ab.bandwidth / 1e9:.3f}"]
-            for k, ab in cluster.intra_node.collectives.items()]
-    print(format_table(["collective", "alpha us/step", "bandwidth GB/s"], rows, align="lrr"))
-    print(f"wrote {out} ({len(samples)} samples)")
-    return 0
-
-
 def add_parsers(subparsers) -> None:
     add_plan_parser(subparsers)
     add_simulate_parser(subparsers)
-    add_calibrate_parser(subparsers)
 
 
 def main(argv=None) -> int:

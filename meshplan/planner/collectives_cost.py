@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import sympy
 
+from ..ir.strategies import PRECISION_BYTES
 from . import error_model
 from .cluster import Cluster
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
 FP8_SCALE_BYTES = 4  # one fp32 scale per token row (docs/reference.md, "Communication compression": per-token scales)
 # Fallback when no measured error model exists: unit roundoff 2^-p of a format with p significand bits (bf16 8,
 # e4m3 4). fp32 is the reference the error budget is measured against, so it adds no error.
@@ -119,7 +119,7 @@ def comm_time(kind: str, t: Traffic, cluster: Cluster, symbolic: bool = False, l
 
 def wire_bytes(elems, rows, dtype: str):
     """Bytes of a tensor of `elems` values in `rows` token rows sent in `dtype` (fp8 adds a scale per row)."""
-    return elems * DTYPE_BYTES[dtype] + (rows * FP8_SCALE_BYTES if dtype == "fp8" else 0)
+    return elems * PRECISION_BYTES[dtype] + (rows * FP8_SCALE_BYTES if dtype == "fp8" else 0)
 
 
 def relative_error(kind: str, dtype: str, n: int) -> float:

@@ -101,7 +101,7 @@ def explain_op(cmodel: CostModel, mc: MeshConfig, problem: Problem, a: Assignmen
                          f"(peak {cl.peak_flops:.3g} x gemm_efficiency {cl.gemm_efficiency})")
         for coll in t.colls:
             x = coll.elems.subs(N, mc.n)
-            sent = cc.traffic(coll.kind, x * cc.DTYPE_BYTES["bf16"], mc.n, loc["mp"]).bytes
+            sent = cc.traffic(coll.kind, x * cc.PRECISION_BYTES["bf16"], mc.n, loc["mp"]).bytes
             times = ", ".join(f"{dt} {ch.colls[coll.name][dt] * MS:.4f} ms" for dt in PRECISIONS)
             lines.append(f"  {coll.name}: {coll.kind}, X = {_fmt(coll.elems, mc.n)} elements; bf16 bytes sent/GPU = "
                          f"{_fmt(sent, mc.n)} = {float(sympy.sympify(sent).subs(at)):.4g}; fwd+bwd: {times}")

@@ -22,14 +22,14 @@ PARAM_DTYPE = "bf16"
 
 def reduce_time(cm, elems, n: int, local: int, dtype: str) -> float:
     """Seconds to reduce `elems` gradients over n ranks (`local` per node) in `dtype`; cm: a pricing.CostModel."""
-    size = cc.DTYPE_BYTES[dtype]
+    size = cc.PRECISION_BYTES[dtype]
     if not elems or n <= 1:
         return 0.0  # nothing to reduce: no collective
     dist = cm.opt.zero
     if dtype == "fp32":
         return cm._time("reduce_scatter" if dist else "all_reduce", elems * size, n, local)
     cl = cm.cluster
-    codec = 2 * elems * (cc.DTYPE_BYTES["fp32"] + size) / (cl.hbm_bandwidth * cl.codec(dtype))
+    codec = 2 * elems * (cc.PRECISION_BYTES["fp32"] + size) / (cl.hbm_bandwidth * cl.codec(dtype))
     # all_to_all's X is the group's whole tensor (each rank scatters all of its part); without the distributed
     # optimizer the all-gathers return the reduced shards in the same two levels.
     l = max(1, min(local, n))
@@ -46,4 +46,4 @@ def param_gather_time(cm, elems, n: int, local: int) -> float:
     """The distributed optimizer's all-gather of `elems` updated BF16 parameters over n ranks."""
     if not elems or n <= 1:
         return 0.0
-    return cm._time("all_gather", elems * cc.DTYPE_BYTES[PARAM_DTYPE], n, local)
+    return cm._time("all_gather", elems * cc.PRECISION_BYTES[PARAM_DTYPE], n, local)

@@ -26,14 +26,14 @@ TIE_BREAK = 1e-6
 
 
 def _sum(terms):
-    import pulp  # lazy, as in solve()
+    import pulp  # lazy, as in StepTimeILP
     return pulp.lpSum(terms) if terms else 0
 
 
 def _solver(time_limit: float | None):
     """CBC: a system install (COIN_CMD) if there is one, else the binary bundled with pulp (PULP_CBC_CMD, which
     pulp 3.3 marks deprecated for 4.0 but still ships)."""
-    import pulp  # lazy, as in solve()
+    import pulp  # lazy, as in StepTimeILP
     opts = dict(msg=False, gapRel=1e-9, timeLimit=time_limit)
     if pulp.COIN_CMD().available():
         return pulp.COIN_CMD(**opts)
@@ -43,7 +43,7 @@ def _solver(time_limit: float | None):
 
 
 def _var(lp, name: str, cat: str = "Continuous", low: float | None = 0):
-    import pulp  # lazy, as in solve()
+    import pulp  # lazy, as in StepTimeILP
     if hasattr(lp, "add_variable"):  # pulp >= 3.3
         return lp.add_variable(name, lowBound=low, cat=cat)
     return pulp.LpVariable(name, lowBound=low, cat=cat)
@@ -51,122 +51,180 @@ def _var(lp, name: str, cat: str = "Continuous", low: float | None = 0):
 
 def solve(p: Problem, time_limit: float | None = None) -> tuple[Assignment, float] | None:
     """The optimal assignment and its step time (s), or None if no assignment fits the constraints."""
-    import pulp  # imported on first solve: the cost model and codegen's durations need no solver
-    lp = pulp.LpProblem("meshplan", pulp.LpMinimize)
-    ids = {g: i for i, g in enumerate(p.groups)}
-    x = {}
-    for g, grp in p.groups.items():
-        for s in grp.choices:
-            x[g, s] = _var(lp, f"x_{ids[g]}_{s}", "Binary")
-        lp += pulp.lpSum(x[g, s] for s in grp.choices) == 1
+    return StepTimeILP(p).solve(time_limit)
 
-    def per_dtype(name: str, base, dts) -> dict:
+
+class StepTimeILP:
+    """The ILP of one Problem, built one named family of variables and constraints at a time (the shape of
+    autoparallel's ShardingOptimizer): strategy choice, precisions of each group's collectives, edge pairs, per-stage
+    time, tails and memory, the error budget, the objective."""
+
+    def __init__(self, p: Problem):
+        import pulp  # imported on first solve: the cost model and codegen's durations need no solver
+
+        self.pulp, self.p = pulp, p
+        self.lp = pulp.LpProblem("meshplan", pulp.LpMinimize)
+        self.ids = {g: i for i, g in enumerate(p.groups)}
+        self.x, self.wvars, self.zvars, self.err_terms, self.tie_break = {}, {}, {}, [], []
+        self.own_time, self.own_floor, self.grad_time, self.gather_time = {}, {}, {}, {}
+        self.edge_time, self.edge_floor = {}, {}
+        self.add_unique_strategy_constraint()
+        self.add_group_collectives()
+        self.add_edge_pairs()
+        self.T, self.X = _var(self.lp, "T"), _var(self.lp, "X")
+        for k, st in enumerate(p.stages):
+            self.add_stage_constraints(k, st)
+        self.add_error_budget_constraint()
+        self.step = (p.microbatches + p.pp - 1) * self.T + self.X
+        self.set_objective()
+
+    def per_dtype(self, name: str, base, dts) -> dict:
         """Binary copies of the 0/1 quantity `base`, one per precision, exactly one of them on when base is."""
         if len(dts) == 1:
             return {dts[0]: base}
-        v = {dt: _var(lp, f"{name}_{dt}", "Binary") for dt in dts}
-        lp.addConstraint(pulp.lpSum(v.values()) == base)
+        v = {dt: _var(self.lp, f"{name}_{dt}", "Binary") for dt in dts}
+        self.lp.addConstraint(self.pulp.lpSum(v.values()) == base)
         return v
 
-    a = p.overlap
-    own_time, own_floor, grad_time, gather_time, err_terms, wvars = {}, {}, {}, {}, [], {}
-    for g, grp in p.groups.items():
-        own, floor, grad = [], [], []
-        for s, ch in grp.choices.items():
-            for c, times in list(ch.colls.items()) + ([("grad", ch.grad)] if ch.grad else []):
-                w = per_dtype(f"w_{ids[g]}_{s}_{c}", x[g, s], grp.dtypes[c])
-                wvars[g, s, c] = w
-                (grad if c == "grad" else own).extend(times[dt] * MS * w[dt] for dt in w if times[dt])
-                if c != "grad":
-                    floor.extend(ch.floor(c, dt, a) * MS * w[dt] for dt in w if times[dt])
-                err_terms += [grp.count * ch.err2[c][dt] * w[dt] for dt in w if ch.err2.get(c, {}).get(dt)]
-        own_time[g], own_floor[g], grad_time[g] = _sum(own), _sum(floor), _sum(grad)
-        gather_time[g] = _sum([ch.gather * MS * x[g, s] for s, ch in grp.choices.items() if ch.gather])
+    def add_unique_strategy_constraint(self) -> None:
+        """x[g,s]: each group takes exactly one strategy."""
+        for g, grp in self.p.groups.items():
+            for s in grp.choices:
+                self.x[g, s] = _var(self.lp, f"x_{self.ids[g]}_{s}", "Binary")
+            self.lp += self.pulp.lpSum(self.x[g, s] for s in grp.choices) == 1
 
-    edge_time, edge_floor, zvars = {}, {}, {}
-    for ei, e in enumerate(p.edges):
-        src, dst = p.groups[e.src], p.groups[e.dst]
-        if e.src == e.dst:  # a self-edge only ever pairs a strategy with itself
-            y = {(s, t): (x[e.src, s] if s == t else 0) for s in src.choices for t in dst.choices}
-        else:
-            y = {(s, t): _var(lp, f"y_{ei}_{s}_{t}") for s in src.choices for t in dst.choices}
-            for s in src.choices:
-                lp += pulp.lpSum(y[s, t] for t in dst.choices) == x[e.src, s]
-            for t in dst.choices:
-                lp += pulp.lpSum(y[s, t] for s in src.choices) == x[e.dst, t]
-        terms, floor = [], []
-        for (s, t), times in e.cost.items():
-            if isinstance(y[s, t], int):
-                continue
-            z = per_dtype(f"z_{ei}_{s}_{t}", y[s, t], e.dtypes)
-            zvars[ei, s, t] = z
-            terms += [times[dt] * MS * z[dt] for dt in z if times[dt]]
-            floor += [(1 - e.hide.get((s, t), a)) * times[dt] * MS * z[dt] for dt in z if times[dt]]
-            err_terms += [e.count * e.err2[s, t][dt] * z[dt] for dt in z if e.err2.get((s, t), {}).get(dt)]
-        edge_time[ei], edge_floor[ei] = _sum(terms), _sum(floor)
+    def add_group_collectives(self) -> None:
+        """w[g,s,c,dt]: a precision per collective of the chosen strategy; each group's own, exposed-floor,
+        gradient and parameter-gather times, and its squared-error terms."""
+        a, x = self.p.overlap, self.x
+        for g, grp in self.p.groups.items():
+            own, floor, grad = [], [], []
+            for s, ch in grp.choices.items():
+                for c, times in list(ch.colls.items()) + ([("grad", ch.grad)] if ch.grad else []):
+                    w = self.per_dtype(f"w_{self.ids[g]}_{s}_{c}", x[g, s], grp.dtypes[c])
+                    self.wvars[g, s, c] = w
+                    (grad if c == "grad" else own).extend(times[dt] * MS * w[dt] for dt in w if times[dt])
+                    if c != "grad":
+                        floor.extend(ch.floor(c, dt, a) * MS * w[dt] for dt in w if times[dt])
+                    self.err_terms += [grp.count * ch.err2[c][dt] * w[dt] for dt in w
+                                       if ch.err2.get(c, {}).get(dt)]
+            self.own_time[g], self.own_floor[g], self.grad_time[g] = _sum(own), _sum(floor), _sum(grad)
+            self.gather_time[g] = _sum([ch.gather * MS * x[g, s] for s, ch in grp.choices.items() if ch.gather])
 
-    T, X = _var(lp, "T"), _var(lp, "X")
-    # Stages off the critical path are indifferent to the main objective; a tiny weight on their own times makes
-    # them well-planned too (and the solution deterministic) without changing the optimum's step time.
-    tie_break = []
-    for k, st in enumerate(p.stages):
-        comm, floors = defaultdict(list), defaultdict(list)
-        compute = {}
+    def _edge_pair_vars(self, ei: int, e) -> dict:
+        """y[e,s,t] = x[src,s]·x[dst,t], linearised by its marginals (a self-edge pairs a strategy with itself)."""
+        src, dst, x, lp = self.p.groups[e.src], self.p.groups[e.dst], self.x, self.lp
+        if e.src == e.dst:
+            return {(s, t): (x[e.src, s] if s == t else 0) for s in src.choices for t in dst.choices}
+        y = {(s, t): _var(lp, f"y_{ei}_{s}_{t}") for s in src.choices for t in dst.choices}
+        for s in src.choices:
+            lp += self.pulp.lpSum(y[s, t] for t in dst.choices) == x[e.src, s]
+        for t in dst.choices:
+            lp += self.pulp.lpSum(y[s, t] for s in src.choices) == x[e.dst, t]
+        return y
+
+    def add_edge_pairs(self) -> None:
+        """z[e,s,t,dt]: a precision per communicating strategy pair of each edge; the edge's times and errors."""
+        a = self.p.overlap
+        for ei, e in enumerate(self.p.edges):
+            y = self._edge_pair_vars(ei, e)
+            terms, floor = [], []
+            for (s, t), times in e.cost.items():
+                if isinstance(y[s, t], int):
+                    continue
+                z = self.per_dtype(f"z_{ei}_{s}_{t}", y[s, t], e.dtypes)
+                self.zvars[ei, s, t] = z
+                terms += [times[dt] * MS * z[dt] for dt in z if times[dt]]
+                floor += [(1 - e.hide.get((s, t), a)) * times[dt] * MS * z[dt] for dt in z if times[dt]]
+                self.err_terms += [e.count * e.err2[s, t][dt] * z[dt] for dt in z
+                                   if e.err2.get((s, t), {}).get(dt)]
+            self.edge_time[ei], self.edge_floor[ei] = _sum(terms), _sum(floor)
+
+    def _stage_time(self, k: int, st):
+        """One stage's time per micro-batch: compute + exposed communication per group (E, two lower bounds) +
+        pipeline sends. Returns (stage time, total compute)."""
+        pulp, p, x, lp = self.pulp, self.p, self.x, self.lp
+        comm, floors, compute = defaultdict(list), defaultdict(list), {}
         for g, c in st.groups.items():
             compute[g] = c * pulp.lpSum(ch.compute * MS * x[g, s] for s, ch in p.groups[g].choices.items())
-            comm[g].append(c * own_time[g])
-            floors[g].append(c * own_floor[g])
+            comm[g].append(c * self.own_time[g])
+            floors[g].append(c * self.own_floor[g])
         for ei, c in st.edges.items():
-            comm[p.edges[ei].dst].append(c * edge_time[ei])
-            floors[p.edges[ei].dst].append(c * edge_floor[ei])
+            comm[p.edges[ei].dst].append(c * self.edge_time[ei])
+            floors[p.edges[ei].dst].append(c * self.edge_floor[ei])
         exposed = []
         for g in st.groups:
-            E = _var(lp, f"E_{k}_{ids[g]}")
-            cm = pulp.lpSum(comm[g])
+            E = _var(lp, f"E_{k}_{self.ids[g]}")
             lp += E >= pulp.lpSum(floors[g])
-            lp += E >= cm - compute[g]
+            lp += E >= pulp.lpSum(comm[g]) - compute[g]
             exposed.append(E)
         p2p = [c * ch.p2p * MS * x[g, s] for g, c in st.sends.items() for s, ch in p.groups[g].choices.items()
                if ch.p2p]
         total_compute = pulp.lpSum(compute.values())
-        stage_time = total_compute + pulp.lpSum(exposed) + _sum(p2p)
-        lp += T >= stage_time
-        grad = pulp.lpSum(c * grad_time[g] for g, c in st.groups.items())
+        return total_compute + pulp.lpSum(exposed) + _sum(p2p), total_compute
+
+    def _stage_tail(self, k: int, st, total_compute):
+        """The per-step tail after a stage's last micro-batch: exposed gradient reduction (GX), exposed parameter
+        gathers (PX) and the optimizer step."""
+        pulp, p, x, lp, a = self.pulp, self.p, self.x, self.lp, self.p.overlap
+        grad = pulp.lpSum(c * self.grad_time[g] for g, c in st.groups.items())
         GX = _var(lp, f"GX_{k}")
         lp += GX >= (1 - a) * grad
         lp += GX >= grad - 2 / 3 * total_compute
-        gather = pulp.lpSum(c * gather_time[g] for g, c in st.groups.items())
+        gather = pulp.lpSum(c * self.gather_time[g] for g, c in st.groups.items())
         PX = _var(lp, f"PX_{k}")
         lp += PX >= (1 - a) * gather
         lp += PX >= gather - 1 / 3 * total_compute
         opt = _sum([c * ch.opt_time * MS * x[g, s] for g, c in st.groups.items()
                     for s, ch in p.groups[g].choices.items() if ch.opt_time])
-        lp += X >= GX + PX + opt
-        tie_break += [stage_time, GX + PX + opt]
-        if p.mem_limit < float("inf"):
-            mem = [c * (ch.static_mem + st.inflight * ch.act_mem) * GB * x[g, s]
-                   for g, c in st.groups.items() for s, ch in p.groups[g].choices.items()]
-            lp += pulp.lpSum(mem) <= p.mem_limit * GB
-    if p.error_budget is not None and err_terms:
-        if p.error_budget > 0:
-            lp += pulp.lpSum(err_terms) * (1.0 / p.error_budget ** 2) <= 1
+        return GX + PX + opt
+
+    def add_stage_constraints(self, k: int, st) -> None:
+        """T >= every stage's time, X >= every stage's tail, and each stage's memory within the limit."""
+        stage_time, total_compute = self._stage_time(k, st)
+        self.lp += self.T >= stage_time
+        tail = self._stage_tail(k, st, total_compute)
+        self.lp += self.X >= tail
+        # Stages off the critical path are indifferent to the main objective; a tiny weight on their own times
+        # makes them well-planned too (and the solution deterministic) without changing the optimum's step time.
+        self.tie_break += [stage_time, tail]
+        if self.p.mem_limit < float("inf"):
+            mem = [c * (ch.static_mem + st.inflight * ch.act_mem) * GB * self.x[g, s]
+                   for g, c in st.groups.items() for s, ch in self.p.groups[g].choices.items()]
+            self.lp += self.pulp.lpSum(mem) <= self.p.mem_limit * GB
+
+    def add_error_budget_constraint(self) -> None:
+        """Sum of squared relative errors <= budget² (errors add in variance)."""
+        budget = self.p.error_budget
+        if budget is None or not self.err_terms:
+            return
+        if budget > 0:
+            self.lp += self.pulp.lpSum(self.err_terms) * (1.0 / budget ** 2) <= 1
         else:
-            lp += pulp.lpSum(err_terms) <= 0
-    step = (p.microbatches + p.pp - 1) * T + X
-    lp += step + TIE_BREAK * pulp.lpSum(tie_break)
-    status = lp.solve(_solver(time_limit))
-    if pulp.LpStatus[status] != "Optimal":
-        return None
+            self.lp += self.pulp.lpSum(self.err_terms) <= 0
 
-    def on(v) -> bool:
-        return (v if isinstance(v, (int, float)) else pulp.value(v) or 0) > 0.5
+    def set_objective(self) -> None:
+        self.lp += self.step + TIE_BREAK * self.pulp.lpSum(self.tie_break)
 
-    strategy = {g: max(grp.choices, key=lambda s: pulp.value(x[g, s]) or 0) for g, grp in p.groups.items()}
-    precision = {(g, c): next(dt for dt, v in w.items() if on(v))
-                 for (g, s, c), w in wvars.items() if s == strategy[g]}
-    edge_precision = {}
-    for (ei, s, t), z in zvars.items():
-        e = p.edges[ei]
-        if (s, t) == (strategy[e.src], strategy[e.dst]):
-            edge_precision[ei] = next(dt for dt, v in z.items() if on(v))
-    return Assignment(strategy, precision, edge_precision), pulp.value(step) / MS
+    def solve(self, time_limit: float | None = None) -> tuple[Assignment, float] | None:
+        status = self.lp.solve(_solver(time_limit))
+        if self.pulp.LpStatus[status] != "Optimal":
+            return None
+        return self.assignment(), self.pulp.value(self.step) / MS
+
+    def assignment(self) -> Assignment:
+        """The solved strategy of each group and precision of each chosen collective and edge."""
+        value, p = self.pulp.value, self.p
+
+        def on(v) -> bool:
+            return (v if isinstance(v, (int, float)) else value(v) or 0) > 0.5
+
+        strategy = {g: max(grp.choices, key=lambda s: value(self.x[g, s]) or 0) for g, grp in p.groups.items()}
+        precision = {(g, c): next(dt for dt, v in w.items() if on(v))
+                     for (g, s, c), w in self.wvars.items() if s == strategy[g]}
+        edge_precision = {}
+        for (ei, s, t), z in self.zvars.items():
+            e = p.edges[ei]
+            if (s, t) == (strategy[e.src], strategy[e.dst]):
+                edge_precision[ei] = next(dt for dt, v in z.items() if on(v))
+        return Assignment(strategy, precision, edge_precision)

@@ -65,7 +65,10 @@ def param_split(op: Op, cand: str) -> tuple[sympy.Expr, sympy.Expr]:
             # fused gate/up (HF's gate_up_proj) stays whole on every rank under tp (runtime/sharding.py): only
             # w2 is split, and w13's gradient is a partial sum over the model axis like a replicated weight's
             return experts / 3 / N + shared / N + router, sympy.Integer(2 * e * d * a["ffn_dim"])
-        # tp / ag_scatter: the router runs redundantly on the gathered tokens; shared experts split like TP
+        if cand == "ag_scatter":  # local experts; the runtime keeps the shared experts whole (runtime/sharding.py)
+            # and runs them on 1/n of the tokens per rank, so their gradient is reduced over the model axis too
+            return experts / N + router, sympy.Integer(shared)
+        # tp: the router runs redundantly on the gathered tokens; shared experts split like the routed ones
         return experts / N + shared / N + router, sympy.Integer(0)
     return p / N, sympy.Integer(0)  # ffn / linear tp, embedding vocab
 

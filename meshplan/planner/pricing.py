@@ -194,7 +194,7 @@ class CostModel:
         native = self.opt.activation_dtype or self.cluster.activation_dtype
         if dtype == native or n <= 1 or kind not in CODEC_SHARE:
             return 0.0
-        traffic = CODEC_SHARE[kind](n) * (elems * cc.DTYPE_BYTES[native] + cc.wire_bytes(elems, rows, dtype))
+        traffic = CODEC_SHARE[kind](n) * (elems * cc.PRECISION_BYTES[native] + cc.wire_bytes(elems, rows, dtype))
         return traffic / (self.cluster.hbm_bandwidth * self.cluster.codec(dtype))
 
     def grad_time(self, split, rep, mc: MeshConfig, dtype: str = "bf16") -> float:

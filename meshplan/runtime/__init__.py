@@ -4,9 +4,8 @@ from .executor import ParallelModel
 from .local_world import LocalWorld
 from .process_groups import MeshGroups, init_distributed
 from .redistribute import redistribute
-from .volumes import measure_bytes
 
-__all__ = ["CommStats", "LocalWorld", "MeshGroups", "ParallelModel", "cli_run", "init_distributed", "measure_bytes",
+__all__ = ["CommStats", "LocalWorld", "MeshGroups", "ParallelModel", "cli_run", "init_distributed",
            "redistribute"]
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from ..codegen.kernels import FP8_MAX, quantize_fp8
-from ..codegen.kernels.fp8 import AMAX_FLOOR
+from ..kernels import FP8_MAX, quantize_fp8
+from ..kernels.fp8 import AMAX_FLOOR
 
 FP8 = torch.float8_e4m3fn
 BLOCK_TOKENS = 128

@@ -15,7 +15,7 @@ point is half the bytes of the fp32 all-reduce (an fp32 gather would leave 3/4),
 sum is not low-precision accumulation. Every rank, the shard's owner included, decodes the same bf16 values, so
 the replicas stay bit-identical. Roundings per value: one at the source, one for the gather, and over two axes
 one more of the intra-node fp32 partial sum before the inter-node hop -- the only alternative, forwarding the
-unsummed bf16 pieces, would send n times the bytes over the slow link (error_model.py measures all three).
+unsummed bf16 pieces, would send n times the bytes over the slow link (measure/error_model.py measures all three).
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch.autograd import Function
 
-from ..codegen.kernels import dequantize_fp8, permute, quantize_fp8
+from ..kernels import dequantize_fp8, permute, quantize_fp8
 from .collectives import Channel, _a2a_single_raw, all_to_all_single, exchange_rows
 from .comm_stats import BWD, FWD
 from .moe_routing import assignments, capacity_keep, combine, experts, route_tokens, run_experts, shared_out

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.autograd import Function
 
-from ..codegen.kernels import expert_ffn, resolve_backend, unpermute
+from ..kernels import expert_ffn, resolve_backend, unpermute
 
 
 def use_triton(x: torch.Tensor, op: str) -> bool:

@@ -65,7 +65,3 @@ def enable_overlap(pm: ParallelModel, batch: int, seq: int, chunks: int = 2, dur
     module = load_emitted(emit_module(pm.graph, pm.plan, batch, seq, chunks, durations), directory)
     pm.op_overrides.update(module.OPS)
     return module
-
-
-def disable_overlap(pm: ParallelModel) -> None:
-    pm.op_overrides.clear()

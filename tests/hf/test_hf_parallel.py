@@ -77,7 +77,7 @@ def test_emitted_overlap_code_equals_hf(family):
 @pytest.mark.parametrize("moe", ["ep", "tp"])
 def test_fused_experts_on_triton_kernels(monkeypatch, moe):
     """The grouped-GEMM kernels (the path CUDA runs; here Triton's interpreter) on the fused gate_up views."""
-    from meshplan.codegen.kernels import triton_available
+    from meshplan.kernels import triton_available
     from meshplan.runtime import moe_routing
 
     if not triton_available():

@@ -197,7 +197,7 @@ def test_compressed_collectives_pay_encode_and_decode(graph, h800, act):
     for dt in ("fp32", "bf16", "fp8"):
         comm = cc.comm_time("all_to_all", cc.traffic("all_to_all", cc.wire_bytes(elems, rows, dt), n, n), h800)
         codec = 0.0 if dt == act else \
-            (2 / n) * (elems * cc.DTYPE_BYTES[act] + cc.wire_bytes(elems, rows, dt)) / (3.35e12 * 0.9)
+            (2 / n) * (elems * cc.PRECISION_BYTES[act] + cc.wire_bytes(elems, rows, dt)) / (3.35e12 * 0.9)
         assert ch.colls["dispatch"][dt] == pytest.approx(2 * (comm + codec))  # forward + backward
     # on H800 the bytes saved outweigh the conversion, from either activation dtype: fewer bytes, less time
     assert ch.colls["dispatch"]["fp8"] < ch.colls["dispatch"]["bf16"] < ch.colls["dispatch"]["fp32"]

@@ -1,4 +1,4 @@
-"""comm_stats against closed forms (volumes.py, derived from docs/reference.md's shapes): what each rank sends per step.
+"""comm_stats against closed forms (measure/volumes.py, from docs/reference.md's shapes): what each rank sends per step.
 
 Tiny model, sequence-parallel norms and residuals, so attention and FFN traffic is exactly their op's own
 collectives plus the edges in and out of them. EP with uneven routing is checked against the routed token counts
@@ -9,10 +9,7 @@ import torch
 from rt_harness import uniform_plan
 
 from meshplan.ir import Mesh, trace
-from meshplan.models import build_model, load_config
-from meshplan.runtime import LocalWorld, ParallelModel
-from meshplan.runtime.comm_stats import BWD, FWD
-from meshplan.runtime.volumes import (
+from meshplan.measure.volumes import (
     attention_bytes,
     ep_counts_bytes,
     measure_bytes,
@@ -21,6 +18,9 @@ from meshplan.runtime.volumes import (
     routed_rows,
     split_bytes,
 )
+from meshplan.models import build_model, load_config
+from meshplan.runtime import LocalWorld, ParallelModel
+from meshplan.runtime.comm_stats import BWD, FWD
 
 B, S = 4, 16
 

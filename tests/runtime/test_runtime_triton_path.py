@@ -5,8 +5,8 @@ import pytest
 import torch
 from rt_harness import batch_for, check_threads, make_model, mismatches, rank_step, tiny_config, uniform_plan
 
-from meshplan.codegen.kernels import triton_available
 from meshplan.ir import Mesh, trace
+from meshplan.kernels import triton_available
 from meshplan.runtime import LocalWorld, ParallelModel, moe_kernels
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton not installed")

@@ -18,8 +18,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from meshplan.codegen import kernels as K  # noqa: E402
-from meshplan.codegen.kernels._backend import triton_interpret  # noqa: E402
+from meshplan import kernels as K  # noqa: E402
+from meshplan.kernels._backend import triton_interpret  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ON_CUDA = torch.cuda.is_available() and not triton_interpret()
@@ -72,7 +72,7 @@ def test_backend_resolution(monkeypatch):
 
 
 def test_import_does_not_import_triton():
-    code = "import sys, meshplan.codegen.kernels; assert 'triton' not in sys.modules, 'imported'"
+    code = "import sys, meshplan.kernels; assert 'triton' not in sys.modules, 'imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
@@ -116,7 +116,7 @@ def test_torch_fp8_cast_is_nearest_even():
 
 @needs_triton
 def test_e4m3_codec_bit_exact():
-    from meshplan.codegen.kernels import fp8_triton
+    from meshplan.kernels import fp8_triton
 
     y = codec_sweep()
     codes = fp8_triton.encode_e4m3(y.to(DEV)).cpu()
@@ -141,7 +141,7 @@ def check_fp8_error(x, q, scale):
 @pytest.mark.parametrize("T,H,block_h", [(1, 1, None), (5, 96, None), (37, 72, None),
                                          (64, 33, None), (9, 90, 16), (0, 16, None)])
 def test_quantize_fp8(T, H, block_h, dtype):
-    from meshplan.codegen.kernels import fp8_triton
+    from meshplan.kernels import fp8_triton
 
     x = activations(T, H, dtype, seed=T * 1000 + H)
     q = torch.full((T, H), FP8_NAN, dtype=torch.uint8, device=DEV)
@@ -162,7 +162,7 @@ def test_quantize_fp8(T, H, block_h, dtype):
 @needs_triton
 @pytest.mark.parametrize("out_dtype", DTYPES)
 def test_dequantize_fp8(out_dtype):
-    from meshplan.codegen.kernels import fp8_triton
+    from meshplan.kernels import fp8_triton
 
     x = activations(21, 80, torch.float32, seed=7)
     q, scale = K.quantize_fp8_ref(x)
@@ -223,7 +223,7 @@ def check_dispatch_order(res, topk_idx, E, epr):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,H,k,E,epr,used", ROUTINGS)
 def test_permute(T, H, k, E, epr, used, dtype, quantize):
-    from meshplan.codegen.kernels import moe_permute_triton
+    from meshplan.kernels import moe_permute_triton
 
     x = activations(T, H, dtype, seed=T + H + k)
     topk_idx = routing(T, k, E, used, seed=T * k)
@@ -262,7 +262,7 @@ def test_permute_errors():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,H,k,E,epr,used", ROUTINGS)
 def test_unpermute(T, H, k, E, epr, used, dtype):
-    from meshplan.codegen.kernels import moe_unpermute_triton
+    from meshplan.kernels import moe_unpermute_triton
 
     g = gen(T + k)
     res = K.dispatch_index(routing(T, k, E, used, seed=H), E, epr)
@@ -330,7 +330,7 @@ def ffn_truth(x, w1, w3, w2, tpe):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tpe,H,F", SEGMENTS)
 def test_grouped_gemm(tpe, H, F, dtype, config):
-    from meshplan.codegen.kernels import grouped_gemm_triton
+    from meshplan.kernels import grouped_gemm_triton
 
     N, E = sum(tpe), len(tpe)
     x = torch.randn(N, H, generator=gen(N + H)).to(dtype).to(DEV)
@@ -353,7 +353,7 @@ def test_grouped_gemm(tpe, H, F, dtype, config):
 
 @needs_triton
 def test_tile_table_covers_each_row_once():
-    from meshplan.codegen.kernels.grouped_gemm_triton import tile_table
+    from meshplan.kernels.grouped_gemm_triton import tile_table
 
     tpe = torch.tensor([0, 5, 17, 0, 33, 16])
     expert, start, end = tile_table(tpe, int(tpe.sum()), 16)
@@ -381,7 +381,7 @@ AOT_SCRIPT = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from meshplan.codegen.kernels import fp8_triton, grouped_gemm_triton, moe_permute_triton, moe_unpermute_triton
+from meshplan.kernels import fp8_triton, grouped_gemm_triton, moe_permute_triton, moe_unpermute_triton
 i32, c = "i32", "constexpr"
 cases = [
     (fp8_triton._quantize_kernel, ["*bf16", "*u8", "*fp32", i32, i32, i32, c, c], (4096, True)),

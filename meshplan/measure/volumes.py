@@ -20,9 +20,9 @@ import torch
 from ..ir import Mesh, trace
 from ..ir.plan import Plan
 from ..models import ModelConfig, build_model, load_config, route
-from .comm_stats import BWD, FWD, GRAD, CommStats
-from .executor import ParallelModel
-from .local_world import LocalWorld
+from ..runtime.comm_stats import BWD, FWD, GRAD, CommStats
+from ..runtime.executor import ParallelModel
+from ..runtime.local_world import LocalWorld
 
 
 def attention_bytes(strategy: str, cfg: ModelConfig, b: int, s: int, n: int, elem: int = 4) -> int:
@@ -47,11 +47,6 @@ def moe_tp_bytes(cfg: ModelConfig, b: int, s: int, n: int, elem: int = 4) -> int
 def moe_ep_bytes(rows_sent: int, rows_received: int, cfg: ModelConfig, elem: int = 4) -> int:
     """Dispatch (the rows this rank sends off-rank) + combine (the rows it received, sent back), forward."""
     return (rows_sent + rows_received) * cfg.dim * elem
-
-
-def moe_ep_expected_bytes(cfg: ModelConfig, b: int, s: int, n: int, elem: int = 4) -> float:
-    """V_EP = 2·(k/n)·b·s·h·(n-1)/n under uniform routing."""
-    return 2 * cfg.top_k / n * b * s * cfg.dim * (n - 1) / n * elem
 
 
 def ep_counts_bytes(cfg: ModelConfig, n: int) -> int:

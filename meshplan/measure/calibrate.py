@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from ..inputs import user_config_dir
-from . import collectives_cost as cc
-from .cluster import AlphaBeta, Cluster, Link
+from ..kernels import dequantize_fp8, quantize_fp8
+from ..planner import collectives_cost as cc
+from ..planner.cluster import AlphaBeta, Cluster, Link
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 DEFAULT_SIZES = tuple(4 ** k * 1024 for k in range(1, 7))  # 4 KiB .. 4 MiB held per rank
@@ -59,11 +60,8 @@ def measure_copy_bandwidth(nbytes: int = 1 << 26, reps: int = 3) -> float:
 
 def measure_codec_efficiency(copy_bw: float, rows: int = 4096, dim: int = 1024, reps: int = 3) -> dict[str, float]:
     """Per compressed wire format, the fraction of copy bandwidth its encode + decode reaches on float32
-    activations, through the kernels the runtime runs here (codegen.kernels: the torch references on CPU): the
+    activations, through the kernels the runtime runs here (kernels: the torch references on CPU): the
     traffic CostModel.codec_time counts over the measured time."""
-    from ..codegen.kernels import dequantize_fp8, quantize_fp8
-    from .collectives_cost import wire_bytes
-
     x = torch.randn(rows, dim)
     codecs = {"bf16": lambda: x.to(torch.bfloat16).float(),
               "fp8": lambda: dequantize_fp8(*quantize_fp8(x), out_dtype=torch.float32)}
@@ -71,7 +69,7 @@ def measure_codec_efficiency(copy_bw: float, rows: int = 4096, dim: int = 1024, 
     for dt, fn in codecs.items():
         fn()
         seconds = min(_timed(fn) for _ in range(reps))
-        traffic = 2 * (x.numel() * 4 + wire_bytes(x.numel(), rows, dt))
+        traffic = 2 * (x.numel() * 4 + cc.wire_bytes(x.numel(), rows, dt))
         out[dt] = min(1.0, traffic / seconds / copy_bw)
     return out
 
