@@ -133,9 +133,9 @@ def save(pm: ParallelModel, opt: torch.optim.Optimizer | None, root: str | Path,
     final, tmp = step_dir(root, step), root / f"{_TMP_PREFIX}{step:06d}"
     sd = state_dict(pm, opt, step)
     rank = dist.get_rank()
+    if final.exists():  # checked on every rank (DCP's FileSystemWriter needs a shared file system anyway)
+        raise FileExistsError(f"checkpoint: {final} already exists")
     if rank == 0:
-        if final.exists():
-            raise FileExistsError(f"checkpoint: {final} already exists")
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # a save that died before its rename
     dist.barrier()
