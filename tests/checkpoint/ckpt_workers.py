@@ -57,11 +57,15 @@ def save_worker(rank: int, world: int, plan_yaml: str, root: str) -> None:
 
 
 def load_worker(rank: int, world: int, plan_yaml: str, root: str) -> None:
-    """Build the model with another seed, load the latest checkpoint under this plan, write what it holds."""
-    pm = ParallelModel(build_model(config(), seed=7), Plan.from_yaml(plan_yaml), timeout_s=60)
+    """Build the model on the meta device with the latest checkpoint as its weight source (each rank reads only
+    its shards), load the AdamW state from it too, and write what the rank holds."""
+    path = ckpt.latest(root)
+    pm = ParallelModel(build_model(config(), device="meta"), Plan.from_yaml(plan_yaml), timeout_s=60, init=path)
+    full = pm.full_state_dict()
     opt = torch.optim.AdamW(pm.parameters(), lr=LR)
-    step = ckpt.load(pm, opt, ckpt.latest(root))
-    full, optim = pm.full_state_dict(), full_optim(pm, opt)
+    step = ckpt.load(pm, opt, path)
+    assert all(torch.equal(full[n], t) for n, t in pm.full_state_dict().items())
+    optim = full_optim(pm, opt)
     loss = train_step(pm, opt, step)
     if rank == 0:
         torch.save({"model": full, "optim": optim, "step": step, "loss": loss}, Path(root) / f"loaded{world}.pt")
