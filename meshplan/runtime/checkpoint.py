@@ -2,7 +2,7 @@
 
     save(pm, opt, "ckpt", step=10)      # every rank writes its own shards: ckpt/step_000010/ (atomic)
     step = load(pm, opt, latest("ckpt"))  # any plan, any world size: DCP reshards on load
-    export("ckpt/step_000010", "full.pt")  # one torch.save file of full tensors (dcp_to_torch_save)
+    export("ckpt/step_000010", "full.pt")  # one torch.save file of full tensors (as dcp_to_torch_save)
 
 Each shard is handed to DCP as a DTensor (DTensor.from_local on an init_device_mesh laid out as the plan's Mesh,
 with the parameter's placements), so the checkpoint's metadata records every shard's global offset and the
@@ -34,6 +34,7 @@ from torch.distributed.tensor import Shard as TShard
 
 from ..ir.placement import Replicate, Shard
 from ..ir.plan import PlanError
+from .checkpoint_reader import SafeReader, read_metadata
 from .executor import ParallelModel
 
 _STEP = re.compile(r"^step_(\d{6,})$")
@@ -165,7 +166,7 @@ def load(pm: ParallelModel, opt: torch.optim.Optimizer | None, path: str | Path)
         raise FileNotFoundError(f"checkpoint: {path} is not a complete DCP checkpoint (no .metadata)")
     _check_shapes(pm, path)
     sd = state_dict(pm, opt)
-    dcp.load(sd, storage_reader=dcp.FileSystemReader(path))
+    dcp.load(sd, storage_reader=SafeReader(path))
     # The DTensors are views of the parameters and optimizer tensors, so those are filled; the scalars are not.
     if opt is not None:
         names = {n: p for n, p in pm.named_parameters()}
@@ -177,7 +178,7 @@ def load(pm: ParallelModel, opt: torch.optim.Optimizer | None, path: str | Path)
 
 
 def _check_shapes(pm: ParallelModel, path: Path) -> None:
-    meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    meta = read_metadata(path).state_dict_metadata
     for name, p in pm.named_parameters():
         entry = meta.get(f"model.{name}")
         if entry is None:
@@ -193,8 +194,13 @@ def _check_shapes(pm: ParallelModel, path: Path) -> None:
 
 def export(path: str | Path, out: str | Path) -> Path:
     """One torch.save file of full tensors from a DCP checkpoint (no process group needed). Read it back with
-    torch.load(out, weights_only=True)."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    torch.load(out, weights_only=True). This is format_utils.dcp_to_torch_save's body with SafeReader in place of
+    FileSystemReader, whose metadata is unpickled without restriction (checkpoint_reader.py)."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict  # what dcp_to_torch_save calls
 
-    dcp_to_torch_save(str(path), str(out))
+    read_metadata(path)  # a bad checkpoint: one ValueError naming the file, not DCP's wrapped per-rank traces
+    sd: dict = {}
+    _load_state_dict(sd, storage_reader=SafeReader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    torch.save(sd, out)
     return Path(out)
