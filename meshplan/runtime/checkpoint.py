@@ -119,10 +119,11 @@ def _init_adam_state(opt: torch.optim.Optimizer, p: torch.Tensor) -> dict:
     if not isinstance(opt, torch.optim.AdamW | torch.optim.Adam):
         raise TypeError(f"checkpoint: restoring {type(opt).__name__} state before its first step is not supported "
                         f"(Adam and AdamW are)")
-    state = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-             "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+    scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32  # as torch.optim's
+    state = {"step": torch.tensor(0.0, dtype=scalar), "exp_avg": torch.zeros_like(p),
+             "exp_avg_sq": torch.zeros_like(p)}
     if any(g.get("amsgrad") for g in opt.param_groups):
-        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["max_exp_avg_sq"] = torch.zeros_like(p)
     opt.state[p] = state
     return state
 
