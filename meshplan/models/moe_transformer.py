@@ -371,15 +371,18 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02) -> "Transformer":
-        g = torch.Generator().manual_seed(seed)
-        for name, p in self.named_parameters():
-            if p.is_meta:
-                continue
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+        params = {n: p for n, p in self.named_parameters() if not p.is_meta}
+        for name, value in init_values(params.items(), seed, std):
+            params[name].copy_(value)
         return self
+
+
+def init_values(named_params, seed: int = 0, std: float = 0.02):
+    """(name, full fp32 value) of every parameter as init_weights sets it, one at a time: what a meta-built
+    model's ranks slice their shards from (runtime/materialize.py)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in named_params:
+        yield name, torch.ones(p.shape) if name.endswith("norm.weight") else torch.randn(p.shape, generator=g) * std
 
 
 def build_model(cfg: ModelConfig, head: str = "lm", device: str | torch.device = "cpu", seed: int = 0) -> Transformer:

@@ -20,7 +20,7 @@ from ..ir.graph import Graph, Op
 from ..ir.placement import Placement, Replicate, Shard
 from ..ir.plan import Plan, PlanError, evaluate_shape
 from ..ir.tracer import trace
-from . import sharding
+from . import materialize, sharding
 from .collectives import seed_grad
 from .comm_stats import CommStats
 from .data_parallel import GradEntry, GradReducer
@@ -71,6 +71,9 @@ class ParallelModel(nn.Module):
     groups: the mesh's process groups (default: built from the initialised default group; a 1-rank mesh needs
         none); LocalWorld.groups(mesh) gives them for in-process worlds.
     bucket_mb: gradient bucket size of reduce_gradients; timeout_s: collective timeout of the groups it builds.
+    init: where the weights come from when `model` was built on the meta device (materialize.py): a function
+        yielding (name, full tensor) such as materialize.seeded_init(model, seed), or a DCP checkpoint directory;
+        each rank then allocates and fills only its shards.
 
     parameters() are the local shards (optimizers work on them); pm(tokens) takes the global [B, S] batch on every
     rank and returns the full output on every rank; after loss.backward() on every rank and reduce_gradients(),
@@ -78,8 +81,12 @@ class ParallelModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, plan: Plan, graph: Graph | None = None, *, groups: MeshGroups | None = None,
-                 bucket_mb: float = 25.0, timeout_s: float | None = None, stage: set[str] | None = None):
+                 bucket_mb: float = 25.0, timeout_s: float | None = None, stage: set[str] | None = None,
+                 init: materialize.WeightSource | None = None):
         super().__init__()
+        if init is None and materialize.is_meta(model):
+            raise PlanError("model: its parameters are on the meta device; pass init= (a weight source: "
+                            "materialize.seeded_init(model, seed) or a DCP checkpoint directory)")
         if plan.pipeline.enabled and stage is None:
             raise PlanError(f"plan.mesh.pp={plan.pipeline.stages}: a pipeline plan runs one ParallelModel per stage "
                             f"(runtime/pipeline.py PipelineRunner, or `meshplan run`)")
@@ -106,7 +113,11 @@ class ParallelModel(nn.Module):
         self.axes = groups.ordered()
         self.comm_stats = CommStats()
         self._op_of_node = dict(graph.node_ops) or {op.node: op.name for op in self._ops if op.node}
+        if materialize.is_meta(model):
+            materialize.real_buffers(model)  # small (RoPE tables): computed in full before _shard_parameters
         self._shard_parameters(model)
+        if init is not None:  # each shard was allocated empty (_add_shard): fill it, one full parameter at a time
+            materialize.fill(self, init)
         self._validated: set[tuple[int, int]] = set()
         self._reducer = GradReducer(self._grad_entries(), self.comm_stats, bucket_mb)
         # op name -> an implementation that replaces IMPLEMENTATIONS' for that op (same signature and result):
@@ -148,6 +159,7 @@ class ParallelModel(nn.Module):
         self._aliases = {name: canonical[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
         self._placement: dict[str, tuple[Placement, ...]] = {}
         self._owner: dict[str, str] = {}
+        self._full_shapes: dict[str, tuple[int, ...]] = {}
         self._local: dict[str, nn.Parameter] = {}
         self._uses: dict[str, dict[str, tuple[str, tuple[Placement, ...]]]] = {}
         self._buffers: dict[str, dict[str, torch.Tensor]] = {}
@@ -183,7 +195,10 @@ class ParallelModel(nn.Module):
                     raise PlanError(f"plan.ops[{op!r}]: mesh axis {g.name}={g.size} does not divide dim {pl.dim} "
                                     f"of {cname} {tuple(param.shape)}")
                 local = local.chunk(g.size, pl.dim)[g.index]
-        shard = nn.Parameter(local.clone().to(self.groups.device), requires_grad=param.requires_grad)
+        self._full_shapes[cname] = tuple(param.shape)
+        value = torch.empty(local.shape, dtype=local.dtype, device=self.groups.device) if local.is_meta \
+            else local.clone().to(self.groups.device)
+        shard = nn.Parameter(value, requires_grad=param.requires_grad)
         self._local[cname] = shard
         self.shards[cname.replace(".", "/")] = shard
 

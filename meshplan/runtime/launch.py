@@ -86,7 +86,35 @@ def check_run(args: argparse.Namespace) -> Plan:
     plan.validate(graph, batch=args.batch, seq=args.seq)
     if args.metrics and not Path(args.metrics).resolve().parent.is_dir():
         raise UsageError(f"--metrics: directory {str(Path(args.metrics).parent)!r} does not exist")
+    _check_checkpoint_args(args, plan)
     return plan
+
+
+def _check_checkpoint_args(args: argparse.Namespace, plan: Plan) -> None:
+    """--checkpoint / --resume: refused here, before any rank starts, when they cannot work."""
+    from ..cli_args import UsageError
+    from .checkpoint import latest
+
+    ckpt, resume = getattr(args, "checkpoint", None), getattr(args, "resume", False)
+    if getattr(args, "checkpoint_every", 0) < 0:
+        raise UsageError(f"--checkpoint-every: must be >= 0, got {args.checkpoint_every}")
+    if not ckpt:
+        if resume:
+            raise UsageError("--resume: needs --checkpoint DIR (the directory to resume from)")
+        return
+    if args.head != "lm":
+        raise UsageError(f"--checkpoint: only the lm head's training loop checkpoints (got --head {args.head})")
+    if plan.pipeline.enabled:
+        raise UsageError(f"--checkpoint: pipeline plans (plan.mesh.pp={plan.pipeline.stages}) are not checkpointed "
+                         f"yet")
+    found = latest(ckpt)
+    if resume and found is None:
+        raise UsageError(f"--resume: {ckpt!r} holds no complete checkpoint (step_NNNNNN/)")
+    if resume and args.check:
+        raise UsageError("--resume: --check trains the one-device reference from step 0; drop one of them")
+    if found is not None and not resume:
+        raise UsageError(f"--checkpoint: {ckpt!r} already holds {found.name}; pass --resume to continue from it "
+                         f"or choose an empty directory")
 
 
 def _check_host_memory(cfg, ranks: int) -> None:

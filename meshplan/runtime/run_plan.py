@@ -40,6 +40,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "plan's, lowered to a divisor of each data-parallel rank's batch)")
     p.add_argument("--check", action="store_true", help="also train the single-device model on rank 0 and stop "
                    "at the first step whose loss differs (fp32 tolerance)")
+    p.add_argument("--checkpoint", default=None, metavar="DIR", help="save DCP checkpoints (every rank its own "
+                   "shards, with the AdamW state) as DIR/step_NNNNNN/ after the last step and every "
+                   "--checkpoint-every steps")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="also save every N steps (0: only "
+                   "after the last step)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint DIR "
+                   "(saved under any plan and world size) up to --steps in all")
 
 
 def _microbatches(plan: Plan, local_batch: int, asked: int | None) -> int:
@@ -92,6 +99,7 @@ def train(args: argparse.Namespace) -> list[float]:
     m = _microbatches(plan, loader.rows[1] - loader.rows[0], args.microbatches) if runner else 1
     reference = _Reference(cfg, args) if args.check and rank == 0 else None
     opt = torch.optim.AdamW(pm.parameters(), lr=args.lr)
+    first = _resume(args, pm, opt, rank)
     if rank == 0:
         lowered = f", the plan's {plan.pipeline.microbatches} does not divide each data-parallel rank's batch" \
             if runner and not args.microbatches and m != plan.pipeline.microbatches else ""
@@ -101,7 +109,7 @@ def train(args: argparse.Namespace) -> list[float]:
               f"{stream.name}, each rank reads {tuple(loader.rows)} x {tuple(loader.cols)} of [{args.batch}, "
               f"{args.seq}]", flush=True)
     losses = []
-    for step in range(args.steps):
+    for step in range(first, args.steps):
         tokens, targets = loader.batch_at(step)
         pm.comm_stats.reset()
         start = time.perf_counter()
@@ -119,10 +127,35 @@ def train(args: argparse.Namespace) -> list[float]:
         elapsed = time.perf_counter() - start
         losses.append(loss)
         _report(args, rank, step, loss, elapsed, pm, reference and reference.step(*loader.global_batch(step)))
+        _maybe_save(args, pm, opt, step + 1, rank)
     if rank == 0 and getattr(args, "comm", False):
         print(pm.comm_stats.table(), flush=True)
     dist.barrier()
     return losses
+
+
+def _resume(args, pm: ParallelModel, opt: torch.optim.Optimizer, rank: int) -> int:
+    """--resume: load the latest checkpoint into pm and opt; the step to continue from (0 without --resume)."""
+    if not getattr(args, "resume", False):
+        return 0
+    from . import checkpoint
+
+    path = checkpoint.latest(args.checkpoint)
+    step = checkpoint.load(pm, opt, path)
+    if rank == 0:
+        print(f"meshplan run: resumed from {path} (step {step})", flush=True)
+    return step
+
+
+def _maybe_save(args, pm: ParallelModel, opt: torch.optim.Optimizer, step: int, rank: int) -> None:
+    every = getattr(args, "checkpoint_every", 0)
+    if not getattr(args, "checkpoint", None) or not (step == args.steps or (every and step % every == 0)):
+        return
+    from . import checkpoint
+
+    path = checkpoint.save(pm, opt, args.checkpoint, step)
+    if rank == 0:
+        print(f"meshplan run: saved {path}", flush=True)
 
 
 def _report(args, rank: int, step: int, loss: float, elapsed: float, pm: ParallelModel, ref: float | None) -> None:
