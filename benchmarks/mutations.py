@@ -44,7 +44,8 @@ MUTATIONS = [
              "meshplan/runtime/data_parallel.py", "        for bucket in self.buckets:\n            grads",
              "        for bucket in []:\n            grads",
              ("tests/rl/test_trainer.py::test_two_data_parallel_processes_match_one_and_resume",
-              "tests/api/test_compile.py::test_compiled_model_trains_like_one_device_on_two_ranks")),
+              "tests/api/test_compile.py::test_compiled_model_trains_like_one_device_on_two_ranks",
+              "tests/rl/test_engine.py::test_engine_matches_the_plain_module_on_two_processes")),
     Mutation("resume-no-optim", "resume forgets the actor's AdamW state",
              "meshplan/rl/trainer.py", "        self.actor.load_optimizer_state_dict(state[\"actor_opt\"][self.rank])\n",  # noqa: E501
              "",
