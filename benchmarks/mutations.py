@@ -84,7 +84,7 @@ MUTATIONS = [
              "meshplan/planner/simulate.py", "tokens = global_batch * seq", "tokens = global_batch * seq // mc.m",
              ("tests/planner/test_baselines.py::test_simulate_numbers_by_hand",)),
     Mutation("run-no-reduce", "`meshplan run` (torchrun path) skips the gradient reduction",
-             "meshplan/runtime/launch.py", "        pm.reduce_gradients()\n        opt.step()", "        opt.step()",
+             "meshplan/runtime/run_plan.py", "        pm.reduce_gradients()\n        opt.step()", "        opt.step()",
              ("tests/runtime/test_runtime_multiprocess.py::test_torchrun_end_to_end",)),
     Mutation("trace-head-ignored", "`meshplan trace --head value` traces the LM model",
              "meshplan/cli.py", "model = _load_model(args.config, args.head)", "model = _load_model(args.config)",
