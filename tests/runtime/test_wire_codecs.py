@@ -1,43 +1,20 @@
 """The wire formats against codecs written here from their definitions (numpy, no torch casts), and the bf16
 gradient reduction's float32 sum against a hand computation.
 
-E4M3 and bf16 as docs/reference.md ("Number formats on the wire") defines them: E4M3 has 3 mantissa bits,
-exponents -6..8, subnormals 2^-9 apart, largest 448; bf16 is the top 16 bits of a float32; both round to
-nearest, ties to even.
+The numpy codecs (E4M3, bf16 and the fp8 layouts, from docs/reference.md's definitions) are in wire_reference.py.
 Equality element by element bounds the runtime's error above and below by the reference's: a codec that
 rounds too little (no compression at all) fails as surely as one that rounds too much.
 """
 import numpy as np
 import pytest
 import torch
+from wire_reference import bf16, fp8_rows_reference
 
 from meshplan.ir import Mesh
 from meshplan.runtime import LocalWorld
 from meshplan.runtime.comm_stats import CommStats
 from meshplan.runtime.compression import roundtrip
 from meshplan.runtime.data_parallel import reduce_flat
-
-
-def e4m3(y: np.ndarray) -> np.ndarray:
-    """Round float values to the E4M3 grid (saturating at +-448, as the codec clamps before the cast)."""
-    y = np.clip(y.astype(np.float64), -448.0, 448.0)
-    a = np.abs(y)
-    exp = np.floor(np.log2(np.where(a > 0, a, 1.0)))
-    quantum = 2.0 ** (np.maximum(exp, -6) - 3)  # 8 steps per binade; the subnormal step 2^-9 below 2^-6
-    return np.round(y / quantum) * quantum  # np.round: half to even
-
-
-def bf16(x: np.ndarray) -> np.ndarray:
-    u = x.astype(np.float32).view(np.uint32).astype(np.uint64)
-    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-    return u.astype(np.uint32).view(np.float32)
-
-
-def fp8_rows_reference(x: np.ndarray) -> np.ndarray:
-    """One float32 scale per row, amax / 448; codes = E4M3(x / scale) with the division in float32."""
-    amax = np.maximum(np.abs(x).max(-1, keepdims=True), 2.0 ** -100).astype(np.float32)  # zero rows: 0 / s = 0
-    scale = (amax / np.float32(448.0)).astype(np.float32)
-    return (e4m3((x / scale).astype(np.float32)) * scale).astype(np.float32)
 
 
 def _data(seed=0):
