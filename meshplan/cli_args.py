@@ -146,3 +146,11 @@ def _describe(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return one_line(f"{e.filename}: {e.strerror}" if e.filename else e.strerror)
     return one_line(str(e)) or type(e).__name__
+
+
+def standalone(prog: str, add_parsers: Callable, argv: list[str] | None = None) -> int:
+    """`python -m meshplan.<stage>.cli ...`: one stage's subcommands on their own, with the same error contract."""
+    parser = Parser(prog=prog)
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return run_command(args.func, args)

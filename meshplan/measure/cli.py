@@ -49,12 +49,9 @@ def add_parsers(subparsers) -> None:
 
 def main(argv=None) -> int:
     """Standalone use: python -m meshplan.measure.cli calibrate --ranks 2."""
-    from ..cli_args import Parser, run_command
+    from ..cli_args import standalone
 
-    parser = Parser(prog="meshplan-measure")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return run_command(args.func, args)
+    return standalone("meshplan-measure", add_parsers, argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli_args import Parser, UsageError, int_at_least, nonneg_int, number, run_command
+from ..cli_args import UsageError, int_at_least, nonneg_int, number, standalone
 from .config import load_rl_config, validate
 
 RUN_FILES = ("metrics.jsonl", "checkpoint.pt", "curves.png")  # what a run writes into its --out directory
@@ -85,10 +85,7 @@ def cmd_train(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = Parser(prog="meshplan")
-    add_train_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return run_command(args.func, args)
+    return standalone("meshplan", add_train_parser, argv)
 
 
 if __name__ == "__main__":
