@@ -22,11 +22,11 @@ from .pipeline import Pipeline
 from .placement import Partial, Placement, Replicate, Shard, parse_placement
 from .strategies import (
     BATCH,
-    DEFAULT_STRATEGY,
     STRATEGIES,
     allowed_precisions,
     batch_parallel_error,
     collective_names,
+    default_strategy,
     divisibility_error,
     layout_error,
     native_io,
@@ -35,11 +35,6 @@ from .strategies import (
 
 FORMAT_VERSION = 1
 MAX_RANKS = 1 << 20  # a mesh larger than any machine is a typo, not a plan
-
-
-def _exact_default(op: Op) -> str:
-    """The kind's default strategy where meshplan runs this op exactly, else replicate."""
-    return DEFAULT_STRATEGY[op.kind] if offered_error(op, DEFAULT_STRATEGY[op.kind]) is None else "replicate"
 
 
 class PlanError(ValueError):
@@ -101,11 +96,11 @@ class Plan:
                     and (why := offered_error(op, broad)):
                 # A template or kind entry covers ops it cannot run exactly: they take the exact default (said
                 # in meta.fallbacks); an entry naming the op itself is kept, and validate() refuses it.
-                fallbacks.append(f"{op.name}: {broad} -> {_exact_default(op)} ({why})")
-                broad = _exact_default(op)
+                fallbacks.append(f"{op.name}: {broad} -> {default_strategy(op)} ({why})")
+                broad = default_strategy(op)
             name = name or broad
             if name is None:  # the kind's default where meshplan runs it exactly, else the op runs whole
-                name = _exact_default(op) if sharded else DEFAULT_STRATEGY[op.kind]
+                name = default_strategy(op, sharded)
             strat = STRATEGIES[op.kind].get(name)
             if strat is None:
                 raise PlanError(f"plan.ops[{op.name!r}].strategy: {name!r} is not valid for {op.kind} "
@@ -224,12 +219,8 @@ class Plan:
         it is data parallel only where it is batch-wise."""
         where = f"plan.ops[{op.name!r}]"
         k = self.mesh.index(p.axis) if p.axis is not None else None
-        if k is not None and self.mesh.axis_size(p.axis) > 1:
-            err = offered_error(op, p.strategy, (p.input[k], p.output[k]))
-        else:  # on a 1-wide axis layouts coincide, but the strategy's implementation still runs the op
-            err = offered_error(op, p.strategy) if op.strategies is not None and p.strategy not in op.strategies \
-                else None
-        if err:
+        io = (p.input[k], p.output[k]) if k is not None else None
+        if err := offered_error(op, p.strategy, io, sharded=k is not None and self.mesh.axis_size(p.axis) > 1):
             raise PlanError(f"{where}.strategy: {err}")
         for axis, size in self.mesh.axes:
             if size > 1 and p.input[self.mesh.index(axis)] == BATCH and (err := batch_parallel_error(op)):

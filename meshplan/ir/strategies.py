@@ -94,21 +94,33 @@ DEFAULT_STRATEGY = {G.ATTENTION: "tp", G.MOE: "ep", G.FFN: "tp", G.EMBEDDING: "s
                     G.LINEAR: "seq", G.LM_HEAD: "seq", G.GENERIC: "seq"}
 
 
-def offered_error(op: Op, strategy: str, io: tuple[Placement, Placement] | None = None) -> str | None:
+def offered_error(op: Op, strategy: str, io: tuple[Placement, Placement] | None = None,
+                  sharded: bool = True) -> str | None:
     """Why meshplan cannot run `op` under `strategy` exactly (None if it can): the runtime has no implementation
     for this op's module, the op mixes sequence positions, or a tensor it shards is not laid out [B, S, ...].
-    io: the (input, output) placements on the model axis; None: any of the strategy's io variants will do."""
+    io: the (input, output) placements on the model axis; None: any of the strategy's io variants will do.
+    sharded=False (a 1-wide model axis): every layout coincides, but the strategy's implementation still runs the
+    op, so only that is checked."""
     strat = STRATEGIES.get(op.kind, {}).get(strategy)
     if strat is None:
         return f"{strategy!r} is not valid for {op.kind} (valid: {', '.join(STRATEGIES.get(op.kind, {}))})"
     if op.strategies is not None and strategy not in op.strategies:
         return (f"the runtime runs {op.kind}/{strategy} only for meshplan's own blocks, and this op's module "
                 f"{'(' + op.why + ') ' if op.why else ''}is run whole (allowed: {', '.join(op.strategies)})")
+    if not sharded:
+        return None
     if strat.needs_token_wise and not op.token_wise:
         return (f"{strategy} shards the sequence and runs the op on each slice, but the op is not token-wise"
                 f"{': ' + op.why if op.why else ''}")
     errors = [_io_layout_error(op, strategy, pair) for pair in ([io] if io is not None else strat.io)]
     return None if any(e is None for e in errors) else errors[0]
+
+
+def default_strategy(op: Op, sharded: bool = True) -> str:
+    """The kind's default strategy where meshplan runs this op exactly (on a model axis wider than 1 when
+    `sharded`), else replicate."""
+    default = DEFAULT_STRATEGY[op.kind]
+    return default if offered_error(op, default, sharded=sharded) is None else "replicate"
 
 
 def native_io(op: Op, strategy: str) -> tuple[Placement, Placement]:

@@ -30,9 +30,9 @@ from ..ir import graph as G
 from ..ir.graph import Op
 from ..ir.placement import Partial, Placement, Replicate, Shard
 from ..ir.strategies import (
-    DEFAULT_STRATEGY,
     STRATEGIES,
     batch_parallel_error,
+    default_strategy,
     divisibility_error,
     layout_error,
     native_io,
@@ -78,8 +78,7 @@ def candidates(op: Op, n: int, b: int, seq: int) -> list[str]:
     if op.kind not in STRATEGIES:
         return []
     if n == 1:  # all strategies coincide in layout; keep the plan readable, and the default only where it is exact
-        default = DEFAULT_STRATEGY[op.kind]
-        return [default if op.strategies is None or default in op.strategies else "replicate"]
+        return [default_strategy(op, sharded=False)]
     out = []
     for s in STRATEGIES[op.kind]:
         if divisibility_error(op, s, "mp", n) is not None:

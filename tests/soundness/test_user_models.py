@@ -29,14 +29,6 @@ from meshplan.runtime.verify import PlanVerificationError, verify  # noqa: E402
 TOKENS = torch.zeros(4, 16, dtype=torch.long)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _model(name: str):
     torch.manual_seed(0)
     return NAMED[name]()
@@ -207,6 +199,8 @@ def test_meshplans_strategies_are_not_offered_for_a_users_block():
     with pytest.raises(PlanError, match=r"plan.ops\['1'\].strategy: the runtime runs attention/sp only for "
                                         r"meshplan's own blocks.*\(allowed: replicate\)"):
         Plan.build(graph, Mesh.of(mp=2), {"1": "sp"}).validate(graph)
+    on_one = Plan.build(graph, Mesh.of(dp=2, mp=1)).validate(graph)  # a 1-wide model axis: still not meshplan's math
+    assert on_one.ops["1"].strategy == "replicate"
     plan = planner_plan(model, "h100", 2, TOKENS)
     assert plan.ops["1"].strategy == "replicate" or plan.ops["1"].axis is None
     for report in run_plan(model, plan, TOKENS):
