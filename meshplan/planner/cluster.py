@@ -173,13 +173,7 @@ def _link(where: str, d) -> Link:
         ab = _fields(f"{where}.collectives.{kind}", ab, {"latency", "bandwidth"}, set())
         measured[kind] = AlphaBeta(_number(f"{where}.collectives.{kind}.latency", ab["latency"], positive=False),
                                    _number(f"{where}.collectives.{kind}.bandwidth", ab["bandwidth"]))
-    eff = d.get("efficiency") or {}
-    if not isinstance(eff, dict):
-        raise ClusterError(f"{where}.efficiency: expected a mapping collective -> fraction")
-    for kind, v in eff.items():
-        if kind not in COLLECTIVES:
-            raise ClusterError(f"{where}.efficiency.{kind}: unknown collective (known: {', '.join(COLLECTIVES)})")
-        _number(f"{where}.efficiency.{kind}", v, at_most_one=True)
+    eff = _fractions("efficiency", d, "collective", COLLECTIVES, where)
     return Link(_number(f"{where}.bandwidth", d["bandwidth"]), _number(f"{where}.latency", d["latency"], False),
                 measured, {str(k): float(v) for k, v in eff.items()})
 
@@ -205,15 +199,15 @@ def _kernels(d) -> KernelModel | None:
                        fp8_speedup=_number("cluster.kernels.fp8_speedup", d.get("fp8_speedup", 2.0)), **frac)
 
 
-def _fractions(field_name: str, d: dict, what: str, known: tuple[str, ...]) -> dict:
-    """An optional mapping `what` -> fraction in (0, 1], every key one of `known`."""
+def _fractions(field_name: str, d: dict, what: str, known: tuple[str, ...], where: str = "cluster") -> dict:
+    """An optional mapping `what` -> fraction in (0, 1], every key one of `known` (at `where`.field_name)."""
     m = d.get(field_name) or {}
     if not isinstance(m, dict):
-        raise ClusterError(f"cluster.{field_name}: expected a mapping {what} -> fraction")
+        raise ClusterError(f"{where}.{field_name}: expected a mapping {what} -> fraction")
     for key, v in m.items():
         if key not in known:
-            raise ClusterError(f"cluster.{field_name}.{key}: unknown {what} (known: {', '.join(known)})")
-        _number(f"cluster.{field_name}.{key}", v, at_most_one=True)
+            raise ClusterError(f"{where}.{field_name}.{key}: unknown {what} (known: {', '.join(known)})")
+        _number(f"{where}.{field_name}.{key}", v, at_most_one=True)
     return m
 
 
