@@ -303,7 +303,7 @@ class ParallelModel(nn.Module):
                 ins = [self._input(op, i, src, env, cache) for i, src in enumerate(op.inputs)]
                 ctx = OpContext(op, self.plan.ops[op.name], self._modules_of[op.name], self._op_params(op), self.axes,
                                 self.comm_stats, batch, seq, self.comm_stream)
-                env[op.name] = self._run(op, ctx, ins, env)
+                env[op.name] = self._run(op, ctx, ins)
                 if self.record is not None:
                     self.record[op.name] = (env[op.name], self.plan.ops[op.name].output)
         if self._stage is not None:
@@ -338,11 +338,17 @@ class ParallelModel(nn.Module):
                 shape[pl.dim] //= g.size
         return torch.empty((), dtype=value.dtype, device=value.device).expand(shape)
 
-    def _run(self, op: Op, ctx: OpContext, ins: list[torch.Tensor], env: dict) -> torch.Tensor:
+    def _run(self, op: Op, ctx: OpContext, ins: list[torch.Tensor]) -> torch.Tensor:
+        """The op's value on this rank: its strategy's implementation, or (generic ops) its fx node on local
+        values; of a module that returns a tuple, the element its readers take (attrs["tuple_index"])."""
         if op.kind != G.GENERIC:
             impl = self.op_overrides.get(op.name) or IMPLEMENTATIONS[(op.kind, ctx.plan.strategy)]
             out = impl(ctx, *ins[:len(ins) - len(op.shape_only)])
-            return out[op.attrs["tuple_index"]] if "tuple_index" in op.attrs else out
+        else:
+            out = self._run_node(op, ctx, ins)
+        return out[op.attrs["tuple_index"]] if "tuple_index" in op.attrs else out
+
+    def _run_node(self, op: Op, ctx: OpContext, ins: list[torch.Tensor]):
         node = self._fx_nodes[op.node]
         produced = dict(zip(op.inputs, ins))
         values: dict[str, object] = {}
@@ -358,8 +364,7 @@ class ParallelModel(nn.Module):
             return values[n.name]
 
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
-        out = self._call(node, args, kwargs, ctx)
-        return out[op.attrs["tuple_index"]] if "tuple_index" in op.attrs else out
+        return self._call(node, args, kwargs, ctx)
 
     def _call(self, node: fx.Node, args, kwargs, ctx: OpContext):
         if node.op == "call_function":
@@ -413,9 +418,6 @@ class ParallelModel(nn.Module):
 
     def gathered(self, t: torch.Tensor, placement) -> torch.Tensor:
         """The full tensor of a local shard `t` laid out as `placement` (a collective: call on every rank)."""
-        return self._gathered(t, placement)
-
-    def _gathered(self, t: torch.Tensor, placement) -> torch.Tensor:
         with torch.no_grad():
             return redistribute(t.detach(), placement, self._replicated(), self.axes).clone()
 
@@ -424,7 +426,7 @@ class ParallelModel(nn.Module):
         out = {}
         for key, value in self._model.state_dict().items():
             cname = self._aliases.get(key)
-            out[key] = self._gathered(self._local[cname], self._placement[cname]).cpu() if cname else value.clone()
+            out[key] = self.gathered(self._local[cname], self._placement[cname]).cpu() if cname else value.clone()
         return out
 
     def full_grads(self) -> dict[str, torch.Tensor]:
@@ -432,7 +434,7 @@ class ParallelModel(nn.Module):
         out = {}
         for cname, p in self._local.items():
             g = p.grad if p.grad is not None else torch.zeros_like(p)
-            out[cname] = self._gathered(g, self._placement[cname]).cpu()
+            out[cname] = self.gathered(g, self._placement[cname]).cpu()
         return out
 
 

@@ -22,6 +22,7 @@ from ..ir import graph as G
 from ..ir.placement import Replicate, Shard
 from ..ir.plan import PlanError
 from ..ir.strategies import layout_error
+from .redistribute import redistribute
 
 # Relative tolerance by the narrowest format a plan moves or computes in (see the module docstring).
 TOLERANCE = {"fp32": 1e-4, "float32": 1e-4, "float64": 1e-4, "bf16": 5e-2, "bfloat16": 5e-2, "float16": 1e-2,
@@ -125,16 +126,18 @@ def _reference(graph, model: nn.Module, tokens: torch.Tensor, values: dict | Non
     return loss.item(), grads, seconds
 
 
+def _gather_along(pm, x: torch.Tensor, i: int) -> torch.Tensor:
+    """[size, *x.shape]: every rank's `x` along mesh axis i, in coordinate order (one all-gather)."""
+    src = tuple(Shard(0) if j == i else Replicate() for j in range(len(pm.axes)))
+    return redistribute(x[None], src, tuple(Replicate() for _ in pm.axes), pm.axes)
+
+
 def _world_max(pm, values: list[float]) -> list[float]:
     """Element-wise maximum over every rank of the mesh (one small all-gather per axis)."""
-    from .redistribute import redistribute
-
     v = torch.tensor(values, dtype=torch.float64, device=pm.groups.device)
-    whole = tuple(Replicate() for _ in pm.axes)
     for i, g in enumerate(pm.axes):
         if g.size > 1:
-            src = tuple(Shard(0) if j == i else Replicate() for j in range(len(pm.axes)))
-            v = redistribute(v[None], src, whole, pm.axes).max(dim=0).values
+            v = _gather_along(pm, v, i).max(dim=0).values
     return v.cpu().tolist()
 
 
@@ -145,9 +148,7 @@ def _local_errors(pm, ref_grads: dict) -> dict[str, float]:
     for name, p in pm.named_parameters():
         ref = ref_grads[name].to(p.device)
         scale = ref.abs().max().clamp_min(1e-12).item() if ref.numel() else 1.0
-        for g, pl in zip(pm.axes, pm.placement_of(name)):
-            if isinstance(pl, Shard) and g.size > 1:
-                ref = ref.chunk(g.size, pl.dim)[g.index]
+        ref = redistribute(ref, tuple(Replicate() for _ in pm.axes), pm.placement_of(name), pm.axes)  # a slice
         grad = p.grad if p.grad is not None else torch.zeros_like(p)
         errs[name] = (grad.double() - ref.double()).abs().max().item() / scale if ref.numel() else 0.0
     return errs
@@ -156,18 +157,14 @@ def _local_errors(pm, ref_grads: dict) -> dict[str, float]:
 def check_same_weights(pm, model: nn.Module) -> None:
     """Every rank sliced its shards from its own copy of the model: the copies must be equal (the same seed or
     checkpoint on every rank), or the replicated shards silently differ between ranks."""
-    from .redistribute import redistribute
-
     names = [n for n, _ in model.named_parameters()]
     if not names:
         return
     prints = torch.stack([_fingerprint(p) for _, p in model.named_parameters()]).to(pm.groups.device)
-    whole = tuple(Replicate() for _ in pm.axes)
     for i, g in enumerate(pm.axes):
         if g.size == 1:
             continue
-        src = tuple(Shard(0) if j == i else Replicate() for j in range(len(pm.axes)))
-        every = redistribute(prints[None], src, whole, pm.axes).cpu()
+        every = _gather_along(pm, prints, i).cpu()
         for r in range(g.size):
             bad = (every[r] != prints.cpu()).any(dim=1).nonzero()
             if len(bad):
