@@ -6,6 +6,32 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+class CodeRunningPickle:
+    """Unpickling it creates the directory `marker`: what a crafted checkpoint would run on load."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.fixture
+def code_running_pickle():
+    return CodeRunningPickle
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_threaded_torch():
+    """The in-process worlds run one thread per rank, and the machine has 2 cores: every test runs with one torch
+    thread, whichever directory ran first (a session-wide setting must not depend on test order)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

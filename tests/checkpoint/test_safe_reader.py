@@ -11,19 +11,11 @@ from meshplan.runtime import checkpoint as ckpt
 from meshplan.runtime.checkpoint_reader import read_metadata
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))  # what a malicious checkpoint would run on load
-
-
-def test_crafted_metadata_runs_no_code(tmp_path):
+def test_crafted_metadata_runs_no_code(tmp_path, code_running_pickle):
     marker = str(tmp_path / "pwned")
     step = tmp_path / "step_000001"
     step.mkdir()
-    (step / ".metadata").write_bytes(pickle.dumps(Metadata({"model.w": _Payload(marker)})))
+    (step / ".metadata").write_bytes(pickle.dumps(Metadata({"model.w": code_running_pickle(marker)})))
     with pytest.raises(ValueError, match=r"\.metadata: not a DCP checkpoint of tensors .*posix.mkdir"):
         read_metadata(step)
     with pytest.raises(ValueError, match="not a DCP checkpoint of tensors"):

@@ -14,18 +14,10 @@ from meshplan.rl.config import RLConfigError
 from meshplan.runtime.overlap import load_emitted
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))  # what a malicious checkpoint would run on load
-
-
-def test_a_crafted_checkpoint_is_refused_without_running_code(tmp_path):
+def test_a_crafted_checkpoint_is_refused_without_running_code(tmp_path, code_running_pickle):
     marker = str(tmp_path / "pwned")
     path = tmp_path / "checkpoint.pt"
-    torch.save({"step": 1, "evil": _Payload(marker)}, path)
+    torch.save({"step": 1, "evil": code_running_pickle(marker)}, path)
     with pytest.raises(RLConfigError, match="checkpoint.pt.*not a meshplan checkpoint"):
         ckpt_io.load(path)
     assert not os.path.exists(marker)
