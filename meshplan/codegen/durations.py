@@ -2,8 +2,8 @@
 
 The scheduler only calls `durations(task) -> seconds`. `durations_for(cluster, mesh)` picks the implementation:
 the planner's cost model (`PlannerDurations`) for a cluster with a configs/clusters/NAME.yaml, else this module's
-roofline with explicit hardware numbers (`Roofline`, presets in ROOFLINES: also what runs in a build without the
-planner). Which one is used is the one branch in `durations_for`.
+roofline with explicit hardware numbers (`Roofline`, presets in ROOFLINES). Which one is used is the one branch
+in `durations_for`.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from ..ir.mesh import Mesh
-from .task_graph import Task
+from .task_graph import BWD, Task
 
 
 class Durations(Protocol):
@@ -90,13 +90,15 @@ class PlannerDurations:
     GEMM rate scaled by the planner's size efficiency (cost_model.size_efficiency: prod x / (x + gemm_half_size)
     over the task's GEMM dims) where the phase names its GEMM: so a chunk's narrower GEMM runs less efficiently,
     the price of splitting an op into chunks. Phases without GEMM dims (attention's core, the un-permute, ops left
-    whole) are priced at the achievable rate.
+    whole) are priced at the achievable rate. On a cluster with a kernel model (GPU clusters) compute is the
+    planner's kernel model instead (planner/kernels.py `pass_seconds`: waves of GEMM tiles, FlashAttention's own
+    efficiency, memory-bound bytes, launches), so a schedule prices a task as the planner prices its op.
     """
 
     def __init__(self, cluster, mesh: Mesh | None = None):
-        from ..planner import collectives_cost
+        from ..planner import collectives_cost, kernels
 
-        self.cluster, self.mesh, self._cc = cluster, mesh, collectives_cost
+        self.cluster, self.mesh, self._cc, self._kernels = cluster, mesh, collectives_cost, kernels
         self.name = f"planner cost model, cluster {cluster.name}"
         self._local: dict[tuple[str, ...], int] = {}
 
@@ -113,6 +115,10 @@ class PlannerDurations:
         return self._local[axes]
 
     def __call__(self, task: Task) -> float:
+        if task.stream == "compute" and self.cluster.kernels is not None:
+            return self._kernels.pass_seconds(task.flops, task.mem_bytes, task.gemm_dims, self.cluster,
+                                              task.direction == BWD, attention=task.kind == "attention"
+                                              and task.phase == "core")
         if task.stream == "compute":
             eff = math.prod(x / (x + self.cluster.gemm_half_size) for x in task.gemm_dims)
             return max(task.flops / (self.cluster.achievable_flops * eff), task.mem_bytes / self.cluster.hbm_bandwidth)
@@ -121,13 +127,9 @@ class PlannerDurations:
 
 
 def _planner_cost_model(cluster: str, mesh: Mesh | None) -> Durations | None:
-    """The planner's cost model for configs/clusters/`cluster`.yaml, or None where this build has no planner or
-    no such cluster file."""
-    try:
-        from ..planner.cluster import ClusterError, load_cluster
-    except ImportError:
-        return None
+    """The planner's cost model for configs/clusters/`cluster`.yaml, or None where there is no such cluster file."""
     from ..inputs import find_config
+    from ..planner.cluster import ClusterError, load_cluster
 
     try:
         find_config("clusters", cluster, "cluster", ClusterError)

@@ -78,3 +78,31 @@ def train_seconds(flops: float, hbm_bytes: float, attn_flops: float, launches: f
     rest = max(0.0, flops - gemm_flops - attn_flops)
     memory = 3 * rest / peak + 3 * hbm_bytes / (cluster.hbm_bandwidth * kern.memory_efficiency)
     return {"gemm": gemm, "attention": attention, "memory": memory, "launch": 3 * launches * kern.launch_s}
+
+
+def pass_seconds(flops: float, hbm_bytes: float, gemm: tuple, cluster, backward: bool,
+                 attention: bool = False) -> float:
+    """Seconds of ONE pass (forward, or backward = 2x the forward's FLOPs and bytes) of a piece of an op on one GPU,
+    for a schedule's tasks (codegen/durations.py): the same kernel model as train_seconds, split by pass.
+    gemm: the piece's main GEMM (m, k, n); its FLOPs are counted as that many such GEMMs (a grouped GEMM over
+    local experts pools their tiles into waves). FLOPs beyond them run at one full wave's efficiency (attention's
+    core at FlashAttention's forward/backward efficiency); bytes at the memory-bound kernels' share of HBM; one
+    launch (two in backward)."""
+    kern, peak = cluster.kernels, cluster.peak_flops
+    gemm_time, gemm_flops = 0.0, 0.0
+    if gemm and all(x > 0 for x in gemm):
+        m, k, n = gemm
+        count = flops / (2 * m * k * n) / (2 if backward else 1)  # how many forward GEMMs of this shape
+        gemm_flops = flops
+        gemm_time = (gemm_seconds(count, m, n, k, kern, peak) + gemm_seconds(count, k, m, n, kern, peak)
+                     if backward else gemm_seconds(count, m, k, n, kern, peak))
+    if attention:
+        rest_eff = kern.attention_backward if backward else kern.attention_forward
+    else:
+        rest_eff = kern.gemm_efficiency
+    rest_flops = max(0.0, flops - gemm_flops)
+    if attention and backward:  # FlashAttention's backward does 2.5x, not 2x, the forward's FLOPs
+        rest_flops *= FA_BACKWARD_FLOPS / 2
+    rest = rest_flops / (peak * rest_eff)
+    memory = hbm_bytes / (cluster.hbm_bandwidth * kern.memory_efficiency)
+    return gemm_time + rest + memory + (2 if backward else 1) * kern.launch_s

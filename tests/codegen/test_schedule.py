@@ -208,13 +208,15 @@ def test_planner_cost_model_prices_collectives_with_its_own_model():
 
 
 def test_chunked_gemms_pay_the_planners_size_efficiency():
-    """A chunk's GEMM has 1/c of the rows: the planner's size efficiency x/(x + c0) makes c chunks cost more
-    compute than the whole op, where a plain roofline would price them the same."""
+    """On a cluster without a kernel model (CPU, fitted by calibrate) a chunk's GEMM has 1/c of the rows: the
+    planner's size efficiency x/(x + c0) makes c chunks cost more compute than the whole op, where a plain
+    roofline would price them the same."""
     from meshplan.planner.cluster import load_cluster
     from meshplan.planner.cost_model import size_efficiency
 
-    cluster = load_cluster("h800")
-    d = durations_for("h800", Mesh.of(dp=2, mp=2))
+    cluster = load_cluster("local")
+    assert cluster.kernels is None
+    d = durations_for("local", Mesh.of(dp=2, mp=2))
     moe = "layers.0.feed_forward"
     whole = build_task_graph(GRAPH, plan(), B, S, chunks=1)[f"fwd:{moe}/experts"]
     # EP on mp=2 with dp=2: a rank routes B·S/4 tokens, k=2 copies each, over 4 experts, 2 ranks per group
@@ -227,10 +229,40 @@ def test_chunked_gemms_pay_the_planners_size_efficiency():
     parts = [tg4[f"fwd:{moe}/experts#{c}"] for c in range(4)]
     assert all(p.gemm_dims == (rows / 4, 64, 128) for p in parts)
     assert sum(p.flops for p in parts) == pytest.approx(whole.flops)
-    # the GEMM term of a chunk is 1/4 of the FLOPs at (64/128)/(256/320) of the efficiency: 1.6x per row
-    eff4 = float(size_efficiency(parts[0].gemm_dims, cluster.gemm_half_size))
-    assert eff / eff4 == pytest.approx(1.6)
-    assert sum(d(p) for p in parts) > 1.4 * d(whole)  # a roofline without the size term: exactly 1.0x
+    c0 = cluster.gemm_half_size  # the GEMM term of a chunk: 1/4 of the FLOPs at x/(x + c0) of its 4x shorter rows
+    eff4 = float(size_efficiency(parts[0].gemm_dims, c0))
+    assert eff / eff4 == pytest.approx((rows / (rows + c0)) / (rows / 4 / (rows / 4 + c0)))
+    assert sum(d(p) for p in parts) > 1.1 * d(whole)  # a roofline without the size term: exactly 1.0x
+
+
+def test_gpu_tasks_are_priced_by_the_planners_kernel_model():
+    """On a GPU cluster a task's compute is the planner's kernel model (planner/kernels.py): its GEMMs run in waves
+    of 128x256 output tiles on 132 SMs. The tiny model's expert GEMMs (2 local experts x 3 GEMMs of 256 x 64 x 128)
+    fill one wave; a quarter of the rows still takes one wave, so 4 chunks pay 4 waves for the same FLOPs."""
+    from meshplan.planner.cluster import load_cluster
+
+    cluster = load_cluster("h800")
+    kern = cluster.kernels
+    d = durations_for("h800", Mesh.of(dp=2, mp=2))
+    moe = "layers.0.feed_forward"
+    whole = build_task_graph(GRAPH, plan(), B, S, chunks=1)[f"fwd:{moe}/experts"]
+    assert whole.gemm_dims == (256, 64, 128) and whole.flops == pytest.approx(6 * 2 * 256 * 64 * 128)
+    wave = 2 * kern.tile[0] * kern.tile[1] * 64 / (cluster.peak_flops * kern.gemm_efficiency / kern.sm_count)
+    memory = whole.mem_bytes / (cluster.hbm_bandwidth * kern.memory_efficiency)
+    assert d(whole) == pytest.approx(wave + memory + kern.launch_s, rel=1e-12)
+    tg4 = build_task_graph(GRAPH, plan(), B, S, chunks=4, chunk_kinds={"moe"})
+    parts = [tg4[f"fwd:{moe}/experts#{c}"] for c in range(4)]
+    gemm_terms = [d(p) - p.mem_bytes / (cluster.hbm_bandwidth * kern.memory_efficiency) - kern.launch_s
+                  for p in parts]
+    assert sum(gemm_terms) == pytest.approx(4 * wave, rel=1e-9)
+    bwd = build_task_graph(GRAPH, plan(), B, S, chunks=1)[f"bwd:{moe}/experts"]
+    # backward: input gradient (256 x 128 x 64: one wave) and weight gradient (64 x 256 x 128 per GEMM, 6 GEMMs of
+    # one tile each: one wave) at the weight gradient's inner dim 256
+    wgrad_wave = wave * 256 / 64
+    wave_dgrad = 2 * kern.tile[0] * kern.tile[1] * 128 / (cluster.peak_flops * kern.gemm_efficiency / kern.sm_count)
+    assert d(bwd) == pytest.approx(wave_dgrad + wgrad_wave + bwd.mem_bytes / (cluster.hbm_bandwidth
+                                                                            * kern.memory_efficiency)
+                                   + 2 * kern.launch_s, rel=1e-12)
 
 
 def test_roofline_presets_and_unknown_clusters():
