@@ -25,6 +25,12 @@ MAX_INT = 2**31 - 1  # every size, count and step in a config fits an int32 (and
 MAX_FILE_BYTES = 16 << 20  # a config is a few KiB; anything this large is not one
 
 
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the constraint. The base of every
+    stage's config error (models' ConfigError is this class, the planner's ClusterError subclasses it), so a
+    front end catches one class whatever stage read the file."""
+
+
 def one_line(text: str) -> str:
     """Collapse whitespace and newlines: a message for a terminal's single error line."""
     return " ".join(str(text).split())

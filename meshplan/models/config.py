@@ -5,12 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..inputs import check_bool, check_int, check_number, check_str, find_config, mapping, read_yaml
+from ..inputs import ConfigError, check_bool, check_int, check_number, check_str, find_config, mapping, read_yaml
 from ..resources import shipped
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the constraint."""
 
 
 @dataclass

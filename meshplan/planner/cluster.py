@@ -25,8 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from ..inputs import check_number, check_str, find_config, mapping, read_yaml
-from ..models.config import ConfigError
+from ..inputs import ConfigError, check_number, check_str, find_config, mapping, read_yaml
 from ..resources import shipped
 
 CLUSTER_DIR = shipped("clusters")
