@@ -91,16 +91,15 @@ def _apply_overrides(plan: Plan, overrides: dict | str | Path | None) -> Plan:
 def _auto_plan(graph: Graph, cluster, world: int, batch: int, seq: int, mesh: Mesh | None,
                error_budget: float | None) -> Plan:
     """The planner's choice for this world. The runtime executes no pipeline stages, so pp = 1."""
-    from .planner import Options, search, to_plan
+    from .planner import Options, plan_model
 
     # zero=False: the runtime all-reduces gradients and keeps whole optimizer state (priced as it runs).
     opts = Options(seq=seq, activation_dtype=activation_dtype(graph), zero=False)
     if error_budget is not None:
         opts.error_budget = error_budget
     model_axis = [mesh.shape[-1]] if mesh is not None else [n for n in range(1, world + 1) if world % n == 0]
-    r = search(graph, cluster, world, batch, opts, model_axis=model_axis, pp=[1])
-    plan = to_plan(r.cost_model, r.mesh, r.problem, r.assignment, r.breakdown, batch,
-                   {"planned_for": f"{world} ranks of {cluster.name}", "plan_seconds": round(r.seconds, 3)})
+    plan, _ = plan_model(graph, cluster, world, batch, opts, {"planned_for": f"{world} ranks of {cluster.name}"},
+                         model_axis=model_axis, pp=[1])
     return _onto_mesh(plan, mesh) if mesh is not None else plan
 
 

@@ -10,12 +10,15 @@ from .plans import Priced, price_plan, to_plan
 from .pricing import CostModel, MeshConfig, Options
 
 
-def plan_model(graph, cluster: Cluster, gpus: int, global_batch: int, options: Options | None = None):
-    """(Plan, Result): the best plan for `graph` on `gpus` GPUs of `cluster`, as a meshplan Plan."""
+def plan_model(graph, cluster: Cluster, gpus: int, global_batch: int, options: Options | None = None,
+               meta: dict | None = None, **restrict):
+    """(Plan, Result): the best plan for `graph` on `gpus` GPUs of `cluster`, as a meshplan Plan. restrict:
+    search()'s limits on the meshes tried (model_axis=[...], pp=[...]); meta: extra entries for plan.meta."""
     options = options or Options()
-    r = search(graph, cluster, gpus, global_batch, options)
+    r = search(graph, cluster, gpus, global_batch, options, **restrict)
     plan = to_plan(r.cost_model, r.mesh, r.problem, r.assignment, r.breakdown, global_batch,
-                   {"meshes_searched": r.searched, "ilps_solved": r.solved, "plan_seconds": round(r.seconds, 3)})
+                   {"meshes_searched": r.searched, "ilps_solved": r.solved, "plan_seconds": round(r.seconds, 3),
+                    **(meta or {})})
     return plan, r
 
 
