@@ -37,6 +37,7 @@ from ..ir.strategies import (
     layout_error,
     native_io,
     offered_error,
+    strategy_of,
     transition,
 )
 from . import kernels, memory
@@ -139,8 +140,19 @@ def imbalance_factor(k: int, t: float, n: int) -> float:
     return 1 + math.sqrt(2 * math.log(n) * (n - 1) / (k * t)) if n > 1 else 1.0
 
 
+def collectives(op: Op, cand: str, io) -> tuple[Coll, ...]:
+    """The op's own collectives under `cand`: the strategy's communication phases (ir/strategies) whose wire
+    precision the plan chooses. A phase with a fixed dtype (vocab-parallel embedding's int64 token ids, when its
+    input is sequence-sharded) is not priced here: its bytes are the strategy's, but pricing has no fixed-dtype
+    collective yet."""
+    strat = strategy_of(op.kind, cand)
+    if strat is None:
+        return ()
+    return tuple(Coll(p.name, p.collective, p.elements, p.rows) for p in strat.comm_phases(op, io) if p.dtype is None)
+
+
 def _attention(op: Op, cand: str, whole: bool):
-    """(flops, core flops, hbm bytes, gemms, dims, colls) of the attention op on one GPU."""
+    """(flops, core flops, hbm bytes, gemms, dims, launches) of the attention op on one GPU."""
     t, a = G.B * G.S, op.attrs
     hq, hkv, hd, d = a["n_heads"], a["n_kv_heads"], a["head_dim"], a["dim"]
     q, kv = hq * hd, 2 * hkv * hd
@@ -148,7 +160,6 @@ def _attention(op: Op, cand: str, whole: bool):
     core = 2 * G.B * G.S * G.S * hq * hd  # ops.py: causal QK^T and AV
     rest = op.flops - proj_kv  # q/o projections and the causal core split by heads or tokens
     kvs = sympy.Min(N, hkv)
-    colls = ()
     if whole:
         flops, dims, share = op.flops, (t, d, q), 1
         gemms = ((1, t, d, q + kv, 0), (1, t, q, d, 0))
@@ -161,14 +172,12 @@ def _attention(op: Op, cand: str, whole: bool):
         flops, dims, share = op.flops / N, (t / N, d, q), 1 / N
         gemms = ((1, t / N, d, q + kv, 0), (1, t / N, q, d, 0))
         rope = t / N * (q + kv / 2)
-    if cand == "sp":
-        colls = (Coll("qkv_a2a", "all_to_all", t * (q + kv * N / kvs), 3 * t), Coll("out_a2a", "all_to_all", t * q, t))
     hbm = 2 * memory.ACT_BYTES * rope  # RoPE reads and writes q and k
-    return flops, core * share, hbm, gemms, dims, colls, 6
+    return flops, core * share, hbm, gemms, dims, 6
 
 
 def _moe(op: Op, cand: str, whole: bool, balanced: bool = False):
-    """(flops, core flops, hbm bytes, gemms, dims, colls, launches) of the MoE FFN on one GPU. Tokens are routed
+    """(flops, core flops, hbm bytes, gemms, dims, launches) of the MoE FFN on one GPU. Tokens are routed
     on t_r rows here (all of them under TP and ag_scatter, whose routers run on gathered tokens: Megatron's
     all-gather dispatcher permutes every routed token on every TP rank); the local experts see `rows` rows each,
     the most loaded rank's share when experts are split over ranks."""
@@ -176,7 +185,7 @@ def _moe(op: Op, cand: str, whole: bool, balanced: bool = False):
     d, f, e, k, sh = a["dim"], a["ffn_dim"], a["n_experts"], a["top_k"], a["shared_hidden"]
     router, experts, shared = 2 * t * d * e, 6 * k * t * d * f, 6 * t * d * sh
     per_expert = k * t / e  # tokens one expert sees across the group
-    colls, local, width, t_r, t_sh, sh_w = (), e, f, t, t, sh
+    local, width, t_r, t_sh, sh_w = e, f, t, t, sh
     if whole:
         flops, dims, rows = op.flops, (per_expert, d, f), per_expert
     elif cand in ("ep", "seq", DP):
@@ -193,8 +202,6 @@ def _moe(op: Op, cand: str, whole: bool, balanced: bool = False):
     else:  # ag_scatter: router on all gathered tokens, local experts at full width
         flops, dims = router + (experts + shared) / N, (per_expert, d, f)
         local, rows, sh_w = e / N, per_expert * ep_imbalance(k, t, not balanced), sh / N
-    if cand == "ep":
-        colls = (Coll("dispatch", "all_to_all", k * t * d, k * t), Coll("combine", "all_to_all", k * t * d, k * t))
     gemms = ((1, t_r, d, e, 0), (local, rows, d, 2 * width, 1), (local, rows, width, d, 1))  # experts: ragged rows
     if sh:
         gemms += ((1, t_sh, d, 2 * sh_w, 0), (1, t_sh, sh_w, d, 0))
@@ -205,7 +212,7 @@ def _moe(op: Op, cand: str, whole: bool, balanced: bool = False):
            + act * (k * t_r * d + t_r * d)  # unpermute: read the copies, write the weighted sum
            + act * 3 * routed * width  # SwiGLU: read gate and up, write their product
            + (act * 3 * t_sh * sh_w if sh else 0))
-    return flops, 0, hbm, gemms, dims, colls, 8 + (3 if sh else 0)
+    return flops, 0, hbm, gemms, dims, 8 + (3 if sh else 0)
 
 
 def terms(op: Op, cand: str, balanced: bool = False) -> OpTerms:
@@ -214,12 +221,12 @@ def terms(op: Op, cand: str, balanced: bool = False) -> OpTerms:
     a = op.attrs
     sharded_in = cand in SEQ_LIKE
     zero = sympy.Integer(0)
-    flops, hbm, dims, colls, core, gemms, launches = op.flops, zero, (), (), zero, (), 1
+    flops, hbm, dims, core, gemms, launches = op.flops, zero, (), zero, (), 1
     whole = cand == "replicate"
     if op.kind == G.ATTENTION:
-        flops, core, hbm, gemms, dims, colls, launches = _attention(op, cand, whole)
+        flops, core, hbm, gemms, dims, launches = _attention(op, cand, whole)
     elif op.kind == G.MOE:
-        flops, core, hbm, gemms, dims, colls, launches = _moe(op, cand, whole, balanced)
+        flops, core, hbm, gemms, dims, launches = _moe(op, cand, whole, balanced)
     elif op.kind == G.FFN:
         d, h = a["dim"], a["hidden"]
         flops = op.flops if whole else op.flops / N
@@ -238,6 +245,7 @@ def terms(op: Op, cand: str, balanced: bool = False) -> OpTerms:
         hbm = memory.ACT_BYTES * elems / (N if sharded_in or cand == "vocab" else 1)
         flops = zero if op.kind == G.EMBEDDING else (op.flops if whole else op.flops / N)
     i, o = placements(op, cand)
+    colls = collectives(op, cand, (i, o))
     split, rep = memory.param_split(op, cand)
     kernel = (sympy.sympify(core), sympy.Integer(launches)) + tuple(sympy.sympify(x) for g in gemms for x in g)
     return OpTerms(op, cand, i, o, sympy.sympify(flops), sympy.sympify(hbm), tuple(sympy.sympify(x) for x in dims),

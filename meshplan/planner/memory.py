@@ -5,10 +5,9 @@ Training state per parameter (mixed precision, Megatron-style): BF16 weight (2 B
 (ZeRO-1, on by default) the 12 B are sharded over every rank that holds a replica of the parameter: the d data
 ranks for parameters split on the model axis, all n·d ranks for parameters replicated on it.
 
-Parameters come in two kinds per strategy: `split` (divided over the model axis; gradients reduced over the d
-data-parallel ranks) and `replicated` (whole on every rank of the model axis, which then also sees different
-tokens, so gradients are reduced over n·d ranks). An op computed redundantly ("replicate") has identical gradients
-on its model axis: its parameters count as split-group (reduced over d only) but whole.
+Parameters come in two kinds per strategy, from its parameter layout (ir/strategies): `split` (divided over the
+model axis; gradients reduced over the d data-parallel ranks) and `replicated` (whole on every rank of the model
+axis, whose gradients are partial sums over it, so they are reduced over n·d ranks).
 
 With full activation recomputation (pricing.MeshConfig.recompute) an op keeps only its inputs and reruns its
 forward, collectives included, during backward.
@@ -21,9 +20,9 @@ from __future__ import annotations
 import sympy
 
 from ..ir import graph as G
-from ..ir.graph import Op
+from ..ir.graph import N, Op
+from ..ir.strategies import strategy_of
 
-N = sympy.Symbol("n", positive=True, integer=True)  # size of the model axis
 ACT_BYTES, FP32 = 2, 4
 WEIGHT_GRAD_BYTES = 2 + 4  # bf16 weight + fp32 gradient
 OPTIMIZER_BYTES = 12  # fp32 master + Adam m, v
@@ -37,40 +36,17 @@ def _kv_shards(op: Op):
 
 
 def param_split(op: Op, cand: str) -> tuple[sympy.Expr, sympy.Expr]:
-    """(split-group, replicated-group) parameter elements on one GPU, as functions of n."""
-    p, a = sympy.Integer(op.params), op.attrs
+    """(split-group, replicated-group) parameter elements on one GPU, as functions of n: the strategy's parameter
+    layout (ir/strategies) over the op's parameter shapes. Every parameter the layout leaves whole is on every
+    rank of the model axis and its gradient is a partial sum over it (the ranks saw different tokens, or, under
+    "replicate", the runtime seeds the output gradient on one rank only), so it is reduced over all n·d ranks.
+    Data parallel on the model axis (DP) splits nothing."""
     if op.params == 0:
         return sympy.Integer(0), sympy.Integer(0)
-    if cand in ("replicate", "seq", "sp", DP):
-        # Every rank of the model axis holds all of it. Under "replicate" the ranks repeat the same work, but the
-        # runtime seeds the output gradient on one rank only, so the weights' gradients are partial sums over
-        # the model axis too: reduced over all n·d ranks, like the sequence-sharded ops'.
-        return sympy.Integer(0), p
-    if op.kind == G.ATTENTION and a.get("mla"):  # tp: the heads' rows of wq/wq_b, wkv_b, wo; latents whole
-        h, d, lora, qk = a["n_heads"], a["dim"], a["kv_lora_rank"], a["head_dim"]
-        q_lora = a["q_lora_rank"]
-        q = d * h * qk if q_lora is None else q_lora * h * qk
-        heads = q + lora * h * (a["qk_nope_head_dim"] + a["v_head_dim"]) + h * a["v_head_dim"] * d
-        latents = d * (lora + a["qk_rope_head_dim"]) + lora + (0 if q_lora is None else d * q_lora + q_lora)
-        return heads / N, sympy.Integer(latents)
-    if op.kind == G.ATTENTION:  # tp: wq, wo split by heads; wk, wv by KV heads
-        q, kv = a["n_heads"] * a["head_dim"], 2 * a["n_kv_heads"] * a["head_dim"]
-        return 2 * a["dim"] * q / N + a["dim"] * kv / _kv_shards(op), sympy.Integer(0)
-    if op.kind == G.MOE:
-        d, e = a["dim"], a["n_experts"]
-        experts, router, shared = 3 * e * d * a["ffn_dim"], d * e, 3 * d * a["shared_hidden"]
-        if cand == "ep":  # local experts; router and shared experts replicated, run on local tokens
-            return experts / N, sympy.Integer(router + shared)
-        if cand == "tp" and a.get("fused_experts"):
-            # fused gate/up (HF's gate_up_proj) stays whole on every rank under tp (runtime/sharding.py): only
-            # w2 is split, and w13's gradient is a partial sum over the model axis like a replicated weight's
-            return experts / 3 / N + shared / N + router, sympy.Integer(2 * e * d * a["ffn_dim"])
-        if cand == "ag_scatter":  # local experts; the runtime keeps the shared experts whole (runtime/sharding.py)
-            # and runs them on 1/n of the tokens per rank, so their gradient is reduced over the model axis too
-            return experts / N + router, sympy.Integer(shared)
-        # tp: the router runs redundantly on the gathered tokens; shared experts split like the routed ones
-        return experts / N + shared / N + router, sympy.Integer(0)
-    return p / N, sympy.Integer(0)  # ffn / linear tp, embedding vocab
+    strat = strategy_of(op.kind, cand)
+    if strat is None:
+        return sympy.Integer(0), sympy.Integer(op.params)
+    return strat.layout(op)
 
 
 def static_bytes(split, replicated, n: int, d: int, zero: bool = True):
