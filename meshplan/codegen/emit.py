@@ -65,8 +65,8 @@ _MOE = {
     SHARED: "shared{c} = ep_shared(ctx, x{c})",
     UNPERMUTE: "y{c} = ep_unpermute(ctx, route{c}, {in}, {shared})",
 }
-_RECIPES = {(G.ATTENTION, "sp"): _ATTENTION, (G.MOE, "ep"): _MOE}
-EMITTED = set(_RECIPES)
+RECIPES = {(G.ATTENTION, "sp"): _ATTENTION, (G.MOE, "ep"): _MOE}
+EMITTED = set(RECIPES)
 
 
 def _own_collectives(op: G.Op, strategy: str) -> tuple[str, ...]:
@@ -157,7 +157,7 @@ def emit_schedule(graph: Graph, plan: Plan, sch: Schedule) -> str:
 def _function_body(op: G.Op, strategy: str, sch: Schedule, chunks: int) -> list[str]:
     """The statements of one op, in schedule order. Comments name tasks with `{op}` for the op, so that identical
     layers (same schedule) give identical bodies and share one function."""
-    recipe, consumes = _RECIPES[(op.kind, strategy)], _consumes(op, strategy)
+    recipe, consumes = RECIPES[(op.kind, strategy)], _consumes(op, strategy)
     program = op_program(sch, op.name)
     c_of = lambda s: 0 if s.task.chunk is None else s.task.chunk  # noqa: E731
     has_shared = any(s.task.phase == SHARED for s in program)

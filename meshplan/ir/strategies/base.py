@@ -81,6 +81,9 @@ class Strategy:
     required: tuple[str, ...] = ()  # parameters the runtime implementation reads by name
     divides: tuple[tuple[str, str], ...] = ()  # (attr, what it is) the model axis size must divide
     phases: Callable[[Op, IO], tuple[PhaseSpec, ...]] = one_compute
+    # collectives of a few integers run synchronously inside a compute phase (EP's row counts inside route): not
+    # phases of their own, not priced (a fixed dtype), but counted at run time under their name
+    inline: Callable[[Op, IO], tuple[PhaseSpec, ...]] = lambda op, io: ()
 
     @property
     def native(self) -> IO:

@@ -12,9 +12,10 @@ assignments of its own experts locally, Partial sum out; shared experts whole, r
 """
 from __future__ import annotations
 
-from ..graph import B, Op, S
+from ..graph import B, N, Op, S
 from .base import (
     COMBINE,
+    COUNTS,
     DISPATCH,
     EXPERTS,
     IO,
@@ -34,6 +35,12 @@ _EXPERTS = {"experts.w1": 0, "experts.w3": 0, "experts.w2": 0, "experts.w13": 0}
 _N_EXPERTS = (("n_experts", "n_experts={v}"),)
 
 
+def expert_parallel_counts(op: Op, io: IO) -> tuple[PhaseSpec, ...]:
+    """Inside route: every rank sends each other rank its row count per expert there (n_experts int64 per rank,
+    so the group's tensor is n·n_experts)."""
+    return (PhaseSpec(COUNTS, "all_to_all", N * op.attrs["n_experts"], N, dtype="int64"),)
+
+
 def expert_parallel_phases(op: Op, io: IO) -> tuple[PhaseSpec, ...]:
     t, a = B * S, op.attrs
     routed = a["top_k"] * t  # each token's k copies
@@ -51,7 +58,8 @@ def expert_parallel_phases(op: Op, io: IO) -> tuple[PhaseSpec, ...]:
 MOE = {
     "ep": Strategy("ep", SEQ_IO, "experts",
                    "expert parallel: all-to-all dispatch of routed tokens, local experts, all-to-all combine",
-                   params=_EXPERTS, required=_REQUIRED, divides=_N_EXPERTS, phases=expert_parallel_phases),
+                   params=_EXPERTS, required=_REQUIRED, divides=_N_EXPERTS, phases=expert_parallel_phases,
+                   inline=expert_parallel_counts),
     "tp": Strategy("tp", TP_IO, "ffn", "every expert's hidden dimension split (w1/w3 column, w2 row)",
                    params={"experts.w1": 1, "experts.w3": 1, "experts.w2": 2,
                            "shared.w1.weight": 0, "shared.w3.weight": 0, "shared.w2.weight": 1},
