@@ -3,6 +3,8 @@ agrees with it: the runtime has an implementation for it, the planner's cost ter
 phases, and on the tiny and small reference models (and a user model of plain nn.Linear/nn.Embedding) the
 planner's per-rank parameter count equals the elements each rank holds, and the strategy's bytes per collective
 equal what each rank sends (runtime/comm_stats.py), forward and backward."""
+import dataclasses
+
 import pytest
 import sympy
 import torch
@@ -196,3 +198,34 @@ def test_strategy_bytes_equal_what_each_rank_sends(graphs, name, n):
                 assert bwd == (0 if spec.dtype else pytest.approx(back)), (op.name, spec.name, r)
             checked.add((op.kind, spec.name))
     assert {kind for kind, _ in checked} == {G.ATTENTION, G.MOE, G.EMBEDDING}
+
+
+def test_a_new_pair_is_its_object_and_an_implementation(graphs, monkeypatch):
+    """docs/concepts.md, "Adding a strategy": a pair registered only as a Strategy object and one registry line is
+    offered, priced, scheduled, laid out and run by every stage, with no stage naming it (a twin of FFN tp, run by
+    the same implementation, must be priced and held exactly like tp and compute the single-device output)."""
+    twin = dataclasses.replace(STRATEGIES[G.FFN]["tp"], name="tp_twin")
+    monkeypatch.setitem(STRATEGIES[G.FFN], "tp_twin", twin)
+    monkeypatch.setitem(IMPLEMENTATIONS, (G.FFN, "tp_twin"), IMPLEMENTATIONS[(G.FFN, "tp")])
+    cfg, graph, mesh = load_config("small"), graphs["small"], Mesh.of(mp=2)
+    op = next(op for op in graph.ops() if op.kind == G.FFN)
+    assert "tp_twin" in cm.candidates(op, 2, BATCH, SEQ)
+    new, old = cm.terms(op, "tp_twin"), cm.terms(op, "tp")
+    for field in ("flops", "hbm_bytes", "gemm_dims", "colls", "params_split", "params_replicated", "activations"):
+        assert getattr(new, field) == getattr(old, field), field
+    plan = Plan.build(graph, mesh, {G.FFN: "tp_twin"}, fallback=False)
+    assert [p.name for p in op_phases(OpView(graph, plan, op, BATCH, SEQ))] == ["compute"]
+    tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    world = LocalWorld(2)
+    groups = world.groups(mesh)
+
+    def run(r):
+        pm = ParallelModel(build_model(cfg), plan, graph=graph, groups=groups[r])
+        held = sum(p.numel() for k, p in pm.named_parameters() if k.startswith(op.name + "."))
+        return pm(tokens).detach(), held
+
+    want = int(sympy.sympify(new.params_split + new.params_replicated).subs(N, 2))
+    reference = build_model(cfg)(tokens).detach()
+    for out, held in world.run(run):
+        assert held == want < op.params
+        torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)

@@ -166,9 +166,15 @@ def op_phases(v: OpView) -> list[Phase]:
     strat = strategy_of(v.op.kind, v.p.strategy)
     if strat is None or v.n == 1:
         return [_whole(v)]
-    costs = _COMPUTE_COSTS.get((v.op.kind, v.p.strategy), lambda v: {COMPUTE_PHASE: _whole(v)})(v)
+    specs = strat.phases(v.op, v.model_io())
+    computes = [p.name for p in specs if not p.comm]
+    split_costs = _COMPUTE_COSTS.get((v.op.kind, v.p.strategy))
+    if split_costs is None and len(computes) > 1:
+        raise ValueError(f"codegen: {v.op.kind}/{v.p.strategy} has compute phases {computes}; say what each costs "
+                         f"in codegen/phases.py (_COMPUTE_COSTS)")
+    costs = split_costs(v) if split_costs else {computes[0]: _whole(v)}
     out = []
-    for spec in strat.phases(v.op, v.model_io()):
+    for spec in specs:
         if spec.comm:
             elem = dtype_size(spec.dtype) if spec.dtype else v.comm_bytes(spec.name)
             out.append(Phase(spec.name, COMM, collective=spec.collective, nbytes=v.elements(spec.elements) * elem,

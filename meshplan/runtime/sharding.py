@@ -7,14 +7,32 @@ redundantly from a Partial output gradient), which is exactly what `reduce_gradi
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from ..ir.graph import Op
 from ..ir.placement import Placement, Replicate, Shard
 from ..ir.strategies import STRATEGIES, strategy_of
 
-# (kind, strategy) -> the parameters its implementation reads by name: a registered module of that kind must have
-# them (experts: w2, and w1/w3 or the fused w13, which moe_routing.experts checks)
-REQUIRED: dict[tuple[str, str], tuple[str, ...]] = {
-    (kind, name): s.required for kind, by_name in STRATEGIES.items() for name, s in by_name.items() if s.required}
+
+class _Required(Mapping):
+    """(kind, strategy) -> the parameters its implementation reads by name (Strategy.required): a registered
+    module of that kind must have them (experts: w2, and w1/w3 or the fused w13, which moe_routing.experts
+    checks). A view of the registry, so a pair registered later is seen too."""
+
+    def __getitem__(self, key: tuple[str, str]) -> tuple[str, ...]:
+        strat = strategy_of(*key)
+        if strat is None or not strat.required:
+            raise KeyError(key)
+        return strat.required
+
+    def __iter__(self):
+        return iter([(k, n) for k, by_name in STRATEGIES.items() for n, s in by_name.items() if s.required])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+REQUIRED = _Required()
 
 
 def split_dim(op: Op, strategy: str, pname: str, n: int) -> int | None:
