@@ -23,6 +23,20 @@ from pathlib import Path
 from ..ir import graph as G
 from ..ir.graph import Graph
 from ..ir.plan import Plan
+from ..ir.strategies import (
+    COMBINE,
+    CORE,
+    DISPATCH,
+    EXPERTS,
+    OUT_A2A,
+    OUT_PROJ,
+    QKV,
+    QKV_A2A,
+    ROUTE,
+    SHARED,
+    STRATEGIES,
+    UNPERMUTE,
+)
 from .durations import Durations, durations_for
 from .phases import COMM, COMPUTE
 from .schedule import Schedule, Slot
@@ -31,29 +45,39 @@ from .task_graph import FWD, build_task_graph
 
 # The op kinds split into chunks: the two whose strategies have collectives inside them.
 CHUNK_KINDS = {G.ATTENTION, G.MOE}
-EMITTED = {(G.ATTENTION, "sp"), (G.MOE, "ep")}
 
-# phase -> (the statement producing it, with {c} the chunk and {in} the value of the phase it waits for)
+# phase -> (the statement producing it, with {c} the chunk and {in} the value of the phase it waits for); the
+# phase names are the strategies' (ir/strategies), which are also the runtime's channel tags
 _ATTENTION = {
-    "qkv": "qkv{c} = sp_qkv(ctx, x{c})",
-    "qkv_a2a": "qkv_a2a{c} = start_exchange(qkv{c}, 2, 1, ctx.channel('qkv_a2a'), ctx.comm_stream)",
-    "core": "core{c} = sp_core(ctx, {in})",
-    "out_a2a": "out_a2a{c} = start_exchange(core{c}, 1, 2, ctx.channel('out_a2a'), ctx.comm_stream)",
-    "out_proj": "y{c} = sp_out_proj(ctx, {in})",
+    QKV: "qkv{c} = sp_qkv(ctx, x{c})",
+    QKV_A2A: f"{QKV_A2A}{{c}} = start_exchange(qkv{{c}}, 2, 1, ctx.channel({QKV_A2A!r}), ctx.comm_stream)",
+    CORE: "core{c} = sp_core(ctx, {in})",
+    OUT_A2A: f"{OUT_A2A}{{c}} = start_exchange(core{{c}}, 1, 2, ctx.channel({OUT_A2A!r}), ctx.comm_stream)",
+    OUT_PROJ: "y{c} = sp_out_proj(ctx, {in})",
 }
 _MOE = {
-    "route": "route{c} = ep_route(ctx, x{c}, keep[{c}])",
-    "dispatch": "dispatch{c} = start_rows(route{c}.rows, route{c}.recv, route{c}.send, ctx.channel('dispatch'), "
-                "ctx.comm_stream)",
-    "experts": "experts{c} = ep_experts(ctx, route{c}, {in})",
-    "combine": "combine{c} = start_rows(experts{c}, route{c}.send, route{c}.recv, ctx.channel('combine'), "
-               "ctx.comm_stream)",
-    "shared": "shared{c} = ep_shared(ctx, x{c})",
-    "unpermute": "y{c} = ep_unpermute(ctx, route{c}, {in}, {shared})",
+    ROUTE: "route{c} = ep_route(ctx, x{c}, keep[{c}])",
+    DISPATCH: f"{DISPATCH}{{c}} = start_rows(route{{c}}.rows, route{{c}}.recv, route{{c}}.send, "
+              f"ctx.channel({DISPATCH!r}), ctx.comm_stream)",
+    EXPERTS: "experts{c} = ep_experts(ctx, route{c}, {in})",
+    COMBINE: f"{COMBINE}{{c}} = start_rows(experts{{c}}, route{{c}}.send, route{{c}}.recv, ctx.channel({COMBINE!r}), "
+             "ctx.comm_stream)",
+    SHARED: "shared{c} = ep_shared(ctx, x{c})",
+    UNPERMUTE: "y{c} = ep_unpermute(ctx, route{c}, {in}, {shared})",
 }
-_OWN_COLLECTIVES = ("qkv_a2a", "out_a2a", "dispatch", "combine")
-# the comm phase whose result a compute phase consumes
-_CONSUMES = {"core": "qkv_a2a", "out_proj": "out_a2a", "experts": "dispatch", "unpermute": "combine"}
+RECIPES = {(G.ATTENTION, "sp"): _ATTENTION, (G.MOE, "ep"): _MOE}
+EMITTED = set(RECIPES)
+
+
+def _own_collectives(op: G.Op, strategy: str) -> tuple[str, ...]:
+    return STRATEGIES[op.kind][strategy].precision_collectives(op)
+
+
+def _consumes(op: G.Op, strategy: str) -> dict[str, str]:
+    """compute phase -> the comm phase whose result it consumes (the strategy's phase order)."""
+    specs = STRATEGIES[op.kind][strategy].phases(op, STRATEGIES[op.kind][strategy].native)
+    comm = {p.name for p in specs if p.comm}
+    return {p.name: a for p in specs if not p.comm for a in p.after if a in comm}
 
 
 def emit_module(graph: Graph, plan: Plan, batch: int, seq: int, chunks: int = 2,
@@ -93,13 +117,13 @@ def emit_schedule(graph: Graph, plan: Plan, sch: Schedule) -> str:
         if (op.kind, p.strategy) not in EMITTED or n == 1:
             skipped.append(f"{op.name} ({p.strategy}{'' if n > 1 else ', model axis of size 1'})")
             continue
-        compressed = sorted(t for t in _OWN_COLLECTIVES if p.precision.get(t, "fp32") != "fp32")
+        compressed = sorted(t for t in _own_collectives(op, p.strategy) if p.precision.get(t, "fp32") != "fp32")
         if compressed:
             # A compressed wire format decodes after the bytes arrive, inside the runtime's synchronous
             # collectives (and EP's fused FP8 permute): keep those ops on the executor's implementation.
             skipped.append(f"{op.name} ({p.strategy}, compressed {', '.join(compressed)})")
             continue
-        bodies.setdefault("\n".join(_function_body(op, sch, m["chunks"])), []).append(op.name)
+        bodies.setdefault("\n".join(_function_body(op, p.strategy, sch, m["chunks"])), []).append(op.name)
 
     head = [
         f'"""Overlap program for {plan.model} on mesh {plan.mesh}: global batch {m["batch"]}, seq {m["seq"]}, '
@@ -130,13 +154,13 @@ def emit_schedule(graph: Graph, plan: Plan, sch: Schedule) -> str:
     return "\n".join(lines)
 
 
-def _function_body(op: G.Op, sch: Schedule, chunks: int) -> list[str]:
+def _function_body(op: G.Op, strategy: str, sch: Schedule, chunks: int) -> list[str]:
     """The statements of one op, in schedule order. Comments name tasks with `{op}` for the op, so that identical
     layers (same schedule) give identical bodies and share one function."""
-    recipe = _ATTENTION if op.kind == G.ATTENTION else _MOE
+    recipe, consumes = RECIPES[(op.kind, strategy)], _consumes(op, strategy)
     program = op_program(sch, op.name)
     c_of = lambda s: 0 if s.task.chunk is None else s.task.chunk  # noqa: E731
-    has_shared = any(s.task.phase == "shared" for s in program)
+    has_shared = any(s.task.phase == SHARED for s in program)
     out = [f"    xs = split_batch(x, {chunks}, ctx.op.name)", "    " + ", ".join(f"x{c}" for c in range(chunks))
            + (", = xs" if chunks == 1 else " = xs")]
     if op.kind == G.MOE:
@@ -148,8 +172,8 @@ def _function_body(op: G.Op, sch: Schedule, chunks: int) -> list[str]:
             raise ValueError(f"emit: no code for phase {ph!r} of {op.name} ({s.id})")
         stmt = recipe[ph]
         value = None
-        if s.task.stream == COMPUTE and ph in _CONSUMES:
-            dep = _CONSUMES[ph]
+        if s.task.stream == COMPUTE and ph in consumes:
+            dep = consumes[ph]
             value = f"got_{dep}{c}"
             comm_id = next(d for d in s.task.deps if sch[d].task.phase == dep)
             if comm_id not in waited:

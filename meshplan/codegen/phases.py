@@ -1,10 +1,12 @@
 """What one op becomes in a training step: its phases, by strategy, with per-rank FLOPs and bytes.
 
-An op whose strategy has collectives inside it is split at them, so that a scheduler can run one micro-batch
-chunk's collective while another chunk computes (MegaScale-MoE's inter-operator overlap, docs/reference.md "Overlap"):
+The phases are the strategy's (ir/strategies: names, order, each collective's kind and elements). An op whose
+strategy has collectives inside it is split at them, so that a scheduler can run one micro-batch chunk's
+collective while another chunk computes (MegaScale-MoE's inter-operator overlap, docs/reference.md "Overlap"):
   EP MoE:            route -> dispatch (all-to-all) -> experts -> combine (all-to-all) -> unpermute,
                      with shared experts (when the model has them) beside the all-to-alls;
-  Ulysses attention: qkv -> qkv_a2a (all-to-all) -> core -> out_a2a (all-to-all) -> out_proj.
+  Ulysses attention: qkv -> qkv_a2a (all-to-all) -> core -> out_a2a (all-to-all) -> out_proj;
+  vocab embedding:   ids (all-gather of sequence-sharded token ids) -> compute.
 Every other op is one "compute" phase; the collectives between ops (TP's all-gather and reduce-scatter) are the
 plan's edge reshardings, built by task_graph.py. All numbers are forward, per rank, for the whole step (before
 splitting into chunks). A collective's `nbytes` is the tensor it moves as its group sees it (see
@@ -13,13 +15,28 @@ durations.wire_bytes for what one rank sends).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import sympy
 
 from ..ir import graph as G
-from ..ir.graph import Graph, Op, dtype_size
+from ..ir.graph import Graph, N, Op, dtype_size
 from ..ir.placement import Shard
 from ..ir.plan import Plan, evaluate_shape
-from ..ir.strategies import PRECISION_BYTES
+from ..ir.strategies import (
+    COMPUTE as COMPUTE_PHASE,
+)
+from ..ir.strategies import (
+    CORE,
+    EXPERTS,
+    OUT_PROJ,
+    PRECISION_BYTES,
+    QKV,
+    ROUTE,
+    SHARED,
+    UNPERMUTE,
+    strategy_of,
+)
 
 COMPUTE, COMM = "compute", "comm"
 STREAMS = (COMPUTE, COMM)
@@ -44,6 +61,7 @@ class Phase:
     group: int = 1  # ranks in the collective's group
     after: tuple[str, ...] = ()  # phases of the same op it waits for; () means the op's inputs
     gemm_dims: tuple[float, ...] = ()  # its main GEMM on one rank (rows, inner, columns), for the size efficiency
+    grad: bool = True  # a collective whose backward runs its mirror (not so for integer token ids)
 
 
 class OpView:
@@ -82,6 +100,16 @@ class OpView:
         ins = sum(self.local(m, self.p.input) for m in self.op.input_metas)
         return ins + (self.local(self.op.output, self.p.output) if self.op.output is not None else 0.0)
 
+    def model_io(self):
+        """The op's (input, output) placements on its model axis."""
+        i = self.plan.mesh.index(self.p.axis)
+        return self.p.input[i], self.p.output[i]
+
+    def elements(self, expr) -> float:
+        """A strategy's element count (ir/strategies: B sequences of S tokens per data-parallel replica, n the
+        model axis) at this step: B = the batch over the data-parallel ranks."""
+        return float(sympy.sympify(expr).subs({G.B: self.batch // self.dp, G.S: self.seq, N: self.n}))
+
     def comm_bytes(self, collective: str) -> int:
         """Element size on the wire: the plan's precision for this collective, else the activation's dtype."""
         prec = self.p.precision.get(collective)
@@ -89,18 +117,14 @@ class OpView:
 
 
 # ---- parameters and their gradient reductions ------------------------------------------------------------------
-def param_split(op: Op, strategy: str) -> tuple[int, int]:
-    """(parameters split over the model axis, parameters every rank of the axis holds whole)."""
-    a = op.attrs
-    if op.kind == G.MOE and strategy in ("ep", "ag_scatter"):
-        experts = a["n_experts"] * 3 * a["dim"] * a["ffn_dim"]
-        return experts, op.params - experts
-    if op.kind == G.MOE and strategy == "tp":
-        router = a["dim"] * a["n_experts"]
-        return op.params - router, router
-    if strategy in ("tp", "vocab"):
-        return op.params, 0
-    return 0, op.params
+def param_split(op: Op, strategy: str, n: int) -> tuple[int, int]:
+    """(elements of the parameters split over a model axis of size n, counted whole; elements every rank of the
+    axis holds whole): the strategy's parameter layout (ir/strategies)."""
+    strat = strategy_of(op.kind, strategy)
+    if strat is None or not op.params:
+        return 0, op.params
+    split, whole = (sympy.sympify(x).subs(N, n) for x in strat.layout(op))
+    return round(float(split) * n), int(whole)
 
 
 def grad_phases(v: OpView, bucket_bytes: float = DDP_BUCKET_BYTES) -> list[Phase]:
@@ -114,7 +138,7 @@ def grad_phases(v: OpView, bucket_bytes: float = DDP_BUCKET_BYTES) -> list[Phase
     layer's all-to-all waits.
     """
     mesh, p = v.plan.mesh, v.p
-    split, whole = param_split(v.op, p.strategy)
+    split, whole = param_split(v.op, p.strategy, v.n)
     dp_axes = tuple(a for a, s in mesh.axes if a != p.axis and s > 1)
     model_sharded = p.axis is not None and v.n > 1 and isinstance(p.input[mesh.index(p.axis)], Shard)
     elem = PRECISION_BYTES[p.precision["grad"]] if "grad" in p.precision else dtype_size(v.op.param_dtype)
@@ -136,20 +160,40 @@ def grad_phases(v: OpView, bucket_bytes: float = DDP_BUCKET_BYTES) -> list[Phase
 
 # ---- forward phases by strategy ---------------------------------------------------------------------------------
 def op_phases(v: OpView) -> list[Phase]:
-    """The op's forward phases in a valid order; the last one produces the op's output."""
-    if v.n > 1 and v.op.kind == G.ATTENTION and v.p.strategy == "sp":
-        return _ulysses_attention(v)
-    if v.n > 1 and v.op.kind == G.MOE and v.p.strategy == "ep":
-        return _expert_parallel_moe(v)
-    split, whole = param_split(v.op, v.p.strategy)
+    """The op's forward phases in a valid order (the strategy's phases, ir/strategies); the last one produces the
+    op's output. Collectives carry the strategy's elements at this step's sizes; compute phases the FLOPs and
+    bytes of their share of the op (the whole op where the strategy has one compute phase)."""
+    strat = strategy_of(v.op.kind, v.p.strategy)
+    if strat is None or v.n == 1:
+        return [_whole(v)]
+    specs = strat.phases(v.op, v.model_io())
+    computes = [p.name for p in specs if not p.comm]
+    split_costs = _COMPUTE_COSTS.get((v.op.kind, v.p.strategy))
+    if split_costs is None and len(computes) > 1:
+        raise ValueError(f"codegen: {v.op.kind}/{v.p.strategy} has compute phases {computes}; say what each costs "
+                         f"in codegen/phases.py (_COMPUTE_COSTS)")
+    costs = split_costs(v) if split_costs else {computes[0]: _whole(v)}
+    out = []
+    for spec in specs:
+        if spec.comm:
+            elem = dtype_size(spec.dtype) if spec.dtype else v.comm_bytes(spec.name)
+            out.append(Phase(spec.name, COMM, collective=spec.collective, nbytes=v.elements(spec.elements) * elem,
+                             axes=(v.p.axis,), group=v.n, after=spec.after, grad=spec.dtype is None))
+        else:
+            out.append(replace(costs[spec.name], name=spec.name, after=spec.after))
+    return out
+
+
+def _whole(v: OpView) -> Phase:
+    split, whole = param_split(v.op, v.p.strategy, v.n)
     weights = (split / v.n + whole) * dtype_size(v.op.param_dtype)
-    return [Phase("compute", COMPUTE, v.flops() / v.div, v.io_bytes() + weights)]
+    return Phase(COMPUTE_PHASE, COMPUTE, v.flops() / v.div, v.io_bytes() + weights)
 
 
-def _ulysses_attention(v: OpView) -> list[Phase]:
+def _ulysses_attention(v: OpView) -> dict[str, Phase]:
     # Shapes from docs/reference.md, "Communication volumes": qkv [b, s/n, h(1+2/m)] -> all-to-all -> [b, s,
-    # h(1+2/m)/n]; core; out [b, s, h/n]
-    # -> all-to-all -> [b, s/n, h]. Per rank everything is 1/size of the global step (heads or sequence split).
+    # h(1+2/m)/n]; core; out [b, s, h/n] -> all-to-all -> [b, s/n, h]. Per rank everything is 1/size of the
+    # global step (heads or sequence split).
     a, t, r = v.op.attrs, v.tokens, v.plan.mesh.size
     d, hd = a["dim"], a["head_dim"]
     qkv_w, out_w = d * (a["n_heads"] + 2 * a["n_kv_heads"]) * hd, a["n_heads"] * hd * d
@@ -157,44 +201,31 @@ def _ulysses_attention(v: OpView) -> list[Phase]:
     core_f = v.flops() - qkv_f - out_f  # the causal S² products: whatever ops.py counted beyond the projections
     qkv_el, out_el = t * qkv_w // d, t * out_w // d  # q,k,v and attention-output elements of the whole step
     pb, ab = dtype_size(v.op.param_dtype), v.act
-    group_tokens = v.batch // v.dp * v.seq  # the tokens one model-axis group holds (the all-to-all's tensor)
-    axis = (v.p.axis,)
-    return [
-        Phase("qkv", COMPUTE, qkv_f / r, (t * d + qkv_el) * ab / r + qkv_w * pb, gemm_dims=(t / r, d, qkv_w / d)),
-        Phase("qkv_a2a", COMM, collective="all_to_all", axes=axis, group=v.n, after=("qkv",),
-              nbytes=group_tokens * qkv_w // d * v.comm_bytes("qkv_a2a")),
-        Phase("core", COMPUTE, core_f / r, (qkv_el + out_el) * ab / r, after=("qkv_a2a",)),
-        Phase("out_a2a", COMM, collective="all_to_all", axes=axis, group=v.n, after=("core",),
-              nbytes=group_tokens * out_w // d * v.comm_bytes("out_a2a")),
-        Phase("out_proj", COMPUTE, out_f / r, (out_el + t * d) * ab / r + out_w * pb, after=("out_a2a",),
-              gemm_dims=(t / r, out_w / d, d)),
-    ]
+    return {
+        QKV: Phase(QKV, COMPUTE, qkv_f / r, (t * d + qkv_el) * ab / r + qkv_w * pb, gemm_dims=(t / r, d, qkv_w / d)),
+        CORE: Phase(CORE, COMPUTE, core_f / r, (qkv_el + out_el) * ab / r),
+        OUT_PROJ: Phase(OUT_PROJ, COMPUTE, out_f / r, (out_el + t * d) * ab / r + out_w * pb,
+                        gemm_dims=(t / r, out_w / d, d)),
+    }
 
 
-def _expert_parallel_moe(v: OpView) -> list[Phase]:
-    # Each token goes to k experts: dispatch and combine each move k·b·s·h per group (V_EP, docs/reference.md,
-    # "Communication volumes").
+def _expert_parallel_moe(v: OpView) -> dict[str, Phase]:
     a, t, r = v.op.attrs, v.tokens, v.plan.mesh.size
     d, k, e, f, sh = a["dim"], a["top_k"], a["n_experts"], a["ffn_dim"], a["shared_hidden"]
     pb, ab = dtype_size(v.op.param_dtype), v.act
-    group_tokens = v.batch // v.dp * v.seq
-    axis = (v.p.axis,)
-    a2a = dict(collective="all_to_all", axes=axis, group=v.n)
-    phases = [
+    return {
         # router GEMM, then a copy of each token per chosen expert (the permute is memory-bound)
-        Phase("route", COMPUTE, 2 * t * d * e / r, t * d * (1 + k) * ab / r + d * e * pb, gemm_dims=(t / r, d, e)),
-        Phase("dispatch", COMM, nbytes=k * group_tokens * d * v.comm_bytes("dispatch"), after=("route",), **a2a),
+        ROUTE: Phase(ROUTE, COMPUTE, 2 * t * d * e / r, t * d * (1 + k) * ab / r + d * e * pb,
+                     gemm_dims=(t / r, d, e)),
         # rows per local expert: the group's k·t·n/r routed rows spread over e experts (uniform routing)
-        Phase("experts", COMPUTE, k * 6 * t * d * f / r, 2 * k * t * d * ab / r + e // v.n * 3 * d * f * pb,
-              after=("dispatch",), gemm_dims=(k * t * v.n / (r * e), d, f)),
-        Phase("combine", COMM, nbytes=k * group_tokens * d * v.comm_bytes("combine"), after=("experts",), **a2a),
-    ]
-    last_after = ("combine",)
-    if sh:
-        # Shared experts need only the op's input: they fill the compute stream while the all-to-alls run.
-        phases.append(Phase("shared", COMPUTE, 6 * t * d * sh / r, 2 * t * d * ab / r + 3 * d * sh * pb,
-                            gemm_dims=(t / r, d, sh)))
-        last_after += ("shared",)
-    # The weighted sum of each token's k expert outputs (+ shared): elementwise, counted as memory traffic only.
-    phases.append(Phase("unpermute", COMPUTE, 0.0, t * d * (k + 2) * ab / r, after=last_after))
-    return phases
+        EXPERTS: Phase(EXPERTS, COMPUTE, k * 6 * t * d * f / r, 2 * k * t * d * ab / r + e // v.n * 3 * d * f * pb,
+                       gemm_dims=(k * t * v.n / (r * e), d, f)),
+        SHARED: Phase(SHARED, COMPUTE, 6 * t * d * sh / r, 2 * t * d * ab / r + 3 * d * sh * pb,
+                      gemm_dims=(t / r, d, sh)),
+        # the weighted sum of each token's k expert outputs (+ shared): elementwise, memory traffic only
+        UNPERMUTE: Phase(UNPERMUTE, COMPUTE, 0.0, t * d * (k + 2) * ab / r),
+    }
+
+
+# (kind, strategy) -> the FLOPs and bytes of each compute phase, where the strategy has more than one
+_COMPUTE_COSTS = {(G.ATTENTION, "sp"): _ulysses_attention, (G.MOE, "ep"): _expert_parallel_moe}

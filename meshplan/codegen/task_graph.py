@@ -243,7 +243,7 @@ def _backward(ph: Phase) -> Phase | None:
     if ph.stream == COMPUTE:
         # Backward computes the input gradient and the weight gradient: two GEMMs per forward GEMM.
         return replace(ph, flops=2 * ph.flops, mem_bytes=2 * ph.mem_bytes)
-    mirror = MIRROR[ph.collective]
+    mirror = MIRROR[ph.collective] if ph.grad else None
     return replace(ph, collective=mirror) if mirror else None
 
 

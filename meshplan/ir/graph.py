@@ -16,6 +16,7 @@ import sympy
 import torch
 
 B, S = sympy.symbols("B S", positive=True, integer=True)
+N = sympy.Symbol("n", positive=True, integer=True)  # size of an op's model axis (strategies, cost model)
 
 # Op kinds. Leaf kinds carry their block's hyperparameters in Op.attrs; "generic" is any other traced call
 # (residual adds, elementwise), "input"/"output" are the graph's boundary.
@@ -70,6 +71,8 @@ class Op:
     shape_only: tuple[int, ...] = ()
     param_inputs: tuple[int, ...] = ()  # inputs that are parameters/buffers read in forward: handed over whole
     why: str = ""  # what makes it batch- or sequence-mixing, for error messages
+    # parameter name relative to the op's module -> shape (what strategies' layouts split; filled at trace time)
+    param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def layer(self) -> int | None:

@@ -237,6 +237,7 @@ class _Lowering:
         token_wise = spec.is_token_wise(module) if exact else False
         op = Op(node.target, spec.kind, inputs, in_metas, out, attrs, spec.flops(attrs, [m.shape for m in in_metas]),
                 params, pdtype, active, node.name, batch_wise=spec.batch_wise, token_wise=token_wise,
+                param_shapes={name: tuple(p.shape) for name, p in module.named_parameters()},
                 strategies=strategies, shape_only=tuple(range(len(data), len(inputs))),
                 why="" if exact else f"{type(module).__name__} overrides the registered class's forward")
         self.add(node, op)
@@ -311,6 +312,7 @@ class _Lowering:
                   batch_wise=loc.batch_wise, token_wise=loc.token_wise,
                   strategies=None if module is None or leaf_spec(module) is None else ("replicate", "seq"),
                   shape_only=tuple(range(len(data), len(inputs))), why=loc.why,
+                  param_shapes={} if module is None else {n: tuple(p.shape) for n, p in module.named_parameters()},
                   param_inputs=tuple(i for i, o in enumerate(inputs) if "param" in self.graph.op(o).attrs))
 
     def evaluate(self, node: fx.Node, args, kwargs):

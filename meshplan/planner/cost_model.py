@@ -37,10 +37,11 @@ from ..ir.strategies import (
     layout_error,
     native_io,
     offered_error,
+    strategy_of,
     transition,
 )
 from . import kernels, memory
-from .memory import DP, SEQ_LIKE, N
+from .memory import DP, N, no_terms, shape
 
 BATCH = Shard(0)
 
@@ -139,8 +140,19 @@ def imbalance_factor(k: int, t: float, n: int) -> float:
     return 1 + math.sqrt(2 * math.log(n) * (n - 1) / (k * t)) if n > 1 else 1.0
 
 
+def collectives(op: Op, cand: str, io) -> tuple[Coll, ...]:
+    """The op's own collectives under `cand`: the strategy's communication phases (ir/strategies) whose wire
+    precision the plan chooses. A phase with a fixed dtype (vocab-parallel embedding's int64 token ids, when its
+    input is sequence-sharded) is not priced here: its bytes are the strategy's, but pricing has no fixed-dtype
+    collective yet."""
+    strat = strategy_of(op.kind, cand)
+    if strat is None:
+        return ()
+    return tuple(Coll(p.name, p.collective, p.elements, p.rows) for p in strat.comm_phases(op, io) if p.dtype is None)
+
+
 def _attention(op: Op, cand: str, whole: bool):
-    """(flops, core flops, hbm bytes, gemms, dims, colls) of the attention op on one GPU."""
+    """(flops, core flops, hbm bytes, gemms, dims, launches) of the attention op on one GPU."""
     t, a = G.B * G.S, op.attrs
     hq, hkv, hd, d = a["n_heads"], a["n_kv_heads"], a["head_dim"], a["dim"]
     q, kv = hq * hd, 2 * hkv * hd
@@ -148,27 +160,28 @@ def _attention(op: Op, cand: str, whole: bool):
     core = 2 * G.B * G.S * G.S * hq * hd  # ops.py: causal QK^T and AV
     rest = op.flops - proj_kv  # q/o projections and the causal core split by heads or tokens
     kvs = sympy.Min(N, hkv)
-    colls = ()
+    split, sharded = shape(op, cand)
     if whole:
         flops, dims, share = op.flops, (t, d, q), 1
         gemms = ((1, t, d, q + kv, 0), (1, t, q, d, 0))
         rope = t * (q + kv / 2)
-    elif cand == "tp":  # KV projection split over min(n, n_kv) ranks, recomputed beyond
+    elif split == "heads":  # tp: KV projection split over min(n, n_kv) ranks, recomputed beyond
         flops, dims, share = rest / N + proj_kv / kvs, (t, d, q / N), 1 / N
         gemms = ((1, t, d, q / N + kv / kvs, 0), (1, t, q / N, d, 0))
         rope = t * (q / N + kv / 2 / kvs)
-    else:  # sp, dp: every FLOP divided n ways (sp: projections on t/n tokens, core on all tokens of hq/n heads)
+    elif sharded:  # sp, dp: every FLOP divided n ways (sp: projections on t/n tokens, core on all tokens of hq/n
+        # heads)
         flops, dims, share = op.flops / N, (t / N, d, q), 1 / N
         gemms = ((1, t / N, d, q + kv, 0), (1, t / N, q, d, 0))
         rope = t / N * (q + kv / 2)
-    if cand == "sp":
-        colls = (Coll("qkv_a2a", "all_to_all", t * (q + kv * N / kvs), 3 * t), Coll("out_a2a", "all_to_all", t * q, t))
+    else:
+        raise no_terms(op, cand)
     hbm = 2 * memory.ACT_BYTES * rope  # RoPE reads and writes q and k
-    return flops, core * share, hbm, gemms, dims, colls, 6
+    return flops, core * share, hbm, gemms, dims, 6
 
 
 def _moe(op: Op, cand: str, whole: bool, balanced: bool = False):
-    """(flops, core flops, hbm bytes, gemms, dims, colls, launches) of the MoE FFN on one GPU. Tokens are routed
+    """(flops, core flops, hbm bytes, gemms, dims, launches) of the MoE FFN on one GPU. Tokens are routed
     on t_r rows here (all of them under TP and ag_scatter, whose routers run on gathered tokens: Megatron's
     all-gather dispatcher permutes every routed token on every TP rank); the local experts see `rows` rows each,
     the most loaded rank's share when experts are split over ranks."""
@@ -176,25 +189,26 @@ def _moe(op: Op, cand: str, whole: bool, balanced: bool = False):
     d, f, e, k, sh = a["dim"], a["ffn_dim"], a["n_experts"], a["top_k"], a["shared_hidden"]
     router, experts, shared = 2 * t * d * e, 6 * k * t * d * f, 6 * t * d * sh
     per_expert = k * t / e  # tokens one expert sees across the group
-    colls, local, width, t_r, t_sh, sh_w = (), e, f, t, t, sh
+    local, width, t_r, t_sh, sh_w = e, f, t, t, sh
+    split, sharded = shape(op, cand)
     if whole:
         flops, dims, rows = op.flops, (per_expert, d, f), per_expert
-    elif cand in ("ep", "seq", DP):
+    elif sharded:  # ep, seq, dp
         flops = op.flops / N
-        dims = (per_expert, d, f) if cand == "ep" else (per_expert / N, d, f)
+        dims = (per_expert, d, f) if split == "experts" else (per_expert / N, d, f)
         t_r = t_sh = t / N
-        if cand == "ep":
+        if split == "experts":
             local, rows = e / N, per_expert * ep_imbalance(k, t, not balanced)
         else:
             rows = per_expert / N
-    elif cand == "tp":
+    elif split == "ffn":  # tp
         flops, dims, rows = router + (experts + shared) / N, (per_expert, d, f / N), per_expert
         width, sh_w = f / N, sh / N
-    else:  # ag_scatter: router on all gathered tokens, local experts at full width
+    elif split == "experts":  # ag_scatter: router on all gathered tokens, local experts at full width
         flops, dims = router + (experts + shared) / N, (per_expert, d, f)
         local, rows, sh_w = e / N, per_expert * ep_imbalance(k, t, not balanced), sh / N
-    if cand == "ep":
-        colls = (Coll("dispatch", "all_to_all", k * t * d, k * t), Coll("combine", "all_to_all", k * t * d, k * t))
+    else:
+        raise no_terms(op, cand)
     gemms = ((1, t_r, d, e, 0), (local, rows, d, 2 * width, 1), (local, rows, width, d, 1))  # experts: ragged rows
     if sh:
         gemms += ((1, t_sh, d, 2 * sh_w, 0), (1, t_sh, sh_w, d, 0))
@@ -205,39 +219,49 @@ def _moe(op: Op, cand: str, whole: bool, balanced: bool = False):
            + act * (k * t_r * d + t_r * d)  # unpermute: read the copies, write the weighted sum
            + act * 3 * routed * width  # SwiGLU: read gate and up, write their product
            + (act * 3 * t_sh * sh_w if sh else 0))
-    return flops, 0, hbm, gemms, dims, colls, 8 + (3 if sh else 0)
+    return flops, 0, hbm, gemms, dims, 8 + (3 if sh else 0)
+
+
+# what the model axis may split, per op kind, in the compute and activation terms below (memory.shape)
+_COMMON = ("none", "batch")
+_PRICED_SPLITS = {G.ATTENTION: ("heads", "sequence") + _COMMON, G.MOE: ("experts", "ffn") + _COMMON,
+                  G.FFN: ("ffn",) + _COMMON, G.LINEAR: ("ffn",) + _COMMON, G.LM_HEAD: _COMMON,
+                  G.EMBEDDING: ("vocab",) + _COMMON, G.NORM: _COMMON, G.GENERIC: _COMMON}
 
 
 def terms(op: Op, cand: str, balanced: bool = False) -> OpTerms:
     """balanced: the run forces an even token distribution over experts (benchmarks do): no EP imbalance."""
     t = G.B * G.S
     a = op.attrs
-    sharded_in = cand in SEQ_LIKE
+    split, sharded_in = memory.shape(op, cand)
+    if split not in _PRICED_SPLITS.get(op.kind, ()):
+        raise no_terms(op, cand)
     zero = sympy.Integer(0)
-    flops, hbm, dims, colls, core, gemms, launches = op.flops, zero, (), (), zero, (), 1
-    whole = cand == "replicate"
+    flops, hbm, dims, core, gemms, launches = op.flops, zero, (), zero, (), 1
+    whole = split == "none" and not sharded_in  # every rank computes the whole op
     if op.kind == G.ATTENTION:
-        flops, core, hbm, gemms, dims, colls, launches = _attention(op, cand, whole)
+        flops, core, hbm, gemms, dims, launches = _attention(op, cand, whole)
     elif op.kind == G.MOE:
-        flops, core, hbm, gemms, dims, colls, launches = _moe(op, cand, whole, balanced)
+        flops, core, hbm, gemms, dims, launches = _moe(op, cand, whole, balanced)
     elif op.kind == G.FFN:
         d, h = a["dim"], a["hidden"]
         flops = op.flops if whole else op.flops / N
-        dims = (t, d, h / N) if cand == "tp" else (t if whole else t / N, d, h)
+        dims = (t, d, h / N) if split == "ffn" else (t if whole else t / N, d, h)
         rows, width = dims[0], dims[2]
         gemms = ((1, rows, d, 2 * width, 0), (1, rows, width, d, 0))
         hbm, launches = memory.ACT_BYTES * 3 * rows * width, 3  # SwiGLU
     elif op.kind in (G.LINEAR, G.LM_HEAD):
         flops = op.flops if whole else op.flops / N
-        dims = (t, a["in_features"] / N, a["out_features"]) if cand == "tp" else \
+        dims = (t, a["in_features"] / N, a["out_features"]) if split == "ffn" else \
             (t if whole else t / N, a["in_features"], a["out_features"])
         gemms = ((1,) + dims + (0,),)
     else:  # embedding, norm, generic: memory-bound, bytes in + out
         elems = sum((m.numel for m in op.input_metas if m.dtype.startswith("float")), zero)
         elems += op.output.numel if op.output is not None else 0
-        hbm = memory.ACT_BYTES * elems / (N if sharded_in or cand == "vocab" else 1)
+        hbm = memory.ACT_BYTES * elems / (N if sharded_in or split == "vocab" else 1)
         flops = zero if op.kind == G.EMBEDDING else (op.flops if whole else op.flops / N)
     i, o = placements(op, cand)
+    colls = collectives(op, cand, (i, o))
     split, rep = memory.param_split(op, cand)
     kernel = (sympy.sympify(core), sympy.Integer(launches)) + tuple(sympy.sympify(x) for g in gemms for x in g)
     return OpTerms(op, cand, i, o, sympy.sympify(flops), sympy.sympify(hbm), tuple(sympy.sympify(x) for x in dims),

@@ -5,10 +5,9 @@ Training state per parameter (mixed precision, Megatron-style): BF16 weight (2 B
 (ZeRO-1, on by default) the 12 B are sharded over every rank that holds a replica of the parameter: the d data
 ranks for parameters split on the model axis, all n·d ranks for parameters replicated on it.
 
-Parameters come in two kinds per strategy: `split` (divided over the model axis; gradients reduced over the d
-data-parallel ranks) and `replicated` (whole on every rank of the model axis, which then also sees different
-tokens, so gradients are reduced over n·d ranks). An op computed redundantly ("replicate") has identical gradients
-on its model axis: its parameters count as split-group (reduced over d only) but whole.
+Parameters come in two kinds per strategy, from its parameter layout (ir/strategies): `split` (divided over the
+model axis; gradients reduced over the d data-parallel ranks) and `replicated` (whole on every rank of the model
+axis, whose gradients are partial sums over it, so they are reduced over n·d ranks).
 
 With full activation recomputation (pricing.MeshConfig.recompute) an op keeps only its inputs and reruns its
 forward, collectives included, during backward.
@@ -21,14 +20,32 @@ from __future__ import annotations
 import sympy
 
 from ..ir import graph as G
-from ..ir.graph import Op
+from ..ir.graph import N, Op
+from ..ir.placement import Shard
+from ..ir.strategies import strategy_of
 
-N = sympy.Symbol("n", positive=True, integer=True)  # size of the model axis
 ACT_BYTES, FP32 = 2, 4
 WEIGHT_GRAD_BYTES = 2 + 4  # bf16 weight + fp32 gradient
 OPTIMIZER_BYTES = 12  # fp32 master + Adam m, v
 DP = "dp"  # pseudo-strategy: the op is data parallel on the model axis too (Plan: strategy replicate, axis None)
-SEQ_LIKE = {"sp", "ep", "seq", DP}  # strategies whose input is sharded (tokens / n per GPU)
+
+
+def shape(op: Op, cand: str) -> tuple[str, bool]:
+    """What a strategy's compute and activations depend on (ir/strategies): what its model axis splits ("heads",
+    "sequence", "experts", "ffn", "vocab", "none"; "batch" for DP) and whether a rank holds 1/n of the op's tokens
+    (its native input is sharded). A new strategy with the shape of an existing one is priced like it."""
+    if cand == DP:
+        return "batch", True
+    strat = strategy_of(op.kind, cand)
+    if strat is None:
+        raise ValueError(f"{op.kind} has no strategy {cand!r} (ir/strategies)")
+    return strat.shards, isinstance(strat.native[0], Shard)
+
+
+def no_terms(op: Op, cand: str) -> ValueError:
+    split, sharded = shape(op, cand)
+    return ValueError(f"planner: no compute or activation terms for {op.kind} strategy {cand!r} (splits {split}, "
+                      f"{'sharded' if sharded else 'whole'} tokens); add them to planner/cost_model.py and memory.py")
 
 
 def _kv_shards(op: Op):
@@ -37,40 +54,17 @@ def _kv_shards(op: Op):
 
 
 def param_split(op: Op, cand: str) -> tuple[sympy.Expr, sympy.Expr]:
-    """(split-group, replicated-group) parameter elements on one GPU, as functions of n."""
-    p, a = sympy.Integer(op.params), op.attrs
+    """(split-group, replicated-group) parameter elements on one GPU, as functions of n: the strategy's parameter
+    layout (ir/strategies) over the op's parameter shapes. Every parameter the layout leaves whole is on every
+    rank of the model axis and its gradient is a partial sum over it (the ranks saw different tokens, or, under
+    "replicate", the runtime seeds the output gradient on one rank only), so it is reduced over all n·d ranks.
+    Data parallel on the model axis (DP) splits nothing."""
     if op.params == 0:
         return sympy.Integer(0), sympy.Integer(0)
-    if cand in ("replicate", "seq", "sp", DP):
-        # Every rank of the model axis holds all of it. Under "replicate" the ranks repeat the same work, but the
-        # runtime seeds the output gradient on one rank only, so the weights' gradients are partial sums over
-        # the model axis too: reduced over all n·d ranks, like the sequence-sharded ops'.
-        return sympy.Integer(0), p
-    if op.kind == G.ATTENTION and a.get("mla"):  # tp: the heads' rows of wq/wq_b, wkv_b, wo; latents whole
-        h, d, lora, qk = a["n_heads"], a["dim"], a["kv_lora_rank"], a["head_dim"]
-        q_lora = a["q_lora_rank"]
-        q = d * h * qk if q_lora is None else q_lora * h * qk
-        heads = q + lora * h * (a["qk_nope_head_dim"] + a["v_head_dim"]) + h * a["v_head_dim"] * d
-        latents = d * (lora + a["qk_rope_head_dim"]) + lora + (0 if q_lora is None else d * q_lora + q_lora)
-        return heads / N, sympy.Integer(latents)
-    if op.kind == G.ATTENTION:  # tp: wq, wo split by heads; wk, wv by KV heads
-        q, kv = a["n_heads"] * a["head_dim"], 2 * a["n_kv_heads"] * a["head_dim"]
-        return 2 * a["dim"] * q / N + a["dim"] * kv / _kv_shards(op), sympy.Integer(0)
-    if op.kind == G.MOE:
-        d, e = a["dim"], a["n_experts"]
-        experts, router, shared = 3 * e * d * a["ffn_dim"], d * e, 3 * d * a["shared_hidden"]
-        if cand == "ep":  # local experts; router and shared experts replicated, run on local tokens
-            return experts / N, sympy.Integer(router + shared)
-        if cand == "tp" and a.get("fused_experts"):
-            # fused gate/up (HF's gate_up_proj) stays whole on every rank under tp (runtime/sharding.py): only
-            # w2 is split, and w13's gradient is a partial sum over the model axis like a replicated weight's
-            return experts / 3 / N + shared / N + router, sympy.Integer(2 * e * d * a["ffn_dim"])
-        if cand == "ag_scatter":  # local experts; the runtime keeps the shared experts whole (runtime/sharding.py)
-            # and runs them on 1/n of the tokens per rank, so their gradient is reduced over the model axis too
-            return experts / N + router, sympy.Integer(shared)
-        # tp: the router runs redundantly on the gathered tokens; shared experts split like the routed ones
-        return experts / N + shared / N + router, sympy.Integer(0)
-    return p / N, sympy.Integer(0)  # ffn / linear tp, embedding vocab
+    strat = strategy_of(op.kind, cand)
+    if strat is None:
+        return sympy.Integer(0), sympy.Integer(op.params)
+    return strat.layout(op)
 
 
 def static_bytes(split, replicated, n: int, d: int, zero: bool = True):
@@ -92,18 +86,21 @@ def activation_bytes(op: Op, cand: str) -> sympy.Expr:
     """Bytes saved for backward by one op on one GPU, per micro-batch (B sequences of S tokens per replica)."""
     t = G.B * G.S
     a = op.attrs
-    loc = t / N if cand in SEQ_LIKE else t  # tokens whose input this rank holds
-    whole = cand == "replicate"
+    split, sharded = shape(op, cand)
+    loc = t / N if sharded else t  # tokens whose input this rank holds
+    whole = split == "none" and not sharded  # every rank computes the whole op
     if op.kind == G.ATTENTION:
         q, kv = a["n_heads"] * a["head_dim"], 2 * a["n_kv_heads"] * a["head_dim"]
         lse = FP32 * t * a["n_heads"]  # softmax statistics per head and token
         if whole:
             return ACT_BYTES * t * (a["dim"] + 2 * q + kv) + lse
-        if cand == DP:
+        if split == "batch":
             return (ACT_BYTES * t * (a["dim"] + 2 * q + kv) + lse) / N
+        if split not in ("sequence", "heads"):
+            raise no_terms(op, cand)
         # sp: input, q, core output (head-sharded) and wo input (sequence-sharded) are 1/n each; tp: the input is
         # whole (replicated), core output is wo's input.
-        shards = 3 if cand == "sp" else 2
+        shards = 3 if split == "sequence" else 2
         return ACT_BYTES * (loc * a["dim"] + shards * t * q / N + t * kv / _kv_shards(op)) + lse / N
     if op.kind == G.MOE:
         d, f, e, k, sh = a["dim"], a["ffn_dim"], a["n_experts"], a["top_k"], a["shared_hidden"]
@@ -111,28 +108,30 @@ def activation_bytes(op: Op, cand: str) -> sympy.Expr:
         routed = k * t * (2 * d + 3 * f)
         if whole:
             return ACT_BYTES * (t * d + routed + 3 * t * sh) + FP32 * t * e
-        if cand in ("ep", "seq", DP):
+        if sharded:  # ep, seq, dp
             return (ACT_BYTES * (t * d + routed + 3 * t * sh) + FP32 * t * e) / N
-        if cand == "tp":  # every rank permutes all tokens; only the expert hidden is split
+        if split == "ffn":  # tp: every rank permutes all tokens; only the expert hidden is split
             return ACT_BYTES * (t * d + k * t * 2 * d + 3 * k * t * f / N + 3 * t * sh / N) + FP32 * t * e
+        if split != "experts":
+            raise no_terms(op, cand)
         # ag_scatter: gathered input and router logits whole, local experts' share of the routed tokens
         return ACT_BYTES * (t * d + routed / N + 3 * t * sh / N) + FP32 * t * e
     if op.kind == G.FFN:
         h = a["hidden"]
-        if cand == "tp":
+        if split == "ffn":
             return ACT_BYTES * (t * a["dim"] + 3 * t * h / N)
         return ACT_BYTES * loc * (a["dim"] + 3 * h)
     if op.kind == G.NORM:
         return (ACT_BYTES * a["dim"] + FP32) * loc
     if op.kind in (G.LINEAR, G.LM_HEAD):
-        inp = ACT_BYTES * a["in_features"] * (t / N if cand == "tp" else loc)
+        inp = ACT_BYTES * a["in_features"] * (t / N if split == "ffn" else loc)
         logits = FP32 * a["out_features"] * loc if op.kind == G.LM_HEAD else 0  # the loss keeps its softmax
         return inp + logits
     if op.kind == G.EMBEDDING:
-        return 8 * (loc if cand != "vocab" else t / N)  # int64 token ids
+        return 8 * (loc if split != "vocab" else t / N)  # int64 token ids
     if op.kind == G.GENERIC:
         if op.attrs.get("target") in ("add", "sub", "iadd", "neg"):
             return sympy.Integer(0)  # linear ops keep nothing for backward
         elems = sum((m.numel for m in op.input_metas), sympy.Integer(0))
-        return ACT_BYTES * elems * (1 / N if cand in SEQ_LIKE else 1)
+        return ACT_BYTES * elems * (1 / N if sharded else 1)
     return sympy.Integer(0)

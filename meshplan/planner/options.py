@@ -40,7 +40,7 @@ class Options:
     mem_limit: float | None = None  # bytes; None: the cluster's
     # Also offer each op the `dp` candidate: data parallel on the model axis too (batch-sharded, Plan axis None),
     # reached from sequence-sharded neighbours by an all-to-all. Off by default: it needs micro-batches of >= n
-    # sequences per replica, and keeps the search to strategies.py's one-model-axis strategies.
+    # sequences per replica, and keeps the search to ir/strategies' one-model-axis strategies.
     dp_ops: bool = False
     recompute: str = "auto"  # full activation recomputation: "auto" (searched), "never", "always"
     # The dtype activations are in (fp32 | bf16): collectives in another format pay an encode and a decode.

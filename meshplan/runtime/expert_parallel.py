@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch.autograd import Function
 
+from ..ir.strategies import COMBINE, COUNTS, DISPATCH
 from ..kernels import dequantize_fp8, permute, quantize_fp8
 from .collectives import Channel, _a2a_single_raw, all_to_all_single, exchange_rows
 from .comm_stats import BWD, FWD
@@ -37,11 +38,11 @@ def moe_ep(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
     tok, slot, expert = tok[order], slot[order], expert[order]
 
     counts = torch.bincount(expert, minlength=n_experts).view(n, per_rank)  # rows for each rank's experts
-    recv_counts = all_to_all_single(counts, [1] * n, [1] * n, ctx.channel("counts")).view(n, per_rank)
+    recv_counts = all_to_all_single(counts, [1] * n, [1] * n, ctx.channel(COUNTS)).view(n, per_rank)
     send = counts.sum(1).tolist()
     recv = recv_counts.sum(1).tolist()
 
-    dispatch = ctx.channel("dispatch")
+    dispatch = ctx.channel(DISPATCH)
     if dispatch.precision == "fp8" and n > 1:
         dropless = tok.numel() == idx.numel()  # then tok is exactly permute's order: (token, slot) sorted by expert
         rows = _Fp8Dispatch.apply(xt, tok, idx if dropless else None, per_rank, recv, send, dispatch)
@@ -49,7 +50,7 @@ def moe_ep(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
         rows = exchange_rows(xt[tok], recv, send, dispatch)  # by source rank, then by local expert
     local_expert = torch.arange(per_rank, device=x.device).repeat(n).repeat_interleave(recv_counts.reshape(-1))
     y = run_experts(*experts(ctx), local_expert, rows)
-    y = exchange_rows(y, send, recv, ctx.channel("combine"))  # back in the order this rank sent
+    y = exchange_rows(y, send, recv, ctx.channel(COMBINE))  # back in the order this rank sent
 
     out = combine(xt.shape[0], tok, slot, y, weights, x.dtype)
     if ctx.module.shared is not None:

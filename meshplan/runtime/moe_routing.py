@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from ..ir.strategies import strategy_of
 from ..models.moe_transformer import (
     GroupedExperts,
     accumulation_dtype,
@@ -95,8 +96,9 @@ def combine(n_tokens: int, tok: torch.Tensor, slot: torch.Tensor, y: torch.Tenso
 
 
 def experts(ctx: OpContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This rank's (w1, w3, w2). Fused w13 [E, 2F, D] is split into its gate and up halves; under "tp" it is held
-    whole (sharding.py) and this rank takes its F/n rows of each half, matching w2's split columns."""
+    """This rank's (w1, w3, w2). Fused w13 [E, 2F, D] is split into its gate and up halves; where the strategy
+    splits the experts' hidden dimension ("tp", ir/strategies/moe.py) it is held whole and this rank takes its F/n
+    rows of each half, matching w2's split columns."""
     p = ctx.params
     if "experts.w13" not in p:
         if "experts.w1" not in p or "experts.w3" not in p:
@@ -104,7 +106,8 @@ def experts(ctx: OpContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return p["experts.w1"], p["experts.w3"], p["experts.w2"]
     w13, w2 = p["experts.w13"], p["experts.w2"]
     f_all, f = w13.shape[1] // 2, w2.shape[2]
-    lo = ctx.index * f if ctx.plan.strategy == "tp" and f != f_all else 0
+    hidden_split = strategy_of(ctx.op.kind, ctx.plan.strategy).split_dim(ctx.op, "experts.w2", ctx.n) == 2
+    lo = ctx.index * f if hidden_split else 0
     return w13[:, lo:lo + f], w13[:, f_all + lo:f_all + lo + f], w2
 
 

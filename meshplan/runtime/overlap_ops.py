@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ir.strategies import COUNTS
 from .collectives import all_to_all_single
 from .moe_routing import assignments, capacity_keep, combine, experts, route_tokens, run_experts, shared_out
 from .op_context import OpContext
@@ -67,7 +68,7 @@ def ep_route(ctx: OpContext, x: torch.Tensor, keep: torch.Tensor | None) -> Rout
     order = torch.argsort(expert, stable=True)
     tok, slot, expert = tok[order], slot[order], expert[order]
     counts = torch.bincount(expert, minlength=n * per_rank).view(n, per_rank)
-    recv_counts = all_to_all_single(counts, [1] * n, [1] * n, ctx.channel("counts")).view(n, per_rank)
+    recv_counts = all_to_all_single(counts, [1] * n, [1] * n, ctx.channel(COUNTS)).view(n, per_rank)
     return Routed((b, s, d), weights, tok, slot, xt[tok], counts.sum(1).tolist(), recv_counts.sum(1).tolist(),
                   recv_counts)
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ir.placement import Shard
+from ..ir.strategies import IDS
 from ..models.mla import mla
 from ..models.moe_transformer import causal_attention, project_qkv, rotate
 from .collectives import all_gather
@@ -65,7 +66,7 @@ def embedding_vocab(ctx: OpContext, ids: torch.Tensor) -> torch.Tensor:
     if getattr(m, "padding_idx", None) is not None or getattr(m, "max_norm", None) is not None:
         raise NotImplementedError(f"op {ctx.op.name!r}: vocab-parallel embedding with padding_idx/max_norm")
     if isinstance(ctx.model_axis_input(), Shard) and ctx.n > 1:
-        ids = all_gather(ids, ctx.model_axis_input().dim, ctx.channel("ids"))
+        ids = all_gather(ids, ctx.model_axis_input().dim, ctx.channel(IDS))
     w = ctx.params["weight"]
     rows = w.shape[0]
     local = ids - ctx.index * rows

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..ir.strategies import OUT_A2A, QKV_A2A
 from ..models.mla import mla_qkv
 from ..models.moe_transformer import causal_attention, project_qkv, rotate
 from .collectives import exchange
@@ -61,8 +62,8 @@ def sp_out_proj(ctx: OpContext, out: torch.Tensor) -> torch.Tensor:
 
 
 def attention_sp(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
-    qkv = exchange(sp_qkv(ctx, x), 2, 1, ctx.channel("qkv_a2a"))  # [b, s, 1, (hq + 2 kv) / n, hd]
-    out = exchange(sp_core(ctx, qkv), 1, 2, ctx.channel("out_a2a"))  # [b, s/n, hq, hd]
+    qkv = exchange(sp_qkv(ctx, x), 2, 1, ctx.channel(QKV_A2A))  # [b, s, 1, (hq + 2 kv) / n, hd]
+    out = exchange(sp_core(ctx, qkv), 1, 2, ctx.channel(OUT_A2A))  # [b, s/n, hq, hd]
     return sp_out_proj(ctx, out)
 
 

@@ -1,5 +1,5 @@
 """The planner prices an HF model's parameters as the runtime lays them out: fused experts under MoE tp keep
-gate_up whole, MLA under tp splits the heads' projections and keeps the latents whole."""
+gate_up (and the router) whole, MLA under tp splits the heads' projections and keeps the latents whole."""
 import pytest
 
 pytest.importorskip("transformers")
@@ -24,7 +24,7 @@ def test_fused_experts_under_tp_are_priced_whole():
     op = _ops("mixtral")["layers.0.feed_forward"]
     e, d, f = op.attrs["n_experts"], op.attrs["dim"], op.attrs["ffn_dim"]
     split, rep = param_split(op, "tp")
-    assert int(sympy.sympify(rep)) == 2 * e * d * f  # w13 on every rank
+    assert int(sympy.sympify(rep)) == 2 * e * d * f + d * e  # w13 and the router whole on every rank
     assert _total(split, rep, 2) == op.params - e * d * f // 2  # only w2 halves
     assert _total(*param_split(op, "ep"), 2) == op.params - 3 * e * d * f // 2
 
