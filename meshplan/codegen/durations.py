@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from ..ir.mesh import Mesh
+from ..ir.strategies import CORE
 from .task_graph import BWD, Task
 
 
@@ -118,7 +119,7 @@ class PlannerDurations:
         if task.stream == "compute" and self.cluster.kernels is not None:
             return self._kernels.pass_seconds(task.flops, task.mem_bytes, task.gemm_dims, self.cluster,
                                               task.direction == BWD, attention=task.kind == "attention"
-                                              and task.phase == "core")
+                                              and task.phase == CORE)
         if task.stream == "compute":
             eff = math.prod(x / (x + self.cluster.gemm_half_size) for x in task.gemm_dims)
             return max(task.flops / (self.cluster.achievable_flops * eff), task.mem_bytes / self.cluster.hbm_bandwidth)
