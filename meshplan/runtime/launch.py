@@ -6,7 +6,8 @@ Two launches, one code path:
 Everything is validated in the launcher first (`check_run`: the plan traced against the model), so a bad input
 is one line and no process starts. Under torchrun (RANK/WORLD_SIZE in the environment) each process joins the
 env:// rendezvous; otherwise `cli_run` starts the ranks with local_spawn.spawn (a private file:// store, gloo on
-loopback, every rank stopped with the launcher). gloo on CPU, NCCL when every process has a GPU (or --backend).
+loopback, every rank stopped with the launcher). Backend: NCCL when every local rank has a GPU of its own, gloo on
+CPU otherwise (process_groups.default_backend), or --backend.
 Rank 0 prints the loss, tokens/s and bytes sent per rank at every step.
 """
 from __future__ import annotations
@@ -49,7 +50,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--seed", type=nonneg_int, default=0, help="model initialisation and data seed")
     p.add_argument("--head", choices=("lm", "value"), default="lm", help="LM head or value head (critic)")
     p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
-                   help="collective backend (auto: NCCL when every rank has a GPU, else gloo)")
+                   help="collective backend (auto: NCCL when every local rank has a GPU of its own, else gloo on CPU)")
     p.add_argument("--timeout", type=number(0.0, 86400.0, lo_open=True), default=300.0,
                    help="collective timeout in seconds: a hung or stopped rank ends the run after this (+ a few s)")
     p.add_argument("--comm", action="store_true", help="print rank 0's per-collective byte table after the last step")
@@ -87,7 +88,21 @@ def check_run(args: argparse.Namespace) -> Plan:
     if args.metrics and not Path(args.metrics).resolve().parent.is_dir():
         raise UsageError(f"--metrics: directory {str(Path(args.metrics).parent)!r} does not exist")
     _check_checkpoint_args(args, plan)
+    _check_backend(args, plan)
     return plan
+
+
+def _check_backend(args: argparse.Namespace, plan: Plan) -> None:
+    """--backend nccl without a GPU for every local rank: one line before any process starts (under torchrun
+    each rank checks its own LOCAL_RANK in init_distributed)."""
+    from ..cli_args import UsageError
+
+    if args.backend != "nccl" or _under_torchrun():
+        return
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus < plan.world_size:
+        raise UsageError(f"--backend nccl: {plan.world_size} ranks need one GPU each, this machine has {gpus}; "
+                         f"use --backend gloo (or auto)")
 
 
 def _check_checkpoint_args(args: argparse.Namespace, plan: Plan) -> None:
