@@ -1,0 +1,111 @@
+"""ZeRO-1 (zero.ZeroAdamW) and global gradient-norm clipping (grad_clip.py) against one device.
+
+N steps of AdamW with clipping under a dp x mp plan, the optimizer state sharded over each parameter's replica
+group, give the single-device model's parameters (fp32 tolerance); the global gradient norm under tp, ep, sp,
+vocab and dp x mp plans is torch.nn.utils.clip_grad_norm_'s on one device, and so are the clipped gradients.
+"""
+import math
+
+import pytest
+import torch
+from rt_harness import MESHES, batch_for, loss_of, make_model, tiny_config, uniform_plan
+
+from meshplan.ir import trace
+from meshplan.runtime import LocalWorld, ParallelModel, ZeroAdamW, clip_grad_norm_, grad_pieces
+from meshplan.runtime.zero import state_bytes
+
+LR, MAX_NORM = 1e-2, 0.5  # the tiny model's gradient norm is ~1-3: every step clips
+
+
+def _reference(cfg, steps, max_norm):
+    model = make_model(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses, norms = [], []
+    for tokens, targets in steps:
+        opt.zero_grad()
+        loss = loss_of(model(tokens), targets)
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item())
+        opt.step()
+        losses.append(loss.item())
+    return model, opt, losses, norms
+
+
+@pytest.mark.parametrize("strategies", [{"attention": "sp", "moe": "ep"},
+                                        {"attention": "tp", "moe": "ag_scatter", "embedding": "vocab"}])
+def test_zero_adamw_with_clipping_matches_one_device(strategies):
+    """Mutations tried: the shard offset taken outermost axis first (ranks step the wrong slice: parameters
+    differ), clip counting replicated gradients on every rank (norm differs), step() without the all-gather."""
+    cfg = tiny_config(n_shared_experts=1)
+    graph = trace(make_model(cfg))
+    plan = uniform_plan(graph, MESHES["dp2,mp2"], strategies)
+    steps = [batch_for(cfg, 4, 8, seed=s) for s in range(3)]
+    ref, ref_opt, ref_losses, ref_norms = _reference(cfg, steps, MAX_NORM)
+    assert min(ref_norms) > MAX_NORM  # clipping is exercised on every step
+    world = LocalWorld(4, timeout_s=30)
+    groups = world.groups(plan.mesh)
+
+    def rank(r):
+        pm = ParallelModel(make_model(cfg), plan, graph=graph, groups=groups[r])
+        opt = ZeroAdamW(pm, lr=LR)
+        losses, norms = [], []
+        for tokens, targets in steps:
+            opt.zero_grad()
+            loss = loss_of(pm(tokens), targets)
+            loss.backward()
+            opt.reduce_gradients()
+            norms.append(clip_grad_norm_(opt.grad_pieces(), MAX_NORM, pm.axes).item())
+            opt.step()
+            losses.append(loss.item())
+        # what the planner prices: 8 B of AdamW moments per element over its replica group (+ padding, steps)
+        priced = sum(8 * e.param.numel() / math.prod(g.size for g in e.axes) for e in pm.grad_entries())
+        return losses, norms, pm.full_state_dict(), opt.state_bytes(), priced, opt
+
+    expected = ref.state_dict()
+    ref_bytes = state_bytes(ref_opt)
+    for losses, norms, state, nbytes, priced, opt in world.run(rank):
+        assert losses == pytest.approx(ref_losses, rel=1e-5)
+        assert norms == pytest.approx(ref_norms, rel=1e-5)
+        for k, v in expected.items():
+            assert torch.allclose(state[k], v, rtol=1e-5, atol=2e-5), (k, (state[k] - v).abs().max().item())
+        pad_and_steps = 8 * 4 * len(opt.buckets) + 4 * len(opt.optimizer.state)
+        assert priced <= nbytes <= priced + pad_and_steps
+        assert nbytes < ref_bytes / 2  # a dp x mp = 2 x 2 world: every parameter has 2 or 4 replicas
+
+
+def _grads_and_norm(plan_mesh, strategies, cfg, tokens, targets, max_norm):
+    graph = trace(make_model(cfg))
+    plan = uniform_plan(graph, MESHES[plan_mesh], strategies)
+    world = LocalWorld(plan.mesh.size, timeout_s=30)
+    groups = world.groups(plan.mesh)
+
+    def rank(r):
+        pm = ParallelModel(make_model(cfg), plan, graph=graph, groups=groups[r])
+        loss_of(pm(tokens), targets).backward()
+        pm.reduce_gradients()
+        norm = clip_grad_norm_(grad_pieces(pm), max_norm, pm.axes)
+        return norm.item(), pm.full_grads()
+
+    return world.run(rank)
+
+
+@pytest.mark.parametrize("mesh, strategies", [
+    ("2", {"attention": "tp", "moe": "tp", "ffn": "tp"}),
+    ("2", {"attention": "sp", "moe": "ep"}),
+    ("4", {"attention": "tp", "moe": "ep", "embedding": "vocab"}),
+    ("dp2", {}),
+    ("dp2,mp2", {"attention": "sp", "moe": "ag_scatter"}),
+])
+def test_global_grad_norm_is_torchs_on_one_device(mesh, strategies):
+    """Mutation tried: summing every rank's squares without skipping replicated copies (norm too large by up to
+    sqrt(world)), and skipping the all-reduce on the data-parallel axis (norm too small)."""
+    cfg = tiny_config(n_shared_experts=1, n_dense_layers=1)
+    tokens, targets = batch_for(cfg, 4, 8)
+    ref = make_model(cfg)
+    loss_of(ref(tokens), targets).backward()
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1).item()
+    assert ref_norm > 0.1
+    for norm, grads in _grads_and_norm(mesh, strategies, cfg, tokens, targets, 0.1):
+        assert norm == pytest.approx(ref_norm, rel=1e-5)
+        for name, p in ref.named_parameters():
+            assert torch.allclose(grads[name], p.grad, rtol=1e-4, atol=1e-7), name
