@@ -185,7 +185,7 @@ def train(args: argparse.Namespace) -> list[float]:
         report = verify(pm, model, pm.graph, verify_tokens(pm.graph, torch.zeros(args.batch, args.seq).long()))
         if rank == 0:
             print(f"meshplan run: {report}", flush=True)
-    opt = torch.optim.AdamW(pm.parameters(), lr=args.lr)
+    opt = run_plan.Optimizer(pm, args)  # ZeRO-1 unless --no-zero, --clip-grad
     gen = torch.Generator().manual_seed(args.seed + 1)  # the same global batch on every rank
     device = pm.groups.device
     losses = []
@@ -201,9 +201,8 @@ def train(args: argparse.Namespace) -> list[float]:
             loss = F.cross_entropy(out.flatten(0, 1).float(), targets.flatten())
         else:  # a critic regressing to a synthetic target
             loss = F.mse_loss(out.float(), (targets.float() / cfg.vocab_size))
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss.backward()
-        pm.reduce_gradients()
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
