@@ -109,3 +109,52 @@ def test_global_grad_norm_is_torchs_on_one_device(mesh, strategies):
         assert norm == pytest.approx(ref_norm, rel=1e-5)
         for name, p in ref.named_parameters():
             assert torch.allclose(grads[name], p.grad, rtol=1e-4, atol=1e-7), name
+
+
+def test_pipeline_stages_with_zero_and_clipping_match_one_device():
+    """pp=2 x dp=2 (gpipe): each stage's ZeroAdamW over its dp axis, the norm summed over the stages too.
+    Mutation tried: leaving the pp axis out of the norm's axes (each stage sees only its own part: norms differ)."""
+    from meshplan.ir import Mesh, Plan
+    from meshplan.ir.pipeline import Pipeline
+    from meshplan.models import build_model, load_config
+    from meshplan.runtime.pipeline import PipelineRunner, full_mesh
+
+    cfg = load_config("small")
+    graph = trace(build_model(cfg, seed=0))
+    plan = Plan.build(graph, Mesh.of(dp=2), {}, axis=None)
+    plan.pipeline = Pipeline(2, None, microbatches=2, schedule="gpipe")
+    steps = [batch_for(cfg, 4, 16, seed=s) for s in range(2)]
+    ref = build_model(cfg, seed=0)
+    # eps=1e-3: Adam's first steps move a parameter by +-lr whatever its gradient's size, so float32 noise in a
+    # near-zero gradient (micro-batches summed in another order) would move it by lr; a large eps keeps the update
+    # proportional to the gradient, and the comparison at float32 tolerance
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR, eps=1e-3)
+    ref_norms = []
+    for tokens, targets in steps:
+        ref_opt.zero_grad()
+        torch.nn.functional.cross_entropy(ref(tokens).flatten(0, 1), targets.flatten()).backward()
+        ref_norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), MAX_NORM).item())
+        ref_opt.step()
+    world = LocalWorld(4, timeout_s=60)
+    groups = world.groups(full_mesh(plan))
+
+    def rank(r):
+        runner = PipelineRunner(build_model(cfg, seed=0), plan, graph, groups=groups[r])
+        opt = ZeroAdamW(runner.model, lr=LR, eps=1e-3)
+        norms = []
+        for tokens, targets in steps:
+            opt.zero_grad()
+            runner.step(tokens, targets)
+            opt.reduce_gradients()
+            norms.append(clip_grad_norm_(opt.grad_pieces(), MAX_NORM, [runner.pp, *runner.model.axes]).item())
+            opt.step()
+        pm = runner.model  # this stage's parameters, gathered over its dp axis
+        return norms, {n: pm.gathered(p, pm.placement_of(n)) for n, p in pm.named_parameters()}
+
+    expected, owned = dict(ref.named_parameters()), set()
+    for norms, state in world.run(rank):
+        assert norms == pytest.approx(ref_norms, rel=1e-5)
+        owned |= set(state)
+        for k, v in state.items():
+            assert torch.allclose(v, expected[k].detach(), rtol=1e-5, atol=1e-6), (k, (v - expected[k]).abs().max())
+    assert owned == set(expected)
