@@ -14,8 +14,9 @@ writing and DCP has written its .metadata: a step directory is complete or absen
 
 DCP needs torch.distributed's default process group (its planner gathers every rank's plan over it, and
 init_device_mesh builds its groups from it): the in-process thread worlds (LocalWorld) have none, so checkpoints
-are taken in real processes (torchrun, `meshplan run`, local_spawn.spawn). Pipeline plans are refused: a stage's
-parameters live on a sub-mesh, which this module does not build yet.
+are taken in real processes (torchrun, `meshplan run`, local_spawn.spawn). A pipeline stage's ParallelModel saves
+its own parameters, as DTensors on its stage's sub-mesh; the checkpoint holds every stage's, keyed by their names
+in the whole model, so it loads under any plan, pipelined or not.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from ..ir.placement import Replicate, Shard
 from ..ir.plan import PlanError
 from .checkpoint_reader import SafeReader, read_metadata
 from .executor import ParallelModel
+from .pipeline import full_mesh
 from .zero import ZeroAdamW, init_adam_state
 
 _STEP = re.compile(r"^step_(\d{6,})$")
@@ -58,16 +60,17 @@ def latest(root: str | Path) -> Path | None:
 
 def device_mesh(pm: ParallelModel) -> DeviceMesh:
     """torch's DeviceMesh for pm's plan mesh (named axes, ranks laid out as Mesh.groups): a collective the first
-    time, cached per model."""
+    time, cached per model. A pipeline stage's: the sub-mesh of its pp coordinate in the pp x dp x mp mesh."""
     if pm not in _MESHES:
         if not dist.is_initialized():
             raise RuntimeError("checkpoint: DCP needs torch.distributed's default process group (run under "
                                "torchrun, `meshplan run` or local_spawn.spawn; in-process LocalWorld ranks have none)")
-        if pm.plan.pipeline.enabled:
-            raise PlanError(f"checkpoint: pipeline plans (plan.mesh.pp={pm.plan.pipeline.stages}) are not "
-                            f"checkpointed yet; a stage's parameters live on a sub-mesh")
-        mesh = pm.plan.mesh
-        _MESHES[pm] = init_device_mesh(pm.groups.device.type, mesh.shape, mesh_dim_names=mesh.names)
+        mesh = full_mesh(pm.plan) if pm.plan.pipeline.enabled else pm.plan.mesh
+        dm = init_device_mesh(pm.groups.device.type, mesh.shape, mesh_dim_names=mesh.names)
+        if pm.plan.pipeline.enabled:  # a stage's shards live on its pp coordinate's dp x mp sub-mesh
+            names = pm.plan.mesh.names
+            dm = dm[names if len(names) > 1 else names[0]]
+        _MESHES[pm] = dm
     return _MESHES[pm]
 
 

@@ -119,9 +119,6 @@ def _check_checkpoint_args(args: argparse.Namespace, plan: Plan) -> None:
         return
     if args.head != "lm":
         raise UsageError(f"--checkpoint: only the lm head's training loop checkpoints (got --head {args.head})")
-    if plan.pipeline.enabled:
-        raise UsageError(f"--checkpoint: pipeline plans (plan.mesh.pp={plan.pipeline.stages}) are not checkpointed "
-                         f"yet")
     found = latest(ckpt)
     if resume and found is None:
         raise UsageError(f"--resume: {ckpt!r} holds no complete checkpoint (step_NNNNNN/)")
