@@ -81,7 +81,11 @@ def check_run(args: argparse.Namespace) -> Plan:
         raise PlanError(f"plan.mesh {pp}{plan.mesh} needs {plan.world_size} ranks, but --nproc is {nproc}")
     if args.seq > cfg.max_seq_len:
         raise UsageError(f"--seq: {args.seq} is longer than the model's max_seq_len {cfg.max_seq_len}")
-    _check_host_memory(cfg, plan.world_size)
+    if getattr(args, "init", "full") == "meta":
+        if args.verify:
+            raise UsageError("--verify: compares against the whole model on every rank; --init meta builds none")
+    else:
+        _check_host_memory(cfg, plan.world_size)
     graph = trace(build_model(cfg, head=args.head, device="meta"))
     check_model(plan, graph)
     plan.validate(graph, batch=args.batch, seq=args.seq)
@@ -176,8 +180,8 @@ def train(args: argparse.Namespace) -> list[float]:
     rank, world = init_distributed(None if args.backend == "auto" else args.backend, args.timeout)
     cfg = load_config(args.model)
     plan = Plan.from_yaml(args.plan)
-    model = build_model(cfg, head=args.head, seed=args.seed)
-    pm = ParallelModel(model, plan, timeout_s=args.timeout)
+    model, init = run_plan.build(cfg, args, args.head)
+    pm = ParallelModel(model, plan, timeout_s=args.timeout, init=init)
     if getattr(args, "verify", False):
         report = verify(pm, model, pm.graph, verify_tokens(pm.graph, torch.zeros(args.batch, args.seq).long()))
         if rank == 0:

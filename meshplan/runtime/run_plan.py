@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..ir.plan import Plan, PlanError
 from ..ir.tracer import trace
 from ..models import build_model, load_config
+from . import materialize
 from .data import ShardedLoader, TokenStream
 from .executor import ParallelModel
 from .grad_clip import clip_grad_norm_, grad_pieces
@@ -37,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags this loop adds to `meshplan run`."""
     from ..cli_args import number
 
+    p.add_argument("--init", choices=("full", "meta"), default="full", help="full: every rank builds the whole "
+                   "model and keeps its shards; meta: the model is built on the meta device and each rank allocates "
+                   "and fills only its shards, with the same seeded values (runtime/materialize.py)")
     p.add_argument("--no-zero", action="store_true", help="keep the whole AdamW state of its shards on every rank "
                    "(default: ZeRO-1, each parameter's state sharded over the ranks that hold a replica of it, as "
                    "the planner prices it)")
@@ -66,6 +70,15 @@ def _microbatches(plan: Plan, local_batch: int, asked: int | None) -> int:
     while local_batch % m:
         m -= 1
     return m
+
+
+def build(cfg, args: argparse.Namespace, head: str):
+    """(the model, its weight source): built and seeded in full, or with --init meta on the meta device with
+    materialize.seeded_init, which gives each rank's shards the values the full build holds."""
+    if getattr(args, "init", "full") != "meta":
+        return build_model(cfg, head=head, seed=args.seed), None
+    model = build_model(cfg, head=head, device="meta")
+    return model, materialize.seeded_init(model, args.seed)
 
 
 class Optimizer:
@@ -122,17 +135,18 @@ def train(args: argparse.Namespace) -> list[float]:
     rank, world = init_distributed(None if args.backend == "auto" else args.backend, args.timeout)
     cfg = load_config(args.model)
     plan = Plan.from_yaml(args.plan)
-    model = build_model(cfg, head="lm", seed=args.seed)
+    model, init = build(cfg, args, "lm")
     graph = trace(model)
     runner = None
     if plan.pipeline.enabled:
         if getattr(args, "verify", False):
             raise PlanError(f"--verify: runtime/verify.py checks one ParallelModel, not pipeline stages "
                             f"(plan.mesh.pp={plan.pipeline.stages}); use --check, which compares every step's loss")
-        runner = PipelineRunner(model, plan, graph, groups=MeshGroups.from_world(full_mesh(plan), args.timeout))
+        runner = PipelineRunner(model, plan, graph, groups=MeshGroups.from_world(full_mesh(plan), args.timeout),
+                                init=init)
         pm = runner.model
     else:
-        pm = ParallelModel(model, plan, graph, timeout_s=args.timeout)
+        pm = ParallelModel(model, plan, graph, timeout_s=args.timeout, init=init)
         if getattr(args, "verify", False):
             report = verify(pm, model, graph, verify_tokens(graph, torch.zeros(args.batch, args.seq).long()))
             if rank == 0:

@@ -1,5 +1,6 @@
 """`meshplan run --checkpoint/--resume` with a pipeline plan (pp=2 x mp=2, 4 ranks): a run stopped at step 2 and
-resumed logs the same losses bit for bit as an uninterrupted one; the pipeline's checkpoint (each stage saved its
+resumed logs the same losses bit for bit as an uninterrupted one (the first part built on the meta device,
+--init meta); the pipeline's checkpoint (each stage saved its
 own parameters) resumes under a plan without a pipeline on 2 ranks with the same losses (fp32 tolerance)."""
 import json
 
@@ -32,7 +33,9 @@ def test_pipeline_resume_is_bit_identical_and_loads_without_pipeline(tmp_path):
     whole, part, flat = tmp_path / "whole.jsonl", tmp_path / "part.jsonl", tmp_path / "flat.jsonl"
     ckpt = tmp_path / "ckpt"
     assert cli_run(common + ["--plan", pp, "--steps", "4", "--metrics", str(whole)]) == 0
-    assert cli_run(common + ["--plan", pp, "--steps", "2", "--metrics", str(part), "--checkpoint", str(ckpt)]) == 0
+    # --init meta: each stage allocates and fills only its shards, with the values of the full build (exact)
+    assert cli_run(common + ["--plan", pp, "--steps", "2", "--metrics", str(part), "--checkpoint", str(ckpt),
+                             "--init", "meta"]) == 0
     assert cli_run(common + ["--plan", pp, "--steps", "4", "--metrics", str(part), "--checkpoint", str(ckpt),
                              "--resume"]) == 0
     assert _losses(part) == _losses(whole)  # exact: every stage's shards and AdamW state, the same batches

@@ -1,5 +1,6 @@
 """`meshplan run` under a dp x mp plan with ZeRO-1 (the default) on 4 ranks: every step's loss equals one device's
-(--check, gradient clipping on), a run stopped at step 2 and resumed logs the same losses bit for bit, a ZeRO
+(--check, gradient clipping on), a run stopped at step 2 and resumed logs the same losses bit for bit (its first
+part built on the meta device, --init meta), a ZeRO
 checkpoint resumes without ZeRO (the per-parameter layout), and the AdamW state per rank is ~1/d of --no-zero's."""
 import json
 
@@ -35,7 +36,7 @@ def test_zero_run_checks_resumes_and_shards_the_state(tmp_path):
     assert [r["loss"] for r in rows] == pytest.approx([r["reference_loss"] for r in rows], rel=1e-5)
 
     ckpt = tmp_path / "ckpt"
-    assert cli_run(common + ["--steps", "2", "--metrics", str(part), "--checkpoint", str(ckpt)]) == 0
+    assert cli_run(common + ["--steps", "2", "--metrics", str(part), "--checkpoint", str(ckpt), "--init", "meta"]) == 0
     assert cli_run(common + ["--steps", "4", "--metrics", str(part), "--checkpoint", str(ckpt), "--resume"]) == 0
     assert [r["loss"] for r in _rows(part)] == [r["loss"] for r in rows]  # exact: shards, AdamW state, batches
 
@@ -47,3 +48,13 @@ def test_zero_run_checks_resumes_and_shards_the_state(tmp_path):
     # rank 0's AdamW moments: replicated parameters (norms, router) over 4 ranks, the rest over dp = 2
     ratio = rows[-1]["optimizer_state_bytes"] / unsharded[-1]["optimizer_state_bytes"]
     assert 0.25 < ratio < 0.52, ratio
+
+
+def test_init_meta_with_verify_is_refused_before_any_rank(tmp_path):
+    from meshplan.cli_args import UsageError
+    from meshplan.runtime.launch import build_parser, check_run
+
+    args = build_parser().parse_args(_files(tmp_path) + ["--init", "meta", "--verify"])
+    with pytest.raises(UsageError, match=r"^--verify: compares against the whole model on every rank; --init meta"):
+        check_run(args)
+    check_run(build_parser().parse_args(_files(tmp_path) + ["--init", "meta"]))  # accepted without --verify
