@@ -158,3 +158,40 @@ def test_pipeline_stages_with_zero_and_clipping_match_one_device():
         for k, v in state.items():
             assert torch.allclose(v, expected[k].detach(), rtol=1e-5, atol=1e-6), (k, (v - expected[k]).abs().max())
     assert owned == set(expected)
+
+def test_zero_with_bf16_gradient_reduction():
+    """plan precision grad=bf16: ZeRO's reduce-scatter sends bf16 (an all-to-all summed in float32), the parameter
+    all-gather stays fp32. One AdamW step with eps=1 moves each parameter by -g / (|g| + 1), so the update shows the
+    reduced gradient: equal to one device's within bf16 rounding. Bytes: the bf16 reduce-scatter is half the fp32
+    one."""
+    cfg = tiny_config()
+    graph = trace(make_model(cfg))
+    tokens, targets = batch_for(cfg, 4, 8)
+    ref = make_model(cfg)
+    loss_of(ref(tokens), targets).backward()
+    torch.optim.AdamW(ref.parameters(), lr=1.0, eps=1.0, weight_decay=0.0).step()
+    expected = {n: p.detach() - make_model(cfg).state_dict()[n] for n, p in ref.named_parameters()}
+    mesh = MESHES["dp2,mp2"]
+    world = LocalWorld(4, timeout_s=30)
+    groups = world.groups(mesh)
+
+    def rank(r, precision):
+        plan = uniform_plan(graph, mesh, {"attention": "sp", "moe": "ep"}, precision=precision)
+        pm = ParallelModel(make_model(cfg), plan, graph=graph, groups=groups[r])
+        before = pm.full_state_dict()
+        opt = ZeroAdamW(pm, lr=1.0, eps=1.0, weight_decay=0.0)
+        loss_of(pm(tokens), targets).backward()
+        pm.comm_stats.reset()
+        opt.reduce_gradients()
+        sent = pm.comm_stats.total(kind="reduce_scatter") + pm.comm_stats.total(kind="all_to_all")
+        opt.step()
+        return {n: v - before[n] for n, v in pm.full_state_dict().items()}, sent
+
+    fp32 = world.run(lambda r: rank(r, None))
+    bf16 = world.run(lambda r: rank(r, {"grad": "bf16"}))
+    for (delta32, sent32), (delta16, sent16) in zip(fp32, bf16):
+        assert sent16 * 2 == pytest.approx(sent32, rel=0.02)
+        for name, want in expected.items():
+            torch.testing.assert_close(delta32[name], want, rtol=1e-4, atol=1e-6)
+            scale = want.abs().max().item()
+            assert (delta16[name] - want).abs().max().item() <= 1e-2 * scale + 1e-6, name
