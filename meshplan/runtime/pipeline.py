@@ -29,9 +29,9 @@ from ..ir.mesh import Mesh
 from ..ir.pipeline import AXIS as PP_AXIS
 from ..ir.plan import Plan, PlanError
 from ..ir.tracer import trace
+from . import materialize
 from .collectives import Channel, all_reduce
 from .comm_stats import BWD, FWD
-from . import materialize
 from .executor import ParallelModel, global_sizes
 from .loss_parallel import align_targets, cross_entropy
 from .process_groups import MeshGroups

@@ -106,6 +106,10 @@ class ZeroAdamW:
     def __init__(self, pm: ParallelModel, lr: float = 1e-3, bucket_mb: float = 25.0, **adamw):
         if adamw.get("amsgrad"):
             raise ValueError("ZeroAdamW: amsgrad is not supported (its max_exp_avg_sq is not sharded)")
+        if getattr(pm, "_zero_optimizer", False):
+            raise ValueError("ZeroAdamW: this ParallelModel already has one; its parameters are views of that "
+                             "optimizer's buckets, so a second one would step copies")
+        pm._zero_optimizer = True
         entries = pm.grad_entries()
         self.pm, self.stats = pm, pm.comm_stats
         self._reducer = GradReducer([e for e in entries if e.axes], self.stats, bucket_mb)

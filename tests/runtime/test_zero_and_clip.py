@@ -195,3 +195,12 @@ def test_zero_with_bf16_gradient_reduction():
             torch.testing.assert_close(delta32[name], want, rtol=1e-4, atol=1e-6)
             scale = want.abs().max().item()
             assert (delta16[name] - want).abs().max().item() <= 1e-2 * scale + 1e-6, name
+
+
+def test_one_zero_optimizer_per_model():
+    cfg = tiny_config()
+    graph = trace(make_model(cfg))
+    pm = ParallelModel(make_model(cfg), uniform_plan(graph, MESHES["1"], {}), graph=graph)
+    ZeroAdamW(pm)
+    with pytest.raises(ValueError, match="already has one"):
+        ZeroAdamW(pm)
