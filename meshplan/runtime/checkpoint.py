@@ -1,6 +1,7 @@
 """Distributed checkpoints of a ParallelModel and its AdamW state with torch.distributed.checkpoint (DCP).
 
     save(pm, opt, "ckpt", step=10)      # every rank writes its own shards: ckpt/step_000010/ (atomic)
+                                        # (opt: torch's AdamW over pm's shards, or zero.ZeroAdamW)
     step = load(pm, opt, latest("ckpt"))  # any plan, any world size: DCP reshards on load
     export("ckpt/step_000010", "full.pt")  # one torch.save file of full tensors (as dcp_to_torch_save)
 
@@ -13,8 +14,9 @@ writing and DCP has written its .metadata: a step directory is complete or absen
 
 DCP needs torch.distributed's default process group (its planner gathers every rank's plan over it, and
 init_device_mesh builds its groups from it): the in-process thread worlds (LocalWorld) have none, so checkpoints
-are taken in real processes (torchrun, `meshplan run`, local_spawn.spawn). Pipeline plans are refused: a stage's
-parameters live on a sub-mesh, which this module does not build yet.
+are taken in real processes (torchrun, `meshplan run`, local_spawn.spawn). A pipeline stage's ParallelModel saves
+its own parameters, as DTensors on its stage's sub-mesh; the checkpoint holds every stage's, keyed by their names
+in the whole model, so it loads under any plan, pipelined or not.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ from ..ir.placement import Replicate, Shard
 from ..ir.plan import PlanError
 from .checkpoint_reader import SafeReader, read_metadata
 from .executor import ParallelModel
+from .pipeline import full_mesh
+from .zero import ZeroAdamW, init_adam_state
 
 _STEP = re.compile(r"^step_(\d{6,})$")
 _TMP_PREFIX = ".tmp_step_"
@@ -56,16 +60,17 @@ def latest(root: str | Path) -> Path | None:
 
 def device_mesh(pm: ParallelModel) -> DeviceMesh:
     """torch's DeviceMesh for pm's plan mesh (named axes, ranks laid out as Mesh.groups): a collective the first
-    time, cached per model."""
+    time, cached per model. A pipeline stage's: the sub-mesh of its pp coordinate in the pp x dp x mp mesh."""
     if pm not in _MESHES:
         if not dist.is_initialized():
             raise RuntimeError("checkpoint: DCP needs torch.distributed's default process group (run under "
                                "torchrun, `meshplan run` or local_spawn.spawn; in-process LocalWorld ranks have none)")
-        if pm.plan.pipeline.enabled:
-            raise PlanError(f"checkpoint: pipeline plans (plan.mesh.pp={pm.plan.pipeline.stages}) are not "
-                            f"checkpointed yet; a stage's parameters live on a sub-mesh")
-        mesh = pm.plan.mesh
-        _MESHES[pm] = init_device_mesh(pm.groups.device.type, mesh.shape, mesh_dim_names=mesh.names)
+        mesh = full_mesh(pm.plan) if pm.plan.pipeline.enabled else pm.plan.mesh
+        dm = init_device_mesh(pm.groups.device.type, mesh.shape, mesh_dim_names=mesh.names)
+        if pm.plan.pipeline.enabled:  # a stage's shards live on its pp coordinate's dp x mp sub-mesh
+            names = pm.plan.mesh.names
+            dm = dm[names if len(names) > 1 else names[0]]
+        _MESHES[pm] = dm
     return _MESHES[pm]
 
 
@@ -93,39 +98,36 @@ def _dtensor(pm: ParallelModel, name: str, local: torch.Tensor) -> DTensor:
                               stride=torch.empty(shape, device="meta").stride())
 
 
-def state_dict(pm: ParallelModel, opt: torch.optim.Optimizer | None = None, step: int = 0) -> dict:
+def state_dict(pm: ParallelModel, opt: torch.optim.Optimizer | ZeroAdamW | None = None, step: int = 0) -> dict:
     """What save() writes and load() fills in place: the shards as DTensors (views of pm's parameters and of the
-    optimizer's state tensors, no copies), the optimizer's step counts, and the training step."""
+    optimizer's state tensors, no copies; under ZeroAdamW, of its state gathered to the local shards' shapes), the
+    optimizer's step counts, and the training step."""
     sd: dict = {"step": torch.tensor(step, dtype=torch.int64)}
-    names = {id(p): n for n, p in pm.named_parameters()}
-    sd["model"] = {n: _dtensor(pm, n, p.detach()) for n, p in pm.named_parameters()}
+    params = dict(pm.named_parameters())
+    sd["model"] = {n: _dtensor(pm, n, p.detach()) for n, p in params.items()}
     if opt is not None:
         optim = {}
-        for group in opt.param_groups:
-            for p in group["params"]:
-                if id(p) not in names:
-                    raise ValueError("checkpoint: the optimizer holds a parameter that is not one of pm's shards")
-                state = opt.state[p] if p in opt.state else _init_adam_state(opt, p)
-                n = names[id(p)]
-                for key, value in state.items():
-                    same = torch.is_tensor(value) and value.shape == p.shape and value.dim() > 0
-                    optim[f"{n}.{key}"] = _dtensor(pm, n, value) if same else value
+        for n, state in param_states(pm, opt).items():
+            for key, value in state.items():
+                same = torch.is_tensor(value) and value.shape == params[n].shape and value.dim() > 0
+                optim[f"{n}.{key}"] = _dtensor(pm, n, value) if same else value
         sd["optim"] = optim
     return sd
 
 
-def _init_adam_state(opt: torch.optim.Optimizer, p: torch.Tensor) -> dict:
-    """Empty AdamW state for `p`, so that load() has tensors to fill (AdamW creates them at its first step)."""
-    if not isinstance(opt, torch.optim.AdamW | torch.optim.Adam):
-        raise TypeError(f"checkpoint: restoring {type(opt).__name__} state before its first step is not supported "
-                        f"(Adam and AdamW are)")
-    scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32  # as torch.optim's
-    state = {"step": torch.tensor(0.0, dtype=scalar), "exp_avg": torch.zeros_like(p),
-             "exp_avg_sq": torch.zeros_like(p)}
-    if any(g.get("amsgrad") for g in opt.param_groups):
-        state["max_exp_avg_sq"] = torch.zeros_like(p)
-    opt.state[p] = state
-    return state
+def param_states(pm: ParallelModel, opt: torch.optim.Optimizer | ZeroAdamW) -> dict[str, dict]:
+    """{parameter name: its optimizer state, shaped like pm's local shard} (empty AdamW state before the first
+    step, so that a load has tensors to fill). A collective under ZeroAdamW."""
+    if isinstance(opt, ZeroAdamW):
+        return opt.param_states()
+    names = {id(p): n for n, p in pm.named_parameters()}
+    out = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if id(p) not in names:
+                raise ValueError("checkpoint: the optimizer holds a parameter that is not one of pm's shards")
+            out[names[id(p)]] = init_adam_state(opt, p)
+    return out
 
 
 def save(pm: ParallelModel, opt: torch.optim.Optimizer | None, root: str | Path, step: int) -> Path:
@@ -170,11 +172,18 @@ def load(pm: ParallelModel, opt: torch.optim.Optimizer | None, path: str | Path)
     dcp.load(sd, storage_reader=SafeReader(path))
     # The DTensors are views of the parameters and optimizer tensors, so those are filled; the scalars are not.
     if opt is not None:
-        names = {n: p for n, p in pm.named_parameters()}
+        states: dict[str, dict] = {}
         for key, value in sd["optim"].items():
-            if not isinstance(value, DTensor):
-                name, _, field = key.rpartition(".")
-                opt.state[names[name]][field] = value
+            name, _, field = key.rpartition(".")
+            states.setdefault(name, {})[field] = value.to_local() if isinstance(value, DTensor) else value
+        if isinstance(opt, ZeroAdamW):  # DCP filled the gathered copies: keep this rank's slice
+            opt.load_param_states(states)
+        else:
+            names = dict(pm.named_parameters())
+            for key, value in sd["optim"].items():
+                if not isinstance(value, DTensor):
+                    name, _, field = key.rpartition(".")
+                    opt.state[names[name]][field] = value
     return int(sd["step"])
 
 

@@ -105,14 +105,14 @@ class GradReducer:
             flat = torch.cat([g.reshape(-1) for g in grads])
             local = CommStats()
             out = reduce_flat(flat, bucket[0].axes, bucket[0].precision, local)
-            self._account(bucket, local)
+            self.account(bucket, local)
             offset = 0
             for e, g in zip(bucket, grads):
                 k = g.numel()
                 e.param.grad = out[offset:offset + k].view_as(e.param).to(e.param.dtype).clone()
                 offset += k
 
-    def _account(self, bucket: list[GradEntry], local: CommStats) -> None:
+    def account(self, bucket: list[GradEntry], local: CommStats) -> None:
         """Split a bucket's bytes among the ops whose parameters it carries, by element count."""
         sizes: dict[str, int] = {}
         for e in bucket:

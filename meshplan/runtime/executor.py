@@ -416,6 +416,10 @@ class ParallelModel(nn.Module):
         """Sum the gradients of replicated shards over the ranks that share them (after backward)."""
         self._reducer.reduce()
 
+    def grad_entries(self) -> list[GradEntry]:
+        """Every local shard with the axes it is replicated on (what reduce_gradients sums over; zero.py)."""
+        return self._grad_entries()
+
     def gathered(self, t: torch.Tensor, placement) -> torch.Tensor:
         """The full tensor of a local shard `t` laid out as `placement` (a collective: call on every rank)."""
         with torch.no_grad():

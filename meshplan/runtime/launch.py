@@ -6,7 +6,8 @@ Two launches, one code path:
 Everything is validated in the launcher first (`check_run`: the plan traced against the model), so a bad input
 is one line and no process starts. Under torchrun (RANK/WORLD_SIZE in the environment) each process joins the
 env:// rendezvous; otherwise `cli_run` starts the ranks with local_spawn.spawn (a private file:// store, gloo on
-loopback, every rank stopped with the launcher). gloo on CPU, NCCL when every process has a GPU (or --backend).
+loopback, every rank stopped with the launcher). Backend: NCCL when every local rank has a GPU of its own, gloo on
+CPU otherwise (process_groups.default_backend), or --backend.
 Rank 0 prints the loss, tokens/s and bytes sent per rank at every step.
 """
 from __future__ import annotations
@@ -49,7 +50,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--seed", type=nonneg_int, default=0, help="model initialisation and data seed")
     p.add_argument("--head", choices=("lm", "value"), default="lm", help="LM head or value head (critic)")
     p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
-                   help="collective backend (auto: NCCL when every rank has a GPU, else gloo)")
+                   help="collective backend (auto: NCCL when every local rank has a GPU of its own, else gloo on CPU)")
     p.add_argument("--timeout", type=number(0.0, 86400.0, lo_open=True), default=300.0,
                    help="collective timeout in seconds: a hung or stopped rank ends the run after this (+ a few s)")
     p.add_argument("--comm", action="store_true", help="print rank 0's per-collective byte table after the last step")
@@ -80,14 +81,32 @@ def check_run(args: argparse.Namespace) -> Plan:
         raise PlanError(f"plan.mesh {pp}{plan.mesh} needs {plan.world_size} ranks, but --nproc is {nproc}")
     if args.seq > cfg.max_seq_len:
         raise UsageError(f"--seq: {args.seq} is longer than the model's max_seq_len {cfg.max_seq_len}")
-    _check_host_memory(cfg, plan.world_size)
+    if getattr(args, "init", "full") == "meta":
+        if args.verify:
+            raise UsageError("--verify: compares against the whole model on every rank; --init meta builds none")
+    else:
+        _check_host_memory(cfg, plan.world_size)
     graph = trace(build_model(cfg, head=args.head, device="meta"))
     check_model(plan, graph)
     plan.validate(graph, batch=args.batch, seq=args.seq)
     if args.metrics and not Path(args.metrics).resolve().parent.is_dir():
         raise UsageError(f"--metrics: directory {str(Path(args.metrics).parent)!r} does not exist")
     _check_checkpoint_args(args, plan)
+    _check_backend(args, plan)
     return plan
+
+
+def _check_backend(args: argparse.Namespace, plan: Plan) -> None:
+    """--backend nccl without a GPU for every local rank: one line before any process starts (under torchrun
+    each rank checks its own LOCAL_RANK in init_distributed)."""
+    from ..cli_args import UsageError
+
+    if args.backend != "nccl" or _under_torchrun():
+        return
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus < plan.world_size:
+        raise UsageError(f"--backend nccl: {plan.world_size} ranks need one GPU each, this machine has {gpus}; "
+                         f"use --backend gloo (or auto)")
 
 
 def _check_checkpoint_args(args: argparse.Namespace, plan: Plan) -> None:
@@ -104,9 +123,6 @@ def _check_checkpoint_args(args: argparse.Namespace, plan: Plan) -> None:
         return
     if args.head != "lm":
         raise UsageError(f"--checkpoint: only the lm head's training loop checkpoints (got --head {args.head})")
-    if plan.pipeline.enabled:
-        raise UsageError(f"--checkpoint: pipeline plans (plan.mesh.pp={plan.pipeline.stages}) are not checkpointed "
-                         f"yet")
     found = latest(ckpt)
     if resume and found is None:
         raise UsageError(f"--resume: {ckpt!r} holds no complete checkpoint (step_NNNNNN/)")
@@ -164,13 +180,13 @@ def train(args: argparse.Namespace) -> list[float]:
     rank, world = init_distributed(None if args.backend == "auto" else args.backend, args.timeout)
     cfg = load_config(args.model)
     plan = Plan.from_yaml(args.plan)
-    model = build_model(cfg, head=args.head, seed=args.seed)
-    pm = ParallelModel(model, plan, timeout_s=args.timeout)
+    model, init = run_plan.build(cfg, args, args.head)
+    pm = ParallelModel(model, plan, timeout_s=args.timeout, init=init)
     if getattr(args, "verify", False):
         report = verify(pm, model, pm.graph, verify_tokens(pm.graph, torch.zeros(args.batch, args.seq).long()))
         if rank == 0:
             print(f"meshplan run: {report}", flush=True)
-    opt = torch.optim.AdamW(pm.parameters(), lr=args.lr)
+    opt = run_plan.Optimizer(pm, args)  # ZeRO-1 unless --no-zero, --clip-grad
     gen = torch.Generator().manual_seed(args.seed + 1)  # the same global batch on every rank
     device = pm.groups.device
     losses = []
@@ -186,9 +202,8 @@ def train(args: argparse.Namespace) -> list[float]:
             loss = F.cross_entropy(out.flatten(0, 1).float(), targets.flatten())
         else:  # a critic regressing to a synthetic target
             loss = F.mse_loss(out.float(), (targets.float() / cfg.vocab_size))
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss.backward()
-        pm.reduce_gradients()
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)

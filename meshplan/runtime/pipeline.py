@@ -29,6 +29,7 @@ from ..ir.mesh import Mesh
 from ..ir.pipeline import AXIS as PP_AXIS
 from ..ir.plan import Plan, PlanError
 from ..ir.tracer import trace
+from . import materialize
 from .collectives import Channel, all_reduce
 from .comm_stats import BWD, FWD
 from .executor import ParallelModel, global_sizes
@@ -90,9 +91,11 @@ def check_untied(model: nn.Module, graph: Graph, ops: list[set[str]]) -> None:
 
 class PipelineRunner:
     """This rank's stage of `plan`. groups: MeshGroups of full_mesh(plan) (LocalWorld.groups(full_mesh(plan))
-    in-process, MeshGroups.from_world(full_mesh(plan)) under torchrun)."""
+    in-process, MeshGroups.from_world(full_mesh(plan)) under torchrun). init: the weight source of a model built
+    on the meta device (materialize.py); the stage allocates and fills only its own shards."""
 
-    def __init__(self, model: nn.Module, plan: Plan, graph: Graph | None = None, *, groups: MeshGroups):
+    def __init__(self, model: nn.Module, plan: Plan, graph: Graph | None = None, *, groups: MeshGroups,
+                 init: materialize.WeightSource | None = None):
         if groups.mesh != full_mesh(plan):
             raise PlanError(f"plan.mesh: the pipeline needs groups of {full_mesh(plan)}, got {groups.mesh}")
         graph = graph if graph is not None else trace(model)
@@ -103,7 +106,7 @@ class PipelineRunner:
         self.stage, self.stages = self.pp.index, plan.pipeline.stages
         inner = MeshGroups(plan.mesh, groups.rank, {n: groups.axes[n] for n in plan.mesh.names}, groups.device,
                            groups.backend)
-        self.model = ParallelModel(model, plan, graph, groups=inner, stage=ops[self.stage])
+        self.model = ParallelModel(model, plan, graph, groups=inner, stage=ops[self.stage], init=init)
         self.comm_stats = self.model.comm_stats
         self.trace: list[tuple[str, int, float, float]] = []  # (F|B, micro-batch, start, end) on this rank
 

@@ -123,18 +123,31 @@ def _device_for(backend: str) -> torch.device:
     return torch.device("cpu")
 
 
-def default_backend() -> str:
-    """NCCL when there is a GPU for every local rank, gloo otherwise."""
-    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "gloo"
+def default_backend(local_rank: int | None = None, local_world: int | None = None) -> str:
+    """The backend for this rank, chosen by the device it will use: NCCL when it has a GPU of its own (local rank
+    < the visible CUDA devices), gloo on CPU otherwise. Every rank of a world must pick the same backend, so NCCL
+    is chosen only when every local rank has its GPU (LOCAL_WORLD_SIZE <= device count, as torchrun and
+    local_spawn set it): 8 local ranks on a 4-GPU machine run gloo on all 8, not NCCL on 4 and gloo on 4."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if local_world is None else local_world
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return "nccl" if max(local_rank, local_world - 1) < gpus else "gloo"
 
 
 def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> tuple[int, int]:
-    """Initialise torch.distributed from torchrun's environment (env:// rendezvous). Returns (rank, world)."""
+    """Initialise torch.distributed from torchrun's environment (env:// rendezvous). Returns (rank, world).
+    backend: "nccl", "gloo", or None for default_backend(); NCCL binds this rank to GPU LOCAL_RANK and is refused
+    in one line when this rank has no GPU of its own."""
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     backend = backend or default_backend()
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if local_rank >= gpus:
+            raise RuntimeError(f"backend nccl: local rank {local_rank} has no GPU of its own ({gpus} CUDA devices "
+                               f"visible; NCCL needs one GPU per rank); use --backend gloo")
+        torch.cuda.set_device(local_rank)
     dist.init_process_group(backend, init_method="env://",
                             timeout=datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S))
     return dist.get_rank(), dist.get_world_size()

@@ -75,7 +75,8 @@ def _steps(stdout: str) -> list[float]:
 
 def _one_device_losses(steps: int, batch: int, seq: int, seed: int, lr: float) -> list[float]:
     """run_plan.train's loop written out on one device: the same model seed, the same global batches (the
-    synthetic token stream of seed + 1, every rank's shard together), AdamW, cross-entropy over all tokens."""
+    synthetic token stream of seed + 1, every rank's shard together), AdamW, cross-entropy over all tokens, the
+    gradient norm clipped to 1.0 (`meshplan run`'s default --clip-grad)."""
     from meshplan.runtime.data import ShardedLoader, TokenStream
 
     cfg = tiny_config()
@@ -88,6 +89,7 @@ def _one_device_losses(steps: int, batch: int, seq: int, seed: int, lr: float) -
         loss = F.cross_entropy(model(tokens).flatten(0, 1).float(), targets.flatten())
         opt.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
     return losses
