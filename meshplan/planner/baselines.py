@@ -24,6 +24,7 @@ from ..ir.strategies import STRATEGIES, collective_names, divisibility_error, na
 from . import cost_model as cm
 from .cluster import Cluster
 from .mesh_search import PlannerError, divisors
+from .plan_settings import write_meta
 from .plans import MODEL_AXIS, Priced, fits, price_plan
 from .pricing import MeshConfig, Options, layers_per_stage
 
@@ -49,9 +50,8 @@ def _op_plan(op, strategy: str | None, n: int) -> OpPlan:
 def _plan(graph: Graph, mc: MeshConfig, pick, name: str) -> Plan:
     ops = {op.name: _op_plan(op, pick(op), mc.n) for op in graph.ops() if op.kind not in (G.INPUT, G.OUTPUT)}
     meta = {"baseline": name, "pipeline": {"stages": mc.pp, "layers_per_stage": layers_per_stage(graph.n_layers(),
-            mc.pp), "micro_batch_size": mc.b, "microbatches": mc.m},
-            "activation_recompute": "full" if mc.recompute else "none"}
-    return Plan(graph.name, mc.mesh, ops, meta)
+            mc.pp), "micro_batch_size": mc.b, "microbatches": mc.m}}
+    return Plan(graph.name, mc.mesh, ops, write_meta(meta, mc))
 
 
 def megatron_plan(graph: Graph, mc: MeshConfig, tp_comm_overlap: bool = False) -> Plan:
@@ -73,7 +73,19 @@ def ep_dp_plan(graph: Graph, mc: MeshConfig) -> Plan:
     return _plan(graph, mc, lambda op: "ep" if op.kind == G.MOE else None, "ep_dp")
 
 
-BUILDERS = {"megatron": megatron_plan, "megascale": megascale_plan, "ep_dp": ep_dp_plan}
+def folded_plan(graph: Graph, mc: MeshConfig) -> Plan:
+    """Megatron-Core's MoE parallel folding (plan_settings; needs mc.fold): the MoE expert-parallel over the whole
+    model axis, every other op Megatron's TP + SP on an mc.fold-wide sub-axis (data parallel when mc.fold is 1);
+    activation collectives BF16, gradients reduced in FP32 (Megatron's default)."""
+    plan = _plan(graph, mc, lambda op: "ep" if op.kind == G.MOE else None if mc.fold == 1 else MEGATRON[op.kind],
+                 "folded")
+    for p in plan.ops.values():
+        if "grad" in p.precision:
+            p.precision["grad"] = "fp32"
+    return plan
+
+
+BUILDERS = {"megatron": megatron_plan, "megascale": megascale_plan, "ep_dp": ep_dp_plan, "folded": folded_plan}
 
 
 def baseline(kind: str, graph: Graph, cluster: Cluster, gpus: int, global_batch: int,

@@ -17,6 +17,15 @@ class MeshConfig:
     b: int = 1  # micro-batch: sequences per data-parallel replica
     m: int = 1  # micro-batches per step
     recompute: bool = False  # full activation recomputation (memory.checkpoint_bytes)
+    # Megatron-only settings (priced, not run by meshplan's runtime: Plan.validate refuses them; recompute.py):
+    selective: bool = False  # selective recompute of norms and MoE activations (ignored under full recompute)
+    vp: int = 1  # virtual pipeline stages per rank (interleaved 1F1B)
+    fold: int = 0  # MoE parallel folding: non-MoE ops on a `fold`-wide sub-axis of mp (0: off)
+
+    @property
+    def granularity(self) -> str:
+        """Megatron's --recompute-granularity: full | selective | none."""
+        return "full" if self.recompute else "selective" if self.selective else "none"
 
     @property
     def gpus(self) -> int:
@@ -27,8 +36,10 @@ class MeshConfig:
         return Mesh.of(dp=self.d, mp=self.n)
 
     def __str__(self) -> str:
-        rc = ", recompute" if self.recompute else ""
-        return f"pp={self.pp} dp={self.d} mp={self.n} (micro-batch {self.b} x {self.m}{rc})"
+        rc = {"full": ", recompute", "selective": ", selective recompute", "none": ""}[self.granularity]
+        vp = f" vp={self.vp}" if self.vp > 1 else ""
+        fold = f" (MoE folding: non-MoE ops on mp={self.fold})" if self.fold else ""
+        return f"pp={self.pp}{vp} dp={self.d} mp={self.n}{fold} (micro-batch {self.b} x {self.m}{rc})"
 
 
 @dataclass

@@ -10,7 +10,7 @@ from . import breakdown
 from .baselines import baseline
 from .cluster import Cluster
 from .mesh_search import PlannerError, search
-from .plans import model_flops
+from .plans import bubble, model_flops
 from .pricing import MeshConfig, Options
 from .problem import Breakdown
 
@@ -30,8 +30,8 @@ class Row:
         m = self.mesh
         return {"plan": self.name, "pp": m.pp, "dp": m.d, "mp": m.n, "micro_batch": m.b, "microbatches": m.m,
                 "step_time_s": self.breakdown.step, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
-                "memory_gb": max(self.breakdown.memory) / 1e9, "bubble": (m.pp - 1) / (m.m + m.pp - 1),
-                "recompute": m.recompute, "error": self.breakdown.error, "fits": self.fits, "note": self.note}
+                "memory_gb": max(self.breakdown.memory) / 1e9, "bubble": bubble(m), "virtual_stages": m.vp,
+                "recompute": m.recompute, "recompute_granularity": m.granularity, "moe_folding": m.fold, "error": self.breakdown.error, "fits": self.fits, "note": self.note}
 
 
 def _row(name: str, graph: Graph, cluster: Cluster, r, global_batch: int, seq: int, limit: float,
@@ -109,7 +109,8 @@ def table(rows: list[Row]) -> str:
             out.append([r.name, "-", "-", "-", "-", "-", "-", "no", r.note])
             continue
         d = r.to_dict()
-        rc = " +recompute" if r.mesh.recompute else ""
+        rc = {"full": " +recompute", "selective": " +selective", "none": ""}[r.mesh.granularity]
+        rc += f" vp={r.mesh.vp}" if r.mesh.vp > 1 else ""
         out.append([r.name, f"pp={d['pp']} dp={d['dp']} mp={d['mp']} b={d['micro_batch']}x{d['microbatches']}{rc}",
                     f"{d['step_time_s']:.3f}", f"{d['tokens_per_s']:,.0f}", f"{100 * d['mfu']:.1f}%",
                     f"{d['memory_gb']:.1f}", f"{100 * d['bubble']:.1f}%", "yes" if r.fits else "NO", r.note])
