@@ -329,9 +329,6 @@ def pricing_only_error(meta: dict) -> str | None:
     """Why meshplan's runtime cannot run a plan whose meta asks for a Megatron-only setting (planner/plan_settings.py:
     priced by meshplan simulate, never executed), or None."""
     pipe = meta.get("pipeline") if isinstance(meta.get("pipeline"), dict) else {}
-    if meta.get("activation_recompute") == "selective":
-        return ("plan.meta.activation_recompute: 'selective' is priced only (meshplan simulate); meshplan's runtime "
-                "does not run selective recompute (use 'full' or 'none')")
     if pipe.get("virtual_stages", 1) != 1:
         return (f"plan.meta.pipeline.virtual_stages: {pipe['virtual_stages']} is priced only (meshplan simulate); "
                 f"meshplan's runtime runs one pipeline stage per rank (use 1)")

@@ -1,6 +1,7 @@
-"""Plan settings that Megatron-Core runs use and meshplan's runtime does not execute, priced so that published runs
-and Megatron-style baselines are compared as their users run them (docs/reference.md, "Megatron plan settings").
-Plan.validate refuses a plan using any of them for `meshplan run`; `meshplan simulate` and price_plan price them.
+"""Plan settings of Megatron-Core runs, priced so that published runs and Megatron-style baselines are compared as
+their users run them (docs/reference.md, "Megatron plan settings"). Selective recompute is a memory setting like
+full recompute (the planner searches it); virtual stages and folding are layouts meshplan's runtime does not run:
+Plan.validate refuses them for `meshplan run`, while `meshplan simulate` and price_plan price them.
 
 * Selective recompute (`--recompute-granularity selective --recompute-modules layernorm moe_act`): the outputs
   of the norms and of the experts' SwiGLU are not kept; backward reruns them (memory-bound work). An op reading a

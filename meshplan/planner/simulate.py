@@ -45,7 +45,7 @@ def _row(name: str, graph: Graph, cluster: Cluster, r, global_batch: int, seq: i
 
 
 def simulate(graph: Graph, cluster: Cluster, gpus: int, global_batch: int, options: Options | None = None,
-             reference_pp: int | None = 15, baseline_recompute: dict[str, bool] | None = None) -> list[Row]:
+             reference_pp: int | None = 15, baseline_recompute: dict[str, str] | None = None) -> list[Row]:
     """Rows for: the planner, Megatron at its best pipeline depth, Megatron at docs/reference.md's PP=15
     ("Hardware") (when that
     divides the model and GPUs), MegaScale-style at PP=15, and all-EP/DP. A baseline that cannot run at all is
@@ -83,17 +83,17 @@ BASELINE_DEPTHS = {"megatron": 15, "megascale": 15, "ep_dp": None}
 
 
 def fixed_recompute(graph: Graph, cluster: Cluster, gpus: int, global_batch: int,
-                    options: Options | None = None) -> dict[str, bool]:
-    """Per baseline kind, the activation-recompute setting its user picks once for a sweep starting at `gpus` (its
-    smallest scale): off if the baseline fits there without it, else on -- then kept at every larger scale (no knife
-    edge where ZeRO-1 state shrinks just below the limit)."""
+                    options: Options | None = None) -> dict[str, str]:
+    """Per baseline kind, the activation-recompute granularity its user picks once for a sweep starting at `gpus`
+    (its smallest scale): the least of none -> selective -> full that fits there -- then kept at every larger scale
+    (no knife edge where ZeRO-1 state shrinks just below the limit)."""
     out = {}
     for kind, pp in BASELINE_DEPTHS.items():
         try:
-            p = baseline(kind, graph, cluster, gpus, global_batch, options or Options(), pp=pp, recompute=False)
-            out[kind] = p.mesh.recompute
+            p = baseline(kind, graph, cluster, gpus, global_batch, options or Options(), pp=pp, recompute="none")
+            out[kind] = p.mesh.granularity
         except PlannerError:
-            out[kind] = True
+            out[kind] = "full"
     return out
 
 

@@ -124,9 +124,11 @@ def test_breakdown_parts_add_up_to_the_step(graph, h800):
 def test_fixed_recompute_is_kept_across_scales(graph, h800):
     """A baseline whose user turned recompute on keeps it at a scale where it would fit without (no knife edge)."""
     g = graph("internal-352b")
-    on = baseline("megatron", g, h800, 1440, 720, Options(seq=8192), pp=15, recompute=True)
+    on = baseline("megatron", g, h800, 1440, 720, Options(seq=8192), pp=15, recompute="full")
     free = baseline("megatron", g, h800, 1440, 720, Options(seq=8192), pp=15)
     assert on.mesh.recompute and not free.mesh.recompute
+    sel = baseline("megatron", g, h800, 1440, 720, Options(seq=8192), pp=15, recompute="selective")
+    assert sel.mesh.granularity == "selective"
 
 
 def test_simulate_numbers_by_hand(graph, h800):

@@ -1,6 +1,6 @@
-"""Megatron-only plan settings (planner/plan_settings.py): selective recompute, interleaved virtual pipeline stages,
-MoE parallel folding. Each changes the priced step by its documented cost; Plan.validate refuses them for running,
-price_plan prices them."""
+"""Plan settings of Megatron-Core runs (planner/plan_settings.py): selective recompute, interleaved virtual pipeline
+stages, MoE parallel folding. Each changes the priced step by its documented cost; Plan.validate refuses the last
+two for running (meshplan's runtime has neither), price_plan prices them."""
 import dataclasses
 
 import pytest
@@ -8,7 +8,7 @@ import pytest
 from meshplan.ir import Plan
 from meshplan.ir import graph as G
 from meshplan.ir.plan import PlanError
-from meshplan.planner import MeshConfig, Options
+from meshplan.planner import MeshConfig, Options, search
 from meshplan.planner.baselines import ep_dp_plan, folded_plan
 from meshplan.planner.plan_settings import inflight, selective
 from meshplan.planner.plans import bubble, price_plan
@@ -91,8 +91,14 @@ def test_folding_prices_no_resharding_around_the_experts(model, h100):
         _price(model, h100, dataclasses.replace(mc, fold=3))
 
 
-@pytest.mark.parametrize("field, setting", [("activation_recompute", dict(selective=True)),
-                                            ("pipeline.virtual_stages", dict(vp=2)),
+def test_selective_recompute_validates_like_full(model):
+    # a memory setting: the result is the same computation, so a plan may ask for it like for full recompute
+    plan = Plan.from_yaml(ep_dp_plan(model, MeshConfig(8, 1, 2, 8, 4, selective=True)).to_yaml())
+    assert plan.meta["activation_recompute"] == "selective"
+    plan.validate(model, batch=8, seq=SEQ)
+
+
+@pytest.mark.parametrize("field, setting", [("pipeline.virtual_stages", dict(vp=2)),
                                             ("moe_folding", dict(fold=1))])
 def test_validate_refuses_pricing_only_settings(model, h100, field, setting):
     mc = MeshConfig(8, 1, 2, 8, 4, **setting)
@@ -103,3 +109,29 @@ def test_validate_refuses_pricing_only_settings(model, h100, field, setting):
     priced = price_plan(model, h100, again, 32, OPTS)  # simulate still prices it
     assert (priced.mesh.selective, priced.mesh.vp, priced.mesh.fold) == (
         setting.get("selective", False), setting.get("vp", 1), setting.get("fold", 0))
+
+
+def test_search_picks_selective_recompute_where_memory_asks(graph, h800):
+    g = graph("mixtral-8x7b", n_layers=4)
+    def best(recompute):
+        return search(g, h800, 8, 16, Options(seq=SEQ, mem_limit=20e9, recompute=recompute))
+    auto = best("auto")
+    assert auto.mesh.granularity == "selective" and max(auto.breakdown.memory) <= 20e9
+    assert auto.breakdown.step < best("never").breakdown.step  # no recompute fits only on a slower mesh
+    assert auto.breakdown.step < best("always").breakdown.step  # full recompute reruns the whole forward
+    roomy = search(g, h800, 8, 16, Options(seq=SEQ, mem_limit=40e9))
+    assert roomy.mesh.granularity == "none"  # selective only where the mesh does not fit without it
+
+
+def test_pricing_only_search_may_interleave_and_its_plan_is_refused_for_running(graph, h800):
+    from meshplan.planner.plans import to_plan
+    g = graph("mixtral-8x7b", n_layers=8)
+    runnable = search(g, h800, 32, 64, Options(seq=SEQ), pp=[4])
+    priced = search(g, h800, 32, 64, Options(seq=SEQ, pricing_only=True), pp=[4])
+    assert runnable.mesh.vp == 1 and priced.mesh.vp == 2  # the bubble / 2 outweighs twice the sends
+    assert priced.breakdown.step < runnable.breakdown.step
+    plan = to_plan(priced.cost_model, priced.mesh, priced.problem, priced.assignment, priced.breakdown, 64)
+    assert plan.meta["pipeline"]["virtual_stages"] == 2
+    with pytest.raises(PlanError, match=r"^plan\.meta\.pipeline\.virtual_stages: 2 is priced only"):
+        plan.validate(g, batch=priced.mesh.b * priced.mesh.d, seq=SEQ)
+    plan.validate(g, batch=priced.mesh.b * priced.mesh.d, seq=SEQ, pricing=True)
