@@ -87,6 +87,12 @@ def test_folding_prices_no_resharding_around_the_experts(model, h100):
     two = _price(model, h100, dataclasses.replace(mc, fold=2))
     attn = next(g for g in two.problem.groups if two.cost_model.groups[g].ops[0].kind == G.ATTENTION)
     assert two.cost_model.group_mesh(attn, two.mesh).n == 2 and two.assignment.strategy[attn] == "tp"
+    # the step's breakdown (meshplan simulate --breakdown) prices each group on its own mesh and still adds up
+    from meshplan.planner import breakdown
+    sel = _price(model, h100, MeshConfig(8, 1, 2, 8, 4, selective=True, vp=2, fold=2))
+    parts = breakdown.split(sel.cost_model, sel.mesh, sel.problem, sel.assignment, sel.breakdown)
+    assert sum(parts["per_step"].values()) == pytest.approx(sel.breakdown.step)
+    assert parts["per_microbatch"]["selective rerun"] > 0 and parts["per_microbatch"]["p2p"] > 0
     with pytest.raises(ValueError, match="attention_width: 3 must divide mp=8"):
         _price(model, h100, dataclasses.replace(mc, fold=3))
 
