@@ -24,8 +24,9 @@ def split(cmodel: CostModel, mc: MeshConfig, problem: Problem, a: Assignment, bd
         for kind in KINDS:
             mb[kind] += c * parts[kind] * redo
         if mc.granularity == "selective":  # norms and SwiGLU rerun (plan_settings)
-            rerun = c * (problem.groups[g].choices[a.strategy[g]].compute - sum(parts.values()))
-            mb["selective rerun"] = mb.get("selective rerun", 0.0) + rerun
+            base = sum(parts.values())
+            rerun = cmodel.selective(g, a.strategy[g], gm, base, 0.0)[0] - base
+            mb["selective rerun"] = mb.get("selective rerun", 0.0) + c * rerun
         gc = costs[g]
         if gc.comm > 0:  # the exposed time, shared among the group's collectives by their times
             for name, t in gc.by_coll.items():
