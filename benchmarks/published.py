@@ -5,10 +5,11 @@ Every run is expressed as Megatron-Core runs it (docs/reference.md#published-run
 mesh is (pp, dp, mp) with mp = EP; MoE parallel folding (baselines.folded_plan): the MoE expert-parallel over mp,
 every other op on the run's TP-wide sub-axis of mp (Megatron's TP + SP; data parallel at TP1), the token dispatcher
 taking each rank's own tokens; micro-batch MBS sequences per GPU; VP virtual pipeline stages (interleaved 1F1B);
-activation recompute as Megatron-Bridge's guidance orders it, the first that fits memory: none, selective (norms and
-MoE activations: --recompute-modules layernorm moe_act), full. FP8 runs' GEMMs run on the FP8 peak with their
-operands cast in HBM (Options.gemm_dtype; attention stays BF16), gradients reduce-scattered in FP32 (Megatron's
-default) with the distributed optimizer, EP across nodes dispatched by DeepEP (once per destination node,
+activation recompute as the run publishes it (ModelZoo Qwen3, DeepSeek-V3's recipe: selective, priced as meshplan's
+norms + MoE activations), else as Megatron-Bridge's guidance orders it, the first that fits memory: none, selective,
+full. FP8 runs' GEMMs run on the FP8 peak with their operands cast in HBM (Options.gemm_dtype; attention stays
+BF16), gradients reduce-scattered in FP32 (Megatron's default; BF16 where the recipe says so) with the distributed
+optimizer, EP across nodes dispatched by DeepEP (once per destination node,
 Options.ep_dispatch: what Megatron's cross-node EP recipes on H100 use), routing force-balanced (Megatron-Bridge's
 benchmarks do). The model configs approximate MLA and wide-q GQA (their YAML headers say how). Predicted TFLOP/s =
 the model's 3x forward FLOPs per step / step time / GPUs.
@@ -33,6 +34,10 @@ BRIDGE = ("Megatron-Bridge performance summary, DGX-H100 table (docs/performance
 QWEN3_RECIPE = ("; dispatcher and overlap from Megatron-Bridge scripts/performance/configs/qwen/"
                 "qwen3_workload_base_configs.py, QWEN3_235B_A22B_PRETRAIN_CONFIG_H100_FP8_CS_V1: TP2 PP8 VP4 EP32, "
                 "GBS 2048, moe_token_dispatcher_type alltoall, moe_a2a_overlap True")
+DEEPSEEK_RECIPE = ("; recipe: Megatron-Bridge scripts/performance/configs/deepseek/deepseek_llm_pretrain.py, "
+                   "deepseek_v3_h100_1024gpus_fp8_config: enable_deepep, set_moe_a2a_overlap_overrides, "
+                   "recompute_granularity selective (mla_up_proj, mlp), grad_reduce_in_fp32 False, layout "
+                   "Et|(tt|)*30mL")
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class Run:
     tp: int = 1  # attention's tensor-parallel width (MoE parallel folding: a sub-axis of EP)
     vp: int = 1  # virtual pipeline stages per rank
     recompute: tuple[str, ...] = ("none", "selective", "full")  # granularities tried, the first that fits
+    grad: str = "fp32"  # gradient reduction dtype (Megatron's default fp32 unless the recipe says bf16)
 
 
 RUNS = [
@@ -61,9 +67,10 @@ RUNS = [
         "Megatron-Core MoE README (megatron/core/transformer/moe/README.md, MCore v0.9): 468 TFLOPS/GPU; settings "
         "TP1 PP4 EP8 from its Mixtral example (assumed 64 GPUs, GBS 256, seq 4096)", 468.0, 64, 256, 1, 4096, 4, 8,
         "bf16", 0.0, "TP1 PP4 EP8"),
-    Run("DeepSeek-V3 FP8, 1024 H100", "deepseek-v3", BRIDGE.format(v="25.09"), 338.0, 1024, 8192, 1, 4096, 8, 64,
-        "fp8", 0.5, "TP2 PP8 VP4 EP64, GBS 8192, MBS 1 (EP all-to-all overlapped: the recipe's moe a2a overlap)",
-        "deepep", tp=2, vp=4),
+    Run("DeepSeek-V3 FP8, 1024 H100", "deepseek-v3", BRIDGE.format(v="25.09") + DEEPSEEK_RECIPE, 338.0, 1024, 8192,
+        1, 4096, 8, 64, "fp8", 0.5, "TP2 PP8 VP4 EP64, GBS 8192, MBS 1 (the recipe's DeepEP, moe a2a overlap, "
+        "selective recompute, BF16 gradient reduction)", "deepep", tp=2, vp=4, recompute=("selective",),
+        grad="bf16"),
     Run("Qwen3-235B-A22B FP8, 256 H100 (25.09)", "qwen3-235b-a22b", BRIDGE.format(v="25.09") + QWEN3_RECIPE, 178.0,
         256, 2048, 1, 4096, 8, 32, "fp8", 0.5, "TP2 PP8 VP4 EP32, GBS 2048, MBS 1 (NCCL all-to-all dispatcher, moe a2a "
         "overlap: the recipe's)", tp=2, vp=4),
@@ -97,6 +104,9 @@ def predict(run: Run, cluster) -> dict:
     for granularity in run.recompute:  # the first granularity that fits memory
         mc = MeshConfig(n, d, run.pp, b, m, granularity == "full", granularity == "selective", run.vp, run.tp)
         plan = folded_plan(graph, mc)
+        for p in plan.ops.values():
+            if "grad" in p.precision:
+                p.precision["grad"] = run.grad
         try:
             priced = price_plan(graph, cluster, plan, run.gbs, opts)
         except PlanError as e:
