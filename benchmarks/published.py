@@ -6,7 +6,7 @@ mesh is (pp, dp, mp) with mp = EP; MoE parallel folding (baselines.folded_plan):
 every other op on the run's TP-wide sub-axis of mp (Megatron's TP + SP; data parallel at TP1), the token dispatcher
 taking each rank's own tokens; micro-batch MBS sequences per GPU; VP virtual pipeline stages (interleaved 1F1B);
 activation recompute as the run publishes it (ModelZoo Qwen3, DeepSeek-V3's recipe: selective, priced as meshplan's
-norms + MoE activations), else as Megatron-Bridge's guidance orders it, the first that fits memory: none, selective,
+norms + MoE activations; the Bridge Qwen3 recipe: none), else as Megatron-Bridge's guidance orders it, the first that fits memory: none, selective,
 full. FP8 runs' GEMMs run on the FP8 peak with their operands cast in HBM (Options.gemm_dtype; attention stays
 BF16), gradients reduce-scattered in FP32 (Megatron's default; BF16 where the recipe says so) with the distributed
 optimizer, EP across nodes dispatched by DeepEP (once per destination node,
@@ -33,7 +33,9 @@ BRIDGE = ("Megatron-Bridge performance summary, DGX-H100 table (docs/performance
 # The H100 FP8 preset's dispatcher and overlap (the container versions' own copy is not public; this is the repo's)
 QWEN3_RECIPE = ("; dispatcher and overlap from Megatron-Bridge scripts/performance/configs/qwen/"
                 "qwen3_workload_base_configs.py, QWEN3_235B_A22B_PRETRAIN_CONFIG_H100_FP8_CS_V1: TP2 PP8 VP4 EP32, "
-                "GBS 2048, moe_token_dispatcher_type alltoall, moe_a2a_overlap True")
+                "GBS 2048, moe_token_dispatcher_type alltoall, moe_a2a_overlap True; recompute and gradients from "
+                "scripts/performance/configs/qwen3/qwen3_llm_pretrain.py: recompute_granularity None, "
+                "grad_reduce_in_fp32 False, tp_comm_overlap True")
 DEEPSEEK_RECIPE = ("; recipe: Megatron-Bridge scripts/performance/configs/deepseek/deepseek_llm_pretrain.py, "
                    "deepseek_v3_h100_1024gpus_fp8_config: enable_deepep, set_moe_a2a_overlap_overrides, "
                    "recompute_granularity selective (mla_up_proj, mlp), grad_reduce_in_fp32 False, layout "
@@ -72,17 +74,21 @@ RUNS = [
         "selective recompute, BF16 gradient reduction)", "deepep", tp=2, vp=4, recompute=("selective",),
         grad="bf16"),
     Run("Qwen3-235B-A22B FP8, 256 H100 (25.09)", "qwen3-235b-a22b", BRIDGE.format(v="25.09") + QWEN3_RECIPE, 178.0,
-        256, 2048, 1, 4096, 8, 32, "fp8", 0.5, "TP2 PP8 VP4 EP32, GBS 2048, MBS 1 (NCCL all-to-all dispatcher, moe a2a "
-        "overlap: the recipe's)", tp=2, vp=4),
+        256, 2048, 1, 4096, 8, 32, "fp8", 0.5, "TP2 PP8 VP4 EP32, GBS 2048, MBS 1 (the recipe's NCCL all-to-all "
+        "dispatcher, moe a2a overlap, no recompute, BF16 gradient reduction)", tp=2, vp=4, recompute=("none",),
+        grad="bf16"),
     Run("Qwen3-235B-A22B FP8, 256 H100 (25.11)", "qwen3-235b-a22b", BRIDGE.format(v="25.11") + QWEN3_RECIPE, 233.0,
         256, 2048, 1, 4096, 8, 32, "fp8", 0.5, "TP2 PP8 VP4 EP32, MBS 1 (GBS missing in the table: 2048 as in 25.09; "
-        "all-to-all dispatcher, a2a overlap)", tp=2, vp=4),
+        "the recipe's all-to-all dispatcher, a2a overlap, no recompute, BF16 gradients)", tp=2, vp=4,
+        recompute=("none",), grad="bf16"),
     Run("Qwen3-235B-A22B BF16, 256 H100 (ModelZoo)", "qwen3-235b-a22b",
         "Megatron-MoE-ModelZoo best_practice/Qwen3/readme.md (yanring/Megatron-MoE-ModelZoo), cross-node EP, DeepEP, "
         "no 1F1B overlap: 245 TFLOPS/GPU", 245.0, 256, 2048, 1, 4096, 8, 32, "bf16", 0.0,
         "TP2 PP8 VP4 EP32, GBS 2048, MBS 1, recompute norm+act", "deepep", tp=2, vp=4, recompute=("selective",)),
-    Run("GPT-OSS-120B BF16, 64 H100", "gpt-oss-120b", BRIDGE.format(v="25.11"), 153.0, 64, 512, 4, 4096, 4, 8,
-        "bf16", 0.0, "TP1 PP4 EP8, GBS 512, MBS 4"),
+    Run("GPT-OSS-120B BF16, 64 H100", "gpt-oss-120b", BRIDGE.format(v="25.11") + "; gradients: Megatron-Bridge "
+        "scripts/performance/configs/gpt_oss/gpt_oss_llm_pretrain.py set_gpt_oss_common_configs, grad_reduce_in_fp32 "
+        "False", 153.0, 64, 512, 4, 4096, 4, 8, "bf16", 0.0, "TP1 PP4 EP8, GBS 512, MBS 4 (BF16 gradient reduction)",
+        grad="bf16"),
 ]
 
 
