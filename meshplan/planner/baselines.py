@@ -90,12 +90,15 @@ BUILDERS = {"megatron": megatron_plan, "megascale": megascale_plan, "ep_dp": ep_
 
 
 def baseline(kind: str, graph: Graph, cluster: Cluster, gpus: int, global_batch: int,
-             options: Options | None = None, pp: int | None = None, recompute: str | None = None) -> Priced:
+             options: Options | None = None, pp: int | None = None, recompute: str | None = None,
+             vp: int = 1) -> Priced:
     """The baseline's plan on `gpus` GPUs, priced: the fastest pipeline depth (or the given `pp`) and activation
     recomputation setting that fits memory; with `pp` given and nothing fitting, the smallest-memory variant.
     `recompute`: the run's granularity (none | selective | full), chosen once by its user, raised along
     none -> selective -> full only where memory forces it (Megatron-Bridge's guidance: selective before full);
-    None: whichever fits fastest at this scale (options.recompute)."""
+    None: whichever fits fastest at this scale (options.recompute). `vp`: virtual pipeline stages per rank
+    (interleaved 1F1B, priced only: plan_settings), on depths whose layers divide into pp·vp chunks and whose
+    micro-batches pp divides (Megatron's interleaving condition)."""
     options = options or Options()
     n = min(cluster.gpus_per_node, gpus)
     while n > 1 and gpus % n:
@@ -109,8 +112,11 @@ def baseline(kind: str, graph: Graph, cluster: Cluster, gpus: int, global_batch:
         if gpus % (n * p) or global_batch % (gpus // (n * p) * b):
             continue
         d = gpus // (n * p)
+        m = global_batch // (d * b)
+        if vp > 1 and (p == 1 or graph.n_layers() % (p * vp) or m % p):
+            continue
         for rc in recompute:
-            mc = MeshConfig(n, d, p, b, global_batch // (d * b), rc == "full", rc == "selective")
+            mc = MeshConfig(n, d, p, b, m, rc == "full", rc == "selective", vp)
             try:
                 priced = price_plan(graph, cluster, BUILDERS[kind](graph, mc), global_batch, options)
             except PlanError:

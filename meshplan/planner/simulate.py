@@ -14,6 +14,8 @@ from .plans import bubble, model_flops
 from .pricing import MeshConfig, Options
 from .problem import Breakdown
 
+INTERLEAVE = 4  # Megatron's virtual stages per rank in the interleaved row (the published runs' VP)
+
 
 @dataclass
 class Row:
@@ -47,8 +49,9 @@ def _row(name: str, graph: Graph, cluster: Cluster, r, global_batch: int, seq: i
 def simulate(graph: Graph, cluster: Cluster, gpus: int, global_batch: int, options: Options | None = None,
              reference_pp: int | None = 15, baseline_recompute: dict[str, str] | None = None) -> list[Row]:
     """Rows for: the planner, Megatron at its best pipeline depth, Megatron at docs/reference.md's PP=15
-    ("Hardware") (when that
-    divides the model and GPUs), MegaScale-style at PP=15, and all-EP/DP. A baseline that cannot run at all is
+    ("Hardware") (when that divides the model and GPUs), and at PP=15 with Megatron's interleaved schedule (4
+    virtual stages per rank, priced only: meshplan's runtime does not run them; where the layers divide into 60
+    chunks), MegaScale-style at PP=15, and all-EP/DP. A baseline that cannot run at all is
     reported, not raised. `baseline_recompute`: per baseline kind, its activation-recompute setting, fixed by its
     user across scales (fixed_recompute, baselines.baseline); a kind not in it: whichever fits fastest here."""
     options = options or Options()
@@ -60,15 +63,17 @@ def simulate(graph: Graph, cluster: Cluster, gpus: int, global_batch: int, optio
                          f"{r.solved} ILPs / {r.searched} meshes"))
     except PlannerError as e:  # report it and still price the baselines (they may use uneven pipeline stages)
         rows.append(_infeasible("planner", e))
-    variants = [("megatron", None, "best pp")]
+    variants = [("megatron", None, "best pp", 1)]
     if reference_pp:
-        variants.append(("megatron", reference_pp, f"pp={reference_pp} (docs/reference.md)"))
-        variants.append(("megascale", reference_pp, f"pp={reference_pp}, SP+EP, bf16 grads"))
-    variants.append(("ep_dp", None, "best pp"))
-    for kind, pp, note in variants:
+        variants.append(("megatron", reference_pp, f"pp={reference_pp} (docs/reference.md)", 1))
+        variants.append(("megatron", reference_pp, f"pp={reference_pp} vp={INTERLEAVE} (interleaved, priced only)",
+                         INTERLEAVE))
+        variants.append(("megascale", reference_pp, f"pp={reference_pp}, SP+EP, bf16 grads", 1))
+    variants.append(("ep_dp", None, "best pp", 1))
+    for kind, pp, note, vp in variants:
         try:
             p = baseline(kind, graph, cluster, gpus, global_batch, options, pp=pp,
-                         recompute=(baseline_recompute or {}).get(kind))
+                         recompute=(baseline_recompute or {}).get(kind), vp=vp)
         except PlannerError as e:
             if pp is None or kind == "megascale":
                 rows.append(_infeasible(kind, e))
