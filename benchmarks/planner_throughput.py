@@ -22,6 +22,7 @@ from meshplan.table import format_table  # noqa: E402
 
 GPUS = (240, 480, 720, 960, 1440)
 SEQ, GLOBAL_BATCH = 8192, 720
+RC = {"full": " +rc", "selective": " +sel", "none": ""}  # recompute granularity in the mesh column
 
 
 def main() -> None:
@@ -39,7 +40,7 @@ def main() -> None:
             d["speedup_of_planner"] = r.breakdown.step / planner.breakdown.step  # >1: the planner is faster
             results.append(d)
             mesh = "-" if r.breakdown.step == float("inf") else \
-                f"pp={r.mesh.pp} dp={r.mesh.d} mp={r.mesh.n} b={r.mesh.b}{' +rc' if r.mesh.recompute else ''}"
+                f"pp={r.mesh.pp} dp={r.mesh.d} mp={r.mesh.n} b={r.mesh.b}{RC[r.mesh.granularity]}"
             label = r.name if r.name == "planner" else f"{r.name} ({r.note.split(' (')[0]})"
             table.append([gpus, label, mesh, f"{r.tokens_per_s:,.0f}", f"{100 * r.mfu:.1f}%",
                           f"{d['memory_gb']:.1f}" if r.breakdown.step != float("inf") else "-",

@@ -1,17 +1,18 @@
 """Validation against published MoE training runs on DGX-H100: each run's model (configs/models/), its published
 parallel settings, priced by the one cost model on cluster h100; predicted vs published Model TFLOP/s per GPU.
 
-Every run is expressed as meshplan can express it (docs/reference.md#published-runs): the mesh is (pp, dp, mp) with
-the MoE expert-parallel over mp = EP and every other op data parallel (baselines.ep_dp_plan), micro-batch MBS
-sequences per GPU; Megatron's attention TP=2 is approximated as data parallel (same FLOPs per GPU, its TP
-collectives not priced), virtual pipeline stages are not modelled (bubble (pp-1)/(m+pp-1)), FP8 runs' GEMMs run on
-the FP8 peak with their operands cast in HBM (Options.gemm_dtype; attention stays BF16), gradients reduce-scattered in
-FP32
-(Megatron's default) with the distributed optimizer, EP across nodes dispatched by DeepEP (once per destination
-node, Options.ep_dispatch: what Megatron's cross-node EP recipes on H100 use), routing force-balanced (Megatron-Bridge's
-benchmarks do),
-activation recompute only where memory forces it. The model configs approximate MLA and wide-q GQA (their YAML
-headers say how). Predicted TFLOP/s = the model's 3x forward FLOPs per step / step time / GPUs.
+Every run is expressed as Megatron-Core runs it (docs/reference.md#published-runs, planner/plan_settings.py): the
+mesh is (pp, dp, mp) with mp = EP; MoE parallel folding (baselines.folded_plan): the MoE expert-parallel over mp,
+every other op on the run's TP-wide sub-axis of mp (Megatron's TP + SP; data parallel at TP1), the token dispatcher
+taking each rank's own tokens; micro-batch MBS sequences per GPU; VP virtual pipeline stages (interleaved 1F1B);
+activation recompute as the run publishes it (ModelZoo Qwen3, DeepSeek-V3's recipe: selective, priced as meshplan's
+norms + MoE activations; the Bridge Qwen3 recipe: none), else as Megatron-Bridge's guidance orders it, the first that fits memory: none, selective,
+full. FP8 runs' GEMMs run on the FP8 peak with their operands cast in HBM (Options.gemm_dtype; attention stays
+BF16), gradients reduce-scattered in FP32 (Megatron's default; BF16 where the recipe says so) with the distributed
+optimizer, EP across nodes dispatched by DeepEP (once per destination node,
+Options.ep_dispatch: what Megatron's cross-node EP recipes on H100 use), routing force-balanced (Megatron-Bridge's
+benchmarks do). The model configs approximate MLA and wide-q GQA (their YAML headers say how). Predicted TFLOP/s =
+the model's 3x forward FLOPs per step / step time / GPUs.
 
     python benchmarks/published.py
 """
@@ -28,6 +29,17 @@ from common import RESULTS, print_table  # noqa: E402
 
 BRIDGE = ("Megatron-Bridge performance summary, DGX-H100 table (docs/performance-summary.md, NeMo {v} container; "
           "docs.nvidia.com/nemo/megatron-bridge/latest/performance-summary.html)")
+
+# The H100 FP8 preset's dispatcher and overlap (the container versions' own copy is not public; this is the repo's)
+QWEN3_RECIPE = ("; dispatcher and overlap from Megatron-Bridge scripts/performance/configs/qwen/"
+                "qwen3_workload_base_configs.py, QWEN3_235B_A22B_PRETRAIN_CONFIG_H100_FP8_CS_V1: TP2 PP8 VP4 EP32, "
+                "GBS 2048, moe_token_dispatcher_type alltoall, moe_a2a_overlap True; recompute and gradients from "
+                "scripts/performance/configs/qwen3/qwen3_llm_pretrain.py: recompute_granularity None, "
+                "grad_reduce_in_fp32 False, tp_comm_overlap True")
+DEEPSEEK_RECIPE = ("; recipe: Megatron-Bridge scripts/performance/configs/deepseek/deepseek_llm_pretrain.py, "
+                   "deepseek_v3_h100_1024gpus_fp8_config: enable_deepep, set_moe_a2a_overlap_overrides, "
+                   "recompute_granularity selective (mla_up_proj, mlp), grad_reduce_in_fp32 False, layout "
+                   "Et|(tt|)*30mL")
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,10 @@ class Run:
     overlap: float  # EP all-to-all overlap of the run's schedule (0: exposed)
     settings: str
     ep_dispatch: str = "all_to_all"  # "deepep" where EP spans nodes (Options.ep_dispatch)
+    tp: int = 1  # attention's tensor-parallel width (MoE parallel folding: a sub-axis of EP)
+    vp: int = 1  # virtual pipeline stages per rank
+    recompute: tuple[str, ...] = ("none", "selective", "full")  # granularities tried, the first that fits
+    grad: str = "fp32"  # gradient reduction dtype (Megatron's default fp32 unless the recipe says bf16)
 
 
 RUNS = [
@@ -53,19 +69,26 @@ RUNS = [
         "Megatron-Core MoE README (megatron/core/transformer/moe/README.md, MCore v0.9): 468 TFLOPS/GPU; settings "
         "TP1 PP4 EP8 from its Mixtral example (assumed 64 GPUs, GBS 256, seq 4096)", 468.0, 64, 256, 1, 4096, 4, 8,
         "bf16", 0.0, "TP1 PP4 EP8"),
-    Run("DeepSeek-V3 FP8, 1024 H100", "deepseek-v3", BRIDGE.format(v="25.09"), 338.0, 1024, 8192, 1, 4096, 8, 64,
-        "fp8", 0.5, "TP2 PP8 VP4 EP64, GBS 8192, MBS 1 (EP all-to-all overlapped: the recipe's moe a2a overlap)",
-        "deepep"),
-    Run("Qwen3-235B-A22B FP8, 256 H100 (25.09)", "qwen3-235b-a22b", BRIDGE.format(v="25.09"), 178.0, 256, 2048, 1,
-        4096, 8, 32, "fp8", 0.0, "TP2 PP8 VP4 EP32, GBS 2048, MBS 1", "deepep"),
-    Run("Qwen3-235B-A22B FP8, 256 H100 (25.11)", "qwen3-235b-a22b", BRIDGE.format(v="25.11"), 233.0, 256, 2048, 1,
-        4096, 8, 32, "fp8", 0.0, "TP2 PP8 VP4 EP32, MBS 1 (GBS missing in the table: 2048 as in 25.09)", "deepep"),
+    Run("DeepSeek-V3 FP8, 1024 H100", "deepseek-v3", BRIDGE.format(v="25.09") + DEEPSEEK_RECIPE, 338.0, 1024, 8192,
+        1, 4096, 8, 64, "fp8", 0.5, "TP2 PP8 VP4 EP64, GBS 8192, MBS 1 (the recipe's DeepEP, moe a2a overlap, "
+        "selective recompute, BF16 gradient reduction)", "deepep", tp=2, vp=4, recompute=("selective",),
+        grad="bf16"),
+    Run("Qwen3-235B-A22B FP8, 256 H100 (25.09)", "qwen3-235b-a22b", BRIDGE.format(v="25.09") + QWEN3_RECIPE, 178.0,
+        256, 2048, 1, 4096, 8, 32, "fp8", 0.5, "TP2 PP8 VP4 EP32, GBS 2048, MBS 1 (the recipe's NCCL all-to-all "
+        "dispatcher, moe a2a overlap, no recompute, BF16 gradient reduction)", tp=2, vp=4, recompute=("none",),
+        grad="bf16"),
+    Run("Qwen3-235B-A22B FP8, 256 H100 (25.11)", "qwen3-235b-a22b", BRIDGE.format(v="25.11") + QWEN3_RECIPE, 233.0,
+        256, 2048, 1, 4096, 8, 32, "fp8", 0.5, "TP2 PP8 VP4 EP32, MBS 1 (GBS missing in the table: 2048 as in 25.09; "
+        "the recipe's all-to-all dispatcher, a2a overlap, no recompute, BF16 gradients)", tp=2, vp=4,
+        recompute=("none",), grad="bf16"),
     Run("Qwen3-235B-A22B BF16, 256 H100 (ModelZoo)", "qwen3-235b-a22b",
         "Megatron-MoE-ModelZoo best_practice/Qwen3/readme.md (yanring/Megatron-MoE-ModelZoo), cross-node EP, DeepEP, "
         "no 1F1B overlap: 245 TFLOPS/GPU", 245.0, 256, 2048, 1, 4096, 8, 32, "bf16", 0.0,
-        "TP2 PP8 VP4 EP32, GBS 2048, MBS 1, recompute norm+act", "deepep"),
-    Run("GPT-OSS-120B BF16, 64 H100", "gpt-oss-120b", BRIDGE.format(v="25.11"), 153.0, 64, 512, 4, 4096, 4, 8,
-        "bf16", 0.0, "TP1 PP4 EP8, GBS 512, MBS 4"),
+        "TP2 PP8 VP4 EP32, GBS 2048, MBS 1, recompute norm+act", "deepep", tp=2, vp=4, recompute=("selective",)),
+    Run("GPT-OSS-120B BF16, 64 H100", "gpt-oss-120b", BRIDGE.format(v="25.11") + "; gradients: Megatron-Bridge "
+        "scripts/performance/configs/gpt_oss/gpt_oss_llm_pretrain.py set_gpt_oss_common_configs, grad_reduce_in_fp32 "
+        "False", 153.0, 64, 512, 4, 4096, 4, 8, "bf16", 0.0, "TP1 PP4 EP8, GBS 512, MBS 4 (BF16 gradient reduction)",
+        grad="bf16"),
 ]
 
 
@@ -74,21 +97,22 @@ def predict(run: Run, cluster) -> dict:
     from meshplan.ir.plan import PlanError
     from meshplan.models import build_model, load_config
     from meshplan.planner import MeshConfig, Options
-    from meshplan.planner.baselines import ep_dp_plan
+    from meshplan.planner.baselines import folded_plan
     from meshplan.planner.plans import fits, model_flops, price_plan
 
     graph = trace(build_model(load_config(run.model), device="meta"))
-    n, b = run.ep, run.ep * run.mbs
+    n, b = run.ep, run.ep // run.tp * run.mbs  # MBS sequences per attention TP group, mp / TP groups per EP group
     d = run.gpus // (run.pp * n)
     m = run.gbs // (d * b)
     opts = Options(seq=run.seq, overlap=run.overlap, balanced_routing=True, gemm_dtype=run.precision,
                    ep_dispatch=run.ep_dispatch)
     priced = None
-    for recompute in (False, True):  # recompute only where memory forces it
-        plan = ep_dp_plan(graph, MeshConfig(n, d, run.pp, b, m, recompute))
+    for granularity in run.recompute:  # the first granularity that fits memory
+        mc = MeshConfig(n, d, run.pp, b, m, granularity == "full", granularity == "selective", run.vp, run.tp)
+        plan = folded_plan(graph, mc)
         for p in plan.ops.values():
             if "grad" in p.precision:
-                p.precision["grad"] = "fp32"
+                p.precision["grad"] = run.grad
         try:
             priced = price_plan(graph, cluster, plan, run.gbs, opts)
         except PlanError as e:
@@ -97,7 +121,8 @@ def predict(run: Run, cluster) -> dict:
             break
     tflops = model_flops(graph, run.gbs, run.seq) / priced.breakdown.step / run.gpus / 1e12
     return {"predicted_tflops_per_gpu": tflops, "mesh": str(priced.mesh), "step_s": priced.breakdown.step,
-            "memory_gb": max(priced.breakdown.memory) / 1e9, "fits": fits(priced)}
+            "memory_gb": max(priced.breakdown.memory) / 1e9, "fits": fits(priced),
+            "recompute": priced.mesh.granularity}
 
 
 def main() -> int:

@@ -108,7 +108,7 @@ def _table_row(d: dict) -> list:
         return [d["model"], d["gpus"], d["plan"], "-", "-", "-", "-", "no", "-", d.get("note", "")[:70]]
     label = d["plan"] if d["plan"] == "planner" else f"{d['plan']} ({d['note'].split(' (')[0]})"
     mesh = f"pp={d['pp']} dp={d['dp']} mp={d['mp']} b={d['micro_batch']}x{d['microbatches']}" + \
-        (" +rc" if d["recompute"] else "")
+        {"full": " +rc", "selective": " +sel", "none": ""}[d["recompute_granularity"]]
     note = "" if d["fits"] else "does NOT fit memory"
     return [d["model"], d["gpus"], label, mesh, f"{d['tokens_per_s']:,.0f}", f"{100 * d['mfu']:.1f}%",
             f"{d['memory_gb']:.1f}", "yes" if d["fits"] else "NO",

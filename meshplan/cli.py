@@ -94,14 +94,16 @@ def _ranges(xs: list[int]) -> str:
 
 def cmd_show(args) -> int:
     from .ir import Plan, trace
-    from .ir.plan import check_model
+    from .ir.plan import check_model, pricing_only_error
 
     plan = Plan.from_yaml(Path(args.plan))
     if args.model:
         graph = trace(load_model(args.model))
         check_model(plan, graph)
-        plan.validate(graph)
+        plan.validate(graph, pricing=True)
     print(f"plan for {plan.model} on mesh {plan.mesh} ({plan.mesh.size} ranks)")
+    if err := pricing_only_error(plan.meta):  # shown, but meshplan run refuses it
+        print(f"  not runnable: {err}")
     for k, v in plan.meta.items():
         print(f"  {k}: {v}")
     print(format_table(["op", "strategy", "axis", f"input {list(plan.mesh.names)}", "output", "precision"],

@@ -193,8 +193,12 @@ class Plan:
         return cls.from_dict(parse_yaml(str(source), "plan", PlanError))
 
     # ---- validation -----------------------------------------------------------------------------------
-    def validate(self, graph: Graph, batch: int | None = None, seq: int | None = None) -> "Plan":
-        """Check the plan against the model's IR (and, when given, the run's batch and sequence sizes)."""
+    def validate(self, graph: Graph, batch: int | None = None, seq: int | None = None,
+                 pricing: bool = False) -> "Plan":
+        """Check the plan against the model's IR (and, when given, the run's batch and sequence sizes). pricing:
+        the plan is only priced (meshplan simulate), so settings meshplan's runtime does not run are allowed."""
+        if not pricing and (err := pricing_only_error(self.meta)):
+            raise PlanError(err)
         ops = {op.name: op for op in graph.ops() if op.kind not in (G.INPUT, G.OUTPUT)}
         for name in self.ops:
             if name not in ops:
@@ -319,6 +323,19 @@ class Plan:
         parts = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
         mesh = f"(pp={self.pipeline.stages}, {str(self.mesh)[1:]}" if self.pipeline.enabled else str(self.mesh)
         return f"plan for {self.model} on mesh {mesh}: {len(self.ops)} ops ({parts})"
+
+
+def pricing_only_error(meta: dict) -> str | None:
+    """Why meshplan's runtime cannot run a plan whose meta asks for a Megatron-only setting (planner/plan_settings.py:
+    priced by meshplan simulate, never executed), or None."""
+    pipe = meta.get("pipeline") if isinstance(meta.get("pipeline"), dict) else {}
+    if pipe.get("virtual_stages", 1) != 1:
+        return (f"plan.meta.pipeline.virtual_stages: {pipe['virtual_stages']} is priced only (meshplan simulate); "
+                f"meshplan's runtime runs one pipeline stage per rank (use 1)")
+    if meta.get("moe_folding"):
+        return ("plan.meta.moe_folding: MoE parallel folding is priced only (meshplan simulate); meshplan's runtime "
+                "runs every op on the plan's one model axis (remove it)")
+    return None
 
 
 def _split_pipeline(mesh: dict, pipeline: dict | None) -> tuple[Mesh, Pipeline]:

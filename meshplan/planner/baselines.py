@@ -23,7 +23,8 @@ from ..ir.plan import OpPlan, Plan, PlanError
 from ..ir.strategies import STRATEGIES, collective_names, divisibility_error, native_io, offered_error
 from . import cost_model as cm
 from .cluster import Cluster
-from .mesh_search import PlannerError, divisors
+from .mesh_search import RECOMPUTE_CHOICES, PlannerError, divisors
+from .plan_settings import write_meta
 from .plans import MODEL_AXIS, Priced, fits, price_plan
 from .pricing import MeshConfig, Options, layers_per_stage
 
@@ -32,6 +33,7 @@ MEGATRON = {G.ATTENTION: "tp", G.MOE: "tp", G.FFN: "tp", G.EMBEDDING: "vocab", G
 MEGASCALE = {G.ATTENTION: "sp", G.MOE: "ep", G.FFN: "tp", G.EMBEDDING: "seq", G.NORM: "seq", G.LINEAR: "tp",
              G.LM_HEAD: "seq", G.GENERIC: "seq"}
 BF16 = "bf16"
+LADDER = ("none", "selective", "full")  # recompute granularities, least recomputation first
 
 
 def _op_plan(op, strategy: str | None, n: int) -> OpPlan:
@@ -49,9 +51,8 @@ def _op_plan(op, strategy: str | None, n: int) -> OpPlan:
 def _plan(graph: Graph, mc: MeshConfig, pick, name: str) -> Plan:
     ops = {op.name: _op_plan(op, pick(op), mc.n) for op in graph.ops() if op.kind not in (G.INPUT, G.OUTPUT)}
     meta = {"baseline": name, "pipeline": {"stages": mc.pp, "layers_per_stage": layers_per_stage(graph.n_layers(),
-            mc.pp), "micro_batch_size": mc.b, "microbatches": mc.m},
-            "activation_recompute": "full" if mc.recompute else "none"}
-    return Plan(graph.name, mc.mesh, ops, meta)
+            mc.pp), "micro_batch_size": mc.b, "microbatches": mc.m}}
+    return Plan(graph.name, mc.mesh, ops, write_meta(meta, mc))
 
 
 def megatron_plan(graph: Graph, mc: MeshConfig, tp_comm_overlap: bool = False) -> Plan:
@@ -73,31 +74,49 @@ def ep_dp_plan(graph: Graph, mc: MeshConfig) -> Plan:
     return _plan(graph, mc, lambda op: "ep" if op.kind == G.MOE else None, "ep_dp")
 
 
-BUILDERS = {"megatron": megatron_plan, "megascale": megascale_plan, "ep_dp": ep_dp_plan}
+def folded_plan(graph: Graph, mc: MeshConfig) -> Plan:
+    """Megatron-Core's MoE parallel folding (plan_settings; needs mc.fold): the MoE expert-parallel over the whole
+    model axis, every other op Megatron's TP + SP on an mc.fold-wide sub-axis (data parallel when mc.fold is 1);
+    activation collectives BF16, gradients reduced in FP32 (Megatron's default)."""
+    plan = _plan(graph, mc, lambda op: "ep" if op.kind == G.MOE else None if mc.fold == 1 else MEGATRON[op.kind],
+                 "folded")
+    for p in plan.ops.values():
+        if "grad" in p.precision:
+            p.precision["grad"] = "fp32"
+    return plan
+
+
+BUILDERS = {"megatron": megatron_plan, "megascale": megascale_plan, "ep_dp": ep_dp_plan, "folded": folded_plan}
 
 
 def baseline(kind: str, graph: Graph, cluster: Cluster, gpus: int, global_batch: int,
-             options: Options | None = None, pp: int | None = None, recompute: bool | None = None) -> Priced:
+             options: Options | None = None, pp: int | None = None, recompute: str | None = None,
+             vp: int = 1) -> Priced:
     """The baseline's plan on `gpus` GPUs, priced: the fastest pipeline depth (or the given `pp`) and activation
     recomputation setting that fits memory; with `pp` given and nothing fitting, the smallest-memory variant.
-    `recompute`: the run's setting, chosen once by its user (True/False), switched on only where memory forces it;
-    None: whichever fits fastest at this scale (options.recompute)."""
+    `recompute`: the run's granularity (none | selective | full), chosen once by its user, raised along
+    none -> selective -> full only where memory forces it (Megatron-Bridge's guidance: selective before full);
+    None: whichever fits fastest at this scale (options.recompute). `vp`: virtual pipeline stages per rank
+    (interleaved 1F1B, priced only: plan_settings), on depths whose layers divide into pp·vp chunks and whose
+    micro-batches pp divides (Megatron's interleaving condition)."""
     options = options or Options()
     n = min(cluster.gpus_per_node, gpus)
     while n > 1 and gpus % n:
         n //= 2
     b = n if kind == "ep_dp" else 1  # ep_dp shards the batch over the model axis: one sequence per GPU
     depths = [pp] if pp else divisors(max(graph.n_layers(), 1))
-    recompute_fixed = recompute is False
-    recompute = ((True,) if recompute else (False, True)) if recompute is not None else \
-        {"auto": (False, True), "never": (False,), "always": (True,)}[options.recompute]
+    recompute_fixed = recompute is not None
+    recompute = LADDER[LADDER.index(recompute):] if recompute is not None else RECOMPUTE_CHOICES[options.recompute]
     best = smallest = None
     for p in depths:
         if gpus % (n * p) or global_batch % (gpus // (n * p) * b):
             continue
         d = gpus // (n * p)
+        m = global_batch // (d * b)
+        if vp > 1 and (p == 1 or graph.n_layers() % (p * vp) or m % p):
+            continue
         for rc in recompute:
-            mc = MeshConfig(n, d, p, b, global_batch // (d * b), rc)
+            mc = MeshConfig(n, d, p, b, m, rc == "full", rc == "selective", vp)
             try:
                 priced = price_plan(graph, cluster, BUILDERS[kind](graph, mc), global_batch, options)
             except PlanError:
@@ -107,7 +126,7 @@ def baseline(kind: str, graph: Graph, cluster: Cluster, gpus: int, global_batch:
             if fits(priced) and (best is None or priced.breakdown.step < best.breakdown.step):
                 best = priced
             if recompute_fixed and fits(priced):
-                break  # the user's setting fits: recomputation is not forced on
+                break  # the user's setting fits: no more recomputation is forced on
     if best is None and pp and smallest is not None:
         return smallest  # the caller asked for this depth: report it, marked as not fitting
     if best is None:

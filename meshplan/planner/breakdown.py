@@ -19,9 +19,14 @@ def split(cmodel: CostModel, mc: MeshConfig, problem: Problem, a: Assignment, bd
     redo = RECOMPUTE[0] if mc.recompute else 1.0
     mb = {kind: 0.0 for kind in KINDS}
     for g, c in st.groups.items():
-        parts = cmodel.compute_split(g, a.strategy[g], mc.n, mc.b)
+        gm = cmodel.group_mesh(g, mc)  # the sub-mesh of a folded plan's non-MoE ops
+        parts = cmodel.compute_split(g, a.strategy[g], gm.n, gm.b)
         for kind in KINDS:
             mb[kind] += c * parts[kind] * redo
+        if mc.granularity == "selective":  # norms and SwiGLU rerun (plan_settings)
+            base = sum(parts.values())
+            rerun = cmodel.selective(g, a.strategy[g], gm, base, 0.0)[0] - base
+            mb["selective rerun"] = mb.get("selective rerun", 0.0) + c * rerun
         gc = costs[g]
         if gc.comm > 0:  # the exposed time, shared among the group's collectives by their times
             for name, t in gc.by_coll.items():
@@ -30,7 +35,7 @@ def split(cmodel: CostModel, mc: MeshConfig, problem: Problem, a: Assignment, bd
     mb["p2p"] = bd.stage_times[k] - sum(mb.values())  # pipeline sends: what the stage time has beyond the above
     m = problem.microbatches
     grad, gather, opt = _tail(problem, a, bd)
-    step = {"microbatches (m x stage)": m * bd.stage_times[k], "bubble": (problem.pp - 1) * bd.stage_times[k],
+    step = {"microbatches (m x stage)": m * bd.stage_times[k], "bubble": problem.bubble_slots * bd.stage_times[k],
             "grad sync (exposed)": grad, "param gather (exposed)": gather, "optimizer": opt}
     layers = max(1, layers_per_stage(cmodel.graph.n_layers(), mc.pp)[st.index])
     return {"stage": st.index, "layers": layers, "per_microbatch": mb, "per_step": step, "step": bd.step}

@@ -23,7 +23,7 @@ def _options(args, cfg):
         raise UsageError(f"--global-batch: {args.global_batch} sequences per step is more than 2**24")
     budget = None if args.error_budget is not None and args.error_budget < 0 else args.error_budget
     opts = Options(seq=args.seq or cfg.max_seq_len, overlap=args.overlap, zero=not args.no_zero, dp_ops=args.dp_ops,
-                   recompute=args.recompute)
+                   recompute=args.recompute, pricing_only=args.pricing_only)
     if args.error_budget is not None:
         opts.error_budget = budget
     if args.memory_gb is not None:
@@ -47,8 +47,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-gb", type=number(0.0, lo_open=True), default=None,
                    help="per-GPU memory limit (default: the cluster's)")
     p.add_argument("--no-zero", action="store_true", help="do not shard optimizer state over data-parallel ranks")
-    p.add_argument("--recompute", choices=["auto", "never", "always"], default="auto",
-                   help="full activation recomputation: searched (auto, default), never, always")
+    p.add_argument("--recompute", choices=["auto", "never", "always", "selective"], default="auto",
+                   help="activation recomputation: none, selective and full searched (auto, default), never, "
+                        "always (full), selective (norms and MoE activations)")
+    p.add_argument("--pricing-only", action="store_true",
+                   help="also search virtual pipeline stages (interleaved 1F1B), which meshplan's runtime does not "
+                        "run; the plan is for pricing (meshplan run refuses it)")
     p.add_argument("--dp-ops", action="store_true", help="also consider ops data parallel on the model axis "
                                                          "(batch-sharded; needs micro-batches of >= mp sequences)")
 
@@ -75,7 +79,7 @@ def cmd_plan(args) -> int:
     graph, cfg = load_graph(args.model, lambda name, params: _floor(name, params, cluster, args))
     opts = _options(args, cfg)
     plan, r = plan_model(graph, cluster, args.gpus, args.global_batch, opts)
-    plan.validate(graph, batch=r.mesh.b * r.mesh.d, seq=opts.seq)
+    plan.validate(graph, batch=r.mesh.b * r.mesh.d, seq=opts.seq, pricing=opts.pricing_only)
     s = plan.meta["planner"]
     print(f"{graph.name} on {args.gpus} x {cluster.name}: mesh {r.mesh}; searched {r.searched} meshes, solved "
           f"{r.solved} ILPs in {r.seconds:.2f} s (total {time.perf_counter() - t0:.2f} s with tracing)")

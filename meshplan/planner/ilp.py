@@ -75,7 +75,7 @@ class StepTimeILP:
         for k, st in enumerate(p.stages):
             self.add_stage_constraints(k, st)
         self.add_error_budget_constraint()
-        self.step = (p.microbatches + p.pp - 1) * self.T + self.X
+        self.step = (p.microbatches + p.bubble_slots) * self.T + self.X
         self.set_objective()
 
     def per_dtype(self, name: str, base, dts) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..ir.graph import Graph
 from ..ir.plan import PlanError
@@ -22,7 +22,9 @@ from .memory import OPTIMIZER_BYTES, WEIGHT_GRAD_BYTES, static_bytes
 from .pricing import CostModel, MeshConfig, Options
 from .problem import Assignment, Breakdown, Problem, evaluate
 
-RECOMPUTE_CHOICES = {"auto": (False, True), "never": (False,), "always": (True,)}
+# Options.recompute -> the granularities searched (MeshConfig.granularity: none, selective, full)
+RECOMPUTE_CHOICES = {"auto": ("none", "selective", "full"), "never": ("none",), "always": ("full",),
+                     "selective": ("selective",)}
 
 
 class PlannerError(PlanError):
@@ -48,7 +50,9 @@ def divisors(x: int) -> list[int]:
 
 def meshes(gpus: int, global_batch: int, n_layers: int, gpus_per_node: int, max_micro_batch: int = 64,
            model_axis: list[int] | None = None, pp: list[int] | None = None,
-           recompute: tuple[bool, ...] = (False, True)) -> list[MeshConfig]:
+           recompute: tuple[str, ...] = ("none", "full"), pricing_only: bool = False) -> list[MeshConfig]:
+    """recompute: the granularities to try. pricing_only: also 2 or 4 virtual pipeline stages (plan_settings; meshplan's
+    runtime does not run them) where the layers divide into pp·v chunks and pp the micro-batches."""
     out = []
     for n in model_axis or [x for x in divisors(gpus_per_node) if gpus % x == 0]:
         for p in pp or range(1, max(n_layers, 1) + 1):  # uneven stages allowed (layers_per_stage)
@@ -61,9 +65,17 @@ def meshes(gpus: int, global_batch: int, n_layers: int, gpus_per_node: int, max_
             b = 1
             while b <= min(per_replica, max_micro_batch):
                 if per_replica % b == 0:
-                    out += [MeshConfig(n, d, p, b, per_replica // b, rc) for rc in recompute]
+                    mc = MeshConfig(n, d, p, b, per_replica // b)
+                    out += [replace(mc, recompute=rc == "full", selective=rc == "selective") for rc in recompute]
+                    if pricing_only and p > 1:
+                        out += _interleaved(mc, n_layers, recompute)
                 b *= 2
     return out
+
+
+def _interleaved(mc: MeshConfig, n_layers: int, recompute: tuple[str, ...]) -> list[MeshConfig]:
+    return [replace(mc, recompute=rc == "full", selective=rc == "selective", vp=vp) for vp in (2, 4)
+            if n_layers % (mc.pp * vp) == 0 and mc.m % mc.pp == 0 for rc in recompute]
 
 
 class Bounds:
@@ -79,7 +91,7 @@ class Bounds:
     def _per_group(self, mc: MeshConfig) -> tuple[dict, dict]:
         """Per group and candidate: (compute, cheapest own communication, activations, (split, replicated));
         per edge and consumer candidate: the cheapest resharding over producer candidates and precisions."""
-        key = (mc.n, mc.b, mc.recompute)
+        key = (mc.n, mc.b, mc.granularity)
         if key not in self._vals:
             vals, cands = {}, {}
             for g, gi in self.cm.groups.items():
@@ -101,7 +113,7 @@ class Bounds:
         return self._vals[key]
 
     def _stage_list(self, mc: MeshConfig):
-        return self.cm.stages(mc.pp, mc.m)
+        return self.cm.stages(mc.pp, mc.m, mc.vp)
 
     def memory(self, mc: MeshConfig) -> float:
         """The smallest achievable per-GPU memory of the worst stage (bytes): memory is separable per op."""
@@ -117,7 +129,7 @@ class Bounds:
 
     def _grads(self, mc: MeshConfig) -> dict:
         """Per group and candidate, the fastest gradient reduction time over its precisions (s per step)."""
-        key = (mc.n, mc.d, mc.b, mc.recompute)
+        key = (mc.n, mc.d, mc.b, mc.granularity)
         if key not in self._grad:
             vals, _ = self._per_group(mc)
             self._grad[key] = {g: {c: min(self.cm.grad_time(sp, rp, mc, dt) for dt in allowed_precisions("grad"))
@@ -127,7 +139,7 @@ class Bounds:
     def _per_stage(self, mc: MeshConfig) -> list:
         """Per stage, per group: (instances, [(candidate, per-micro-batch bound, compute)]), cached per (n, b,
         recompute, stage composition)."""
-        key = (mc.n, mc.b, mc.recompute, mc.pp, min(mc.m, mc.pp))
+        key = (mc.n, mc.b, mc.granularity, mc.pp, min(mc.m, mc.pp) if mc.vp == 1 else mc.m, mc.vp)
         if key not in self._stage_terms:
             vals, emin = self._per_group(mc)
             a = self.cm.opt.overlap
@@ -150,7 +162,7 @@ class Bounds:
         and X_k's two lower bounds are sums over op groups of a function of the group's strategy, so the sum of
         per-group minima bounds it: compute, (1 - overlap) of its own communication and of its input reshardings
         from the producer strategy that suits it best, fp8 everywhere; gradients bf16 as problem.py exposes them."""
-        a, M = self.cm.opt.overlap, mc.m + mc.pp - 1
+        a, M = self.cm.opt.overlap, mc.m + (mc.pp - 1) / mc.vp
         grads = self._grads(mc)
         best = 0.0
         for rows in self._per_stage(mc):
@@ -180,7 +192,7 @@ def search(graph: Graph, cluster: Cluster, gpus: int, global_batch: int, options
         raise PlannerError(floor_message(graph, cluster, gpus, limit) + _fix(graph, cluster, gpus, global_batch,
                                                                              options, Bounds(cm), limit))
     cands = meshes(gpus, global_batch, graph.n_layers(), cluster.gpus_per_node, model_axis=model_axis, pp=pp,
-                   recompute=RECOMPUTE_CHOICES[options.recompute])
+                   recompute=RECOMPUTE_CHOICES[options.recompute], pricing_only=options.pricing_only)
     mixing = next((op for op in graph.ops() if batch_parallel_error(op)), None)
     if mixing is not None:  # data parallelism would not be exact: only meshes without a data-parallel axis
         cands = [mc for mc in cands if mc.d == 1]
@@ -196,13 +208,15 @@ def search(graph: Graph, cluster: Cluster, gpus: int, global_batch: int, options
     feasible, tightest = [], None
     for mc in cands:
         mem = bounds.memory(mc)
+        if mc.selective and bounds.memory(replace(mc, selective=False)) <= limit:
+            continue  # selective recompute where memory asks for it (the same mesh without it does not fit)
         if mem <= limit:
             feasible.append((bounds.time(mc), mc))
         elif tightest is None or mem < tightest[0]:
             tightest = (mem, mc)
     if not feasible:
         raise PlannerError(_memory_advice(graph, cluster, gpus, global_batch, options, cm, tightest, limit))
-    feasible.sort(key=lambda x: (x[0], x[1].recompute, x[1].pp, -x[1].n))
+    feasible.sort(key=lambda x: (x[0], x[1].recompute, x[1].selective, x[1].vp, x[1].pp, -x[1].n))
     best: Result | None = None
     log, solved = [], 0
     for lb, mc in feasible:

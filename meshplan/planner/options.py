@@ -17,6 +17,15 @@ class MeshConfig:
     b: int = 1  # micro-batch: sequences per data-parallel replica
     m: int = 1  # micro-batches per step
     recompute: bool = False  # full activation recomputation (memory.checkpoint_bytes)
+    selective: bool = False  # selective recompute of norms and MoE activations (plan_settings; not with full)
+    # Megatron-only settings (priced, not run by meshplan's runtime: Plan.validate refuses them; plan_settings.py):
+    vp: int = 1  # virtual pipeline stages per rank (interleaved 1F1B)
+    fold: int = 0  # MoE parallel folding: non-MoE ops on a `fold`-wide sub-axis of mp (0: off)
+
+    @property
+    def granularity(self) -> str:
+        """Megatron's --recompute-granularity: full | selective | none."""
+        return "full" if self.recompute else "selective" if self.selective else "none"
 
     @property
     def gpus(self) -> int:
@@ -27,8 +36,10 @@ class MeshConfig:
         return Mesh.of(dp=self.d, mp=self.n)
 
     def __str__(self) -> str:
-        rc = ", recompute" if self.recompute else ""
-        return f"pp={self.pp} dp={self.d} mp={self.n} (micro-batch {self.b} x {self.m}{rc})"
+        rc = {"full": ", recompute", "selective": ", selective recompute", "none": ""}[self.granularity]
+        vp = f" vp={self.vp}" if self.vp > 1 else ""
+        fold = f" (MoE folding: non-MoE ops on mp={self.fold})" if self.fold else ""
+        return f"pp={self.pp}{vp} dp={self.d} mp={self.n}{fold} (micro-batch {self.b} x {self.m}{rc})"
 
 
 @dataclass
@@ -42,7 +53,8 @@ class Options:
     # reached from sequence-sharded neighbours by an all-to-all. Off by default: it needs micro-batches of >= n
     # sequences per replica, and keeps the search to ir/strategies' one-model-axis strategies.
     dp_ops: bool = False
-    recompute: str = "auto"  # full activation recomputation: "auto" (searched), "never", "always"
+    # activation recomputation: "auto" (none, selective and full searched), "never", "always" (full), "selective"
+    recompute: str = "auto"
     # The dtype activations are in (fp32 | bf16): collectives in another format pay an encode and a decode.
     # None: the cluster's activation_dtype. compile() passes the model's.
     activation_dtype: str | None = None
@@ -58,3 +70,6 @@ class Options:
     # How EP's dispatch/combine cross nodes: "all_to_all" (NCCL, and meshplan's runtime: every routed copy over the
     # NIC) or "deepep" (DeepEP's hierarchical dispatch: once per destination node, then NVLink forwarding).
     ep_dispatch: str = "all_to_all"
+    # The free search may also pick virtual pipeline stages, which meshplan's runtime does not run
+    # (plan_settings.py): the plan is then for pricing only (Plan.validate refuses it).
+    pricing_only: bool = False

@@ -17,6 +17,7 @@ from ..ir.strategies import collective_names
 from . import cost_model as cm
 from .cluster import Cluster
 from .memory import DP
+from .plan_settings import meta_settings, write_meta
 from .pricing import CostModel, MeshConfig, Options, layers_per_stage
 from .problem import Assignment, Breakdown, Problem, evaluate
 
@@ -56,12 +57,11 @@ def to_plan(cmodel: CostModel, mc: MeshConfig, problem: Problem, a: Assignment, 
     plan = Plan(cmodel.graph.name, mc.mesh, ops)
     if mc.pp > 1:  # the outermost mesh axis, with the stages the planner priced (the runtime runs them)
         plan.pipeline = Pipeline(mc.pp, tuple(layers_per_stage(cmodel.graph.n_layers(), mc.pp)), mc.m)
-    plan.meta = {
+    plan.meta = write_meta({
         "pipeline": {"stages": mc.pp, "layers_per_stage": layers_per_stage(cmodel.graph.n_layers(), mc.pp),
                      "micro_batch_size": mc.b, "microbatches": mc.m},
-        "activation_recompute": "full" if mc.recompute else "none",
         "planner": summary(cmodel, mc, bd, global_batch),
-    }
+    }, mc)
     if meta:
         plan.meta["planner"].update(meta)
     return plan
@@ -73,8 +73,14 @@ def summary(cmodel: CostModel, mc: MeshConfig, bd: Breakdown, global_batch: int)
     return {"cluster": cl.name, "gpus": mc.gpus, "global_batch": global_batch, "seq": seq,
             "step_time_s": round(bd.step, 6), "tokens_per_s": round(tokens / bd.step, 1),
             "mfu": round(model_flops(cmodel.graph, global_batch, seq) / (mc.gpus * cl.peak_flops * bd.step), 4),
-            "memory_gb": round(max(bd.memory) / 1e9, 3), "bubble": round((mc.pp - 1) / (mc.m + mc.pp - 1), 4),
+            "memory_gb": round(max(bd.memory) / 1e9, 3), "bubble": round(bubble(mc), 4),
             "error": round(bd.error, 6), "error_budget": cmodel.opt.error_budget}
+
+
+def bubble(mc: MeshConfig) -> float:
+    """The pipeline bubble's share of the step: (pp - 1)/v idle slots out of m + (pp - 1)/v."""
+    idle = (mc.pp - 1) / mc.vp
+    return idle / (mc.m + idle)
 
 
 @dataclass
@@ -102,7 +108,7 @@ def mesh_config(plan: Plan, global_batch: int) -> MeshConfig:
     if global_batch % (d * b):
         raise PlanError(f"plan.meta.pipeline.micro_batch_size: dp={d} x micro-batch {b} does not divide the global "
                         f"batch {global_batch}")
-    return MeshConfig(n, d, pp, b, global_batch // (d * b), recompute)
+    return MeshConfig(n, d, pp, b, global_batch // (d * b), recompute, **meta_settings(plan.meta))
 
 
 def price_plan(graph: Graph, cluster: Cluster, plan: Plan, global_batch: int,
@@ -110,7 +116,7 @@ def price_plan(graph: Graph, cluster: Cluster, plan: Plan, global_batch: int,
     """Price a plan exactly as the planner prices its own: same groups, same step-time model."""
     options = options or Options()
     mc = mesh_config(plan, global_batch)
-    plan.validate(graph, batch=mc.b * mc.d, seq=options.seq)
+    plan.validate(graph, batch=mc.b * mc.d, seq=options.seq, pricing=True)
     # report the error, don't constrain it; a plan's schedule settings (tp_comm_overlap) override the options'
     sched = {k: bool(plan.meta[k]) for k in ("tp_comm_overlap",) if k in plan.meta}
     priced_opts = Options(**{**options.__dict__, "error_budget": None, **sched})

@@ -16,7 +16,7 @@ from ..ir.placement import Shard
 from ..ir.strategies import PRECISIONS, STRATEGIES, allowed_precisions, collective_names
 from . import collectives_cost as cc
 from . import cost_model as cm
-from . import grad_sync, memory
+from . import grad_sync, memory, plan_settings
 from .cluster import Cluster
 from .memory import DP, N
 from .options import DEFAULT_ERROR_BUDGET, MeshConfig, Options  # noqa: F401  (re-exported from here)
@@ -136,6 +136,7 @@ class CostModel:
         self._links: dict[str, tuple] = {}
         self._vals: dict[tuple[str, int, int], list] = {}
         self._split: dict[tuple[str, int, int, str], dict] = {}
+        self._selective: dict[tuple[str, str, int, int], tuple[float, float]] = {}
 
     def values(self, g: str, n: int, b: int) -> list:
         """Per candidate of group g (in gi.cands order): [compute s/mb, activations, split params, replicated
@@ -221,6 +222,8 @@ class CostModel:
         # full recomputation: one more forward (4/3 of the compute), forward collectives run again (3/2)
         redo = RECOMPUTE if mc.recompute else (1.0, 1.0)
         slow = cl.local_slowdown(min(mc.n * mc.d * mc.pp, cl.gpus_per_node))  # CPU ranks sharing cores; GPUs: 1
+        if mc.selective and not mc.recompute:  # plan_settings: drop norm outputs and SwiGLU outputs, rerun them
+            compute, act = self.selective(g, cand, mc, compute, act)
         ch = Choice(compute=compute * redo[0] * slow, act_mem=ckpt if mc.recompute else act)
         for j, coll in enumerate(gi.terms[cand].colls):
             elems, rows = vals[5 + 2 * j], vals[6 + 2 * j]
@@ -242,9 +245,30 @@ class CostModel:
         ch.opt_time = 32 * shard / cl.hbm_bandwidth * slow  # Adam: read master, m, v, grad; write master, m, v, weight
         out_elems = self.values(g, mc.n, mc.b)[-1][0]
         sharded = isinstance(cm.placements(gi.ops[0], cand)[1], Shard)
-        ch.p2p = self._time("p2p", memory.ACT_BYTES * out_elems / (mc.n if sharded else 1), 2,
-                            1 if loc["pp_inter"] else 2)
+        ch.p2p = mc.vp * self._time("p2p", memory.ACT_BYTES * out_elems / (mc.n if sharded else 1), 2,
+                                    1 if loc["pp_inter"] else 2)  # interleaved: v times the stage boundaries
         return ch
+
+    def selective(self, g: str, cand: str, mc: MeshConfig, compute: float, act: float) -> tuple[float, float]:
+        """(compute, activations) of one op under selective recompute (plan_settings): a norm whose output is
+        read by attention / MoE / FFN runs its forward again (1/3 of its forward + backward), the MoE rebuilds its
+        SwiGLU output from HBM; their consumers no longer keep the dropped tensors."""
+        key = (g, cand, mc.n, mc.b)
+        if key not in self._selective:
+            op = self.groups[g].ops[0]
+            self._selective[key] = plan_settings.selective(self.graph, op, cand, mc.n, mc.b, self.opt.seq)
+        dropped, rerun = self._selective[key]
+        op = self.groups[g].ops[0]
+        if op.kind == G.NORM and any(plan_settings.reads_norm(self.graph, self.graph.op(c))
+                                     for c in self._consumers[op.name]):
+            compute *= RECOMPUTE[0]
+        return compute + rerun / self.cluster.hbm_bandwidth, act - dropped
+
+    def group_mesh(self, g: str, mc: MeshConfig) -> MeshConfig:
+        """The mesh group g runs on: under MoE parallel folding, the non-MoE ops' sub-mesh (plan_settings)."""
+        if mc.fold and self.groups[g].ops[0].kind != G.MOE:
+            return plan_settings.sub_mesh(mc)
+        return mc
 
     def candidates(self, g: str, mc: MeshConfig) -> list[str]:
         gi = self.groups[g]
@@ -268,25 +292,30 @@ class CostModel:
     def problem(self, mc: MeshConfig) -> Problem:
         groups = {}
         for g, gi in self.groups.items():
-            cands = self.candidates(g, mc)
+            gm = self.group_mesh(g, mc)
+            cands = self.candidates(g, gm)
             if not cands:
-                raise ValueError(f"{g}: no strategy divides the model axis mp={mc.n}")
-            allv = self.values(g, mc.n, mc.b)
-            choices = {c: self.choice(g, c, mc, allv[gi.cands.index(c)]) for c in cands}
+                raise ValueError(f"{g}: no strategy divides the model axis mp={gm.n}")
+            allv = self.values(g, gm.n, gm.b)
+            choices = {c: self.choice(g, c, gm, allv[gi.cands.index(c)]) for c in cands}
             groups[g] = Group(g, choices, len(gi.ops), self.dtypes(g, cands), [op.name for op in gi.ops])
         edges = []  # in self.edges order, which Stage.edges indexes (_compose)
         for key, pairs in self.edges.items():
             gs, gd, idx = key
-            cost, err2 = self.edge_costs(key, list(groups[gs].choices), list(groups[gd].choices), mc,
-                                         groups[gd].dtypes[f"in{idx}"])
+            folded = mc.fold and G.MOE in (self.groups[gs].ops[0].kind, self.groups[gd].ops[0].kind)
+            if folded:  # the dispatcher takes each rank's own tokens (plan_settings): nothing to reshard
+                cost, err2 = {}, {}
+            else:
+                cost, err2 = self.edge_costs(key, list(groups[gs].choices), list(groups[gd].choices),
+                                             self.group_mesh(gd, mc), groups[gd].dtypes[f"in{idx}"])
             u, v = pairs[0]
             label = {st: "reshard " + "/".join(sorted(set(cm.edge_kinds(u, st[0], v, st[1])) - {"none", "slice"}))
                      for st in cost}
             edges.append(Edge(gs, gd, f"in{idx}", len(pairs), cost, err2, groups[gd].dtypes[f"in{idx}"],
                               self.edge_hide(key, cost), label))
-        stages = self.stages(mc.pp, mc.m)
+        stages = self.stages(mc.pp, mc.m, mc.vp)
         limit = self.opt.mem_limit if self.opt.mem_limit is not None else self.cluster.memory_limit
-        return Problem(groups, edges, stages, mc.m, mc.pp, self.opt.overlap, limit, self.opt.error_budget)
+        return Problem(groups, edges, stages, mc.m, mc.pp, self.opt.overlap, limit, self.opt.error_budget, mc.vp)
 
     def edge_costs(self, key: tuple, src_cands: list[str], dst_cands: list[str], mc: MeshConfig, dtypes):
         """Resharding time (forward + backward) and squared error per (producer, consumer) strategy pair that
@@ -320,10 +349,10 @@ class CostModel:
             out[s, t] = 0.0 if tp_like and not self.opt.tp_comm_overlap else self.opt.overlap
         return out
 
-    def stages(self, pp: int, m: int) -> list[Stage]:
-        """The distinct stage compositions (1F1B: stage k holds min(pp - k, m) micro-batches; of identical
-        compositions the one holding most stands for all)."""
-        key = (pp, min(pp, m))
+    def stages(self, pp: int, m: int, vp: int = 1) -> list[Stage]:
+        """The distinct stage compositions (1F1B: stage k holds min(pp - k, m) micro-batches, interleaved:
+        plan_settings.inflight; of identical compositions the one holding most stands for all)."""
+        key = (pp, min(pp, m), vp) if vp == 1 else (pp, m, vp)
         if key not in self._stages:
             if pp not in self._compositions:
                 self._compositions[pp] = self._compose(pp)
@@ -331,7 +360,7 @@ class CostModel:
             for st in self._compositions[pp]:
                 ck = (tuple(sorted(st.groups.items())), tuple(sorted(st.edges.items())),
                       tuple(sorted(st.sends.items())))
-                inflight = min(pp - st.index, m)
+                inflight = plan_settings.inflight(pp, st.index, m, vp)
                 if ck not in unique or unique[ck].inflight < inflight:
                     unique[ck] = Stage(st.groups, st.edges, st.sends, inflight, st.index)
             self._stages[key] = list(unique.values())

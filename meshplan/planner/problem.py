@@ -19,7 +19,8 @@ Step-time model (all times in seconds):
     compute) the same way, the distributed optimizer's parameter all-gather P_k behind the first micro-batch's
     forward (1/3): X_k = max((1 - a) · G_k, G_k - 2/3 · compute_k) + max((1 - a) · P_k, P_k - 1/3 · compute_k)
     + optimizer update time
-  step = (m + pp - 1) · max_k T_k + max_k X_k      (1F1B: bubble fraction (pp-1)/(m+pp-1))
+  step = (m + (pp - 1)/v) · max_k T_k + max_k X_k  (1F1B: bubble fraction (pp-1)/(m+pp-1); v virtual stages
+    per rank (interleaved, plan_settings) divide the bubble by v)
   memory_k = sum_g c · static(s_g) + inflight_k · sum_g c · activations(s_g) <= limit  (1F1B: stage k holds
     min(pp - k, m) micro-batches)
   error: sqrt(sum over every collective instance of its squared relative error) <= error budget (independent
@@ -91,6 +92,12 @@ class Problem:
     overlap: float = 0.5
     mem_limit: float = math.inf
     error_budget: float | None = None  # None: unconstrained
+    vp: int = 1  # virtual pipeline stages per rank (interleaved 1F1B: plan_settings)
+
+    @property
+    def bubble_slots(self) -> float:
+        """Stage slots a step waits beyond its m micro-batches: pp - 1, divided by v when interleaved."""
+        return (self.pp - 1) / self.vp
 
 
 @dataclass
@@ -178,7 +185,7 @@ def evaluate(p: Problem, a: Assignment) -> Breakdown:
             err2 += grp.count * by_dt.get(a.dtype(g, name, p), 0.0)
     for ei, e in enumerate(p.edges):
         err2 += e.count * edge_time(ei, a, p)[1]
-    step = (p.microbatches + p.pp - 1) * max(t_stage) + max(x_stage)
+    step = (p.microbatches + p.bubble_slots) * max(t_stage) + max(x_stage)
     error = math.sqrt(err2)
     binding = ""
     if max(mems) > p.mem_limit * (1 + 1e-9):

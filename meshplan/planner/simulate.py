@@ -10,9 +10,11 @@ from . import breakdown
 from .baselines import baseline
 from .cluster import Cluster
 from .mesh_search import PlannerError, search
-from .plans import model_flops
+from .plans import bubble, model_flops
 from .pricing import MeshConfig, Options
 from .problem import Breakdown
+
+INTERLEAVE = 4  # Megatron's virtual stages per rank in the interleaved row (the published runs' VP)
 
 
 @dataclass
@@ -30,8 +32,8 @@ class Row:
         m = self.mesh
         return {"plan": self.name, "pp": m.pp, "dp": m.d, "mp": m.n, "micro_batch": m.b, "microbatches": m.m,
                 "step_time_s": self.breakdown.step, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
-                "memory_gb": max(self.breakdown.memory) / 1e9, "bubble": (m.pp - 1) / (m.m + m.pp - 1),
-                "recompute": m.recompute, "error": self.breakdown.error, "fits": self.fits, "note": self.note}
+                "memory_gb": max(self.breakdown.memory) / 1e9, "bubble": bubble(m), "virtual_stages": m.vp,
+                "recompute": m.recompute, "recompute_granularity": m.granularity, "moe_folding": m.fold, "error": self.breakdown.error, "fits": self.fits, "note": self.note}
 
 
 def _row(name: str, graph: Graph, cluster: Cluster, r, global_batch: int, seq: int, limit: float,
@@ -45,10 +47,11 @@ def _row(name: str, graph: Graph, cluster: Cluster, r, global_batch: int, seq: i
 
 
 def simulate(graph: Graph, cluster: Cluster, gpus: int, global_batch: int, options: Options | None = None,
-             reference_pp: int | None = 15, baseline_recompute: dict[str, bool] | None = None) -> list[Row]:
+             reference_pp: int | None = 15, baseline_recompute: dict[str, str] | None = None) -> list[Row]:
     """Rows for: the planner, Megatron at its best pipeline depth, Megatron at docs/reference.md's PP=15
-    ("Hardware") (when that
-    divides the model and GPUs), MegaScale-style at PP=15, and all-EP/DP. A baseline that cannot run at all is
+    ("Hardware") (when that divides the model and GPUs), and at PP=15 with Megatron's interleaved schedule (4
+    virtual stages per rank, priced only: meshplan's runtime does not run them; where the layers divide into 60
+    chunks), MegaScale-style at PP=15, and all-EP/DP. A baseline that cannot run at all is
     reported, not raised. `baseline_recompute`: per baseline kind, its activation-recompute setting, fixed by its
     user across scales (fixed_recompute, baselines.baseline); a kind not in it: whichever fits fastest here."""
     options = options or Options()
@@ -60,15 +63,17 @@ def simulate(graph: Graph, cluster: Cluster, gpus: int, global_batch: int, optio
                          f"{r.solved} ILPs / {r.searched} meshes"))
     except PlannerError as e:  # report it and still price the baselines (they may use uneven pipeline stages)
         rows.append(_infeasible("planner", e))
-    variants = [("megatron", None, "best pp")]
+    variants = [("megatron", None, "best pp", 1)]
     if reference_pp:
-        variants.append(("megatron", reference_pp, f"pp={reference_pp} (docs/reference.md)"))
-        variants.append(("megascale", reference_pp, f"pp={reference_pp}, SP+EP, bf16 grads"))
-    variants.append(("ep_dp", None, "best pp"))
-    for kind, pp, note in variants:
+        variants.append(("megatron", reference_pp, f"pp={reference_pp} (docs/reference.md)", 1))
+        variants.append(("megatron", reference_pp, f"pp={reference_pp} vp={INTERLEAVE} (interleaved, priced only)",
+                         INTERLEAVE))
+        variants.append(("megascale", reference_pp, f"pp={reference_pp}, SP+EP, bf16 grads", 1))
+    variants.append(("ep_dp", None, "best pp", 1))
+    for kind, pp, note, vp in variants:
         try:
             p = baseline(kind, graph, cluster, gpus, global_batch, options, pp=pp,
-                         recompute=(baseline_recompute or {}).get(kind))
+                         recompute=(baseline_recompute or {}).get(kind), vp=vp)
         except PlannerError as e:
             if pp is None or kind == "megascale":
                 rows.append(_infeasible(kind, e))
@@ -83,17 +88,17 @@ BASELINE_DEPTHS = {"megatron": 15, "megascale": 15, "ep_dp": None}
 
 
 def fixed_recompute(graph: Graph, cluster: Cluster, gpus: int, global_batch: int,
-                    options: Options | None = None) -> dict[str, bool]:
-    """Per baseline kind, the activation-recompute setting its user picks once for a sweep starting at `gpus` (its
-    smallest scale): off if the baseline fits there without it, else on -- then kept at every larger scale (no knife
-    edge where ZeRO-1 state shrinks just below the limit)."""
+                    options: Options | None = None) -> dict[str, str]:
+    """Per baseline kind, the activation-recompute granularity its user picks once for a sweep starting at `gpus`
+    (its smallest scale): the least of none -> selective -> full that fits there -- then kept at every larger scale
+    (no knife edge where ZeRO-1 state shrinks just below the limit)."""
     out = {}
     for kind, pp in BASELINE_DEPTHS.items():
         try:
-            p = baseline(kind, graph, cluster, gpus, global_batch, options or Options(), pp=pp, recompute=False)
-            out[kind] = p.mesh.recompute
+            p = baseline(kind, graph, cluster, gpus, global_batch, options or Options(), pp=pp, recompute="none")
+            out[kind] = p.mesh.granularity
         except PlannerError:
-            out[kind] = True
+            out[kind] = "full"
     return out
 
 
@@ -109,7 +114,8 @@ def table(rows: list[Row]) -> str:
             out.append([r.name, "-", "-", "-", "-", "-", "-", "no", r.note])
             continue
         d = r.to_dict()
-        rc = " +recompute" if r.mesh.recompute else ""
+        rc = {"full": " +recompute", "selective": " +selective", "none": ""}[r.mesh.granularity]
+        rc += f" vp={r.mesh.vp}" if r.mesh.vp > 1 else ""
         out.append([r.name, f"pp={d['pp']} dp={d['dp']} mp={d['mp']} b={d['micro_batch']}x{d['microbatches']}{rc}",
                     f"{d['step_time_s']:.3f}", f"{d['tokens_per_s']:,.0f}", f"{100 * d['mfu']:.1f}%",
                     f"{d['memory_gb']:.1f}", f"{100 * d['bubble']:.1f}%", "yes" if r.fits else "NO", r.note])

@@ -166,6 +166,13 @@ PLAN_MUTATIONS = [
 ]
 
 
+# Settings meshplan only prices (planner/plan_settings.py): `show` prints them, `run` refuses them
+PRICING_ONLY = [
+    ("meta", {"pipeline": {"virtual_stages": 2}}, "plan.meta.pipeline.virtual_stages"),
+    ("meta", {"moe_folding": {"attention_width": 1}}, "plan.meta.moe_folding"),
+]
+
+
 def plan_case(command: str, field: str, value, needle: str) -> Build:
     def build(tmp: Path):
         path = _write(tmp, "plan.yaml", mutate(PLAN, field, value))
@@ -284,6 +291,7 @@ def cases() -> list[tuple[str, Build]]:
     out += [(f"cluster-{f}={v!r}"[:60], cluster_case(f, v, n)) for f, v, n in CLUSTER_MUTATIONS]
     for cmd in ("show", "run"):
         out += [(f"plan-{cmd}-{f}={v!r}"[:70], plan_case(cmd, f, v, n)) for f, v, n in PLAN_MUTATIONS]
+    out += [(f"plan-run-{f}={v!r}"[:70], plan_case("run", f, v, n)) for f, v, n in PRICING_ONLY]
     out += [(f"run-{' '.join(e)}", run_flag_case(e, n)) for e, n in RUN_FLAGS]
     out += [(f"rl-{f}={v!r}"[:60], rl_case(f, v, n)) for f, v, n in RL_MUTATIONS]
     out += [("rl-out-holds-a-run", rl_out_holds_run)]

@@ -4,6 +4,7 @@ import pytest
 from meshplan.ir import Plan
 from meshplan.ir import graph as G
 from meshplan.planner import MeshConfig, Options, search
+from meshplan.planner.mesh_search import PlannerError
 from meshplan.planner.baselines import baseline, ep_dp_plan, megatron_plan
 from meshplan.planner.cluster import load_cluster
 from meshplan.planner.plans import price_plan
@@ -124,9 +125,11 @@ def test_breakdown_parts_add_up_to_the_step(graph, h800):
 def test_fixed_recompute_is_kept_across_scales(graph, h800):
     """A baseline whose user turned recompute on keeps it at a scale where it would fit without (no knife edge)."""
     g = graph("internal-352b")
-    on = baseline("megatron", g, h800, 1440, 720, Options(seq=8192), pp=15, recompute=True)
+    on = baseline("megatron", g, h800, 1440, 720, Options(seq=8192), pp=15, recompute="full")
     free = baseline("megatron", g, h800, 1440, 720, Options(seq=8192), pp=15)
     assert on.mesh.recompute and not free.mesh.recompute
+    sel = baseline("megatron", g, h800, 1440, 720, Options(seq=8192), pp=15, recompute="selective")
+    assert sel.mesh.granularity == "selective"
 
 
 def test_simulate_numbers_by_hand(graph, h800):
@@ -153,3 +156,20 @@ def test_simulate_numbers_by_hand(graph, h800):
         assert d_["bubble"] == pytest.approx((pp - 1) / (m + pp - 1), abs=1e-12)
         assert pp * d_["dp"] * d_["mp"] == gpus and d_["micro_batch"] * m * d_["dp"] == batch
         assert 0 < d_["memory_gb"] < 80 and d_["fits"]
+
+
+def test_megatron_interleaved_row_prices_virtual_stages(graph, h800):
+    """Megatron at pp=15 with 4 virtual stages per rank (priced only): a quarter of the bubble, still slower than
+    the planner's runnable pick; a depth whose layers do not split into pp x 4 chunks has no such row."""
+    g = graph("internal-352b")
+    plain = baseline("megatron", g, h800, 1440, 720, Options(seq=8192), pp=15, recompute="selective")
+    inter = baseline("megatron", g, h800, 1440, 720, Options(seq=8192), pp=15, recompute="selective", vp=4)
+    assert inter.mesh.vp == 4 and inter.plan.meta["pipeline"]["virtual_stages"] == 4
+    assert inter.problem.bubble_slots == pytest.approx(14 / 4)
+    assert inter.breakdown.step < plain.breakdown.step
+    with pytest.raises(PlannerError, match="no pipeline depth divides"):
+        baseline("megatron", g, h800, 1440, 720, Options(seq=8192), pp=12, vp=4)  # 60 layers != 12 x 4 chunks
+    rows = simulate(g, h800, 1440, 720, Options(seq=8192), baseline_recompute={"megatron": "selective"})
+    planner = rows[0].breakdown.step
+    assert any(r.mesh.vp == 4 for r in rows)
+    assert all(planner <= r.breakdown.step for r in rows if r.fits)

@@ -1,0 +1,84 @@
+"""Plan settings of Megatron-Core runs, priced so that published runs and Megatron-style baselines are compared as
+their users run them (docs/reference.md, "Megatron plan settings"). Selective recompute is a memory setting like
+full recompute (the planner searches it); virtual stages and folding are layouts meshplan's runtime does not run:
+Plan.validate refuses them for `meshplan run`, while `meshplan simulate` and price_plan price them.
+
+* Selective recompute (`--recompute-granularity selective --recompute-modules layernorm moe_act`): the outputs
+  of the norms and of the experts' SwiGLU are not kept; backward reruns them (memory-bound work). An op reading a
+  norm's output no longer keeps its copy of it; the MoE drops its w2 input (the SwiGLU output) and rereads the w1
+  and w3 outputs it keeps to rebuild it.
+* Interleaved 1F1B with v virtual stages per rank (`--num-layers-per-virtual-pipeline-stage`): the bubble is
+  (pp - 1) / v stage slots (Narayanan et al. 2021, section 2.2.2), every micro-batch crosses v times as many
+  stage boundaries, and rank k holds (2 (pp - k - 1) + (v - 1) pp + 1) model chunks of 1/v of its layers in
+  flight (Megatron's interleaved warm-up count): pp + (pp - 1)/v micro-batches' worth on the first stage
+  (Korthikanti et al. 2022, section 4.2.3).
+* MoE parallel folding (Megatron-Core MoE; Liu et al. 2025, arXiv 2504.14960): the non-MoE ops run on a
+  `fold`-wide tensor-parallel sub-axis of the model axis (the other mp / fold ranks join data parallelism); the
+  experts are expert-parallel over the whole model axis. Every rank then holds 1/mp of the tokens on both sides,
+  and the token dispatcher takes each rank's own tokens: no resharding between the MoE and its neighbours.
+"""
+from __future__ import annotations
+
+from ..ir import graph as G
+from ..ir.graph import Op
+from ..ir.placement import Shard
+from . import cost_model as cm
+from .memory import ACT_BYTES
+from .options import MeshConfig
+
+NORM_CONSUMERS = (G.ATTENTION, G.MOE, G.FFN)
+
+
+def sub_mesh(mc: MeshConfig) -> MeshConfig:
+    """The mesh the non-MoE ops of a folded plan run on: mp = fold, the other model-axis ranks data parallel."""
+    t = mc.fold
+    if mc.n % t or (mc.b * t) % mc.n:
+        raise ValueError(f"plan.meta.moe_folding.attention_width: {t} must divide mp={mc.n} and mp / {t} the "
+                         f"micro-batch of {mc.b} sequences per replica")
+    return MeshConfig(t, mc.d * mc.n // t, mc.pp, mc.b * t // mc.n, mc.m, mc.recompute, mc.selective, mc.vp, 0)
+
+
+def inflight(pp: int, k: int, m: int, vp: int) -> float:
+    """Micro-batches' worth of activations live on pipeline stage k (1F1B; interleaved when vp > 1)."""
+    if vp == 1:
+        return min(pp - k, m)
+    return min((2 * (pp - k - 1) + (vp - 1) * pp + 1) / vp, m)
+
+
+def reads_norm(graph: G.Graph, op: Op) -> bool:
+    """Whether the op's first input is a norm's output (which selective recompute reruns instead of keeping)."""
+    return op.kind in NORM_CONSUMERS and bool(op.inputs) and graph.op(op.inputs[0]).kind == G.NORM
+
+
+def selective(graph: G.Graph, op: Op, cand: str, n: int, b: int, seq: int) -> tuple[float, float]:
+    """(activation bytes no longer kept, extra HBM bytes moved to rerun) per micro-batch under selective recompute
+    of norms and MoE activations, for one op under candidate `cand` on a model axis of n ranks."""
+    dropped = rerun = 0.0
+    if reads_norm(graph, op):  # its copy of the norm output: held as the candidate's input placement says
+        meta = op.input_metas[0]
+        sharded = isinstance(cm.placements(op, cand)[0], Shard)
+        dropped += ACT_BYTES * float(graph.evaluate(meta.numel, b, seq)) / (n if sharded else 1)
+    if op.kind == G.MOE:  # the w2 input k·t·f: rebuilt from the kept w1, w3 outputs (read 2, write 1)
+        a = op.attrs
+        act = ACT_BYTES * a["top_k"] * b * seq * a["ffn_dim"] / (1 if cand == "replicate" else n)
+        dropped += act
+        rerun += 3 * act
+    return dropped, rerun
+
+
+def meta_settings(meta: dict) -> dict:
+    """MeshConfig fields (selective, vp, fold) from a plan's meta; recompute (full) is read by plans.mesh_config."""
+    pipe = meta.get("pipeline") or {}
+    fold = meta.get("moe_folding") or {}
+    return {"selective": meta.get("activation_recompute") == "selective",
+            "vp": int(pipe.get("virtual_stages", 1)), "fold": int(fold.get("attention_width", 0))}
+
+
+def write_meta(meta: dict, mc: MeshConfig) -> dict:
+    """Record mc's recompute granularity, virtual stages and folding in a plan's meta (what meta_settings reads)."""
+    meta["activation_recompute"] = mc.granularity
+    if mc.vp > 1:
+        meta.setdefault("pipeline", {})["virtual_stages"] = mc.vp
+    if mc.fold:
+        meta["moe_folding"] = {"attention_width": mc.fold}
+    return meta
