@@ -6,10 +6,10 @@ mesh is (pp, dp, mp) with mp = EP; MoE parallel folding (baselines.folded_plan):
 every other op on the run's TP-wide sub-axis of mp (Megatron's TP + SP; data parallel at TP1), the token dispatcher
 taking each rank's own tokens; micro-batch MBS sequences per GPU; VP virtual pipeline stages (interleaved 1F1B);
 activation recompute as the run publishes it (ModelZoo Qwen3, DeepSeek-V3's recipe: selective, priced as meshplan's
-norms + MoE activations; the Bridge Qwen3 recipe: none), else as Megatron-Bridge's guidance orders it, the first that fits memory: none, selective,
-full. FP8 runs' GEMMs run on the FP8 peak with their operands cast in HBM (Options.gemm_dtype; attention stays
-BF16), gradients reduce-scattered in FP32 (Megatron's default; BF16 where the recipe says so) with the distributed
-optimizer, EP across nodes dispatched by DeepEP (once per destination node,
+norms + MoE activations; the Bridge Qwen3 recipe: none), else as Megatron-Bridge's guidance orders it, the first
+that fits memory: none, selective, full. FP8 runs' GEMMs run on the FP8 peak with their operands cast in HBM
+(Options.gemm_dtype; attention stays BF16), gradients reduce-scattered in FP32 (Megatron's default; BF16 where the
+recipe says so) with the distributed optimizer, EP across nodes dispatched by DeepEP (once per destination node,
 Options.ep_dispatch: what Megatron's cross-node EP recipes on H100 use), routing force-balanced (Megatron-Bridge's
 benchmarks do). The model configs approximate MLA and wide-q GQA (their YAML headers say how). Predicted TFLOP/s =
 the model's 3x forward FLOPs per step / step time / GPUs.

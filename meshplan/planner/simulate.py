@@ -33,7 +33,8 @@ class Row:
         return {"plan": self.name, "pp": m.pp, "dp": m.d, "mp": m.n, "micro_batch": m.b, "microbatches": m.m,
                 "step_time_s": self.breakdown.step, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
                 "memory_gb": max(self.breakdown.memory) / 1e9, "bubble": bubble(m), "virtual_stages": m.vp,
-                "recompute": m.recompute, "recompute_granularity": m.granularity, "moe_folding": m.fold, "error": self.breakdown.error, "fits": self.fits, "note": self.note}
+                "recompute": m.recompute, "recompute_granularity": m.granularity, "moe_folding": m.fold,
+                "error": self.breakdown.error, "fits": self.fits, "note": self.note}
 
 
 def _row(name: str, graph: Graph, cluster: Cluster, r, global_batch: int, seq: int, limit: float,

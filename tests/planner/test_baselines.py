@@ -4,9 +4,9 @@ import pytest
 from meshplan.ir import Plan
 from meshplan.ir import graph as G
 from meshplan.planner import MeshConfig, Options, search
-from meshplan.planner.mesh_search import PlannerError
 from meshplan.planner.baselines import baseline, ep_dp_plan, megatron_plan
 from meshplan.planner.cluster import load_cluster
+from meshplan.planner.mesh_search import PlannerError
 from meshplan.planner.plans import price_plan
 from meshplan.planner.simulate import simulate, table
 from meshplan.resources import shipped
