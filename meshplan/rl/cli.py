@@ -13,7 +13,7 @@ from pathlib import Path
 from ..cli_args import UsageError, int_at_least, nonneg_int, number, standalone
 from .config import load_rl_config, validate
 
-RUN_FILES = ("metrics.jsonl", "checkpoint.pt", "curves.png")  # what a run writes into its --out directory
+RUN_FILES = ("metrics.jsonl", "checkpoints", "curves.png")  # what a run writes into its --out directory
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
@@ -24,7 +24,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int_at_least(1, 256), default=None,
                    help="data-parallel processes (gloo); default: train.nproc")
     resume = p.add_mutually_exclusive_group()
-    resume.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint.pt")
+    resume.add_argument("--resume", action="store_true",
+                        help="continue the run in OUT from its newest OUT/checkpoints/step_NNNNNN/")
     resume.add_argument("--overwrite", action="store_true",
                         help="replace the run in OUT (its metrics, checkpoint and plot) instead of refusing")
     p.add_argument("--steps", type=nonneg_int, default=None, help="RL steps to reach; default: train.steps")
@@ -42,8 +43,10 @@ def add_parsers(subparsers) -> None:
 
 
 def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse an --out that holds a run unless resuming or overwriting; remove stale checkpoint temp files."""
-    from .checkpoint import remove_stale_temps
+    """Refuse an --out that holds a run unless resuming or overwriting; remove saves that died mid-way."""
+    import shutil
+
+    from .checkpoint import remove_partial_steps
 
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out: {str(out)!r} exists and is not a directory")
@@ -53,8 +56,8 @@ def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
                          f"it or --overwrite to replace it")
     if overwrite:
         for name in held:
-            (out / name).unlink()
-    remove_stale_temps(out)
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    remove_partial_steps(out)
 
 
 def cmd_train(args) -> int:

@@ -72,6 +72,15 @@ class TrainConfig:
 
 
 @dataclass
+class PlanConfig:
+    """How meshplan.compile plans the policy and the critic (rl/planning.py)."""
+    cluster: str = "local"  # a configs/clusters name or YAML path: the planner's cost model
+    mesh: str | None = None  # e.g. "dp=1,mp=2" (last axis: the model axis; sizes multiply to nproc); None: searched
+    plan: str = "auto"  # "auto" (the planner) or a plan YAML path (its mesh must have nproc ranks)
+    verify: bool = True  # one step against the single-device model before training (needs it to fit one rank)
+
+
+@dataclass
 class RLConfig:
     name: str = "rl"
     seed: int = 0
@@ -82,6 +91,7 @@ class RLConfig:
     algo: AlgoConfig = field(default_factory=lambda: PRESETS["vapo"]())
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -89,7 +99,7 @@ class RLConfig:
 
 # ---- loading --------------------------------------------------------------------------------------------------
 _NESTED = {"task": TaskConfig, "warmup": WarmupConfig, "rollout": RolloutConfig, "optim": OptimConfig,
-           "train": TrainConfig}
+           "train": TrainConfig, "plan": PlanConfig}
 
 
 def _check_type(value, tp, where: str):

@@ -14,6 +14,7 @@ import yaml
 from meshplan.rl import checkpoint as ckpt_io
 from meshplan.rl.cli import main
 from meshplan.rl.config import RLConfigError, config_from_dict
+from meshplan.rl.distributed import one_rank_world
 from meshplan.rl.metrics import TIMING_KEYS, read_metrics
 from meshplan.rl.trainer import Trainer, train
 
@@ -52,13 +53,14 @@ def test_resume_is_bit_identical(tmp_path, preset, cache):
     # a policy update happened both before and after the resume (DAPO: a mixed group survived dynamic sampling)
     trained = [r["trained"] > 0 and "pg_loss" in r for r in rl]
     assert any(trained[:2]) and any(trained[2:]), trained
-    a, b = ckpt_io.load(tmp_path / "a" / "checkpoint.pt"), ckpt_io.load(tmp_path / "b" / "checkpoint.pt")
+    da, db = ckpt_io.latest_step(tmp_path / "a"), ckpt_io.latest_step(tmp_path / "b")
+    a, b = ckpt_io.load(da / "trainer.pt"), ckpt_io.load(db / "trainer.pt")
     assert a["step"] == b["step"] == 4 and a["samples"] == b["samples"]
-    for model in ("actor", "critic"):
-        if a[model] is None:
-            continue
-        for k in a[model]:
-            assert torch.equal(a[model][k], b[model][k]), f"{model}.{k} differs after resume"
+    for model in ("actor", "critic") if preset == "vapo" else ("actor",):
+        wa, wb = ckpt_io.full_weights(da, model), ckpt_io.full_weights(db, model)  # weights and AdamW state
+        assert wa.keys() == wb.keys() and any(k.startswith("optim.") and k.endswith("exp_avg") for k in wa)
+        for k in wa:
+            assert torch.equal(torch.as_tensor(wa[k]), torch.as_tensor(wb[k])), f"{model}.{k} differs after resume"
     assert a["sampler"] == b["sampler"]
     assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
 
@@ -66,10 +68,18 @@ def test_resume_is_bit_identical(tmp_path, preset, cache):
 def test_checkpoint_metrics_and_plot(tmp_path, cache):
     records = train(config_from_dict(tiny(tmp_path, "ppo", cache, steps=2, plot=True)))
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["checkpoint.pt", "curves.png", "metrics.jsonl"]  # no temporary checkpoint left behind
-    state = ckpt_io.load(tmp_path / "checkpoint.pt")
-    assert {"actor", "critic", "actor_opt", "critic_opt", "rng", "sampler", "step", "samples"} <= set(state)
-    assert set(state["rng"][0]) == {"torch", "python", "numpy"} and state["actor_opt"][0]["state"]
+    assert files == ["checkpoints", "curves.png", "metrics.jsonl"]
+    # value pretraining saved step 0, checkpoint_every=2 step 2; no temporary directory is left
+    steps = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert steps == ["step_000000", "step_000002"], steps
+    last = tmp_path / "checkpoints" / "step_000002"
+    assert sorted(p.name for p in last.iterdir()) == ["actor", "critic", "trainer.pt"]
+    assert (last / "actor" / "step_000002" / ".metadata").is_file()  # DCP: one file per rank plus metadata
+    state = ckpt_io.load(last / "trainer.pt")
+    assert {"rng", "sampler", "step", "samples", "world"} <= set(state) and state["step"] == 2
+    assert set(state["rng"][0]) == {"torch", "python", "numpy"}
+    full = ckpt_io.full_weights(last, "critic")
+    assert full["model.output.weight"].shape[0] == 1 and float(full["optim.output.weight.step"]) > 0
     rl = [r for r in records if r["phase"] == "rl" and r["step"] > 0]
     for key in ("reward", "response_len", "value_loss", "clip_frac", "entropy", "tokens_per_s", "eval_accuracy"):
         assert key in rl[-1], key
@@ -99,9 +109,11 @@ def test_value_pretraining_fits_monte_carlo_returns(tmp_path, monkeypatch, cache
         return original(self, ro, returns, old_values)
 
     monkeypatch.setattr(Trainer, "_update_critic", spy)
-    trainer = Trainer(cfg)
-    policy_before = trainer.actor.full_state_dict()
-    trainer.run()
+    with one_rank_world(60):  # the engines are compiled models: they need a process group
+        trainer = Trainer(cfg)
+        policy_before = trainer.actor.full_state_dict()
+        trainer.run()
+        after = trainer.actor.full_state_dict()
     assert len(seen) == 2  # value_pretrain_steps, and no RL step
     n_right = 0
     for ro, returns, tok in seen:
@@ -114,7 +126,7 @@ def test_value_pretraining_fits_monte_carlo_returns(tmp_path, monkeypatch, cache
             want[plen - 1: plen - 1 + rlen] = float(right)  # action t emits token t + 1
             assert torch.equal(returns[i], want), (text, returns[i])
     assert 0 < n_right < sum(len(ro) for ro, _, _ in seen)  # some right, some wrong
-    after = trainer.actor.full_state_dict()  # the policy is fixed during value pretraining
+    # the policy is fixed during value pretraining
     assert all(torch.equal(policy_before[k], after[k]) for k in after)
 
 
@@ -153,7 +165,8 @@ def test_two_data_parallel_processes_match_one_and_resume(tmp_path, cache):
         assert {k: a[k] for k in a if k in _EXACT} == {k: b[k] for k in b if k in _EXACT}
         for k in set(a) - set(_EXACT):
             assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-5), (a["phase"], a["step"], k)
-    state = ckpt_io.load(tmp_path / "two" / "checkpoint.pt")
-    assert state["world"] == 2 and state["step"] == 4 and len(state["actor_opt"]) == 2 and len(state["rng"]) == 2
-    with pytest.raises(RLConfigError, match="written by 2 processes; resume it with --nproc 2, not 1"):
+    state = ckpt_io.load(ckpt_io.latest_step(tmp_path / "two") / "trainer.pt")
+    assert state["world"] == 2 and state["step"] == 4 and len(state["rng"]) == 2
+    with one_rank_world(60), \
+            pytest.raises(RLConfigError, match="written by 2 processes; resume it with --nproc 2, not 1"):
         Trainer(config_from_dict(tiny(tmp_path / "two", "vapo", cache, temperature=0.0)), resume=True)
