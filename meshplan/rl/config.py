@@ -76,7 +76,9 @@ class PlanConfig:
     """How meshplan.compile plans the policy and the critic (rl/planning.py)."""
     cluster: str = "local"  # a configs/clusters name or YAML path: the planner's cost model
     mesh: str | None = None  # e.g. "dp=1,mp=2" (last axis: the model axis; sizes multiply to nproc); None: searched
-    plan: str = "auto"  # "auto" (the planner) or a plan YAML path (its mesh must have nproc ranks)
+    plan: str = "auto"  # the policy's: "auto" (the planner) or a plan YAML path (its mesh must have nproc ranks)
+    critic_plan: str = "auto"  # the value model's, likewise ("auto" with a policy plan file: on that file's mesh)
+    strategies: str | None = None  # e.g. "attention=tp,moe=ep": forced on every op of that kind (no planner)
     verify: bool = True  # one step against the single-device model before training (needs it to fit one rank)
 
 

@@ -66,19 +66,25 @@ class CompiledEngine(Engine):
     """`model` compiled by meshplan.compile on the initialised torch.distributed world (world 1 included).
     compile copies the model's weights into this rank's shards, so the model must hold the weights to start from.
 
-    plan: "auto" (the planner, on `cluster`, optionally restricted to `mesh`), a Plan, or a plan YAML path.
+    plan: "auto" (the planner, on `cluster`, optionally restricted to `mesh`), a Plan, or a plan YAML path;
+    strategies: op kind -> strategy forced on `mesh`'s last axis instead (compile's strategies=).
     example: the [B, S] token shape the plan is chosen for (the step's minibatch); other shapes run too, padded
     at the end to the multiples the plan splits (causal models: padding after a position never changes it).
     """
 
     def __init__(self, model: nn.Module, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0,
-                 grad_clip: float = 1.0, *, cluster="local", mesh=None, plan="auto", example=(8, 64),
-                 verify: bool = True, pad_id: int = 0):
+                 grad_clip: float = 1.0, *, cluster="local", mesh=None, plan="auto", strategies=None,
+                 example=(8, 64), verify: bool = True, pad_id: int = 0):
+        import torch.distributed as dist
+
         import meshplan
 
+        if not dist.is_initialized():
+            raise RuntimeError("CompiledEngine: torch.distributed is not initialised (meshplan train and "
+                               "rl.distributed.launch / one_rank_world make a world, one rank included)")
         self.model = model
-        self.compiled = meshplan.compile(model, cluster=cluster, mesh=mesh, plan=plan, verify=verify,
-                                         example_inputs=(torch.zeros(example, dtype=torch.long),))
+        self.compiled = meshplan.compile(model, cluster=cluster, mesh=mesh, plan=plan, strategies=strategies,
+                                         verify=verify, example_inputs=(torch.zeros(example, dtype=torch.long),))
         self.pm = self.compiled.module
         self.plan = self.compiled.plan
         self.grad_clip = grad_clip
@@ -152,5 +158,5 @@ class CompiledEngine(Engine):
 
 def build_engine(model: nn.Module, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0, grad_clip: float = 1.0,
                  **plan) -> CompiledEngine:
-    """plan: CompiledEngine's keywords (cluster, mesh, plan, example, verify, pad_id)."""
+    """plan: CompiledEngine's keywords (cluster, mesh, plan, strategies, example, verify, pad_id)."""
     return CompiledEngine(model, lr, betas, weight_decay, grad_clip, **plan)

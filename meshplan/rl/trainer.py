@@ -32,6 +32,7 @@ from .engine import build_engine
 from .losses import clipped_pg_loss, entropy, positive_lm_loss, token_logprobs, value_loss
 from .metrics import MetricsLog, plot_metrics, read_metrics
 from .planning import check_plan_config, compile_options
+from .progress import postfix
 from .rollout import ScoredBatch, collect, evaluate
 from .tasks import PromptSampler, build_task
 from .warmup import cache_key, warmup
@@ -60,6 +61,17 @@ def preflight(cfg: RLConfig) -> None:
     longest = task.max_response_len
     check_sizes(load_config(cfg.model), task, cfg.rollout.max_new_tokens or longest + longest // 4)
     check_plan_config(cfg.plan, cfg.train.nproc)
+
+
+def warmup_cache_path(cfg: RLConfig, world: int) -> Path | None:
+    """Where the warmed-up weights of this config are cached (None: no cache). The world size and the plan change
+    the reduction order, hence the last bits of the weights, so they are part of the key."""
+    if not cfg.warmup.cache:
+        return None
+    key = cache_key(load_config(cfg.model).to_dict(), vars(cfg.task), vars(cfg.warmup), cfg.seed) + f"-w{world}"
+    if vars(cfg.plan) != vars(type(cfg.plan)()):
+        key += "-" + derived_seed(sorted(vars(cfg.plan).items())).to_bytes(8, "little").hex()[:8]
+    return Path(cfg.warmup.cache) / f"warmup-{key}.pt"
 
 
 class Trainer:
@@ -92,18 +104,20 @@ class Trainer:
             # with a fresh scalar head; value pretraining then fits it to the initial policy's returns
             trunk = {k: v for k, v in policy.state_dict().items() if not k.startswith("output.")}
             value.load_state_dict(trunk, strict=False)
-            self.critic = build_engine(value, o.critic_lr, o.betas, o.weight_decay, o.grad_clip, **self._plan())
+            self.critic = build_engine(value, o.critic_lr, o.betas, o.weight_decay, o.grad_clip,
+                                       **self._plan(critic=True))
         self.sampler = PromptSampler(self.task, derived_seed(cfg.seed, "prompts"))
         self.step, self.samples, self.vp_done, self.vp_samples = 0, 0, 0, 0
         if found is not None:
             self._restore(found)
 
-    def _plan(self, batch: int | None = None) -> dict:
+    def _plan(self, batch: int | None = None, critic: bool = False) -> dict:
         """meshplan.compile's options for an engine: rl.plan, planned for one minibatch of full-length rows."""
         r = self.cfg.rollout
         rows = batch or -(-r.prompts_per_step * r.samples_per_prompt // self.cfg.optim.minibatches)
         rows += (-rows) % self.world
-        return compile_options(self.cfg.plan, (rows, self.task.max_prompt_len + self.max_new), self.task.tokenizer.PAD)
+        return compile_options(self.cfg.plan, (rows, self.task.max_prompt_len + self.max_new), self.task.tokenizer.PAD,
+                               critic)
 
     def _engines(self) -> dict:
         return {"actor": self.actor, **({"critic": self.critic} if self.critic else {})}
@@ -117,11 +131,8 @@ class Trainer:
         policy = build_model(self.model_cfg, "lm", seed=self.cfg.seed)
         if wc.steps == 0:
             return policy.state_dict()
-        # the world size changes the data-parallel reduction order, hence the last bits of the weights
-        key = cache_key(self.model_cfg.to_dict(), vars(cfg.task), vars(wc), cfg.seed) + f"-w{self.world}"
-        if vars(cfg.plan) != vars(type(cfg.plan)()):  # another plan reduces in another order
-            key += "-" + derived_seed(sorted(vars(cfg.plan).items())).to_bytes(8, "little").hex()[:8]
-        cache = Path(wc.cache) / f"warmup-{key}.pt" if wc.cache else None
+        cache = warmup_cache_path(cfg, self.world)
+        key = cache.stem[len("warmup-"):] if cache else None
         if cache is not None and cache.exists():
             if self.rank == 0:
                 self.log_metrics.log({"phase": "warmup", "step": 0, "warmup_steps": wc.steps, "cached": str(cache)})
@@ -308,10 +319,18 @@ class Trainer:
     def evaluate(self) -> dict:
         return evaluate(self.actor.rollout_model(), self.task, self.max_new)
 
+    def describe_plans(self) -> str:
+        """What meshplan.compile chose for each model, and how much of the policy the rollouts share."""
+        lines = [f"{name}: {e.plan.summary()}" for name, e in self._engines().items()]
+        return "\n".join(lines + [f"rollouts decode on the policy module: {self.actor.shared_fraction:.0%} of its "
+                                   f"weights shared with the compiled policy, the rest gathered after each update"])
+
     def run(self) -> list[dict]:
         cfg, tr = self.cfg, self.cfg.train
         t_start, cpu_start = time.time(), time.process_time()
         fresh = self.step == 0 and self.vp_done == 0
+        if self.rank == 0:
+            print(self.describe_plans(), flush=True)
         if fresh and self.rank == 0:
             self.log_metrics.log({"phase": "rl", "step": 0, "samples": 0, **self.evaluate(), "time_s": 0.0})
         elif fresh:
@@ -324,6 +343,7 @@ class Trainer:
             return self.step >= tr.steps or (tr.max_samples > 0 and self.samples >= tr.max_samples)
 
         bar = tqdm(total=tr.steps, initial=self.step, desc=cfg.name, disable=self.rank != 0)
+        held_out = None
         while not done():
             rec = self.rl_step()
             self.step += 1
@@ -336,8 +356,9 @@ class Trainer:
                 self.log_metrics.log(rec)
             if self.step % tr.checkpoint_every == 0 or done():
                 self.save()
+            held_out = rec.get("eval_accuracy", held_out)
+            bar.set_postfix(postfix(rec, held_out), refresh=False)
             bar.update(1)
-            bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=rec.get("eval_accuracy", "-"))
         bar.close()
         records = read_metrics(self.log_metrics.path) if self.rank == 0 else []
         if self.rank == 0 and tr.plot and not have("matplotlib"):

@@ -5,7 +5,6 @@ The task is 1-digit addition after 60 warm-up steps (~1 s): the policy answers s
 accuracy 0.375), so rewards, advantages and DAPO's kept groups are not all zero."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from meshplan.rl.cli import main
 from meshplan.rl.config import RLConfigError, config_from_dict
 from meshplan.rl.distributed import one_rank_world
 from meshplan.rl.metrics import TIMING_KEYS, read_metrics
-from meshplan.rl.trainer import Trainer, train
+from meshplan.rl.trainer import Trainer, train, warmup_cache_path
 
 
 @pytest.fixture(scope="module")
@@ -146,19 +145,31 @@ _EXACT = ("reward", "accuracy", "response_len", "truncated", "generated", "train
           "eval_response_len", "samples", "step", "phase")
 
 
-def test_two_data_parallel_processes_match_one_and_resume(tmp_path, cache):
-    """VAPO on 2 gloo processes equals 1 process over 4 RL steps (the second run of 2 resumed at world 2), and a
-    world-2 checkpoint is refused at world 1. Both start from the same warmed-up weights (copied cache entry:
-    60 warm-up AdamW steps amplify the last-bit differences of another reduction order past greedy ties) and
-    decode greedily (each rank samples its prompts with its own generator, so sampled runs differ by world).
-    Mutation tried (benchmarks/mutations.py drop-grad-reduce): GradReducer.reduce reducing no bucket (each rank
-    trains on its half of the batch): fails."""
-    one = train(config_from_dict(tiny(tmp_path / "one", "vapo", cache, temperature=0.0)))
-    for f in list(Path(cache).glob("warmup-*-w1.pt")):
-        shutil.copy(f, f.with_name(f.name.replace("-w1.pt", "-w2.pt")))
-    train(config_from_dict(tiny(tmp_path / "two", "vapo", cache, temperature=0.0, steps=2, nproc=2)))
-    two = train(config_from_dict(tiny(tmp_path / "two", "vapo", cache, temperature=0.0, nproc=2)), resume=True)
-    one, two = _untimed(one), _untimed(two)
+def test_cli_two_model_parallel_processes_match_one_and_resume(tmp_path, cache, capfd):
+    """`meshplan train --nproc 2` under a model-parallel plan (mesh dp=1 x mp=2: tensor-parallel attention,
+    expert-parallel MoE, for the policy and the critic) equals `meshplan train` on one process over 4 VAPO steps,
+    the run of 2 stopped after 2 steps and resumed at world 2 from its DCP checkpoint; a world-2 checkpoint is
+    refused at world 1. Both start from the same warmed-up weights (the 1-process cache entry copied: 60 warm-up
+    AdamW steps amplify the last-bit differences of another reduction order past greedy ties) and decode greedily
+    (each rank samples its prompts with its own generator, so sampled runs differ by world).
+    Mutation tried: grad_clip._copies returning 1 (the replicated norms counted twice): fails."""
+    one_cfg = tiny(tmp_path / "ignored", "vapo", cache, temperature=0.0)
+    two_cfg = {**one_cfg, "plan": {"mesh": "dp=1,mp=2", "strategies": "attention=tp,moe=ep"}}
+    paths = {}
+    for name, d in (("one", one_cfg), ("two", two_cfg)):
+        paths[name] = tmp_path / f"{name}.yaml"
+        paths[name].write_text(yaml.safe_dump(d))
+    assert main(["train", str(paths["one"]), "--out", str(tmp_path / "one")]) == 0
+    src = warmup_cache_path(config_from_dict(one_cfg), 1)
+    shutil.copy(src, warmup_cache_path(config_from_dict(two_cfg), 2))
+    capfd.readouterr()
+    two = ["train", str(paths["two"]), "--nproc", "2", "--out", str(tmp_path / "two")]
+    assert main(two + ["--steps", "2"]) == 0
+    assert main(two + ["--resume"]) == 0
+    out, err = capfd.readouterr()
+    assert "actor: plan for tiny on mesh (dp=1, mp=2)" in out and "ep: 2" in out and "tp: 2" in out, out
+    assert "vloss=" in err and "len=" in err and "acc=" in err  # the progress bar, from rank 0
+    one, two = (_untimed(read_metrics(tmp_path / n / "metrics.jsonl")) for n in ("one", "two"))
     assert [r["phase"] for r in one] == [r["phase"] for r in two] and len([r for r in one if r["step"]]) == 4
     assert any(r.get("reward", 0) > 0 for r in one)
     for a, b in zip(one, two):
@@ -169,4 +180,5 @@ def test_two_data_parallel_processes_match_one_and_resume(tmp_path, cache):
     assert state["world"] == 2 and state["step"] == 4 and len(state["rng"]) == 2
     with one_rank_world(60), \
             pytest.raises(RLConfigError, match="written by 2 processes; resume it with --nproc 2, not 1"):
-        Trainer(config_from_dict(tiny(tmp_path / "two", "vapo", cache, temperature=0.0)), resume=True)
+        Trainer(config_from_dict({**two_cfg, "plan": {}, "train": {**two_cfg["train"], "out": str(tmp_path / "two")}}),
+                resume=True)

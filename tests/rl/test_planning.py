@@ -1,0 +1,49 @@
+"""rl.plan checked in the launcher (one line naming the field), and the progress bar's fields."""
+import pytest
+
+from meshplan.ir import Mesh, Plan, trace
+from meshplan.models import build_model, load_config
+from meshplan.rl.config import PlanConfig, RLConfigError
+from meshplan.rl.planning import check_plan_config, compile_options, parse_mesh, parse_strategies
+from meshplan.rl.progress import postfix
+
+
+def test_mesh_and_strategies_parse():
+    assert parse_mesh("dp=2, mp=4") == Mesh.of(dp=2, mp=4)
+    assert parse_strategies("attention=sp,moe=ep") == {"attention": "sp", "moe": "ep"}
+    for bad in ("dp2", "dp=x", "dp=1,dp=2"):
+        with pytest.raises(RLConfigError, match="rl.plan.mesh"):
+            parse_mesh(bad)
+    with pytest.raises(RLConfigError, match="rl.plan.strategies: 'moe=sp' is not KIND=STRATEGY"):
+        parse_strategies("moe=sp")
+
+
+@pytest.mark.parametrize("fields, nproc, match", [
+    ({"mesh": "dp=1,mp=4"}, 2, r"rl.plan.mesh: \(dp=1, mp=4\) has 4 ranks, but train.nproc is 2"),
+    ({"cluster": "no-such-cluster"}, 1, "rl.plan.cluster"),
+    ({"plan": "missing.yaml"}, 1, "rl.plan.plan: 'missing.yaml' is not 'auto' or a plan YAML file"),
+    ({"strategies": "attention=tp", "critic_plan": "x.yaml"}, 2, "rl.plan.strategies: give strategies or plan"),
+])
+def test_plan_config_refused(fields, nproc, match):
+    with pytest.raises(RLConfigError, match=match):
+        check_plan_config(PlanConfig(**fields), nproc)
+
+
+def test_plan_file_world_and_critic_mesh(tmp_path):
+    """A plan file must have nproc ranks; with no critic plan, the critic is planned on the policy plan's mesh."""
+    path = tmp_path / "p.yaml"
+    Plan.build(trace(build_model(load_config("tiny"))), Mesh.of(dp=2, mp=2)).to_yaml(path)
+    with pytest.raises(RLConfigError, match=r"rl.plan.plan: .* \(4 ranks\), but train.nproc is 2"):
+        check_plan_config(PlanConfig(plan=str(path)), 2)
+    check_plan_config(PlanConfig(plan=str(path)), 4)
+    critic = compile_options(PlanConfig(plan=str(path)), (8, 32), 0, critic=True)
+    assert critic["plan"] == "auto" and critic["mesh"] == Mesh.of(dp=2, mp=2)
+
+
+def test_progress_bar_fields():
+    rec = {"reward": 0.25, "accuracy": 0.25, "response_len": 17.0, "value_loss": 0.0123}
+    assert postfix(rec, 0.5) == {"reward": "0.250", "acc": "0.250", "eval": "0.500", "len": "17.0",
+                                 "vloss": "0.0123"}
+    assert postfix({**rec, "eval_accuracy": 0.75}, 0.5)["eval"] == "0.750"  # this step's evaluation wins
+    grpo = {k: v for k, v in rec.items() if k != "value_loss"}
+    assert postfix(grpo, None) == {"reward": "0.250", "acc": "0.250", "len": "17.0"}
