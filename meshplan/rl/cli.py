@@ -31,6 +31,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=nonneg_int, default=None, help="RL steps to reach; default: train.steps")
     p.add_argument("--out", default=None, help="output directory; default: train.out")
     p.add_argument("--seed", type=nonneg_int, default=None, help="override the config's seed")
+    p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default=None,
+                   help="collective backend; default: train.backend (auto: NCCL when every local rank has a GPU of "
+                        "its own, else gloo)")
     p.add_argument("--timeout", type=number(0.0, 86400.0, lo_open=True), default=600.0,
                    help="collective timeout in seconds: a hung or stopped rank ends the run after this (+ a few s)")
     p.set_defaults(func=cmd_train)
@@ -72,6 +75,8 @@ def cmd_train(args) -> int:
         cfg.train.out = args.out
     if args.seed is not None:
         cfg.seed = args.seed
+    if args.backend is not None:
+        cfg.train.backend = args.backend
     validate(cfg)
     preflight(cfg)
     prepare_out(Path(cfg.train.out), args.resume, args.overwrite)

@@ -69,6 +69,7 @@ class TrainConfig:
     # threads that lose their core to another process stall every op (measured: 30x slower steps at load 8)
     threads: int = 1
     plot: bool = True
+    backend: str = "auto"  # "auto": NCCL when every local rank has a GPU of its own, else gloo; or "gloo" / "nccl"
 
 
 @dataclass

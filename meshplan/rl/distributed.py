@@ -16,9 +16,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+BACKENDS = ("auto", "gloo", "nccl")
 
-def backend_for(local_world: int) -> str:
-    """NCCL when this machine has a GPU for each of its `local_world` ranks, else gloo."""
+
+def backend_for(local_world: int, backend: str = "auto") -> str:
+    """NCCL when this machine has a GPU for each of its `local_world` ranks, else gloo ("auto"); or as given."""
+    if backend != "auto":
+        return backend
     return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local_world else "gloo"
 
 
@@ -58,14 +62,14 @@ def barrier() -> None:
         dist.barrier()
 
 
-def launch(fn, nproc: int, *args, timeout_s: float = 600.0) -> None:
+def launch(fn, nproc: int, *args, timeout_s: float = 600.0, backend: str = "auto") -> None:
     """Run fn(rank, world, *args) on nproc ranks: this process's world when torch.distributed is initialised
     (tests, notebooks) or under torchrun (env://, its world size must be nproc), else nproc local processes
     (this process when nproc == 1)."""
     from ..runtime.local_spawn import spawn
 
     if dist.is_initialized() or under_torchrun():
-        with joined_world(timeout_s) as (rank, world):
+        with joined_world(timeout_s, backend) as (rank, world):
             if world != nproc:
                 from ..cli_args import RunFailed
 
@@ -75,7 +79,7 @@ def launch(fn, nproc: int, *args, timeout_s: float = 600.0) -> None:
     if nproc > 1:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", nproc))
         try:
-            spawn(nproc, fn, *args, backend=backend_for(local), timeout_s=timeout_s, start_method="spawn",
+            spawn(nproc, fn, *args, backend=backend_for(local, backend), timeout_s=timeout_s, start_method="spawn",
                   threads=1)
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
             from ..cli_args import RunFailed
@@ -83,12 +87,12 @@ def launch(fn, nproc: int, *args, timeout_s: float = 600.0) -> None:
 
             raise RunFailed(first_line_of_failure(e)) from None
         return
-    with one_rank_world(timeout_s):
+    with one_rank_world(timeout_s, backend):
         fn(0, 1, *args)
 
 
 @contextmanager
-def joined_world(timeout_s: float = 600.0):
+def joined_world(timeout_s: float = 600.0, backend: str = "auto"):
     """The caller's initialised world (left to the caller), or torchrun's env:// one (destroyed afterwards)."""
     from ..runtime.process_groups import init_distributed
 
@@ -96,7 +100,7 @@ def joined_world(timeout_s: float = 600.0):
         yield dist.get_rank(), dist.get_world_size()
         return
     local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-    rank, world = init_distributed(backend_for(local), timeout_s)
+    rank, world = init_distributed(backend_for(local, backend), timeout_s)
     try:
         yield rank, world
     finally:
@@ -104,7 +108,7 @@ def joined_world(timeout_s: float = 600.0):
 
 
 @contextmanager
-def one_rank_world(timeout_s: float = 600.0):
+def one_rank_world(timeout_s: float = 600.0, backend: str = "auto"):
     """A one-rank world in this process (the runtime and DCP need a process group), unless one exists."""
     from ..runtime.local_spawn import init_local, private_store
 
@@ -112,7 +116,7 @@ def one_rank_world(timeout_s: float = 600.0):
         yield
         return
     with private_store() as init_method:
-        init_local(init_method, 0, 1, backend_for(1), timeout_s)
+        init_local(init_method, 0, 1, backend_for(1, backend), timeout_s)
         try:
             yield
         finally:

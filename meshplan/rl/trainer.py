@@ -11,6 +11,7 @@ rank), and the prompt stream's state is checkpointed, so a resumed run repeats t
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import time
 from collections import defaultdict
@@ -27,7 +28,7 @@ from . import checkpoint as ckpt_io
 from .advantages import final_token_rewards, monte_carlo_returns
 from .algorithms import advantages_and_returns, mixed_groups, shaped_scores
 from .config import RLConfig, RLConfigError
-from .distributed import all_gather_objects, barrier, launch, set_threads
+from .distributed import BACKENDS, all_gather_objects, barrier, launch, set_threads
 from .engine import build_engine
 from .losses import clipped_pg_loss, entropy, positive_lm_loss, token_logprobs, value_loss
 from .metrics import MetricsLog, plot_metrics, read_metrics
@@ -61,6 +62,12 @@ def preflight(cfg: RLConfig) -> None:
     longest = task.max_response_len
     check_sizes(load_config(cfg.model), task, cfg.rollout.max_new_tokens or longest + longest // 4)
     check_plan_config(cfg.plan, cfg.train.nproc)
+    if cfg.train.backend not in BACKENDS:
+        raise RLConfigError(f"rl.train.backend: {cfg.train.backend!r} is not one of {', '.join(BACKENDS)}")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cfg.train.backend == "nccl" and gpus < min(cfg.train.nproc, int(os.environ.get("LOCAL_WORLD_SIZE", 1 << 30))):
+        raise RLConfigError(f"rl.train.backend: nccl needs a GPU per local rank; this machine has {gpus} for "
+                            f"train.nproc={cfg.train.nproc}")
 
 
 def warmup_cache_path(cfg: RLConfig, world: int) -> Path | None:
@@ -374,6 +381,6 @@ def _worker(rank: int, world: int, cfg: RLConfig, resume: bool) -> None:
 
 
 def train(cfg: RLConfig, resume: bool = False, timeout_s: float = 600.0) -> list[dict]:
-    """Run the configured training in cfg.train.nproc gloo processes; returns the metrics records."""
-    launch(_worker, cfg.train.nproc, cfg, resume, timeout_s=timeout_s)
+    """Run the configured training on cfg.train.nproc ranks (distributed.launch); returns the metrics records."""
+    launch(_worker, cfg.train.nproc, cfg, resume, timeout_s=timeout_s, backend=cfg.train.backend)
     return read_metrics(Path(cfg.train.out) / "metrics.jsonl")

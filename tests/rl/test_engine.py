@@ -29,7 +29,7 @@ def _steps(engine, plain, clip: float, steps: int = 2):
 def test_engine_matches_the_plain_module():
     """One rank: bit-for-bit torch's clipping (the norm is computed as clip_grad_norm_ does) and the same
     weights; every parameter is replicated, so the rollout module shares all of them (no copy)."""
-    with one_rank_world(60):
+    with one_rank_world(60, "gloo"):
         for head in ("lm", "value"):
             plain = build_model(load_config("tiny"), head=head, seed=1)
             engine = CompiledEngine(build_model(load_config("tiny"), head=head, seed=1), lr=1e-2, grad_clip=0.05,
@@ -76,7 +76,7 @@ def test_two_processes_under_model_parallel_plans(tmp_path):
     after two AdamW steps and the rollout module equal the plain module's on both ranks; the rollout module shares
     the replicated parameters and gathers the sharded ones.
     Mutation tried: grad_clip._copies returning 1 (replicated pieces counted twice): the norms differ."""
-    launch(_two_rank_worker, 2, str(tmp_path), timeout_s=120)
+    launch(_two_rank_worker, 2, str(tmp_path), timeout_s=120, backend="gloo")
     for r in range(2):
         report = json.loads((tmp_path / f"rank{r}.json").read_text())
         for head, rep in report.items():

@@ -47,3 +47,32 @@ def test_progress_bar_fields():
     assert postfix({**rec, "eval_accuracy": 0.75}, 0.5)["eval"] == "0.750"  # this step's evaluation wins
     grpo = {k: v for k, v in rec.items() if k != "value_loss"}
     assert postfix(grpo, None) == {"reward": "0.250", "acc": "0.250", "len": "17.0"}
+
+
+def test_backend_follows_each_ranks_device(monkeypatch):
+    """NCCL only when every local rank gets a GPU of its own (not because some GPU exists); gloo otherwise."""
+    import torch
+
+    from meshplan.rl.distributed import backend_for
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert backend_for(1) == "nccl" and backend_for(2) == "gloo" and backend_for(2, "nccl") == "nccl"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert backend_for(1) == "gloo"
+
+
+def test_nccl_without_gpus_is_refused_in_the_launcher(monkeypatch):
+    import torch
+
+    from meshplan.rl.config import config_from_dict
+    from meshplan.rl.trainer import preflight
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = config_from_dict({"model": "tiny", "algo": {"preset": "grpo"}, "train": {"backend": "nccl"}})
+    with pytest.raises(RLConfigError, match="rl.train.backend: nccl needs a GPU per local rank; this machine has 0"):
+        preflight(cfg)
+    cfg.train.backend = "mpi"
+    with pytest.raises(RLConfigError, match="rl.train.backend: 'mpi' is not one of auto, gloo, nccl"):
+        preflight(cfg)

@@ -31,7 +31,7 @@ def tiny(out, preset="vapo", cache=None, temperature=1.0, **train_over):
          "rollout": {"prompts_per_step": 2, "samples_per_prompt": 4, "temperature": temperature},
          "algo": {"preset": preset, **({"value_pretrain_steps": 2} if preset in ("vapo", "ppo") else {})},
          "train": {"steps": 4, "eval_every": 2, "checkpoint_every": 2, "out": str(out), "threads": 1,
-                   "plot": False, **train_over}}
+                   "plot": False, "backend": "gloo", **train_over}}  # CPU ranks even where a GPU is
     return d
 
 
@@ -108,7 +108,7 @@ def test_value_pretraining_fits_monte_carlo_returns(tmp_path, monkeypatch, cache
         return original(self, ro, returns, old_values)
 
     monkeypatch.setattr(Trainer, "_update_critic", spy)
-    with one_rank_world(60):  # the engines are compiled models: they need a process group
+    with one_rank_world(60, "gloo"):  # the engines are compiled models: they need a process group
         trainer = Trainer(cfg)
         policy_before = trainer.actor.full_state_dict()
         trainer.run()
@@ -178,7 +178,7 @@ def test_cli_two_model_parallel_processes_match_one_and_resume(tmp_path, cache, 
             assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-5), (a["phase"], a["step"], k)
     state = ckpt_io.load(ckpt_io.latest_step(tmp_path / "two") / "trainer.pt")
     assert state["world"] == 2 and state["step"] == 4 and len(state["rng"]) == 2
-    with one_rank_world(60), \
+    with one_rank_world(60, "gloo"), \
             pytest.raises(RLConfigError, match="written by 2 processes; resume it with --nproc 2, not 1"):
         Trainer(config_from_dict({**two_cfg, "plan": {}, "train": {**two_cfg["train"], "out": str(tmp_path / "two")}}),
                 resume=True)
