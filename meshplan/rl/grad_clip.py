@@ -1,6 +1,7 @@
 """Global gradient-norm clipping of a ParallelModel's shards, correct under any plan.
 
-The one function the RL engine clips with (a runtime-wide, DTensor-based clip can replace it at one call site).
+The one function the RL engine clips with (a runtime-wide, DTensor-based clip can replace it at one call site);
+the identity it rests on: docs/reference.md, "Backends and global gradient norms".
 A parameter's local shard holds 1/n of its gradient along each mesh axis the plan shards it on, and a whole copy
 along every other axis; so the squared global norm is the sum over ranks of each shard's squared norm divided by
 the number of ranks holding the same piece (the product of the sizes of its replicated axes), all-reduced over
