@@ -328,7 +328,8 @@ class Trainer:
 
     def describe_plans(self) -> str:
         """What meshplan.compile chose for each model, and how much of the policy the rollouts share."""
-        lines = [f"{name}: {e.plan.summary()}" for name, e in self._engines().items()]
+        lines = [f"{name}: {e.plan.summary()}" + (f"; {e.compiled.verify_report}" if e.compiled.verify_report else "")
+                 for name, e in self._engines().items()]
         return "\n".join(lines + [f"rollouts decode on the policy module: {self.actor.shared_fraction:.0%} of its "
                                    f"weights shared with the compiled policy, the rest gathered after each update"])
 

@@ -75,7 +75,8 @@ def test_two_processes_under_model_parallel_plans(tmp_path):
     ag_scatter experts (value head). Forward (on a shape the SP plan must pad), clipped gradient norm, weights
     after two AdamW steps and the rollout module equal the plain module's on both ranks; the rollout module shares
     the replicated parameters and gathers the sharded ones.
-    Mutation tried: grad_clip._copies returning 1 (replicated pieces counted twice): the norms differ."""
+    Mutations (benchmarks/mutations.py): rl-clip-copies (replicated pieces counted twice): the norms differ;
+    rl-stale-rollout (sharded weights never re-gathered): the rollout module differs; drop-grad-reduce: fails."""
     launch(_two_rank_worker, 2, str(tmp_path), timeout_s=120, backend="gloo")
     for r in range(2):
         report = json.loads((tmp_path / f"rank{r}.json").read_text())

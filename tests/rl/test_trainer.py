@@ -42,7 +42,7 @@ def _untimed(records):
 
 @pytest.mark.parametrize("preset", ["vapo", "dapo"])
 def test_resume_is_bit_identical(tmp_path, preset, cache):
-    """Mutation tried: Trainer._restore skips load_optimizer_state_dict (the resumed AdamW restarts): fails."""
+    """Mutation (benchmarks/mutations.py resume-no-optim): the DCP load skipping the AdamW state: fails."""
     straight = train(config_from_dict(tiny(tmp_path / "a", preset, cache)))
     train(config_from_dict(tiny(tmp_path / "b", preset, cache, steps=2)))
     resumed = train(config_from_dict(tiny(tmp_path / "b", preset, cache)), resume=True)
@@ -152,7 +152,7 @@ def test_cli_two_model_parallel_processes_match_one_and_resume(tmp_path, cache, 
     refused at world 1. Both start from the same warmed-up weights (the 1-process cache entry copied: 60 warm-up
     AdamW steps amplify the last-bit differences of another reduction order past greedy ties) and decode greedily
     (each rank samples its prompts with its own generator, so sampled runs differ by world).
-    Mutation tried: grad_clip._copies returning 1 (the replicated norms counted twice): fails."""
+    Mutations (benchmarks/mutations.py): rl-clip-copies, drop-grad-reduce: fail."""
     one_cfg = tiny(tmp_path / "ignored", "vapo", cache, temperature=0.0)
     two_cfg = {**one_cfg, "plan": {"mesh": "dp=1,mp=2", "strategies": "attention=tp,moe=ep"}}
     paths = {}
