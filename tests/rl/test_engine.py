@@ -6,6 +6,7 @@ import json
 import torch
 
 from meshplan.models import build_model, load_config
+from meshplan.rl.checkpoint import latest_step, load_engines, save_run
 from meshplan.rl.distributed import launch, one_rank_world, shard
 from meshplan.rl.engine import CompiledEngine, make_optimizer, pad_multiples
 
@@ -65,16 +66,37 @@ def _two_rank_worker(rank: int, world: int, outdir: str) -> None:
         rollout = (engine.rollout_model()(TOKENS) - plain(TOKENS)).abs().max().item()
         report[head] = {"forward": fwd, "weights_rel": rel, "norms": norms, "rollout": rollout,
                         "mesh": engine.plan.mesh.to_dict(), "shared": engine.shared_fraction,
-                        "strategies": sorted({p.strategy for p in engine.plan.ops.values()})}
+                        "strategies": sorted({p.strategy for p in engine.plan.ops.values()}),
+                        "resumed": _resume_is_exact(engine, head, plan, f"{outdir}/{head}")}
     with open(f"{outdir}/rank{rank}.json", "w") as f:
         json.dump(report, f)
+
+
+def _resume_is_exact(engine, head: str, plan, root: str) -> bool:
+    """Save the sharded engine as a run checkpoint, load it into an engine built from other weights, take one more
+    step on both: weights, AdamW state and the rollout module must agree bit for bit."""
+    save_run(root, 2, {"m": engine}, {"world": 2})
+    fresh = CompiledEngine(build_model(load_config("tiny"), head=head, seed=7), lr=1e-2, grad_clip=0.05, plan=plan,
+                           example=(4, 12))
+    fresh.rollout_model()  # gathered once before the load: the load must make the next call gather again
+    load_engines(latest_step(root), {"m": fresh})
+    loaded = torch.equal(engine.rollout_model()(TOKENS), fresh.rollout_model()(TOKENS))
+    for e in (engine, fresh):
+        e.backward(e(TOKENS).float().square().mean())
+        e.step()
+    a, b = engine.full_state_dict(), fresh.full_state_dict()
+    opt_a, opt_b = engine.optimizer.state_dict()["state"], fresh.optimizer.state_dict()["state"]
+    same_opt = all(torch.equal(opt_a[i][k], opt_b[i][k]) for i in opt_a for k in opt_a[i])
+    rollout = torch.equal(engine.rollout_model()(TOKENS), fresh.rollout_model()(TOKENS))
+    return all(torch.equal(a[k], b[k]) for k in a) and same_opt and rollout and loaded
 
 
 def test_two_processes_under_model_parallel_plans(tmp_path):
     """World 2, mesh (dp=1, mp=2): TP attention + EP experts + vocab-parallel embedding (lm head), SP attention +
     ag_scatter experts (value head). Forward (on a shape the SP plan must pad), clipped gradient norm, weights
     after two AdamW steps and the rollout module equal the plain module's on both ranks; the rollout module shares
-    the replicated parameters and gathers the sharded ones.
+    the replicated parameters and gathers the sharded ones. A run checkpoint of the sharded engine resumes
+    bit-identically.
     Mutations (benchmarks/mutations.py): rl-clip-copies (replicated pieces counted twice): the norms differ;
     rl-stale-rollout (sharded weights never re-gathered): the rollout module differs; drop-grad-reduce: fails."""
     launch(_two_rank_worker, 2, str(tmp_path), timeout_s=120, backend="gloo")
@@ -87,6 +109,7 @@ def test_two_processes_under_model_parallel_plans(tmp_path):
                 assert abs(got - want) <= 1e-5 * want and want > 0.05, (r, head, rep["norms"])
             assert rep["weights_rel"] < 1e-4, (r, head, rep)  # AdamW divides out the gradient scale: fp32 sums
             assert 0.0 < rep["shared"] < 1.0, rep  # experts gathered, the rest shared
+            assert rep["resumed"], (r, head)  # DCP save + load under the sharded plan, then a step: bit-identical
 
 
 def test_pad_multiples_follow_the_plan():
