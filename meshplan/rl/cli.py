@@ -7,11 +7,13 @@ is refused unless --resume continues it or --overwrite replaces it).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from ..cli_args import UsageError, int_at_least, nonneg_int, number, standalone
 from .config import load_rl_config, validate
+from .distributed import under_torchrun
 
 RUN_FILES = ("metrics.jsonl", "checkpoints", "curves.png")  # what a run writes into its --out directory
 
@@ -45,8 +47,9 @@ def add_parsers(subparsers) -> None:
     add_train_parser(subparsers)
 
 
-def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse an --out that holds a run unless resuming or overwriting; remove saves that died mid-way."""
+def prepare_out(out: Path, resume: bool, overwrite: bool, writer: bool = True) -> None:
+    """Refuse an --out that holds a run unless resuming or overwriting; remove saves that died mid-way.
+    writer=False (every torchrun rank but 0): check only, so the ranks agree and one process deletes."""
     import shutil
 
     from .checkpoint import remove_partial_steps
@@ -57,6 +60,8 @@ def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     if held and not (resume or overwrite):
         raise UsageError(f"--out: {str(out)!r} already holds a run ({', '.join(held)}); pass --resume to continue "
                          f"it or --overwrite to replace it")
+    if not writer:
+        return
     if overwrite:
         for name in held:
             shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
@@ -67,7 +72,12 @@ def cmd_train(args) -> int:
     from .trainer import preflight, train
 
     cfg = load_rl_config(args.config)
-    if args.nproc is not None:
+    if under_torchrun():  # the world is torchrun's
+        world = int(os.environ["WORLD_SIZE"])
+        if args.nproc is not None and args.nproc != world:
+            raise UsageError(f"--nproc: {args.nproc}, but torchrun started {world} ranks (drop --nproc under torchrun)")
+        cfg.train.nproc = world
+    elif args.nproc is not None:
         cfg.train.nproc = args.nproc
     if args.steps is not None:
         cfg.train.steps = args.steps
@@ -79,14 +89,15 @@ def cmd_train(args) -> int:
         cfg.train.backend = args.backend
     validate(cfg)
     preflight(cfg)
-    prepare_out(Path(cfg.train.out), args.resume, args.overwrite)
-    if cfg.warmup.cache:
+    writer = not under_torchrun() or os.environ.get("RANK") == "0"  # under torchrun every rank runs this
+    prepare_out(Path(cfg.train.out), args.resume, args.overwrite, writer)
+    if cfg.warmup.cache and writer:
         from .checkpoint import remove_stale_temps
 
         remove_stale_temps(cfg.warmup.cache)  # an interrupted cache write leaves its temp file here too
     records = train(cfg, resume=args.resume, timeout_s=args.timeout)
     evals = [r for r in records if r.get("phase") == "rl" and "eval_accuracy" in r]
-    if evals:
+    if evals and writer:
         print(f"held-out accuracy: {evals[0]['eval_accuracy']:.3f} at step {evals[0]['step']} -> "
               f"{evals[-1]['eval_accuracy']:.3f} at step {evals[-1]['step']}; metrics in {cfg.train.out}/metrics.jsonl")
     return 0
