@@ -76,3 +76,27 @@ def test_nccl_without_gpus_is_refused_in_the_launcher(monkeypatch):
     cfg.train.backend = "mpi"
     with pytest.raises(RLConfigError, match="rl.train.backend: 'mpi' is not one of auto, gloo, nccl"):
         preflight(cfg)
+
+
+def test_launch_joins_torchruns_world(monkeypatch):
+    """Under torchrun (RANK, WORLD_SIZE, MASTER_ADDR set) a rank joins the env:// rendezvous with the backend of
+    its device and leaves the group afterwards; a train.nproc other than torchrun's world is refused."""
+    import socket
+
+    import torch.distributed as dist
+
+    from meshplan.cli_args import RunFailed
+    from meshplan.rl.distributed import launch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(k, v)
+    seen = []
+    launch(lambda rank, world: seen.append((rank, world, dist.get_backend())), 1, timeout_s=30, backend="gloo")
+    assert seen == [(0, 1, "gloo")] and not dist.is_initialized()
+    with pytest.raises(RunFailed, match="train.nproc is 2, but the torch.distributed world has 1 ranks"):
+        launch(lambda rank, world: None, 2, timeout_s=30, backend="gloo")
+    assert not dist.is_initialized()
