@@ -169,15 +169,17 @@ class Trainer:
         ckpt_io.save_run(self.out, self.step, self._engines(), state)
 
     def _restore(self, path: Path) -> None:
-        trainer_state = ckpt_io.load(path / "trainer.pt")
-        if trainer_state["world"] != self.world:  # DCP would reshard the weights, but each rank has its own RNG
-            raise RLConfigError(f"--resume: checkpoint {path} was written by {trainer_state['world']} processes; "
-                                f"resume it with --nproc {trainer_state['world']}, not {self.world}")
+        """Resume from a step directory, at any world size and plan: DCP reshards the weights and AdamW state, and
+        every random draw of a step comes from generators seeded by (seed, phase, step, rank), so the run continues
+        as a run at this world size would from the same state (bit-identical at the same world and plan)."""
+        state = ckpt_io.load(path / "trainer.pt")
+        if state["world"] != self.world and self.rank == 0:
+            print(f"--resume: {path.name} was written by {state['world']} ranks, resuming on {self.world}: the "
+                  f"weights are resharded; the prompts of each step split over {self.world} ranks from here on")
         ckpt_io.load_engines(path, self._engines())
-        state = trainer_state
         self.step, self.samples = state["step"], state["samples"]
         self.vp_done, self.vp_samples = state["vp_done"], state["vp_samples"]
-        ckpt_io.set_rng_state(state["rng"][self.rank])
+        ckpt_io.set_rng_state(state["rng"][min(self.rank, len(state["rng"]) - 1)])
         self.sampler.load_state_dict(state["sampler"])
 
     # ---- batches ------------------------------------------------------------------------------------------

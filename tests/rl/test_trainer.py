@@ -12,7 +12,7 @@ import yaml
 
 from meshplan.rl import checkpoint as ckpt_io
 from meshplan.rl.cli import main
-from meshplan.rl.config import RLConfigError, config_from_dict
+from meshplan.rl.config import config_from_dict
 from meshplan.rl.distributed import one_rank_world
 from meshplan.rl.metrics import TIMING_KEYS, read_metrics
 from meshplan.rl.trainer import Trainer, train, warmup_cache_path
@@ -148,10 +148,10 @@ _EXACT = ("reward", "accuracy", "response_len", "truncated", "generated", "train
 def test_cli_two_model_parallel_processes_match_one_and_resume(tmp_path, cache, capfd):
     """`meshplan train --nproc 2` under a model-parallel plan (mesh dp=1 x mp=2: tensor-parallel attention,
     expert-parallel MoE, for the policy and the critic) equals `meshplan train` on one process over 4 VAPO steps,
-    the run of 2 stopped after 2 steps and resumed at world 2 from its DCP checkpoint; a world-2 checkpoint is
-    refused at world 1. Both start from the same warmed-up weights (the 1-process cache entry copied: 60 warm-up
-    AdamW steps amplify the last-bit differences of another reduction order past greedy ties) and decode greedily
-    (each rank samples its prompts with its own generator, so sampled runs differ by world).
+    the run of 2 stopped after 2 steps and resumed at world 2 from its DCP checkpoint; the world-2 checkpoint then
+    resumes at world 1 (resharded). Both start from the same warmed-up weights (the 1-process cache entry copied:
+    60 warm-up AdamW steps amplify the last-bit differences of another reduction order past greedy ties) and decode
+    greedily (each rank samples its prompts with its own generator, so sampled runs differ by world).
     Mutations (benchmarks/mutations.py): rl-clip-copies, drop-grad-reduce: fail."""
     one_cfg = tiny(tmp_path / "ignored", "vapo", cache, temperature=0.0)
     two_cfg = {**one_cfg, "plan": {"mesh": "dp=1,mp=2", "strategies": "attention=tp,moe=ep"}}
@@ -178,7 +178,14 @@ def test_cli_two_model_parallel_processes_match_one_and_resume(tmp_path, cache, 
             assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-5), (a["phase"], a["step"], k)
     state = ckpt_io.load(ckpt_io.latest_step(tmp_path / "two") / "trainer.pt")
     assert state["world"] == 2 and state["step"] == 4 and len(state["rng"]) == 2
-    with one_rank_world(60, "gloo"), \
-            pytest.raises(RLConfigError, match="written by 2 processes; resume it with --nproc 2, not 1"):
-        Trainer(config_from_dict({**two_cfg, "plan": {}, "train": {**two_cfg["train"], "out": str(tmp_path / "two")}}),
-                resume=True)
+    # the world-2 TP/EP checkpoint resumes on one rank under its default plan: DCP reshards every parameter
+    saved = ckpt_io.full_weights(ckpt_io.latest_step(tmp_path / "two"), "critic")
+    with one_rank_world(60, "gloo"):
+        one_rank = Trainer(config_from_dict({**two_cfg, "plan": {}, "train": {**two_cfg["train"],
+                                                                              "out": str(tmp_path / "two")}}),
+                           resume=True)
+        loaded = one_rank.critic.full_state_dict()
+    assert one_rank.step == 4 and one_rank.samples == state["samples"]
+    assert all(torch.equal(v, saved[f"model.{k}"]) for k, v in loaded.items() if f"model.{k}" in saved)
+    assert {f"model.{n}" for n, _ in one_rank.critic.pm.named_parameters()} <= set(saved)
+    assert "resuming on 1" in capfd.readouterr().out
