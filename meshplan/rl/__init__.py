@@ -1,7 +1,8 @@
 """RL for LLMs on meshplan: VAPO and its baselines (PPO, GRPO, DAPO) as configurations of one trainer.
 
 Files: tasks (verifiable arithmetic + tokenizer), sampling (KV-cached rollouts), rollout (scoring, eval),
-advantages / losses (the formulas), algorithms (presets and flags), engine (runtime-backed forward/step),
+advantages / losses (the formulas), algorithms (presets and flags), engine (meshplan.compile-d forward/step),
+planning (rl.plan), grad_clip, progress (the bar),
 warmup, trainer, checkpoint, metrics, distributed, config, cli.
 """
 from .algorithms import PRESETS, AlgoConfig

@@ -1,4 +1,5 @@
-"""Atomic checkpoints and the RNG states a bit-identical resume needs; nothing is ever unpickled.
+"""Run checkpoints (DCP step directories) and the RNG states a bit-identical resume needs; nothing is ever
+unpickled.
 
 Checkpoints and the warm-up cache hold only tensors and plain containers of numbers and strings (the RNG states
 are converted to tensors), so `load` reads them with torch.load(weights_only=True): a crafted file cannot run
@@ -86,3 +87,114 @@ def _running(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# ---- run checkpoints: DCP shards of the policy and the critic, plus the trainer's state ---------------------------
+# out/checkpoints/step_000004/
+#     actor/step_000004/   DCP (runtime/checkpoint.py): every rank's shards of the policy and its AdamW state
+#     critic/step_000004/  the same for the value model (absent without a critic)
+#     trainer.pt           counters, per-rank RNG states, the prompt stream (tensors and numbers only)
+# All of it is written into .tmp_step_000004/ and renamed into place by rank 0 once complete, so a step directory
+# is complete or absent; the newest KEEP are kept.
+KEEP = 2
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+def checkpoint_root(out: str | Path) -> Path:
+    return Path(out) / "checkpoints"
+
+
+def latest_step(out: str | Path) -> Path | None:
+    """The newest complete step directory of the run in `out` (temporary ones are never returned)."""
+    from ..runtime.checkpoint import latest
+
+    return latest(checkpoint_root(out))
+
+
+def save_run(out: str | Path, step: int, engines: dict, trainer_state: dict) -> Path:
+    """A collective: every rank writes its shards of each engine ({"actor": e, "critic": e}); rank 0 writes
+    trainer_state and renames the directory into place. An existing step directory is replaced."""
+    import shutil
+
+    import torch.distributed as dist
+
+    from ..runtime import checkpoint as dcp_io
+
+    root = checkpoint_root(out)
+    name = f"step_{step:06d}"
+    tmp, final = root / f".tmp_{name}", root / name
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    for key, engine in engines.items():
+        dcp_io.save(engine.pm, engine.optimizer, tmp / key, step)
+    if rank == 0:
+        save_atomic(trainer_state, tmp / "trainer.pt")
+        if final.exists():  # the same step saved again (a re-run phase): the new one replaces it
+            old = root / f".old_{name}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(root)
+        steps = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir())
+        for p in steps[:-KEEP]:
+            shutil.rmtree(p)
+    dist.barrier()
+    return final
+
+
+def load_engines(path: Path, engines: dict) -> None:
+    """Fill each engine's shards and optimizer state from the step directory `path` (a collective; any plan, as
+    DCP reshards). The trainer state is path/trainer.pt (`load`)."""
+    from ..runtime import checkpoint as dcp_io
+
+    for key, engine in engines.items():
+        sub = path / key / path.name
+        if not sub.is_dir():
+            raise RLConfigError(f"checkpoint {str(path)!r}: no {key} shards ({sub.name}/ missing)")
+        dcp_io.load(engine.pm, engine.optimizer, sub)
+        engine.weights_changed()
+
+
+def full_weights(path: str | Path, key: str = "actor") -> dict:
+    """The full tensors of one model of the step directory `path` (no process group needed): DCP exported to one
+    torch.save file (dcp_to_torch_save) and read back with weights_only=True. Keys: "model.<param>", "optim...",
+    "step"."""
+    import tempfile
+
+    from ..runtime.checkpoint import export
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as d:
+        nested = torch.load(export(path / key / path.name, Path(d) / "full.pt"), weights_only=True)
+    return _flatten(nested)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def remove_partial_steps(out: str | Path) -> list[Path]:
+    """The launcher's clean-up of saves that died before their rename (.tmp_step_*, .old_step_*)."""
+    import shutil
+
+    root = checkpoint_root(out)
+    gone = [p for p in root.iterdir() if p.name.startswith((".tmp_step_", ".old_step_"))] if root.is_dir() else []
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

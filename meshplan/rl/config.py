@@ -69,6 +69,18 @@ class TrainConfig:
     # threads that lose their core to another process stall every op (measured: 30x slower steps at load 8)
     threads: int = 1
     plot: bool = True
+    backend: str = "auto"  # "auto": NCCL when every local rank has a GPU of its own, else gloo; or "gloo" / "nccl"
+
+
+@dataclass
+class PlanConfig:
+    """How meshplan.compile plans the policy and the critic (rl/planning.py)."""
+    cluster: str = "local"  # a configs/clusters name or YAML path: the planner's cost model
+    mesh: str | None = None  # e.g. "dp=1,mp=2" (last axis: the model axis; sizes multiply to nproc); None: searched
+    plan: str = "auto"  # the policy's: "auto" (the planner) or a plan YAML path (its mesh must have nproc ranks)
+    critic_plan: str = "auto"  # the value model's, likewise ("auto" with a policy plan file: on that file's mesh)
+    strategies: str | None = None  # e.g. "attention=tp,moe=ep": forced on every op of that kind (no planner)
+    verify: bool = True  # one step against the single-device model before training (needs it to fit one rank)
 
 
 @dataclass
@@ -82,6 +94,7 @@ class RLConfig:
     algo: AlgoConfig = field(default_factory=lambda: PRESETS["vapo"]())
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -89,7 +102,7 @@ class RLConfig:
 
 # ---- loading --------------------------------------------------------------------------------------------------
 _NESTED = {"task": TaskConfig, "warmup": WarmupConfig, "rollout": RolloutConfig, "optim": OptimConfig,
-           "train": TrainConfig}
+           "train": TrainConfig, "plan": PlanConfig}
 
 
 def _check_type(value, tp, where: str):

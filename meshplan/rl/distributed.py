@@ -1,31 +1,33 @@
-"""Process groups for data-parallel RL on CPU: spawn N gloo ranks, split prompts, gather rollouts.
+"""Process groups for RL: start N ranks (or join torchrun's), split prompts, gather rollouts.
 
 Each rank generates the rollouts of its share of the step's prompts; all_gather then gives every rank the same
-global batch (rank order), which is what ParallelModel's forward takes.
+global batch (rank order), which is what the compiled models' forward takes. The backend follows each rank's
+device, as `meshplan run` chooses it: NCCL when every local rank has a GPU of its own, gloo on CPU (never gloo
+hard-coded, never NCCL because some GPU exists). Under torchrun (RANK, WORLD_SIZE, MASTER_ADDR set) a rank joins
+the env:// rendezvous; otherwise the ranks are started here with runtime.local_spawn (a private file:// store,
+loopback sockets, every rank stopped with the launcher).
 """
 from __future__ import annotations
 
 import os
-import socket
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+BACKENDS = ("auto", "gloo", "nccl")
 
 
-def init(rank: int, world: int, port: int) -> None:
-    """Join (or, for world 1, create) the gloo group. World 1 still gets a group: the runtime expects one."""
-    if dist.is_initialized():
-        return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def backend_for(local_world: int, backend: str = "auto") -> str:
+    """NCCL when this machine has a GPU for each of its `local_world` ranks, else gloo ("auto"); or as given."""
+    if backend != "auto":
+        return backend
+    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local_world else "gloo"
+
+
+def under_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
 
 
 def shutdown() -> None:
@@ -60,27 +62,63 @@ def barrier() -> None:
         dist.barrier()
 
 
-def launch(fn, nproc: int, *args, timeout_s: float = 600.0) -> None:
-    """Run fn(rank, world, *args) in nproc gloo processes (in this process when nproc == 1), through the
-    runtime's local_spawn: a private file:// store, loopback sockets, every rank stopped with the launcher."""
-    from ..runtime.local_spawn import init_local, private_store, spawn
+def launch(fn, nproc: int, *args, timeout_s: float = 600.0, backend: str = "auto") -> None:
+    """Run fn(rank, world, *args) on nproc ranks: this process's world when torch.distributed is initialised
+    (tests, notebooks) or under torchrun (env://, its world size must be nproc), else nproc local processes
+    (this process when nproc == 1)."""
+    from ..runtime.local_spawn import spawn
 
+    if dist.is_initialized() or under_torchrun():
+        with joined_world(timeout_s, backend) as (rank, world):
+            if world != nproc:
+                from ..cli_args import RunFailed
+
+                raise RunFailed(f"train.nproc is {nproc}, but the torch.distributed world has {world} ranks")
+            fn(rank, world, *args)
+        return
     if nproc > 1:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", nproc))
         try:
-            spawn(nproc, fn, *args, backend="gloo", timeout_s=timeout_s, start_method="spawn", threads=1)
+            spawn(nproc, fn, *args, backend=backend_for(local, backend), timeout_s=timeout_s, start_method="spawn",
+                  threads=1)
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
             from ..cli_args import RunFailed
             from ..runtime.local_spawn import first_line_of_failure
 
             raise RunFailed(first_line_of_failure(e)) from None
         return
-    if dist.is_initialized():  # the caller's one-rank group (tests, notebooks): use it, leave it to them
+    with one_rank_world(timeout_s, backend):
         fn(0, 1, *args)
+
+
+@contextmanager
+def joined_world(timeout_s: float = 600.0, backend: str = "auto"):
+    """The caller's initialised world (left to the caller), or torchrun's env:// one (destroyed afterwards)."""
+    from ..runtime.process_groups import init_distributed
+
+    if dist.is_initialized():
+        yield dist.get_rank(), dist.get_world_size()
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    rank, world = init_distributed(backend_for(local, backend), timeout_s)
+    try:
+        yield rank, world
+    finally:
+        shutdown()
+
+
+@contextmanager
+def one_rank_world(timeout_s: float = 600.0, backend: str = "auto"):
+    """A one-rank world in this process (the runtime and DCP need a process group), unless one exists."""
+    from ..runtime.local_spawn import init_local, private_store
+
+    if dist.is_initialized():
+        yield
         return
     with private_store() as init_method:
-        init_local(init_method, 0, 1, "gloo", timeout_s)
+        init_local(init_method, 0, 1, backend_for(1, backend), timeout_s)
         try:
-            fn(0, 1, *args)
+            yield
         finally:
             shutdown()
 

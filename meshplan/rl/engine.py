@@ -1,16 +1,28 @@
 """The seam between the RL algorithm and whatever executes the model: forward, backward, optimizer step.
 
-RuntimeEngine is THE implementation `meshplan train` uses: the policy and the value model each run through
-meshplan's runtime (meshplan.runtime.ParallelModel) under a data-parallel plan built from the model's IR. Rollouts
-do not go through the engine: like verl's trainer -> vLLM weight sync, the engine's full weights are copied into
-a plain rollout module each step (sync_rollout_model), which decodes with the KV cache in sampling.py.
+CompiledEngine is THE implementation `meshplan train` uses: the policy and the value model (policy trunk + scalar
+head) each go through `meshplan.compile` for the run's world and cluster (rl.plan: the planner's choice, a mesh
+it must use, or a plan YAML), so a model too big for one rank gets the SP/TP/EP plan the planner picks, and a
+small one may get plain data parallelism. The trainer never sees the plan: forward takes the global [B, S] batch
+on every rank and returns the full output on every rank (ParallelModel's contract).
+
+Rollouts decode with the KV cache in sampling.py on a plain module (the model given to compile, whose full
+weights the compiled model no longer reads: ops run its modules with this rank's shards). rollout_model() makes
+that module hold the current policy without a second full copy where the runtime allows: a parameter the plan
+replicates IS the compiled model's shard (the module's parameter shares its storage, so optimizer steps show up
+in it for free); only a parameter the plan shards is gathered, each time the weights changed. Decoding the compiled
+model itself would need a KV cache in the runtime's executor, which it has not; decoding is data parallel over
+the ranks (rollout.py) whatever the training plan is.
 """
 from __future__ import annotations
 
 import abc
+import math
 
 import torch
 import torch.nn as nn
+
+from .grad_clip import clip_grad_norm_
 
 
 class Engine(abc.ABC):
@@ -33,68 +45,118 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor]: ...
 
-    @abc.abstractmethod
-    def optimizer_state_dict(self) -> dict: ...
-
-    @abc.abstractmethod
-    def load_optimizer_state_dict(self, state: dict) -> None: ...
-
 
 def make_optimizer(params, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.Optimizer:
     # foreach=False: the same per-parameter kernels on every run, so resumed runs stay bit-identical
     return torch.optim.AdamW(list(params), lr=lr, betas=betas, weight_decay=weight_decay, foreach=False)
 
 
-def data_parallel_plan(model: nn.Module, world: int):
-    """A plan that is data parallel over all `world` ranks. Plan.build puts each op's strategy on the mesh's
-    model axis (the last) and shards the batch over the others, so the model axis is a trivial mp=1 and every
-    op is batch-sharded over dp (Mesh.of(dp=N) alone would make dp the model axis: TP/EP/SP, not DP)."""
-    from meshplan.ir import Mesh, Plan, trace
+def pad_multiples(plan) -> tuple[int, int]:
+    """(batch, sequence) multiples every op of `plan` can split: the product of the mesh axes that shard dim 0
+    (resp. 1) of any op's input or output."""
+    out = []
+    for dim in (0, 1):
+        axes = {axis for p in plan.ops.values() for placements in (p.input, p.output)
+                for (axis, _), pl in zip(plan.mesh.axes, placements) if getattr(pl, "dim", None) == dim}
+        out.append(math.prod(plan.mesh.axis_size(a) for a in axes))
+    return out[0], out[1]
 
-    return Plan.build(trace(model), Mesh.of(dp=world, mp=1))
 
+class CompiledEngine(Engine):
+    """`model` compiled by meshplan.compile on the initialised torch.distributed world (world 1 included).
+    compile copies the model's weights into this rank's shards, so the model must hold the weights to start from.
 
-class RuntimeEngine(Engine):
-    """The model under meshplan.runtime.ParallelModel with a data-parallel plan over all ranks (world 1 is the
-    mesh dp=1). Call after torch.distributed is initialised. ParallelModel copies the model's weights into its
-    shards at construction, so the model must already hold the weights to start from."""
+    plan: "auto" (the planner, on `cluster`, optionally restricted to `mesh`), a Plan, or a plan YAML path;
+    strategies: op kind -> strategy forced on `mesh`'s last axis instead (compile's strategies=).
+    example: the [B, S] token shape the plan is chosen for (the step's minibatch); other shapes run too, padded
+    at the end to the multiples the plan splits (causal models: padding after a position never changes it).
+    """
 
     def __init__(self, model: nn.Module, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0,
-                 grad_clip: float = 1.0, world: int = 1):
-        from meshplan.runtime import ParallelModel
+                 grad_clip: float = 1.0, *, cluster="local", mesh=None, plan="auto", strategies=None,
+                 example=(8, 64), verify: bool = True, pad_id: int = 0):
+        import torch.distributed as dist
 
-        self.plan = data_parallel_plan(model, world)
-        self.pm = ParallelModel(model, self.plan)
+        import meshplan
+
+        if not dist.is_initialized():
+            raise RuntimeError("CompiledEngine: torch.distributed is not initialised (meshplan train and "
+                               "rl.distributed.launch / one_rank_world make a world, one rank included)")
+        self.model = model
+        self.compiled = meshplan.compile(model, cluster=cluster, mesh=mesh, plan=plan, strategies=strategies,
+                                         verify=verify, example_inputs=(torch.zeros(example, dtype=torch.long),))
+        self.pm = self.compiled.module
+        self.plan = self.compiled.plan
         self.grad_clip = grad_clip
+        self.pad_id = pad_id
+        self.multiples = pad_multiples(self.plan)
+        if getattr(getattr(model, "config", None), "capacity_factor", None) is not None and self.multiples != (1, 1):
+            raise ValueError(f"rl.plan: the plan splits the batch/sequence by {self.multiples}, which pads the "
+                             f"batch, and {type(model).__name__}'s expert capacity would count the padding tokens")
         self.optimizer = make_optimizer(self.pm.parameters(), lr, betas, weight_decay)
+        self._shared = self._share_replicated()
+        self._version, self._synced = 0, -1
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.pm(tokens)
+        b, s = tokens.shape
+        mb, ms = self.multiples
+        pb, ps = (-b) % mb, (-s) % ms
+        if pb or ps:
+            tokens = nn.functional.pad(tokens, (0, ps, 0, pb), value=self.pad_id)
+        out = self.pm(tokens)
+        return out[:b, :s].to(tokens.device)
 
     def step(self) -> float:
         self.pm.reduce_gradients()
-        # under a dp plan every rank holds whole (replicated) parameters, so the local norm is the global norm
-        norm = torch.nn.utils.clip_grad_norm_(list(self.pm.parameters()), self.grad_clip or float("inf"))
+        norm = clip_grad_norm_(self.pm, self.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        self._version += 1
+        return norm
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.pm.full_state_dict()
 
-    def optimizer_state_dict(self) -> dict:
-        return self.optimizer.state_dict()
+    def weights_changed(self) -> None:
+        """The shards were written in place (a checkpoint load): the next rollout_model() gathers again."""
+        self._version += 1
 
-    def load_optimizer_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)
+    # ---- the rollout module ---------------------------------------------------------------------------------
+    def _replicated(self, name: str) -> bool:
+        return all(getattr(pl, "dim", None) is None for pl in self.pm.placement_of(name))
+
+    @torch.no_grad()
+    def _share_replicated(self) -> set[str]:
+        """Point every replicated parameter of self.model at the compiled model's shard (same storage)."""
+        shards = dict(self.pm.named_parameters())
+        shared = set()
+        for name, p in self.model.named_parameters():
+            shard = shards.get(name)
+            if shard is not None and self._replicated(name) and shard.device == p.device and \
+                    shard.dtype == p.dtype and shard.shape == p.shape:
+                p.data = shard.data
+                shared.add(name)
+        return shared
+
+    @torch.no_grad()
+    def rollout_model(self) -> nn.Module:
+        """The plain module holding the current weights (a collective when the plan shards a parameter)."""
+        if self._synced != self._version:
+            shards = dict(self.pm.named_parameters())
+            for name, p in self.model.named_parameters():
+                if name not in self._shared and name in shards:
+                    p.copy_(self.pm.gathered(shards[name], self.pm.placement_of(name)))
+            self._synced = self._version
+        return self.model
+
+    @property
+    def shared_fraction(self) -> float:
+        """The fraction of the parameters the rollout module shares with the compiled model (no copy)."""
+        sizes = {n: p.numel() for n, p in self.model.named_parameters()}
+        return sum(sizes[n] for n in self._shared) / max(1, sum(sizes.values()))
 
 
 def build_engine(model: nn.Module, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0, grad_clip: float = 1.0,
-                 world: int = 1) -> Engine:
-    return RuntimeEngine(model, lr, betas, weight_decay, grad_clip, world)
-
-
-@torch.no_grad()
-def sync_rollout_model(engine: Engine, rollout_model: nn.Module) -> None:
-    """Copy the engine's current full weights into the plain module that generates rollouts."""
-    rollout_model.load_state_dict(engine.full_state_dict(), strict=False)
+                 **plan) -> CompiledEngine:
+    """plan: CompiledEngine's keywords (cluster, mesh, plan, strategies, example, verify, pad_id)."""
+    return CompiledEngine(model, lr, betas, weight_decay, grad_clip, **plan)

@@ -1,14 +1,17 @@
 """The RL trainer: warm-up, value pretraining, then rollout -> advantages -> policy/critic updates, with eval,
 JSONL metrics, atomic checkpoints, bit-identical resume and a PNG of the curves.
 
-The policy and the value model train through Engines (engine.py), i.e. through meshplan.runtime.ParallelModel.
-Rollouts decode with the KV cache on a plain copy of the policy's weights, synced from the engine every step.
+The policy and the value model train through Engines (engine.py): each is compiled by meshplan.compile for the
+world and the cluster of rl.plan. Rollouts decode with the KV cache on the plain policy module, which shares the
+compiled model's replicated weights and gathers only the sharded ones (engine.py). Checkpoints are DCP step
+directories (checkpoint.py).
 Randomness that shapes a step (sampling, minibatch order) comes from generators seeded by (seed, phase, step,
 rank), and the prompt stream's state is checkpointed, so a resumed run repeats the straight run exactly.
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import time
 from collections import defaultdict
@@ -25,10 +28,12 @@ from . import checkpoint as ckpt_io
 from .advantages import final_token_rewards, monte_carlo_returns
 from .algorithms import advantages_and_returns, mixed_groups, shaped_scores
 from .config import RLConfig, RLConfigError
-from .distributed import all_gather_objects, barrier, launch, set_threads
-from .engine import build_engine, sync_rollout_model
+from .distributed import BACKENDS, all_gather_objects, barrier, launch, set_threads
+from .engine import build_engine
 from .losses import clipped_pg_loss, entropy, positive_lm_loss, token_logprobs, value_loss
 from .metrics import MetricsLog, plot_metrics, read_metrics
+from .planning import check_plan_config, compile_options
+from .progress import postfix
 from .rollout import ScoredBatch, collect, evaluate
 from .tasks import PromptSampler, build_task
 from .warmup import cache_key, warmup
@@ -56,13 +61,30 @@ def preflight(cfg: RLConfig) -> None:
     task = build_task(cfg.task)
     longest = task.max_response_len
     check_sizes(load_config(cfg.model), task, cfg.rollout.max_new_tokens or longest + longest // 4)
+    check_plan_config(cfg.plan, cfg.train.nproc)
+    if cfg.train.backend not in BACKENDS:
+        raise RLConfigError(f"rl.train.backend: {cfg.train.backend!r} is not one of {', '.join(BACKENDS)}")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cfg.train.backend == "nccl" and gpus < min(cfg.train.nproc, int(os.environ.get("LOCAL_WORLD_SIZE", 1 << 30))):
+        raise RLConfigError(f"rl.train.backend: nccl needs a GPU per local rank; this machine has {gpus} for "
+                            f"train.nproc={cfg.train.nproc}")
+
+
+def warmup_cache_path(cfg: RLConfig, world: int) -> Path | None:
+    """Where the warmed-up weights of this config are cached (None: no cache). The world size and the plan change
+    the reduction order, hence the last bits of the weights, so they are part of the key."""
+    if not cfg.warmup.cache:
+        return None
+    key = cache_key(load_config(cfg.model).to_dict(), vars(cfg.task), vars(cfg.warmup), cfg.seed) + f"-w{world}"
+    if vars(cfg.plan) != vars(type(cfg.plan)()):
+        key += "-" + derived_seed(sorted(vars(cfg.plan).items())).to_bytes(8, "little").hex()[:8]
+    return Path(cfg.warmup.cache) / f"warmup-{key}.pt"
 
 
 class Trainer:
     def __init__(self, cfg: RLConfig, rank: int = 0, world: int = 1, resume: bool = False):
         self.cfg, self.rank, self.world = cfg, rank, world
         self.out = Path(cfg.train.out)
-        self.ckpt_path = self.out / "checkpoint.pt"
         self.task = build_task(cfg.task)
         self.model_cfg = load_config(cfg.model)
         longest = self.task.max_response_len
@@ -72,28 +94,40 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
 
-        state = ckpt_io.load(self.ckpt_path) if resume and self.ckpt_path.exists() else None
-        if resume and state is None and rank == 0:
-            print(f"--resume: no checkpoint at {self.ckpt_path}; starting from scratch")
-        self.log_metrics = MetricsLog(self.out / "metrics.jsonl", state["step"] if state else None) \
+        found = ckpt_io.latest_step(self.out) if resume else None
+        if resume and found is None and rank == 0:
+            print(f"--resume: no checkpoint in {ckpt_io.checkpoint_root(self.out)}; starting from scratch")
+        self.log_metrics = MetricsLog(self.out / "metrics.jsonl", int(found.name[5:]) if found else None) \
             if rank == 0 else None
         policy = build_model(self.model_cfg, "lm", seed=cfg.seed)
-        policy.load_state_dict(state["actor"] if state else self._warmed_up_weights())
+        if found is None:  # resuming: the checkpoint's shards overwrite whatever the engines start from
+            policy.load_state_dict(self._warmed_up_weights())
         o = cfg.optim
-        self.actor = build_engine(policy, o.actor_lr, o.betas, o.weight_decay, o.grad_clip, world)
+        self.actor = build_engine(policy, o.actor_lr, o.betas, o.weight_decay, o.grad_clip, **self._plan())
         self.critic = None
         if cfg.algo.critic:
             value = build_model(self.model_cfg, "value", seed=cfg.seed + 1)
             # the critic starts from the warmed-up policy's trunk (as verl/OpenRLHF init it from the SFT model)
             # with a fresh scalar head; value pretraining then fits it to the initial policy's returns
             trunk = {k: v for k, v in policy.state_dict().items() if not k.startswith("output.")}
-            value.load_state_dict(state["critic"] if state else trunk, strict=state is not None)
-            self.critic = build_engine(value, o.critic_lr, o.betas, o.weight_decay, o.grad_clip, world)
-        self.rollout_model = build_model(self.model_cfg, "lm", seed=cfg.seed)  # weights synced before each use
+            value.load_state_dict(trunk, strict=False)
+            self.critic = build_engine(value, o.critic_lr, o.betas, o.weight_decay, o.grad_clip,
+                                       **self._plan(critic=True))
         self.sampler = PromptSampler(self.task, derived_seed(cfg.seed, "prompts"))
         self.step, self.samples, self.vp_done, self.vp_samples = 0, 0, 0, 0
-        if state:
-            self._restore(state)
+        if found is not None:
+            self._restore(found)
+
+    def _plan(self, batch: int | None = None, critic: bool = False) -> dict:
+        """meshplan.compile's options for an engine: rl.plan, planned for one minibatch of full-length rows."""
+        r = self.cfg.rollout
+        rows = batch or -(-r.prompts_per_step * r.samples_per_prompt // self.cfg.optim.minibatches)
+        rows += (-rows) % self.world
+        return compile_options(self.cfg.plan, (rows, self.task.max_prompt_len + self.max_new), self.task.tokenizer.PAD,
+                               critic)
+
+    def _engines(self) -> dict:
+        return {"actor": self.actor, **({"critic": self.critic} if self.critic else {})}
 
     def _check_sizes(self) -> None:
         check_sizes(self.model_cfg, self.task, self.max_new)
@@ -104,14 +138,13 @@ class Trainer:
         policy = build_model(self.model_cfg, "lm", seed=self.cfg.seed)
         if wc.steps == 0:
             return policy.state_dict()
-        # the world size changes the data-parallel reduction order, hence the last bits of the weights
-        key = cache_key(self.model_cfg.to_dict(), vars(cfg.task), vars(wc), cfg.seed) + f"-w{self.world}"
-        cache = Path(wc.cache) / f"warmup-{key}.pt" if wc.cache else None
+        cache = warmup_cache_path(cfg, self.world)
+        key = cache.stem[len("warmup-"):] if cache else None
         if cache is not None and cache.exists():
             if self.rank == 0:
                 self.log_metrics.log({"phase": "warmup", "step": 0, "warmup_steps": wc.steps, "cached": str(cache)})
             return ckpt_io.load(cache)["weights"]
-        engine = build_engine(policy, wc.lr, cfg.optim.betas, 0.0, cfg.optim.grad_clip, self.world)
+        engine = build_engine(policy, wc.lr, cfg.optim.betas, 0.0, cfg.optim.grad_clip, **self._plan(wc.batch_size))
         t0 = time.time()
         with tqdm(total=wc.steps, desc="warm-up", disable=self.rank != 0, leave=False) as bar:
             losses = warmup(engine, self.task, wc.steps, wc.batch_size, cfg.seed, bar)
@@ -126,38 +159,36 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def save(self) -> None:
+        """A DCP step directory (checkpoint.py): each rank's shards and AdamW state, plus the trainer's state."""
         state = {
             "step": self.step, "samples": self.samples, "vp_done": self.vp_done, "vp_samples": self.vp_samples,
             "config": self.cfg.to_dict(), "world": self.world,
-            "actor": self.actor.full_state_dict(),
-            "critic": self.critic.full_state_dict() if self.critic else None,
-            "actor_opt": all_gather_objects(self.actor.optimizer_state_dict()),
-            "critic_opt": all_gather_objects(self.critic.optimizer_state_dict()) if self.critic else None,
             "rng": all_gather_objects(ckpt_io.rng_state()),
             "sampler": self.sampler.state_dict(),
         }
-        if self.rank == 0:
-            ckpt_io.save_atomic(state, self.ckpt_path)
-        barrier()
+        ckpt_io.save_run(self.out, self.step, self._engines(), state)
 
-    def _restore(self, state: dict) -> None:
-        if state["world"] != self.world:
-            raise RLConfigError(f"--resume: checkpoint {self.ckpt_path} was written by {state['world']} processes; "
-                                f"resume it with --nproc {state['world']}, not {self.world}")
+    def _restore(self, path: Path) -> None:
+        """Resume from a step directory, at any world size and plan: DCP reshards the weights and AdamW state, and
+        every random draw of a step comes from generators seeded by (seed, phase, step, rank), so the run continues
+        as a run at this world size would from the same state (bit-identical at the same world and plan)."""
+        state = ckpt_io.load(path / "trainer.pt")
+        if state["world"] != self.world and self.rank == 0:
+            print(f"--resume: {path.name} was written by {state['world']} ranks, resuming on {self.world}: the "
+                  f"weights are resharded; the prompts of each step split over {self.world} ranks from here on")
+        ckpt_io.load_engines(path, self._engines())
         self.step, self.samples = state["step"], state["samples"]
         self.vp_done, self.vp_samples = state["vp_done"], state["vp_samples"]
-        self.actor.load_optimizer_state_dict(state["actor_opt"][self.rank])
-        if self.critic:
-            self.critic.load_optimizer_state_dict(state["critic_opt"][self.rank])
-        ckpt_io.set_rng_state(state["rng"][self.rank])
+        ckpt_io.set_rng_state(state["rng"][min(self.rank, len(state["rng"]) - 1)])
         self.sampler.load_state_dict(state["sampler"])
 
     # ---- batches ------------------------------------------------------------------------------------------
     def _collect(self, phase: str, step: int, round_: int) -> ScoredBatch:
         r = self.cfg.rollout
         problems = self.sampler.draw(r.prompts_per_step)
-        return collect(self.rollout_model, self.task, problems, r.samples_per_prompt, self.max_new, r.temperature,
-                       r.top_p, self.cfg.task.wrong_reward, generator(self.cfg.seed, phase, step, round_, self.rank))
+        return collect(self.actor.rollout_model(), self.task, problems, r.samples_per_prompt, self.max_new,
+                       r.temperature, r.top_p, self.cfg.task.wrong_reward,
+                       generator(self.cfg.seed, phase, step, round_, self.rank))
 
     def _rl_batch(self) -> tuple[ScoredBatch | None, list[ScoredBatch]]:
         """One step's training batch and every batch generated for it. Dynamic sampling (DAPO) keeps only the
@@ -187,16 +218,11 @@ class Trainer:
         perm = torch.randperm(n, generator=generator(self.cfg.seed, phase, self.step, epoch))
         return [c for c in perm.chunk(self.cfg.optim.minibatches) if len(c)]
 
-    def _rows(self, idx: torch.Tensor, tokens: torch.Tensor, *per_token: torch.Tensor, lens: torch.Tensor):
-        """The rows idx, cut to their longest sequence and padded with empty rows to a multiple of the world size
-        (the data-parallel plan splits the batch evenly); padding rows are all PAD with an all-false mask."""
+    @staticmethod
+    def _rows(idx: torch.Tensor, tokens: torch.Tensor, *per_token: torch.Tensor, lens: torch.Tensor):
+        """The rows idx, cut to their longest sequence (the engine pads what its plan needs, engine.py)."""
         t = int(lens[idx].max())
-        pad = (-len(idx)) % self.world
-        out = [tokens[idx, :t]] + [x[idx, : t - 1] if x.dim() == 2 else x[idx] for x in per_token]
-        if pad:
-            out = [torch.cat([x, torch.full((pad,) + x.shape[1:], self.task.tokenizer.PAD if i == 0 else 0,
-                                            dtype=x.dtype)]) for i, x in enumerate(out)]
-        return out
+        return [tokens[idx, :t]] + [x[idx, : t - 1] if x.dim() == 2 else x[idx] for x in per_token]
 
     @torch.no_grad()
     def _values(self, ro) -> torch.Tensor:
@@ -205,7 +231,7 @@ class Trainer:
         lens = ro.prompt_lens + ro.response_lens
         for idx in torch.arange(len(ro)).chunk(self.cfg.optim.minibatches):
             (tokens,) = self._rows(idx, ro.tokens, lens=lens)
-            v = self.critic(tokens)[: len(idx), :-1].float()
+            v = self.critic(tokens)[:, :-1].float()
             values[idx, : v.shape[1]] = v
         return values * ro.mask
 
@@ -258,7 +284,6 @@ class Trainer:
         policy's rollouts for value_pretrain_steps steps before any policy update."""
         total = self.cfg.algo.value_pretrain_steps
         per_step = self.cfg.rollout.prompts_per_step * self.cfg.rollout.samples_per_prompt
-        sync_rollout_model(self.actor, self.rollout_model)
         bar = tqdm(total=total, initial=self.vp_done, desc="value pretraining", disable=self.rank != 0, leave=False)
         while self.vp_done < total:
             b = self._collect("value_pretrain", self.vp_done, 0)
@@ -278,7 +303,6 @@ class Trainer:
 
     def rl_step(self) -> dict:
         a, t0 = self.cfg.algo, time.time()
-        sync_rollout_model(self.actor, self.rollout_model)
         batch, generated = self._rl_batch()
         all_gen = ScoredBatch.cat(generated, self.task.tokenizer.PAD)
         n_gen = len(all_gen)
@@ -302,13 +326,21 @@ class Trainer:
         return rec
 
     def evaluate(self) -> dict:
-        sync_rollout_model(self.actor, self.rollout_model)
-        return evaluate(self.rollout_model, self.task, self.max_new)
+        return evaluate(self.actor.rollout_model(), self.task, self.max_new)
+
+    def describe_plans(self) -> str:
+        """What meshplan.compile chose for each model, and how much of the policy the rollouts share."""
+        lines = [f"{name}: {e.plan.summary()}" + (f"; {e.compiled.verify_report}" if e.compiled.verify_report else "")
+                 for name, e in self._engines().items()]
+        return "\n".join(lines + [f"rollouts decode on the policy module: {self.actor.shared_fraction:.0%} of its "
+                                   f"weights shared with the compiled policy, the rest gathered after each update"])
 
     def run(self) -> list[dict]:
         cfg, tr = self.cfg, self.cfg.train
         t_start, cpu_start = time.time(), time.process_time()
         fresh = self.step == 0 and self.vp_done == 0
+        if self.rank == 0:
+            print(self.describe_plans(), flush=True)
         if fresh and self.rank == 0:
             self.log_metrics.log({"phase": "rl", "step": 0, "samples": 0, **self.evaluate(), "time_s": 0.0})
         elif fresh:
@@ -321,6 +353,7 @@ class Trainer:
             return self.step >= tr.steps or (tr.max_samples > 0 and self.samples >= tr.max_samples)
 
         bar = tqdm(total=tr.steps, initial=self.step, desc=cfg.name, disable=self.rank != 0)
+        held_out = None
         while not done():
             rec = self.rl_step()
             self.step += 1
@@ -333,8 +366,9 @@ class Trainer:
                 self.log_metrics.log(rec)
             if self.step % tr.checkpoint_every == 0 or done():
                 self.save()
+            held_out = rec.get("eval_accuracy", held_out)
+            bar.set_postfix(postfix(rec, held_out), refresh=False)
             bar.update(1)
-            bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=rec.get("eval_accuracy", "-"))
         bar.close()
         records = read_metrics(self.log_metrics.path) if self.rank == 0 else []
         if self.rank == 0 and tr.plot and not have("matplotlib"):
@@ -350,6 +384,6 @@ def _worker(rank: int, world: int, cfg: RLConfig, resume: bool) -> None:
 
 
 def train(cfg: RLConfig, resume: bool = False, timeout_s: float = 600.0) -> list[dict]:
-    """Run the configured training in cfg.train.nproc gloo processes; returns the metrics records."""
-    launch(_worker, cfg.train.nproc, cfg, resume, timeout_s=timeout_s)
+    """Run the configured training on cfg.train.nproc ranks (distributed.launch); returns the metrics records."""
+    launch(_worker, cfg.train.nproc, cfg, resume, timeout_s=timeout_s, backend=cfg.train.backend)
     return read_metrics(Path(cfg.train.out) / "metrics.jsonl")

@@ -39,22 +39,31 @@ def test_rng_states_round_trip_through_weights_only(tmp_path):
     assert np.array_equal(expected[3], got[3]) and expected[4] == got[4]
 
 
-def test_out_holding_a_run_is_refused_and_stale_temps_removed(tmp_path):
+def test_out_holding_a_run_is_refused_and_partial_saves_removed(tmp_path):
     out = tmp_path / "run"
-    out.mkdir()
+    ckpts = out / "checkpoints"
+    (ckpts / "step_000004").mkdir(parents=True)
+    (ckpts / "step_000004" / "trainer.pt").write_bytes(b"x")
     (out / "metrics.jsonl").write_text('{"step": 4}\n')
-    (out / "checkpoint.pt").write_bytes(b"x")
-    dead = 2**22 + 7  # above the default pid_max: no such process
-    stale, live = out / f".checkpoint.pt.tmp{dead}", out / f".checkpoint.pt.tmp{os.getppid()}"
-    stale.write_bytes(b"half"), live.write_bytes(b"writing")
-    with pytest.raises(UsageError, match="already holds a run .*--resume.*--overwrite"):
+    partial = ckpts / ".tmp_step_000006"  # a save that died before its rename
+    (partial / "actor").mkdir(parents=True)
+    with pytest.raises(UsageError, match="already holds a run .*checkpoints.*--resume.*--overwrite"):
         prepare_out(out, resume=False, overwrite=False)
-    assert (out / "metrics.jsonl").read_text() == '{"step": 4}\n'
+    assert (out / "metrics.jsonl").read_text() == '{"step": 4}\n' and partial.exists()
     prepare_out(out, resume=True, overwrite=False)
-    assert (out / "checkpoint.pt").exists() and not stale.exists() and live.exists()
+    assert ckpt_io.latest_step(out) == ckpts / "step_000004" and not partial.exists()
     prepare_out(out, resume=False, overwrite=True)
-    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoint.pt").exists()
+    assert not (out / "metrics.jsonl").exists() and not ckpts.exists()
     prepare_out(tmp_path / "fresh", resume=False, overwrite=False)  # a new directory is fine
+
+
+def test_stale_cache_temps_removed(tmp_path):
+    """The warm-up cache is still one save_atomic file: a dead writer's temporary file is removed, a live one's
+    is kept."""
+    dead = 2**22 + 7  # above the default pid_max: no such process
+    stale, live = tmp_path / f".warmup-x.pt.tmp{dead}", tmp_path / f".warmup-x.pt.tmp{os.getppid()}"
+    stale.write_bytes(b"half"), live.write_bytes(b"writing")
+    assert ckpt_io.remove_stale_temps(tmp_path) == [stale] and live.exists()
 
 
 def test_emitted_code_runs_from_memory(tmp_path, monkeypatch):

@@ -1,91 +1,123 @@
-"""The runtime-backed Engine: a data-parallel plan, forward equal to the plain module, an AdamW step equal to
-the same step on the plain module (one rank, and two gloo processes each holding half of the batch), and the
-weight sync into the rollout model."""
+"""The compiled Engine: meshplan.compile plans the policy and the value model; forward, gradient norm (clipped)
+and AdamW steps equal the plain module's (one rank, and two processes under the planner's model-parallel plan);
+the rollout module shares the replicated weights and gathers the sharded ones."""
 import json
 
 import torch
 
 from meshplan.models import build_model, load_config
-from meshplan.rl.distributed import free_port, init, launch, shard
-from meshplan.rl.engine import RuntimeEngine, data_parallel_plan, make_optimizer, sync_rollout_model
+from meshplan.rl.checkpoint import latest_step, load_engines, save_run
+from meshplan.rl.distributed import launch, one_rank_world, shard
+from meshplan.rl.engine import CompiledEngine, make_optimizer, pad_multiples
+
+TOKENS = torch.randint(3, 256, (4, 12), generator=torch.Generator().manual_seed(0))
 
 
-def test_plan_is_data_parallel():
-    plan = data_parallel_plan(build_model(load_config("tiny")), world=4)
-    assert plan.mesh.to_dict() == {"dp": 4, "mp": 1}
-    assert all(str(op.input[0]) == str(op.output[0]) == "S(0)" for op in plan.ops.values())  # batch-sharded
+def _steps(engine, plain, clip: float, steps: int = 2):
+    """`steps` AdamW steps on both (plain: torch's clip_grad_norm_); returns [(engine norm, plain norm)]."""
+    opt = make_optimizer(plain.parameters(), 1e-2, (0.9, 0.999), 0.0)
+    norms = []
+    for _ in range(steps):
+        engine.backward(engine(TOKENS).float().square().mean())
+        plain(TOKENS).float().square().mean().backward()
+        plain_norm = torch.nn.utils.clip_grad_norm_(list(plain.parameters()), clip)
+        norms.append((engine.step(), float(plain_norm)))
+        opt.step()
+        opt.zero_grad()
+    return norms
 
 
 def test_engine_matches_the_plain_module():
-    init(0, 1, free_port())  # a one-rank gloo group, as `meshplan train --nproc 1` makes
-    try:
-        _engine_matches_the_plain_module()
-    finally:
-        torch.distributed.destroy_process_group()
+    """One rank: bit-for-bit torch's clipping (the norm is computed as clip_grad_norm_ does) and the same
+    weights; every parameter is replicated, so the rollout module shares all of them (no copy)."""
+    with one_rank_world(60, "gloo"):
+        for head in ("lm", "value"):
+            plain = build_model(load_config("tiny"), head=head, seed=1)
+            engine = CompiledEngine(build_model(load_config("tiny"), head=head, seed=1), lr=1e-2, grad_clip=0.05,
+                                    example=(4, 12))
+            torch.testing.assert_close(engine(TOKENS), plain(TOKENS))
+            for got, want in _steps(engine, plain, 0.05):
+                assert got == want and want > 0.05  # clipping was active
+            full = engine.full_state_dict()
+            for k, v in plain.state_dict().items():
+                torch.testing.assert_close(full[k], v, atol=1e-6, rtol=1e-5)
+            assert engine.shared_fraction == 1.0
+            torch.testing.assert_close(engine.rollout_model()(TOKENS), plain(TOKENS), atol=1e-5, rtol=1e-4)
 
 
-def _engine_matches_the_plain_module():
-    tokens = torch.randint(3, 256, (4, 12), generator=torch.Generator().manual_seed(0))
-    for head in ("lm", "value"):
-        plain = build_model(load_config("tiny"), head=head, seed=1)
-        engine = RuntimeEngine(build_model(load_config("tiny"), head=head, seed=1), lr=1e-2, grad_clip=0.0)
-        torch.testing.assert_close(engine(tokens), plain(tokens))
-        opt = make_optimizer(plain.parameters(), 1e-2, (0.9, 0.999), 0.0)
-        for _ in range(2):
-            engine.backward(engine(tokens).float().square().mean())
-            engine.step()
-            plain(tokens).float().square().mean().backward()
-            opt.step()
-            opt.zero_grad()
-        full = engine.full_state_dict()
-        for k, v in plain.state_dict().items():
-            torch.testing.assert_close(full[k], v, atol=1e-6, rtol=1e-5)
-        rollout = build_model(load_config("tiny"), head=head, seed=99)
-        sync_rollout_model(engine, rollout)
-        torch.testing.assert_close(rollout(tokens), engine(tokens))
+# one model-parallel plan per head on (dp=1, mp=2): tensor/expert/vocab parallel, and sequence parallel
+PLANS = {"lm": {"attention": "tp", "moe": "ep", "embedding": "vocab"},
+         "value": {"attention": "sp", "moe": "ag_scatter"}}
 
 
 def _two_rank_worker(rank: int, world: int, outdir: str) -> None:
-    """Two AdamW steps through the engine at world 2 and on the plain module (every rank computes the plain one);
-    writes the largest differences and the gradient bytes moved to outdir/rank{r}.json."""
-    tokens = torch.randint(3, 256, (4, 12), generator=torch.Generator().manual_seed(0))
+    from meshplan.ir import Mesh, Plan, trace
+
     report = {}
     for head in ("lm", "value"):
         plain = build_model(load_config("tiny"), head=head, seed=1)
-        engine = RuntimeEngine(build_model(load_config("tiny"), head=head, seed=1), lr=1e-2, grad_clip=0.0,
-                               world=world)
-        fwd = (engine(tokens) - plain(tokens)).abs().max().item()
-        opt = make_optimizer(plain.parameters(), 1e-2, (0.9, 0.999), 0.0)
-        norms = []
-        for _ in range(2):
-            engine.backward(engine(tokens).float().square().mean())
-            plain(tokens).float().square().mean().backward()
-            plain_norm = torch.nn.utils.clip_grad_norm_(list(plain.parameters()), float("inf"))
-            norms.append((engine.step(), float(plain_norm)))
-            opt.step()
-            opt.zero_grad()
+        model = build_model(load_config("tiny"), head=head, seed=1)
+        plan = Plan.build(trace(model), Mesh.of(dp=1, mp=2), PLANS[head], fallback=False)
+        engine = CompiledEngine(model, lr=1e-2, grad_clip=0.05, plan=plan, example=(4, 12))
+        fwd = (engine(TOKENS[:3, :11]) - plain(TOKENS[:3, :11])).abs().max().item()  # padded to the plan
+        norms = _steps(engine, plain, 0.05)
         full = engine.full_state_dict()
         rel = max(((full[k] - v).norm() / v.norm().clamp_min(1e-12)).item() for k, v in plain.state_dict().items())
-        report[head] = {"forward": fwd, "weights_rel": rel, "norms": norms, "mesh": engine.plan.mesh.to_dict(),
-                        "grad_bytes": engine.pm.comm_stats.total(phase="grad")}
+        rollout = (engine.rollout_model()(TOKENS) - plain(TOKENS)).abs().max().item()
+        report[head] = {"forward": fwd, "weights_rel": rel, "norms": norms, "rollout": rollout,
+                        "mesh": engine.plan.mesh.to_dict(), "shared": engine.shared_fraction,
+                        "strategies": sorted({p.strategy for p in engine.plan.ops.values()}),
+                        "resumed": _resume_is_exact(engine, head, plan, f"{outdir}/{head}")}
     with open(f"{outdir}/rank{rank}.json", "w") as f:
         json.dump(report, f)
 
 
-def test_engine_matches_the_plain_module_on_two_processes(tmp_path):
-    """World 2 (2 spawned gloo processes, the engine's dp=2 plan: each rank runs half of the batch): forward,
-    gradient norm and weights after two AdamW steps equal the plain module's on the whole batch, on both ranks.
-    Mutation tried (benchmarks/mutations.py drop-grad-reduce): GradReducer.reduce reducing no bucket: fails
-    (each rank's norm and update come from its half of the batch)."""
-    launch(_two_rank_worker, 2, str(tmp_path), timeout_s=60)
+def _resume_is_exact(engine, head: str, plan, root: str) -> bool:
+    """Save the sharded engine as a run checkpoint, load it into an engine built from other weights, take one more
+    step on both: weights, AdamW state and the rollout module must agree bit for bit."""
+    save_run(root, 2, {"m": engine}, {"world": 2})
+    fresh = CompiledEngine(build_model(load_config("tiny"), head=head, seed=7), lr=1e-2, grad_clip=0.05, plan=plan,
+                           example=(4, 12))
+    fresh.rollout_model()  # gathered once before the load: the load must make the next call gather again
+    load_engines(latest_step(root), {"m": fresh})
+    loaded = torch.equal(engine.rollout_model()(TOKENS), fresh.rollout_model()(TOKENS))
+    for e in (engine, fresh):
+        e.backward(e(TOKENS).float().square().mean())
+        e.step()
+    a, b = engine.full_state_dict(), fresh.full_state_dict()
+    opt_a, opt_b = engine.optimizer.state_dict()["state"], fresh.optimizer.state_dict()["state"]
+    same_opt = all(torch.equal(opt_a[i][k], opt_b[i][k]) for i in opt_a for k in opt_a[i])
+    rollout = torch.equal(engine.rollout_model()(TOKENS), fresh.rollout_model()(TOKENS))
+    return all(torch.equal(a[k], b[k]) for k in a) and same_opt and rollout and loaded
+
+
+def test_two_processes_under_model_parallel_plans(tmp_path):
+    """World 2, mesh (dp=1, mp=2): TP attention + EP experts + vocab-parallel embedding (lm head), SP attention +
+    ag_scatter experts (value head). Forward (on a shape the SP plan must pad), clipped gradient norm, weights
+    after two AdamW steps and the rollout module equal the plain module's on both ranks; the rollout module shares
+    the replicated parameters and gathers the sharded ones. A run checkpoint of the sharded engine resumes
+    bit-identically.
+    Mutations (benchmarks/mutations.py): rl-clip-copies (replicated pieces counted twice): the norms differ;
+    rl-stale-rollout (sharded weights never re-gathered): the rollout module differs; drop-grad-reduce: fails."""
+    launch(_two_rank_worker, 2, str(tmp_path), timeout_s=120, backend="gloo")
     for r in range(2):
         report = json.loads((tmp_path / f"rank{r}.json").read_text())
         for head, rep in report.items():
-            assert rep["forward"] < 1e-5, (r, head, rep)
+            assert rep["mesh"] == {"dp": 1, "mp": 2} and set(PLANS[head].values()) <= set(rep["strategies"]), rep
+            assert rep["forward"] < 1e-5 and rep["rollout"] < 1e-4, (r, head, rep)
             for got, want in rep["norms"]:
-                assert abs(got - want) <= 1e-5 * want, (r, head, rep["norms"])
-            assert rep["weights_rel"] < 1e-5, (r, head, rep)
-            assert rep["mesh"] == {"dp": 2, "mp": 1} and rep["grad_bytes"] > 0, (r, head, rep)
+                assert abs(got - want) <= 1e-5 * want and want > 0.05, (r, head, rep["norms"])
+            assert rep["weights_rel"] < 1e-4, (r, head, rep)  # AdamW divides out the gradient scale: fp32 sums
+            assert 0.0 < rep["shared"] < 1.0, rep  # experts gathered, the rest shared
+            assert rep["resumed"], (r, head)  # DCP save + load under the sharded plan, then a step: bit-identical
+
+
+def test_pad_multiples_follow_the_plan():
+    from meshplan.ir import Mesh, Plan, trace
+
+    model = build_model(load_config("tiny"))
+    assert pad_multiples(Plan.build(trace(model), Mesh.of(dp=4, mp=1))) == (4, 1)
+    assert pad_multiples(Plan.build(trace(model), Mesh.of(dp=2, mp=2), {"attention": "sp"})) == (2, 2)
 
 
 def test_shard_splits_prompts_in_order():

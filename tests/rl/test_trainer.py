@@ -5,7 +5,6 @@ The task is 1-digit addition after 60 warm-up steps (~1 s): the policy answers s
 accuracy 0.375), so rewards, advantages and DAPO's kept groups are not all zero."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +12,10 @@ import yaml
 
 from meshplan.rl import checkpoint as ckpt_io
 from meshplan.rl.cli import main
-from meshplan.rl.config import RLConfigError, config_from_dict
+from meshplan.rl.config import config_from_dict
+from meshplan.rl.distributed import one_rank_world
 from meshplan.rl.metrics import TIMING_KEYS, read_metrics
-from meshplan.rl.trainer import Trainer, train
+from meshplan.rl.trainer import Trainer, train, warmup_cache_path
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def tiny(out, preset="vapo", cache=None, temperature=1.0, **train_over):
          "rollout": {"prompts_per_step": 2, "samples_per_prompt": 4, "temperature": temperature},
          "algo": {"preset": preset, **({"value_pretrain_steps": 2} if preset in ("vapo", "ppo") else {})},
          "train": {"steps": 4, "eval_every": 2, "checkpoint_every": 2, "out": str(out), "threads": 1,
-                   "plot": False, **train_over}}
+                   "plot": False, "backend": "gloo", **train_over}}  # CPU ranks even where a GPU is
     return d
 
 
@@ -42,7 +42,7 @@ def _untimed(records):
 
 @pytest.mark.parametrize("preset", ["vapo", "dapo"])
 def test_resume_is_bit_identical(tmp_path, preset, cache):
-    """Mutation tried: Trainer._restore skips load_optimizer_state_dict (the resumed AdamW restarts): fails."""
+    """Mutation (benchmarks/mutations.py resume-no-optim): the DCP load skipping the AdamW state: fails."""
     straight = train(config_from_dict(tiny(tmp_path / "a", preset, cache)))
     train(config_from_dict(tiny(tmp_path / "b", preset, cache, steps=2)))
     resumed = train(config_from_dict(tiny(tmp_path / "b", preset, cache)), resume=True)
@@ -52,13 +52,14 @@ def test_resume_is_bit_identical(tmp_path, preset, cache):
     # a policy update happened both before and after the resume (DAPO: a mixed group survived dynamic sampling)
     trained = [r["trained"] > 0 and "pg_loss" in r for r in rl]
     assert any(trained[:2]) and any(trained[2:]), trained
-    a, b = ckpt_io.load(tmp_path / "a" / "checkpoint.pt"), ckpt_io.load(tmp_path / "b" / "checkpoint.pt")
+    da, db = ckpt_io.latest_step(tmp_path / "a"), ckpt_io.latest_step(tmp_path / "b")
+    a, b = ckpt_io.load(da / "trainer.pt"), ckpt_io.load(db / "trainer.pt")
     assert a["step"] == b["step"] == 4 and a["samples"] == b["samples"]
-    for model in ("actor", "critic"):
-        if a[model] is None:
-            continue
-        for k in a[model]:
-            assert torch.equal(a[model][k], b[model][k]), f"{model}.{k} differs after resume"
+    for model in ("actor", "critic") if preset == "vapo" else ("actor",):
+        wa, wb = ckpt_io.full_weights(da, model), ckpt_io.full_weights(db, model)  # weights and AdamW state
+        assert wa.keys() == wb.keys() and any(k.startswith("optim.") and k.endswith("exp_avg") for k in wa)
+        for k in wa:
+            assert torch.equal(torch.as_tensor(wa[k]), torch.as_tensor(wb[k])), f"{model}.{k} differs after resume"
     assert a["sampler"] == b["sampler"]
     assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
 
@@ -66,10 +67,18 @@ def test_resume_is_bit_identical(tmp_path, preset, cache):
 def test_checkpoint_metrics_and_plot(tmp_path, cache):
     records = train(config_from_dict(tiny(tmp_path, "ppo", cache, steps=2, plot=True)))
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["checkpoint.pt", "curves.png", "metrics.jsonl"]  # no temporary checkpoint left behind
-    state = ckpt_io.load(tmp_path / "checkpoint.pt")
-    assert {"actor", "critic", "actor_opt", "critic_opt", "rng", "sampler", "step", "samples"} <= set(state)
-    assert set(state["rng"][0]) == {"torch", "python", "numpy"} and state["actor_opt"][0]["state"]
+    assert files == ["checkpoints", "curves.png", "metrics.jsonl"]
+    # value pretraining saved step 0, checkpoint_every=2 step 2; no temporary directory is left
+    steps = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert steps == ["step_000000", "step_000002"], steps
+    last = tmp_path / "checkpoints" / "step_000002"
+    assert sorted(p.name for p in last.iterdir()) == ["actor", "critic", "trainer.pt"]
+    assert (last / "actor" / "step_000002" / ".metadata").is_file()  # DCP: one file per rank plus metadata
+    state = ckpt_io.load(last / "trainer.pt")
+    assert {"rng", "sampler", "step", "samples", "world"} <= set(state) and state["step"] == 2
+    assert set(state["rng"][0]) == {"torch", "python", "numpy"}
+    full = ckpt_io.full_weights(last, "critic")
+    assert full["model.output.weight"].shape[0] == 1 and float(full["optim.output.weight.step"]) > 0
     rl = [r for r in records if r["phase"] == "rl" and r["step"] > 0]
     for key in ("reward", "response_len", "value_loss", "clip_frac", "entropy", "tokens_per_s", "eval_accuracy"):
         assert key in rl[-1], key
@@ -99,9 +108,11 @@ def test_value_pretraining_fits_monte_carlo_returns(tmp_path, monkeypatch, cache
         return original(self, ro, returns, old_values)
 
     monkeypatch.setattr(Trainer, "_update_critic", spy)
-    trainer = Trainer(cfg)
-    policy_before = trainer.actor.full_state_dict()
-    trainer.run()
+    with one_rank_world(60, "gloo"):  # the engines are compiled models: they need a process group
+        trainer = Trainer(cfg)
+        policy_before = trainer.actor.full_state_dict()
+        trainer.run()
+        after = trainer.actor.full_state_dict()
     assert len(seen) == 2  # value_pretrain_steps, and no RL step
     n_right = 0
     for ro, returns, tok in seen:
@@ -114,7 +125,7 @@ def test_value_pretraining_fits_monte_carlo_returns(tmp_path, monkeypatch, cache
             want[plen - 1: plen - 1 + rlen] = float(right)  # action t emits token t + 1
             assert torch.equal(returns[i], want), (text, returns[i])
     assert 0 < n_right < sum(len(ro) for ro, _, _ in seen)  # some right, some wrong
-    after = trainer.actor.full_state_dict()  # the policy is fixed during value pretraining
+    # the policy is fixed during value pretraining
     assert all(torch.equal(policy_before[k], after[k]) for k in after)
 
 
@@ -134,26 +145,47 @@ _EXACT = ("reward", "accuracy", "response_len", "truncated", "generated", "train
           "eval_response_len", "samples", "step", "phase")
 
 
-def test_two_data_parallel_processes_match_one_and_resume(tmp_path, cache):
-    """VAPO on 2 gloo processes equals 1 process over 4 RL steps (the second run of 2 resumed at world 2), and a
-    world-2 checkpoint is refused at world 1. Both start from the same warmed-up weights (copied cache entry:
-    60 warm-up AdamW steps amplify the last-bit differences of another reduction order past greedy ties) and
-    decode greedily (each rank samples its prompts with its own generator, so sampled runs differ by world).
-    Mutation tried (benchmarks/mutations.py drop-grad-reduce): GradReducer.reduce reducing no bucket (each rank
-    trains on its half of the batch): fails."""
-    one = train(config_from_dict(tiny(tmp_path / "one", "vapo", cache, temperature=0.0)))
-    for f in list(Path(cache).glob("warmup-*-w1.pt")):
-        shutil.copy(f, f.with_name(f.name.replace("-w1.pt", "-w2.pt")))
-    train(config_from_dict(tiny(tmp_path / "two", "vapo", cache, temperature=0.0, steps=2, nproc=2)))
-    two = train(config_from_dict(tiny(tmp_path / "two", "vapo", cache, temperature=0.0, nproc=2)), resume=True)
-    one, two = _untimed(one), _untimed(two)
+def test_cli_two_model_parallel_processes_match_one_and_resume(tmp_path, cache, capfd):
+    """`meshplan train --nproc 2` under a model-parallel plan (mesh dp=1 x mp=2: tensor-parallel attention,
+    expert-parallel MoE, for the policy and the critic) equals `meshplan train` on one process over 4 VAPO steps,
+    the run of 2 stopped after 2 steps and resumed at world 2 from its DCP checkpoint; the world-2 checkpoint then
+    resumes at world 1 (resharded). Both start from the same warmed-up weights (the 1-process cache entry copied:
+    60 warm-up AdamW steps amplify the last-bit differences of another reduction order past greedy ties) and decode
+    greedily (each rank samples its prompts with its own generator, so sampled runs differ by world).
+    Mutations (benchmarks/mutations.py): rl-clip-copies, drop-grad-reduce: fail."""
+    one_cfg = tiny(tmp_path / "ignored", "vapo", cache, temperature=0.0)
+    two_cfg = {**one_cfg, "plan": {"mesh": "dp=1,mp=2", "strategies": "attention=tp,moe=ep"}}
+    paths = {}
+    for name, d in (("one", one_cfg), ("two", two_cfg)):
+        paths[name] = tmp_path / f"{name}.yaml"
+        paths[name].write_text(yaml.safe_dump(d))
+    assert main(["train", str(paths["one"]), "--out", str(tmp_path / "one")]) == 0
+    src = warmup_cache_path(config_from_dict(one_cfg), 1)
+    shutil.copy(src, warmup_cache_path(config_from_dict(two_cfg), 2))
+    capfd.readouterr()
+    two = ["train", str(paths["two"]), "--nproc", "2", "--out", str(tmp_path / "two")]
+    assert main(two + ["--steps", "2"]) == 0
+    assert main(two + ["--resume"]) == 0
+    out, err = capfd.readouterr()
+    assert "actor: plan for tiny on mesh (dp=1, mp=2)" in out and "ep: 2" in out and "tp: 2" in out, out
+    assert "vloss=" in err and "len=" in err and "acc=" in err  # the progress bar, from rank 0
+    one, two = (_untimed(read_metrics(tmp_path / n / "metrics.jsonl")) for n in ("one", "two"))
     assert [r["phase"] for r in one] == [r["phase"] for r in two] and len([r for r in one if r["step"]]) == 4
     assert any(r.get("reward", 0) > 0 for r in one)
     for a, b in zip(one, two):
         assert {k: a[k] for k in a if k in _EXACT} == {k: b[k] for k in b if k in _EXACT}
         for k in set(a) - set(_EXACT):
             assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-5), (a["phase"], a["step"], k)
-    state = ckpt_io.load(tmp_path / "two" / "checkpoint.pt")
-    assert state["world"] == 2 and state["step"] == 4 and len(state["actor_opt"]) == 2 and len(state["rng"]) == 2
-    with pytest.raises(RLConfigError, match="written by 2 processes; resume it with --nproc 2, not 1"):
-        Trainer(config_from_dict(tiny(tmp_path / "two", "vapo", cache, temperature=0.0)), resume=True)
+    state = ckpt_io.load(ckpt_io.latest_step(tmp_path / "two") / "trainer.pt")
+    assert state["world"] == 2 and state["step"] == 4 and len(state["rng"]) == 2
+    # the world-2 TP/EP checkpoint resumes on one rank under its default plan: DCP reshards every parameter
+    saved = ckpt_io.full_weights(ckpt_io.latest_step(tmp_path / "two"), "critic")
+    with one_rank_world(60, "gloo"):
+        one_rank = Trainer(config_from_dict({**two_cfg, "plan": {}, "train": {**two_cfg["train"],
+                                                                              "out": str(tmp_path / "two")}}),
+                           resume=True)
+        loaded = one_rank.critic.full_state_dict()
+    assert one_rank.step == 4 and one_rank.samples == state["samples"]
+    assert all(torch.equal(v, saved[f"model.{k}"]) for k, v in loaded.items() if f"model.{k}" in saved)
+    assert {f"model.{n}" for n, _ in one_rank.critic.pm.named_parameters()} <= set(saved)
+    assert "resuming on 1" in capfd.readouterr().out
