@@ -2,7 +2,7 @@
 
 Files: tasks (verifiable arithmetic + tokenizer), sampling (KV-cached rollouts), rollout (scoring, eval),
 advantages / losses (the formulas), algorithms (presets and flags), engine (meshplan.compile-d forward/step),
-planning (rl.plan), grad_clip, progress (the bar),
+planning (rl.plan), progress (the bar),
 warmup, trainer, checkpoint, metrics, distributed, config, cli.
 """
 from .algorithms import PRESETS, AlgoConfig

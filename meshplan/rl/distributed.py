@@ -16,14 +16,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from meshplan.runtime.process_groups import default_backend
+
 BACKENDS = ("auto", "gloo", "nccl")
 
 
 def backend_for(local_world: int, backend: str = "auto") -> str:
-    """NCCL when this machine has a GPU for each of its `local_world` ranks, else gloo ("auto"); or as given."""
+    """NCCL when this machine has a GPU for each of its `local_world` ranks, else gloo ("auto": the runtime's
+    default_backend, the rule `meshplan run` uses); or as given."""
     if backend != "auto":
         return backend
-    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local_world else "gloo"
+    return default_backend(local_rank=0, local_world=local_world)
 
 
 def under_torchrun() -> bool:

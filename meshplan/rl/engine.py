@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .grad_clip import clip_grad_norm_
+from meshplan.runtime.grad_clip import clip_grad_norm_, grad_pieces
 
 
 class Engine(abc.ABC):
@@ -108,7 +108,7 @@ class CompiledEngine(Engine):
 
     def step(self) -> float:
         self.pm.reduce_gradients()
-        norm = clip_grad_norm_(self.pm, self.grad_clip)
+        norm = float(clip_grad_norm_(grad_pieces(self.pm), self.grad_clip, self.pm.axes, self.pm.comm_stats))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._version += 1

@@ -28,8 +28,8 @@ def _steps(engine, plain, clip: float, steps: int = 2):
 
 
 def test_engine_matches_the_plain_module():
-    """One rank: bit-for-bit torch's clipping (the norm is computed as clip_grad_norm_ does) and the same
-    weights; every parameter is replicated, so the rollout module shares all of them (no copy)."""
+    """One rank: bit-for-bit torch's clipping (runtime/grad_clip.py computes the norm as clip_grad_norm_ does on
+    one rank) and the same weights; every parameter is replicated, so the rollout module shares all of them (no copy)."""
     with one_rank_world(60, "gloo"):
         for head in ("lm", "value"):
             plain = build_model(load_config("tiny"), head=head, seed=1)
@@ -97,7 +97,7 @@ def test_two_processes_under_model_parallel_plans(tmp_path):
     after two AdamW steps and the rollout module equal the plain module's on both ranks; the rollout module shares
     the replicated parameters and gathers the sharded ones. A run checkpoint of the sharded engine resumes
     bit-identically.
-    Mutations (benchmarks/mutations.py): rl-clip-copies (replicated pieces counted twice): the norms differ;
+    Mutations (benchmarks/mutations.py): clip-copies (replicated pieces counted twice): the norms differ;
     rl-stale-rollout (sharded weights never re-gathered): the rollout module differs; drop-grad-reduce: fails."""
     launch(_two_rank_worker, 2, str(tmp_path), timeout_s=120, backend="gloo")
     for r in range(2):

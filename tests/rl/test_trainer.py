@@ -152,7 +152,7 @@ def test_cli_two_model_parallel_processes_match_one_and_resume(tmp_path, cache, 
     resumes at world 1 (resharded). Both start from the same warmed-up weights (the 1-process cache entry copied:
     60 warm-up AdamW steps amplify the last-bit differences of another reduction order past greedy ties) and decode
     greedily (each rank samples its prompts with its own generator, so sampled runs differ by world).
-    Mutations (benchmarks/mutations.py): rl-clip-copies, drop-grad-reduce: fail."""
+    Mutations (benchmarks/mutations.py): clip-copies, drop-grad-reduce: fail."""
     one_cfg = tiny(tmp_path / "ignored", "vapo", cache, temperature=0.0)
     two_cfg = {**one_cfg, "plan": {"mesh": "dp=1,mp=2", "strategies": "attention=tp,moe=ep"}}
     paths = {}
