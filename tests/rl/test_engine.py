@@ -29,7 +29,8 @@ def _steps(engine, plain, clip: float, steps: int = 2):
 
 def test_engine_matches_the_plain_module():
     """One rank: bit-for-bit torch's clipping (runtime/grad_clip.py computes the norm as clip_grad_norm_ does on
-    one rank) and the same weights; every parameter is replicated, so the rollout module shares all of them (no copy)."""
+    one rank) and the same weights; every parameter is replicated, so the rollout module shares all of them (no
+    copy)."""
     with one_rank_world(60, "gloo"):
         for head in ("lm", "value"):
             plain = build_model(load_config("tiny"), head=head, seed=1)
