@@ -23,6 +23,7 @@ from ..ir.tracer import trace
 from . import materialize, sharding
 from .collectives import seed_grad
 from .comm_stats import CommStats
+from .compile import CompiledOp, check_compilable, wants_compile
 from .data_parallel import GradEntry, GradReducer
 from .expert_parallel import moe_ep
 from .local_ops import module_forward, run_module
@@ -74,6 +75,8 @@ class ParallelModel(nn.Module):
     init: where the weights come from when `model` was built on the meta device (materialize.py): a function
         yielding (name, full tensor) such as materialize.seeded_init(model, seed), or a DCP checkpoint directory;
         each rank then allocates and fills only its shards.
+    compile: run each op's implementation through torch.compile(fullgraph=True) (compile.py: which ops stay eager
+        and why); the numerics are eager's, within float tolerance.
 
     parameters() are the local shards (optimizers work on them); pm(tokens) takes the global [B, S] batch on every
     rank and returns the full output on every rank; after loss.backward() on every rank and reduce_gradients(),
@@ -82,7 +85,7 @@ class ParallelModel(nn.Module):
 
     def __init__(self, model: nn.Module, plan: Plan, graph: Graph | None = None, *, groups: MeshGroups | None = None,
                  bucket_mb: float = 25.0, timeout_s: float | None = None, stage: set[str] | None = None,
-                 init: materialize.WeightSource | None = None):
+                 init: materialize.WeightSource | None = None, compile: bool = False):
         super().__init__()
         if init is None and materialize.is_meta(model):
             raise PlanError("model: its parameters are on the meta device; pass init= (a weight source: "
@@ -97,6 +100,10 @@ class ParallelModel(nn.Module):
             raise PlanError(f"plan.mesh {plan.mesh} differs from the process groups' mesh {groups.mesh}")
         graph = graph if graph is not None else trace(model)
         plan.validate(graph)
+        if compile:
+            check_compilable(plan)
+        self.compile = compile
+        self._compiled: dict[str, CompiledOp] = {}  # op name -> its compiled implementation (compile=True)
         object.__setattr__(self, "_model", model)  # not a submodule: its full weights are not ours
         self.graph, self.plan = graph, plan
         # stage: the names of the ops this rank runs (a pipeline stage's); its parameters are the only ones held.
@@ -342,7 +349,11 @@ class ParallelModel(nn.Module):
         """The op's value on this rank: its strategy's implementation, or (generic ops) its fx node on local
         values; of a module that returns a tuple, the element its readers take (attrs["tuple_index"])."""
         if op.kind != G.GENERIC:
-            impl = self.op_overrides.get(op.name) or IMPLEMENTATIONS[(op.kind, ctx.plan.strategy)]
+            impl = self.op_overrides.get(op.name)
+            if impl is None:
+                impl = IMPLEMENTATIONS[(op.kind, ctx.plan.strategy)]
+                if self.compile and wants_compile(op.kind):
+                    impl = self._compiled.setdefault(op.name, CompiledOp(impl))
             out = impl(ctx, *ins[:len(ins) - len(op.shape_only)])
         else:
             out = self._run_node(op, ctx, ins)

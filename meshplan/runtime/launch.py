@@ -165,7 +165,7 @@ def train(args: argparse.Namespace) -> list[float]:
     cfg = load_config(args.model)
     plan = Plan.from_yaml(args.plan)
     model = build_model(cfg, head=args.head, seed=args.seed)
-    pm = ParallelModel(model, plan, timeout_s=args.timeout)
+    pm = ParallelModel(model, plan, timeout_s=args.timeout, compile=getattr(args, "compile", False))
     if getattr(args, "verify", False):
         report = verify(pm, model, pm.graph, verify_tokens(pm.graph, torch.zeros(args.batch, args.seq).long()))
         if rank == 0:
