@@ -64,6 +64,7 @@ class CompiledOp:
     def __init__(self, impl: Callable):
         self.impl, self.fn = impl, compiled(impl)
         self.bookings: dict[tuple, list[tuple[Key, int]]] = {}
+        self.compiled_calls = 0  # calls that ran the compiled graph (not the first, eager one of a signature)
 
     def __call__(self, ctx: OpContext, *ins: torch.Tensor) -> torch.Tensor:
         sig = (torch.is_grad_enabled(), *((tuple(t.shape), t.dtype, t.requires_grad) for t in ins),
@@ -74,6 +75,7 @@ class CompiledOp:
             self.bookings[sig] = rec.log
         else:
             out = self.fn(dataclasses.replace(ctx, stats=None), *ins)
+            self.compiled_calls += 1
         if ctx.stats is not None:
             for key, nbytes in self.bookings[sig]:
                 ctx.stats.add(key, nbytes)

@@ -1,7 +1,6 @@
 """ParallelModel(compile=True): every op but the MoE layers runs as a torch.compile(fullgraph=True) graph with its
 funcol collectives inside, and a step gives the eager step's loss, gradients and bytes."""
 import pytest
-import torch
 from rt_harness import MESHES, batch_for, make_model, mismatches, rank_step, reference, tiny_config, uniform_plan
 
 from meshplan.ir import trace
@@ -37,9 +36,15 @@ def test_compiled_step_equals_eager(attention):
         eager = ParallelModel(make_model(cfg), plan, graph=graph, groups=groups[r])
         compiled = ParallelModel(make_model(cfg), plan, graph=graph, groups=groups[r], compile=True)
         # step 1 runs each op eagerly once (to book its bytes), step 2 compiles, step 3 reuses the graphs
-        return _steps(eager, tokens, targets, 1)[0], _steps(compiled, tokens, targets, 3)
+        steps = _steps(compiled, tokens, targets, 3)
+        calls = {name: op.compiled_calls for name, op in compiled._compiled.items()}
+        return _steps(eager, tokens, targets, 1)[0], steps, calls
 
-    for r, (eager, steps) in enumerate(world.run(rank)):
+    for r, (eager, steps, compiled_calls) in enumerate(world.run(rank)):
+        # steps 2 and 3 ran every op but the MoE layer and the generic adds through its compiled graph
+        assert {n.split(".")[-1] for n in compiled_calls} >= {"attention", "feed_forward", "attention_norm"}
+        assert not any(n == "layers.1.feed_forward" for n in compiled_calls)  # the EP MoE layer: eager
+        assert set(compiled_calls.values()) == {2}, compiled_calls
         for i, (loss, grads, nbytes, calls) in enumerate(steps):
             assert not mismatches(loss, grads, ref_loss, ref_grads), (r, i)
             assert nbytes == eager[2] and calls == eager[3], (r, i)
