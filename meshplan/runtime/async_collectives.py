@@ -3,7 +3,8 @@
 `start_exchange` / `start_rows` issue the collective (torch's functional all_to_all_single, which returns an
 `AsyncCollectiveTensor` without blocking; on CUDA, NCCL runs it on its own stream and `wait_tensor` makes the
 current stream wait on its event, so the host never blocks) and return a `Pending`; `Pending.wait()` waits until
-the bytes have arrived (`AsyncCollectiveTensor.wait()`) and hands back the result. Between the two the caller computes another chunk: that is the whole overlap mechanism.
+the bytes have arrived (`wait_tensor`) and hands back the result. Between the two the caller computes another
+chunk: that is the whole overlap mechanism.
 
 CUDA streams: given the rank's comm stream (ParallelModel.comm_stream, which the emitted code passes), the
 collective and the layout copy in front of it are enqueued on that stream after it waits for the compute stream
@@ -11,12 +12,13 @@ collective and the layout copy in front of it are enqueued on that stream after 
 buffers as used by both streams (`record_stream`), so the caching allocator reuses neither too early.
 
 Autograd: funcol's own backward of all_to_all_single issues the mirror collective and waits for it at once, which
-would serialise the backward; so each started collective is a pair of thin Functions, the start (issue) and `_Arrive` (applied where `wait()`
-hands the result to compute). Backward runs them in the other order: `_Arrive`'s backward, the first to see the
-gradient, issues the mirror all-to-all asynchronously; the start's backward, which autograd runs later, waits for
-it. Autograd visits ready nodes latest-created first, so with the chunks interleaved in the forward, other chunks'
-backward compute runs between the two, and the backward overlaps too (on CUDA autograd runs each backward on its
-forward's stream: the issue on the compute stream, the wait on the comm stream, with the engine's stream syncs).
+would serialise the backward; so each started collective is a pair of thin Functions, the start (issue) and
+`_Arrive` (applied where `wait()` hands the result to compute). Backward runs them in the other order:
+`_Arrive`'s backward, the first to see the gradient, issues the mirror all-to-all asynchronously; the start's
+backward, which autograd runs later, waits for it. Autograd visits ready nodes latest-created first, so with the
+chunks interleaved in the forward, other chunks' backward compute runs between the two, and the backward overlaps
+too (on CUDA autograd runs each backward on its forward's stream: the issue on the compute stream, the wait on the
+comm stream, with the engine's stream syncs).
 Collectives are issued and their bytes booked by collectives.py's issue_a2a / issue_a2a_single, so a step's
 CommStats are identical with and without overlap.
 
@@ -30,7 +32,6 @@ import threading
 
 import torch
 from torch.autograd import Function
-
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
 
 from .collectives import Channel, _wait, exchange, exchange_rows, issue_a2a, issue_a2a_single

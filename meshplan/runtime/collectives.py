@@ -201,7 +201,7 @@ def local_chunk(x: torch.Tensor, dim: int, n: int, index: int) -> torch.Tensor:
     return x.chunk(n, dim)[index]
 
 
-# ---- autograd Functions of compressed channels (and empty tensors) -----------------------------------------------------------------------------------
+# ---- autograd Functions of compressed channels (and empty tensors) ----------------------------------------
 class _AllGather(Function):  # S(d) -> R ; gradient P -> S(d)
     @staticmethod
     def forward(ctx, x, dim, ch):

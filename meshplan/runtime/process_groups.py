@@ -109,7 +109,7 @@ class MeshGroups:
                     continue
                 key = f"{prefix}/{name}/{gi}"
                 pg = _gloo_group(dist.PrefixStore(key, store), ranks.index(rank), size, timeout)
-                gname = f"{key}/rank{rank}/{next(_SERIAL)}"  # the registry is per process: a name per rank, never reused
+                gname = f"{key}/rank{rank}/{next(_SERIAL)}"  # one registry per process: a name per rank, never reused
                 _register(gname, pg)
                 axes[name] = AxisGroup(name, size, ranks.index(rank), tuple(ranks), pg, gname)
                 weakref.finalize(axes[name], _unregister, gname)
