@@ -131,7 +131,8 @@ class CompiledModel(nn.Module):
     otherwise it is the original model, and the plan is for inspection."""
 
     def __init__(self, model: nn.Module, graph: Graph, plan: Plan, cluster, batch: int, seq: int,
-                 verify: bool | None = None, example: torch.Tensor | None = None, groups=None, init=None):
+                 verify: bool | None = None, example: torch.Tensor | None = None, groups=None, init=None,
+                 torch_compile: bool = False):
         super().__init__()
         self.graph, self.plan, self.cluster, self.batch, self.seq = graph, plan, cluster, batch, seq
         self._schedule = None
@@ -139,7 +140,7 @@ class CompiledModel(nn.Module):
         if groups is not None or (dist.is_available() and dist.is_initialized()):
             from .runtime import ParallelModel
 
-            self.module = ParallelModel(model, plan, graph, groups=groups, init=init)
+            self.module = ParallelModel(model, plan, graph, groups=groups, init=init, compile=torch_compile)
             self.distributed = True
             if verify or (verify is None and not any(p.is_meta for p in model.parameters())):
                 self.verify_report = self._verify(model, example)
@@ -206,7 +207,7 @@ def compile(model: nn.Module, *, cluster="h100", mesh: Mesh | dict | None = None
             plan: str | Path | Plan = "auto", example_inputs: tuple | None = None,
             error_budget: float | None = 0.0, overrides: dict | str | Path | None = None,
             world_size: int | None = None, strategies: dict[str, str] | None = None, verify: bool | None = None,
-            groups=None, init=None) -> CompiledModel:
+            groups=None, init=None, torch_compile: bool = False) -> CompiledModel:
     """Compile `model` for the current torch.distributed world (or `world_size` ranks when none is initialised).
 
     cluster: a name in configs/clusters/ (h800, h100, h200, local), a YAML path or a planner Cluster.
@@ -224,6 +225,8 @@ def compile(model: nn.Module, *, cluster="h100", mesh: Mesh | dict | None = None
     init: the weights of a model built on the meta device (runtime/materialize.py): a function yielding (name, full
         tensor), e.g. materialize.seeded_init(model, seed), or a DCP checkpoint directory; each rank fills only its
         shards.
+    torch_compile: run each op's parallel implementation through torch.compile(fullgraph=True) on this rank
+        (runtime/compile.py: which ops stay eager and why); needs fp32 collectives (error_budget=0).
     strategies: op kind -> strategy (e.g. {"attention": "sp", "moe": "ep"}), forced on every op of that kind on
         the mesh's last axis (default mesh: all ranks on one model axis); other kinds get Plan.build's defaults.
     A Hugging Face causal LM (transformers' *ForCausalLM) is compiled through meshplan.hf.adapt: the compiled
@@ -262,7 +265,7 @@ def compile(model: nn.Module, *, cluster="h100", mesh: Mesh | dict | None = None
     chosen.validate(graph, batch=batch, seq=seq)
     if chosen.mesh.size != world:
         raise PlanError(f"plan.mesh: {chosen.mesh} has {chosen.mesh.size} ranks, but the world has {world}")
-    return CompiledModel(model, graph, chosen, cl, batch, seq, verify, tokens, groups, init)
+    return CompiledModel(model, graph, chosen, cl, batch, seq, verify, tokens, groups, init, torch_compile)
 
 
 def _check_strategies(strategies: dict | None, plan) -> None:

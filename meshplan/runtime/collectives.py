@@ -1,4 +1,14 @@
-"""Collectives on one mesh axis: raw calls that count what this rank sends, and their autograd Functions.
+"""Collectives on one mesh axis, on torch's functional collectives (`torch.distributed._functional_collectives`).
+
+Every collective is a funcol op on the axis group's registered name (process_groups.py): traceable by
+torch.compile, asynchronous in eager (an `AsyncCollectiveTensor` that waits when first read). On top of funcol,
+meshplan keeps two things: the bytes each call sends (`Channel.record`, from the static shapes; comm_stats.py) and
+the wire formats of compressed channels (compression.py). A channel in the tensor's own dtype uses funcol's own
+autograd (`all_gather_single_autograd`, `reduce_scatter_single_autograd`, `all_reduce`,
+`all_to_all_single_autograd`, uneven splits included), whose backward formulas are exactly the convention below;
+funcol's backward runs inside autograd where nothing can count it, so its bytes are booked in the forward. A
+compressed channel keeps a thin autograd Function (_AllGather, ...): its backward must encode the gradient in the
+backward's wire layout, which funcol's formulas do not do.
 
 The gradient convention every backward here follows, on one mesh axis:
   - a Shard(d) value has a Shard(d) gradient (each rank holds the gradient of its own shard);
@@ -19,11 +29,12 @@ accumulated in low precision. FP8 is E4M3 with per-token scales in the forward; 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch.autograd import Function
 
 from .comm_stats import BWD, FWD, CommStats, Key
@@ -53,51 +64,54 @@ class Channel:
         return Channel(self.group, self.op, self.tag, precision, self.stats)
 
 
-# ---- raw collectives on flat, contiguous buffers -------------------------------------------------------
+# ---- raw collectives (torch's functional collectives, no autograd) -------------------------------------
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()  # not t.nbytes: dynamo traces this, and the shapes are static
+
+
+def _wait(t: torch.Tensor) -> torch.Tensor:
+    """The finished result of a functional collective (eager: an AsyncCollectiveTensor; traced: already waited)."""
+    # funcol.wait_tensor, not t.wait(): the latter returns the bare buffer, cut from the autograd graph
+    return funcol.wait_tensor(t) if isinstance(t, funcol.AsyncCollectiveTensor) else t
+
+
 def _ag_raw(t: torch.Tensor, ch: Channel, phase: str) -> torch.Tensor:
     """[*shape] -> [n, *shape]: every rank's tensor, in coordinate order."""
-    t = t.contiguous()
-    out = t.new_empty((ch.n, *t.shape))
-    if t.numel():
-        ch.group.pg._allgather_base(out.view(-1), t.view(-1)).wait()
-    ch.record("all_gather", phase, (ch.n - 1) * t.nbytes)
-    return out
+    ch.record("all_gather", phase, (ch.n - 1) * _nbytes(t))
+    if not t.numel():
+        return t.new_empty((ch.n, *t.shape))
+    return _wait(funcol.all_gather_single(t.contiguous().unsqueeze(0), 0, ch.group.group_name))
 
 
-def issue_a2a(t: torch.Tensor, ch: Channel, phase: str):
-    """Start [n, *chunk] -> [n, *chunk] (row j to rank j) and book its bytes: (result buffer, Work or None). The
-    buffer is filled in by the collective: read it only after the Work's wait()."""
-    t = t.contiguous()
-    out = torch.empty_like(t)
-    work = ch.group.pg.alltoall_base(out, t, [], [], dist.AllToAllOptions()) if t.numel() else None
-    ch.record("all_to_all", phase, t.nbytes * (ch.n - 1) / ch.n)
-    return out, work
+def issue_a2a(t: torch.Tensor, ch: Channel, phase: str) -> torch.Tensor:
+    """Start [n, *chunk] -> [n, *chunk] (row j to rank j) and book its bytes. Eager: an AsyncCollectiveTensor
+    that waits when first used (or at `_wait`)."""
+    ch.record("all_to_all", phase, _nbytes(t) * (ch.n - 1) / ch.n)
+    if not t.numel():
+        return torch.empty_like(t)
+    return funcol.all_to_all_single(t.contiguous(), None, None, ch.group.group_name)
 
 
-def issue_a2a_single(t: torch.Tensor, out_splits: list[int], in_splits: list[int], ch: Channel, phase: str):
+def issue_a2a_single(t: torch.Tensor, out_splits: list[int], in_splits: list[int], ch: Channel,
+                     phase: str) -> torch.Tensor:
     """Start the uneven all-to-all of rows (in_splits[j] rows to rank j, out_splits[j] from it) and book its
-    bytes: (result buffer, Work)."""
-    t = t.contiguous()
-    out = t.new_empty((sum(out_splits), *t.shape[1:]))
-    work = ch.group.pg.alltoall_base(out, t, list(out_splits), list(in_splits), dist.AllToAllOptions())
-    row = t[0:1].nbytes if t.dim() > 1 else t.element_size()
-    ch.record("all_to_all", phase, (sum(in_splits) - in_splits[ch.group.index]) * row)
-    return out, work
+    bytes (what this rank does not keep)."""
+    ch.record("all_to_all", phase, (sum(in_splits) - in_splits[ch.group.index]) * _row_bytes(t))
+    return funcol.all_to_all_single(t.contiguous(), list(out_splits), list(in_splits), ch.group.group_name)
+
+
+def _row_bytes(t: torch.Tensor) -> int:
+    return math.prod(t.shape[1:]) * t.element_size()
 
 
 def _a2a_raw(t: torch.Tensor, ch: Channel, phase: str) -> torch.Tensor:
     """[n, *chunk] -> [n, *chunk]: row j goes to rank j; row j of the result came from rank j."""
-    out, work = issue_a2a(t, ch, phase)
-    if work is not None:
-        work.wait()
-    return out
+    return _wait(issue_a2a(t, ch, phase))
 
 
 def _a2a_single_raw(t: torch.Tensor, out_splits: list[int], in_splits: list[int], ch: Channel,
                     phase: str) -> torch.Tensor:
-    out, work = issue_a2a_single(t, out_splits, in_splits, ch, phase)
-    work.wait()
-    return out
+    return _wait(issue_a2a_single(t, out_splits, in_splits, ch, phase))
 
 
 # ---- wire formats (compression.py) -----------------------------------------------------------------------
@@ -135,14 +149,12 @@ def reduce_scatter(x: torch.Tensor, dim: int, ch: Channel, phase: str = FWD) -> 
         return x
     dim %= x.dim()
     _check_divisible(x, dim, ch.n, f"reduce_scatter for {ch.op}")
-    chunks = torch.stack(x.chunk(ch.n, dim)).contiguous()  # [n, *chunk]
     if ch.precision == "fp32" or not x.is_floating_point():
-        out = chunks.new_empty(chunks.shape[1:])
-        if out.numel():
-            opts = dist.ReduceScatterOptions()
-            ch.group.pg._reduce_scatter_base(out.view(-1), chunks.view(-1), opts).wait()
-        ch.record("reduce_scatter", phase, chunks.nbytes * (ch.n - 1) / ch.n)
-        return out
+        ch.record("reduce_scatter", phase, _nbytes(x) * (ch.n - 1) / ch.n)
+        if not x.numel():
+            return x.chunk(ch.n, dim)[0].clone()
+        return _wait(funcol.reduce_scatter_single(x.contiguous(), "sum", dim, ch.group.group_name))
+    chunks = torch.stack(x.chunk(ch.n, dim)).contiguous()  # [n, *chunk]
     recv = _move(chunks, ch, lambda t: _a2a_raw(t, ch, phase), _row(dim != x.dim() - 1), out_dtype=torch.float32)
     return recv.sum(0).to(x.dtype)
 
@@ -151,11 +163,10 @@ def all_reduce(x: torch.Tensor, ch: Channel, phase: str = FWD) -> torch.Tensor:
     if ch.n == 1:
         return x
     if ch.precision == "fp32" or not x.is_floating_point():
-        out = x.contiguous().clone()
-        if out.numel():
-            ch.group.pg.allreduce([out]).wait()
-        ch.record("all_reduce", phase, 2 * out.nbytes * (ch.n - 1) / ch.n)
-        return out
+        ch.record("all_reduce", phase, 2 * _nbytes(x) * (ch.n - 1) / ch.n)
+        if not x.numel():
+            return x.clone()
+        return _wait(funcol.all_reduce(x.contiguous(), "sum", ch.group.group_name))
     flat = x.reshape(-1)
     pad = (-flat.numel()) % ch.n
     flat = torch.cat([flat, flat.new_zeros(pad)]) if pad else flat
@@ -190,7 +201,7 @@ def local_chunk(x: torch.Tensor, dim: int, n: int, index: int) -> torch.Tensor:
     return x.chunk(n, dim)[index]
 
 
-# ---- autograd Functions -----------------------------------------------------------------------------------
+# ---- autograd Functions of compressed channels (and empty tensors) ----------------------------------------
 class _AllGather(Function):  # S(d) -> R ; gradient P -> S(d)
     @staticmethod
     def forward(ctx, x, dim, ch):
@@ -273,24 +284,76 @@ class _SeedGrad(Function):  # identity; turns a replicated loss gradient into a 
         return (g if ctx.keep else torch.zeros_like(g)), None
 
 
+# ---- differentiable collectives: funcol's autograd in the tensor's own dtype, the Functions above otherwise --
+def _native(x: torch.Tensor, ch: Channel) -> bool:
+    """Whether the channel moves x as is, so torch's own autograd formulas apply (they match the convention at the
+    top of this file: all_gather <-> reduce_scatter, all_reduce -> all_reduce, all_to_all -> the reverse)."""
+    return (ch.precision == "fp32" or not x.is_floating_point()) and x.numel() > 0
+
+
+def _book_backward(x: torch.Tensor, ch: Channel, kind: str, nbytes: float) -> None:
+    """funcol's backward runs inside autograd, where nothing can count it: its bytes are booked now, from the
+    (static) shapes, when a backward will run through this collective."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        ch.record(kind, BWD, nbytes)
+
+
 def gather_shards(x: torch.Tensor, dim: int, ch: Channel) -> torch.Tensor:
-    return _AllGather.apply(x, dim, ch) if ch.n > 1 else x
+    if ch.n == 1:
+        return x
+    if not _native(x, ch):
+        return _AllGather.apply(x, dim, ch)
+    ch.record("all_gather", FWD, (ch.n - 1) * _nbytes(x))
+    _book_backward(x, ch, "reduce_scatter", (ch.n - 1) * _nbytes(x))
+    return _wait(funcol.all_gather_single_autograd(x.contiguous(), dim % x.dim(), ch.group.group_name))
 
 
 def scatter_partial(x: torch.Tensor, dim: int, ch: Channel) -> torch.Tensor:
-    return _ReduceScatter.apply(x, dim, ch) if ch.n > 1 else x
+    if ch.n == 1:
+        return x
+    if not _native(x, ch):
+        return _ReduceScatter.apply(x, dim, ch)
+    dim %= x.dim()
+    _check_divisible(x, dim, ch.n, f"reduce_scatter for {ch.op}")
+    ch.record("reduce_scatter", FWD, _nbytes(x) * (ch.n - 1) / ch.n)
+    _book_backward(x, ch, "all_gather", _nbytes(x) * (ch.n - 1) / ch.n)
+    return _wait(funcol.reduce_scatter_single_autograd(x.contiguous(), "sum", dim, ch.group.group_name))
 
 
 def sum_partial(x: torch.Tensor, ch: Channel) -> torch.Tensor:
-    return _AllReduce.apply(x, ch) if ch.n > 1 else x
+    if ch.n == 1:
+        return x
+    if not _native(x, ch):
+        return _AllReduce.apply(x, ch)
+    ch.record("all_reduce", FWD, 2 * _nbytes(x) * (ch.n - 1) / ch.n)
+    _book_backward(x, ch, "all_reduce", 2 * _nbytes(x) * (ch.n - 1) / ch.n)
+    return _wait(funcol.all_reduce(x.contiguous(), "sum", ch.group.group_name))
 
 
 def exchange(x: torch.Tensor, split_dim: int, cat_dim: int, ch: Channel) -> torch.Tensor:
-    return _AllToAll.apply(x, split_dim, cat_dim, ch) if ch.n > 1 else x
+    if ch.n == 1:
+        return x
+    if not _native(x, ch):
+        return _AllToAll.apply(x, split_dim, cat_dim, ch)
+    split_dim, cat_dim = split_dim % x.dim(), cat_dim % x.dim()
+    _check_divisible(x, split_dim, ch.n, f"all_to_all for {ch.op}")
+    chunks = torch.stack(x.chunk(ch.n, split_dim))  # [n, *chunk]: row j goes to rank j
+    ch.record("all_to_all", FWD, _nbytes(x) * (ch.n - 1) / ch.n)
+    _book_backward(x, ch, "all_to_all", _nbytes(x) * (ch.n - 1) / ch.n)
+    recv = _wait(funcol.all_to_all_single_autograd(chunks, None, None, ch.group.group_name))
+    return torch.cat(recv.unbind(0), dim=cat_dim)
 
 
 def exchange_rows(x: torch.Tensor, out_splits: list[int], in_splits: list[int], ch: Channel) -> torch.Tensor:
-    return _AllToAllSingle.apply(x, list(out_splits), list(in_splits), ch) if ch.n > 1 else x
+    if ch.n == 1:
+        return x
+    out_splits, in_splits = list(out_splits), list(in_splits)
+    if ch.precision != "fp32" and x.is_floating_point():  # no numel() test: under compile the rows are data-dependent
+        return _AllToAllSingle.apply(x, out_splits, in_splits, ch)
+    me = ch.group.index
+    ch.record("all_to_all", FWD, (sum(in_splits) - in_splits[me]) * _row_bytes(x))
+    _book_backward(x, ch, "all_to_all", (sum(out_splits) - out_splits[me]) * _row_bytes(x))
+    return _wait(funcol.all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, ch.group.group_name))
 
 
 def take_shard(x: torch.Tensor, dim: int, n: int, index: int) -> torch.Tensor:

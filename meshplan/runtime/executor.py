@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from ..ir import graph as G
 from ..ir.graph import Graph, Op
@@ -23,7 +24,9 @@ from ..ir.tracer import trace
 from . import materialize, sharding
 from .collectives import seed_grad
 from .comm_stats import CommStats
+from .compile import CompiledOp, check_compilable, wants_compile
 from .data_parallel import GradEntry, GradReducer
+from .device_mesh import as_dtensor, device_mesh
 from .expert_parallel import moe_ep
 from .local_ops import module_forward, run_module
 from .loss_parallel import align_targets, cross_entropy
@@ -74,6 +77,8 @@ class ParallelModel(nn.Module):
     init: where the weights come from when `model` was built on the meta device (materialize.py): a function
         yielding (name, full tensor) such as materialize.seeded_init(model, seed), or a DCP checkpoint directory;
         each rank then allocates and fills only its shards.
+    compile: run each op's implementation through torch.compile(fullgraph=True) (compile.py: which ops stay eager
+        and why); the numerics are eager's, within float tolerance.
 
     parameters() are the local shards (optimizers work on them); pm(tokens) takes the global [B, S] batch on every
     rank and returns the full output on every rank; after loss.backward() on every rank and reduce_gradients(),
@@ -82,7 +87,7 @@ class ParallelModel(nn.Module):
 
     def __init__(self, model: nn.Module, plan: Plan, graph: Graph | None = None, *, groups: MeshGroups | None = None,
                  bucket_mb: float = 25.0, timeout_s: float | None = None, stage: set[str] | None = None,
-                 init: materialize.WeightSource | None = None):
+                 init: materialize.WeightSource | None = None, compile: bool = False):
         super().__init__()
         if init is None and materialize.is_meta(model):
             raise PlanError("model: its parameters are on the meta device; pass init= (a weight source: "
@@ -97,6 +102,10 @@ class ParallelModel(nn.Module):
             raise PlanError(f"plan.mesh {plan.mesh} differs from the process groups' mesh {groups.mesh}")
         graph = graph if graph is not None else trace(model)
         plan.validate(graph)
+        if compile:
+            check_compilable(plan)
+        self.compile = compile
+        self._compiled: dict[str, CompiledOp] = {}  # op name -> its compiled implementation (compile=True)
         object.__setattr__(self, "_model", model)  # not a submodule: its full weights are not ours
         self.graph, self.plan = graph, plan
         # stage: the names of the ops this rank runs (a pipeline stage's); its parameters are the only ones held.
@@ -111,6 +120,7 @@ class ParallelModel(nn.Module):
             groups = MeshGroups.from_world(plan.mesh, timeout_s) if world_groups else MeshGroups.single(plan.mesh)
         self.groups = groups
         self.axes = groups.ordered()
+        self._device_mesh = device_mesh(groups)  # torch's DeviceMesh over the same groups (device_mesh.py)
         self.comm_stats = CommStats()
         self._op_of_node = dict(graph.node_ops) or {op.node: op.name for op in self._ops if op.node}
         if materialize.is_meta(model):
@@ -342,7 +352,11 @@ class ParallelModel(nn.Module):
         """The op's value on this rank: its strategy's implementation, or (generic ops) its fx node on local
         values; of a module that returns a tuple, the element its readers take (attrs["tuple_index"])."""
         if op.kind != G.GENERIC:
-            impl = self.op_overrides.get(op.name) or IMPLEMENTATIONS[(op.kind, ctx.plan.strategy)]
+            impl = self.op_overrides.get(op.name)
+            if impl is None:
+                impl = IMPLEMENTATIONS[(op.kind, ctx.plan.strategy)]
+                if self.compile and wants_compile(op.kind):
+                    impl = self._compiled.setdefault(op.name, CompiledOp(impl))
             out = impl(ctx, *ins[:len(ins) - len(op.shape_only)])
         else:
             out = self._run_node(op, ctx, ins)
@@ -425,20 +439,34 @@ class ParallelModel(nn.Module):
         with torch.no_grad():
             return redistribute(t.detach(), placement, self._replicated(), self.axes).clone()
 
+    def dtensor(self, name: str, value: torch.Tensor | None = None) -> DTensor | torch.Tensor:
+        """Parameter `name` (or `value`, a tensor laid out like it, e.g. its gradient) as a DTensor on
+        device_mesh(): this rank's shard with the plan's placements. A 1-rank mesh has no DeviceMesh: the tensor."""
+        cname = self._aliases.get(name, name)
+        local = (self._local[cname] if value is None else value).detach()
+        if self._device_mesh is None:
+            return local
+        return as_dtensor(local, self._device_mesh, self.groups, self._placement[cname], self._full_shapes[cname])
+
+    def _full(self, cname: str, value: torch.Tensor | None = None) -> torch.Tensor:
+        t = self.dtensor(cname, value)
+        with torch.no_grad():
+            full = t.full_tensor() if isinstance(t, DTensor) else t
+        return full.clone().cpu()  # never an alias of a replicated shard
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full tensors on every rank, keyed like model.state_dict()."""
+        """Full tensors on every rank, keyed like model.state_dict() (DTensor.full_tensor of each shard)."""
         out = {}
         for key, value in self._model.state_dict().items():
             cname = self._aliases.get(key)
-            out[key] = self.gathered(self._local[cname], self._placement[cname]).cpu() if cname else value.clone()
+            out[key] = self._full(cname) if cname else value.clone()
         return out
 
     def full_grads(self) -> dict[str, torch.Tensor]:
         """Full gradients on every rank, keyed like model.named_parameters() (call after reduce_gradients)."""
         out = {}
         for cname, p in self._local.items():
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            out[cname] = self.gathered(g, self._placement[cname]).cpu()
+            out[cname] = self._full(cname, p.grad if p.grad is not None else torch.zeros_like(p))
         return out
 
 

@@ -181,7 +181,7 @@ def train(args: argparse.Namespace) -> list[float]:
     cfg = load_config(args.model)
     plan = Plan.from_yaml(args.plan)
     model, init = run_plan.build(cfg, args, args.head)
-    pm = ParallelModel(model, plan, timeout_s=args.timeout, init=init)
+    pm = ParallelModel(model, plan, timeout_s=args.timeout, init=init, compile=getattr(args, "compile", False))
     if getattr(args, "verify", False):
         report = verify(pm, model, pm.graph, verify_tokens(pm.graph, torch.zeros(args.batch, args.seq).long()))
         if rank == 0:

@@ -20,11 +20,11 @@ Targets come in a placement of their own (the global batch on every rank, or the
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 from ..ir.placement import Partial, Placement, Replicate, Shard
-from .collectives import Channel, seed_grad, sum_partial
+from .collectives import Channel, _wait, seed_grad, sum_partial
 from .comm_stats import FWD, CommStats
 from .process_groups import AxisGroup
 from .redistribute import normalize, redistribute
@@ -56,12 +56,9 @@ def align_targets(targets: torch.Tensor, src: tuple[Placement, ...], logits_plac
 
 def _max_over(x: torch.Tensor, ch: Channel) -> torch.Tensor:
     """Element-wise max over the axis (no gradient: the max is subtracted and added back, so it cancels)."""
-    out = x.detach().contiguous().clone()
-    opts = dist.AllreduceOptions()
-    opts.reduceOp = dist.ReduceOp.MAX
-    ch.group.pg.allreduce([out], opts).wait()
-    ch.record("all_reduce", FWD, 2 * out.nbytes * (ch.n - 1) / ch.n)
-    return out
+    out = x.detach().contiguous()
+    ch.record("all_reduce", FWD, 2 * out.numel() * out.element_size() * (ch.n - 1) / ch.n)
+    return _wait(funcol.all_reduce(out, "max", ch.group.group_name))
 
 
 def _vocab_parallel_nll(logits: torch.Tensor, targets: torch.Tensor, vocab_axes: list[AxisGroup],

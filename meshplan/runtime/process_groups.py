@@ -4,21 +4,28 @@ Two ways to build them. `MeshGroups.from_world` runs after `torch.distributed.in
 `meshplan run`) and makes one `dist.new_group` per slice, with an explicit timeout so that a dead rank turns into
 an error instead of a hang. `MeshGroups.in_process` builds the same groups for one rank of a world whose ranks
 are threads of a single process (gloo groups over a shared HashStore): the fast path tests use to run many plans.
-Collectives are issued as methods of the group objects, which both kinds of group support.
+Collectives are torch's functional collectives (`torch.distributed._functional_collectives`, collectives.py),
+which find a group by its registered name (`AxisGroup.group_name`): `dist.new_group` registers its groups; an
+in-process group is a `ProcessGroup` with a gloo backend, registered under a name unique to its rank and
+unregistered when its AxisGroup is garbage-collected (the registry holds a strong reference to the group).
 """
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch._C import _distributed_c10d as _c10d
 
 from ..ir.mesh import Mesh
 from ..ir.plan import PlanError
 
 DEFAULT_TIMEOUT_S = 600.0
+_SERIAL = itertools.count()  # in-process group names
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,7 @@ class AxisGroup:
     index: int  # this rank's coordinate on the axis
     ranks: tuple[int, ...]  # global ranks of the slice, in coordinate order
     pg: object | None  # torch ProcessGroup; None when size == 1 (nothing to communicate)
+    group_name: str = ""  # the name funcol resolves pg by (registered with c10d); "" when pg is None
 
     @property
     def trivial(self) -> bool:
@@ -78,7 +86,7 @@ class MeshGroups:
                 # every rank creates every group, in the same order (new_group's contract)
                 pg = dist.new_group(ranks, timeout=timeout) if size > 1 else None
                 if rank in ranks:
-                    mine = AxisGroup(name, size, ranks.index(rank), tuple(ranks), pg)
+                    mine = AxisGroup(name, size, ranks.index(rank), tuple(ranks), pg, pg.group_name if pg else "")
             axes[name] = mine
         return cls(mesh, rank, axes, torch.device(device) if device else _device_for(backend), backend)
 
@@ -96,11 +104,15 @@ class MeshGroups:
             for gi, ranks in enumerate(mesh.groups(name)):
                 if rank not in ranks:
                     continue
-                pg = None
-                if size > 1:
-                    prefixed = dist.PrefixStore(f"{prefix}/{name}/{gi}", store)
-                    pg = dist.ProcessGroupGloo(prefixed, ranks.index(rank), size, timeout)
-                axes[name] = AxisGroup(name, size, ranks.index(rank), tuple(ranks), pg)
+                if size == 1:
+                    axes[name] = AxisGroup(name, size, 0, tuple(ranks), None)
+                    continue
+                key = f"{prefix}/{name}/{gi}"
+                pg = _gloo_group(dist.PrefixStore(key, store), ranks.index(rank), size, timeout)
+                gname = f"{key}/rank{rank}/{next(_SERIAL)}"  # one registry per process: a name per rank, never reused
+                _register(gname, pg)
+                axes[name] = AxisGroup(name, size, ranks.index(rank), tuple(ranks), pg, gname)
+                weakref.finalize(axes[name], _unregister, gname)
         return cls(mesh, rank, axes, torch.device("cpu"), "gloo")
 
     @classmethod
@@ -109,6 +121,25 @@ class MeshGroups:
         check_world_size(mesh, 1)
         axes = {n: AxisGroup(n, 1, 0, (0,), None) for n in mesh.names}
         return cls(mesh, 0, axes, torch.device(device), "none")
+
+
+def _gloo_group(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta) -> dist.ProcessGroup:
+    """A ProcessGroup over one gloo backend, as dist.new_group builds it (funcol needs a ProcessGroup, not the bare
+    backend)."""
+    pg = dist.ProcessGroup(store, rank, size)
+    gloo = dist.ProcessGroup.BackendType.GLOO
+    pg._register_backend(torch.device("cpu"), gloo, dist.ProcessGroupGloo(store, rank, size, timeout))
+    pg._set_default_backend(gloo)
+    return pg
+
+
+def _register(name: str, pg: dist.ProcessGroup) -> None:
+    pg._set_group_name(name)
+    _c10d._register_process_group(name, pg)
+
+
+def _unregister(name: str) -> None:
+    _c10d._unregister_process_group(name)
 
 
 def check_world_size(mesh: Mesh, world: int) -> None:

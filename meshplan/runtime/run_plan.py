@@ -59,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "--checkpoint-every steps")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="also save every N steps (0: only "
                    "after the last step)")
+    p.add_argument("--compile", action="store_true", help="run each op through torch.compile(fullgraph=True) "
+                   "(runtime/compile.py; not for pipeline plans)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint DIR "
                    "(saved under any plan and world size) up to --steps in all")
 
@@ -139,6 +141,8 @@ def train(args: argparse.Namespace) -> list[float]:
     graph = trace(model)
     runner = None
     if plan.pipeline.enabled:
+        if getattr(args, "compile", False):
+            raise PlanError(f"--compile: pipeline stages run eagerly (plan.mesh.pp={plan.pipeline.stages})")
         if getattr(args, "verify", False):
             raise PlanError(f"--verify: runtime/verify.py checks one ParallelModel, not pipeline stages "
                             f"(plan.mesh.pp={plan.pipeline.stages}); use --check, which compares every step's loss")
@@ -146,7 +150,8 @@ def train(args: argparse.Namespace) -> list[float]:
                                 init=init)
         pm = runner.model
     else:
-        pm = ParallelModel(model, plan, graph, timeout_s=args.timeout, init=init)
+        pm = ParallelModel(model, plan, graph, timeout_s=args.timeout, init=init,
+                           compile=getattr(args, "compile", False))
         if getattr(args, "verify", False):
             report = verify(pm, model, graph, verify_tokens(graph, torch.zeros(args.batch, args.seq).long()))
             if rank == 0:

@@ -18,7 +18,7 @@ common = importlib.import_module("common")
 
 
 @pytest.mark.parametrize("name", ["common", "fidelity", "throughput", "simulate_table", "run_all", "planner_time",
-                                  "planner_throughput", "published", "router_imbalance"])
+                                  "planner_throughput", "published", "router_imbalance", "compile_step"])
 def test_every_benchmark_imports(name):
     mod = importlib.import_module(name)
     if name not in ("common", "planner_time", "planner_throughput"):

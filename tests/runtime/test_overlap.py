@@ -25,7 +25,8 @@ from meshplan.codegen.emit import emit_module
 from meshplan.ir import Mesh, Plan, trace
 from meshplan.models import ModelConfig
 from meshplan.runtime import LocalWorld, ParallelModel
-from meshplan.runtime.async_collectives import Pending
+from meshplan.runtime.async_collectives import start_exchange
+from meshplan.runtime.collectives import Channel, exchange
 from meshplan.runtime.launch import spawn
 from meshplan.runtime.overlap import enable_overlap, load_emitted
 
@@ -103,15 +104,24 @@ def test_emitted_module_is_cached_and_readable(tiny, tmp_path):
 
 
 def test_pending_waits_once():
-    calls = []
+    """A started all-to-all (a real in-flight AsyncCollectiveTensor) is waited for once; its result is kept and
+    equals the synchronous exchange's."""
+    mesh = Mesh((("tp", 2),))
+    world = LocalWorld(2, timeout_s=30)
+    groups = world.groups(mesh)
 
-    class Work:
-        def wait(self):
-            calls.append(1)
+    def body(rank):
+        ch = Channel(groups[rank].axis("tp"))
+        x = torch.arange(8.0).view(4, 2) + 100 * rank
+        p = start_exchange(x, 0, 1, ch)
+        assert not p.done
+        first = p.wait()
+        assert p.done and first is p.wait()
+        return first, exchange(x, 0, 1, ch)
 
-    p = Pending(torch.ones(2), Work(), lambda t: t * 2)
-    assert not p.done and torch.equal(p.wait(), torch.full((2,), 2.0)) and p.done
-    assert torch.equal(p.wait(), torch.full((2,), 2.0)) and calls == [1]
+    for got, want in world.run(body):
+        assert torch.equal(got, want)
+    assert torch.equal(want, torch.tensor([[4.0, 5.0, 104.0, 105.0], [6.0, 7.0, 106.0, 107.0]]))
 
 
 # ---- one real multi-process world ------------------------------------------------------------------------

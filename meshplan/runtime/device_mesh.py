@@ -1,0 +1,56 @@
+"""torch's DeviceMesh over a plan's process groups, and this rank's shards as DTensors.
+
+`device_mesh(groups)` names its dimensions after the plan's mesh axes and reuses the axis groups MeshGroups built
+(no new groups: `dist.new_group`'s under torchrun, the registered in-process gloo groups in a LocalWorld), so it
+works in both kinds of world. Axes of size 1 are left out: they hold every tensor whole, and leaving them out
+spares a group per rank; `dtensor_placements` drops their placements to match. The layout is DTensor's: a dim
+sharded on several axes is split by the outer axis first, as ParallelModel cuts its shards
+(tests/runtime/test_device_mesh.py checks it for every shard layout of a 2 x 2 mesh).
+"""
+from __future__ import annotations
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+from ..ir.placement import Placement
+from .process_groups import MeshGroups
+from .torch_placements import placements_to_torch
+
+
+def device_mesh(groups: MeshGroups) -> DeviceMesh | None:
+    """This rank's DeviceMesh over the mesh's axes of size > 1 (None when every axis has size 1)."""
+    axes = [g for g in groups.ordered() if g.size > 1]
+    if not axes:
+        return None
+    grid = torch.arange(groups.mesh.size).view(*(g.size for g in groups.ordered()))
+    for i in reversed(range(grid.dim())):
+        if grid.shape[i] == 1:
+            grid = grid.squeeze(i)
+    # DeviceMesh.from_group, less its look-up of the group's ranks in the default group's tables (an in-process
+    # world has no default group): the mesh, this rank, and the registered group of each dimension
+    # ranks relative to the mesh (a pipeline stage's mesh does not start at global rank 0): only this rank's
+    # coordinate is read from them, and the groups are given by name
+    here = 0
+    for g in groups.ordered():
+        here = here * g.size + g.index
+    dm = DeviceMesh(groups.device.type, grid, mesh_dim_names=tuple(g.name for g in axes), _init_backend=False,
+                    _rank=here)
+    dm._dim_group_names = [g.group_name for g in axes]
+    for g in axes:
+        dm._pg_registry[g.group_name] = g.pg
+    return dm
+
+
+def dtensor_placements(groups: MeshGroups, placements: tuple[Placement, ...], ndim: int):
+    """A plan placement (one per mesh axis) as DTensor placements on device_mesh(groups)'s dimensions."""
+    kept = [p for g, p in zip(groups.ordered(), placements) if g.size > 1]
+    return placements_to_torch(kept, ndim)
+
+
+def as_dtensor(local: torch.Tensor, dm: DeviceMesh, groups: MeshGroups, placements: tuple[Placement, ...],
+               shape: tuple[int, ...]) -> DTensor:
+    """This rank's shard `local` of a tensor of `shape` laid out as `placements`, as a DTensor (no copy)."""
+    full = torch.empty(shape, device="meta")
+    return DTensor.from_local(local, dm, dtensor_placements(groups, placements, len(shape)), run_check=False,
+                              shape=full.shape, stride=full.stride())
