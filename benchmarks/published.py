@@ -1,7 +1,8 @@
 """Validation against published MoE training runs on DGX-H100: each run's model (configs/models/), its published
 parallel settings, priced by the one cost model on cluster h100; predicted vs published Model TFLOP/s per GPU.
 
-Every run is expressed as Megatron-Core runs it (docs/reference.md#published-runs, planner/plan_settings.py): the
+Every run is expressed as Megatron-Core runs it (docs/reference.md#published-runs, planner/plan_settings.py; its
+memory as Megatron-Core keeps activations, MeshConfig.megatron: docs/reference.md, "Memory"): the
 mesh is (pp, dp, mp) with mp = EP; MoE parallel folding (baselines.folded_plan): the MoE expert-parallel over mp,
 every other op on the run's TP-wide sub-axis of mp (Megatron's TP + SP; data parallel at TP1), the token dispatcher
 taking each rank's own tokens; micro-batch MBS sequences per GPU; VP virtual pipeline stages (interleaved 1F1B);
@@ -111,7 +112,8 @@ def predict(run: Run, cluster) -> dict:
                    ep_dispatch=run.ep_dispatch)
     priced = None
     for granularity in run.recompute:  # the first granularity that fits memory
-        mc = MeshConfig(n, d, run.pp, b, m, granularity == "full", granularity == "selective", run.vp, run.tp)
+        mc = MeshConfig(n, d, run.pp, b, m, granularity == "full", granularity == "selective", run.vp, run.tp,
+                        megatron=True)
         plan = folded_plan(graph, mc)
         for p in plan.ops.values():
             if "grad" in p.precision:

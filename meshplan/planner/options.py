@@ -21,6 +21,8 @@ class MeshConfig:
     # Megatron-only settings (priced, not run by meshplan's runtime: Plan.validate refuses them; plan_settings.py):
     vp: int = 1  # virtual pipeline stages per rank (interleaved 1F1B)
     fold: int = 0  # MoE parallel folding: non-MoE ops on a `fold`-wide sub-axis of mp (0: off)
+    # Megatron-Core executes the plan: what its grouped experts and full recompute keep for backward (plan_settings)
+    megatron: bool = False
 
     @property
     def granularity(self) -> str:

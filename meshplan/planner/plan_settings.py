@@ -12,6 +12,13 @@ Plan.validate refuses them for `meshplan run`, while `meshplan simulate` and pri
   stage boundaries, and rank k holds (2 (pp - k - 1) + (v - 1) pp + 1) model chunks of 1/v of its layers in
   flight (Megatron's interleaved warm-up count): pp + (pp - 1)/v micro-batches' worth on the first stage
   (Korthikanti et al. 2022, section 4.2.3).
+* Megatron-Core as the executor (`MeshConfig.megatron`; docs/reference.md, "Memory"): what it keeps for backward
+  where it differs from meshplan's runtime. Its grouped experts (`--moe-grouped-gemm`, TEGroupedMLP) multiply the
+  routing probabilities into the SwiGLU output inside the activation (weighted_bias_swiglu), so the combine keeps
+  no copy of the experts' outputs (meshplan's runtime weights them after w2 and keeps them: k·t·d elements); with
+  FP8 GEMMs Transformer Engine keeps the fc1 and fc2 inputs in FP8 (1 B, not 2). Its full recompute
+  (`--recompute-granularity full --recompute-method uniform --recompute-num-layers 1`) keeps each transformer
+  layer's input only (meshplan's runtime keeps every op's inputs); ops outside the layers keep what they keep.
 * MoE parallel folding (Megatron-Core MoE; Liu et al. 2025, arXiv 2504.14960): the non-MoE ops run on a
   `fold`-wide tensor-parallel sub-axis of the model axis (the other mp / fold ranks join data parallelism); the
   experts are expert-parallel over the whole model axis. Every rank then holds 1/mp of the tokens on both sides,
@@ -35,7 +42,8 @@ def sub_mesh(mc: MeshConfig) -> MeshConfig:
     if mc.n % t or (mc.b * t) % mc.n:
         raise ValueError(f"plan.meta.moe_folding.attention_width: {t} must divide mp={mc.n} and mp / {t} the "
                          f"micro-batch of {mc.b} sequences per replica")
-    return MeshConfig(t, mc.d * mc.n // t, mc.pp, mc.b * t // mc.n, mc.m, mc.recompute, mc.selective, mc.vp, 0)
+    return MeshConfig(t, mc.d * mc.n // t, mc.pp, mc.b * t // mc.n, mc.m, mc.recompute, mc.selective, mc.vp, 0,
+                      mc.megatron)
 
 
 def inflight(pp: int, k: int, m: int, vp: int) -> float:
@@ -66,19 +74,39 @@ def selective(graph: G.Graph, op: Op, cand: str, n: int, b: int, seq: int) -> tu
     return dropped, rerun
 
 
+def megatron_experts(op: Op, cand: str, n: int, b: int, seq: int, fp8: bool, selective: bool) -> float:
+    """Activation bytes per micro-batch that Megatron-Core's grouped experts do not keep and meshplan's MoE terms
+    (memory.activation_bytes) count: the combine's copy of the expert outputs (k·t·d BF16), and under FP8 GEMMs
+    one byte per element of the fc1 input (k·t·d) and of the fc2 input (k·t·f, unless selective recompute already
+    dropped it)."""
+    if op.kind != G.MOE:
+        return 0.0
+    a = op.attrs
+    rows = a["top_k"] * b * seq / (1 if cand == "replicate" else n)  # routed copies on this rank
+    saved = ACT_BYTES * rows * a["dim"]
+    if fp8:
+        saved += rows * (a["dim"] + (0 if selective else a["ffn_dim"]))
+    return saved
+
+
 def meta_settings(meta: dict) -> dict:
-    """MeshConfig fields (selective, vp, fold) from a plan's meta; recompute (full) is read by plans.mesh_config."""
+    """MeshConfig fields (selective, vp, fold, megatron) from a plan's meta; recompute (full) is read by
+    plans.mesh_config."""
     pipe = meta.get("pipeline") or {}
     fold = meta.get("moe_folding") or {}
     return {"selective": meta.get("activation_recompute") == "selective",
-            "vp": int(pipe.get("virtual_stages", 1)), "fold": int(fold.get("attention_width", 0))}
+            "vp": int(pipe.get("virtual_stages", 1)), "fold": int(fold.get("attention_width", 0)),
+            "megatron": meta.get("executor") == "megatron-core"}
 
 
 def write_meta(meta: dict, mc: MeshConfig) -> dict:
-    """Record mc's recompute granularity, virtual stages and folding in a plan's meta (what meta_settings reads)."""
+    """Record mc's recompute granularity, virtual stages, folding and executor in a plan's meta (what
+    meta_settings reads)."""
     meta["activation_recompute"] = mc.granularity
     if mc.vp > 1:
         meta.setdefault("pipeline", {})["virtual_stages"] = mc.vp
     if mc.fold:
         meta["moe_folding"] = {"attention_width": mc.fold}
+    if mc.megatron:
+        meta["executor"] = "megatron-core"
     return meta

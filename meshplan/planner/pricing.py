@@ -130,6 +130,11 @@ class CostModel:
                     key = (self.group_of[src], self.group_of[op.name], idx)
                     self.edges.setdefault(key, []).append((graph.op(src), op))
         self._layer = {op.name: op.layer for op in self.ops}
+        firsts: dict = {}  # each layer's first op, whose input is the layer's (Megatron's full recompute keeps it)
+        for op in self.ops:
+            if op.layer is not None:
+                firsts.setdefault(op.layer, op.name)
+        self._layer_inputs = set(firsts.values())
         self._consumers = {op.name: graph.consumers(op.name) for op in self.ops}
         self._stages: dict[tuple[int, int], list[Stage]] = {}
         self._compositions: dict[int, list[Stage]] = {}
@@ -224,7 +229,11 @@ class CostModel:
         slow = cl.local_slowdown(min(mc.n * mc.d * mc.pp, cl.gpus_per_node))  # CPU ranks sharing cores; GPUs: 1
         if mc.selective and not mc.recompute:  # plan_settings: drop norm outputs and SwiGLU outputs, rerun them
             compute, act = self.selective(g, cand, mc, compute, act)
-        ch = Choice(compute=compute * redo[0] * slow, act_mem=ckpt if mc.recompute else act)
+        if mc.megatron and not mc.recompute:  # plan_settings: what Megatron-Core's experts do not keep
+            act -= plan_settings.megatron_experts(gi.ops[0], cand, mc.n, mc.b, self.opt.seq,
+                                                  self.opt.gemm_dtype == "fp8", mc.selective)
+        ch = Choice(compute=compute * redo[0] * slow, act_mem=self.recompute_keeps(g, ckpt, act, mc) if mc.recompute
+                    else act)
         for j, coll in enumerate(gi.terms[cand].colls):
             elems, rows = vals[5 + 2 * j], vals[6 + 2 * j]
             ch.colls[coll.name] = {dt: 2 * redo[1] * (self._coll_time(gi.ops[0], coll, cc.wire_bytes(elems, rows, dt),
@@ -248,6 +257,16 @@ class CostModel:
         ch.p2p = mc.vp * self._time("p2p", memory.ACT_BYTES * out_elems / (mc.n if sharded else 1), 2,
                                     1 if loc["pp_inter"] else 2)  # interleaved: v times the stage boundaries
         return ch
+
+    def recompute_keeps(self, g: str, ckpt: float, act: float, mc: MeshConfig) -> float:
+        """Activation bytes one op keeps under full recompute: its inputs (meshplan's runtime); under Megatron-Core
+        (plan_settings) only a transformer layer's first op keeps its input, ops outside the layers all they keep."""
+        if not mc.megatron:
+            return ckpt
+        op = self.groups[g].ops[0]
+        if op.layer is None:
+            return act
+        return ckpt if op.name in self._layer_inputs else 0.0
 
     def selective(self, g: str, cand: str, mc: MeshConfig, compute: float, act: float) -> tuple[float, float]:
         """(compute, activations) of one op under selective recompute (plan_settings): a norm whose output is

@@ -105,7 +105,7 @@ def test_selective_recompute_validates_like_full(model):
 
 
 @pytest.mark.parametrize("field, setting", [("pipeline.virtual_stages", dict(vp=2)),
-                                            ("moe_folding", dict(fold=1))])
+                                            ("moe_folding", dict(fold=1)), ("executor", dict(megatron=True))])
 def test_validate_refuses_pricing_only_settings(model, h100, field, setting):
     mc = MeshConfig(8, 1, 2, 8, 4, **setting)
     plan = folded_plan(model, mc) if "fold" in setting else ep_dp_plan(model, mc)
@@ -113,8 +113,8 @@ def test_validate_refuses_pricing_only_settings(model, h100, field, setting):
     with pytest.raises(PlanError, match=rf"^plan\.meta\.{field}: .* priced only"):
         again.validate(model, batch=8, seq=SEQ)
     priced = price_plan(model, h100, again, 32, OPTS)  # simulate still prices it
-    assert (priced.mesh.selective, priced.mesh.vp, priced.mesh.fold) == (
-        setting.get("selective", False), setting.get("vp", 1), setting.get("fold", 0))
+    assert (priced.mesh.selective, priced.mesh.vp, priced.mesh.fold, priced.mesh.megatron) == (
+        setting.get("selective", False), setting.get("vp", 1), setting.get("fold", 0), setting.get("megatron", False))
 
 
 def test_search_picks_selective_recompute_where_memory_asks(graph, h800):
