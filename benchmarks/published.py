@@ -1,21 +1,22 @@
-"""Validation against published MoE training runs on DGX-H100: each run's model (configs/models/), its published
-parallel settings, priced by the one cost model on cluster h100; predicted vs published Model TFLOP/s per GPU.
+"""Validation against published MoE training runs on DGX-H100: each run's model (configs/models/ or an HF
+config.json in configs/hf/), its published parallel settings, priced by the one cost model on cluster h100;
+predicted vs published Model TFLOP/s per GPU.
 
 Every run is expressed as Megatron-Core runs it (docs/reference.md#published-runs, planner/plan_settings.py; its
-memory as Megatron-Core keeps activations, MeshConfig.megatron: docs/reference.md, "Memory"): the
-mesh is (pp, dp, mp) with mp = EP; MoE parallel folding (baselines.folded_plan): the MoE expert-parallel over mp,
-every other op on the run's TP-wide sub-axis of mp (Megatron's TP + SP; data parallel at TP1), the token dispatcher
+memory as Megatron-Core keeps activations, MeshConfig.megatron: docs/reference.md, "Memory"): the mesh is
+(pp, dp, mp) with mp = EP; MoE parallel folding (baselines.folded_plan): the MoE expert-parallel over mp, every
+other op on the run's TP-wide sub-axis of mp (Megatron's TP + SP; data parallel at TP1), the token dispatcher
 taking each rank's own tokens; micro-batch MBS sequences per GPU; VP virtual pipeline stages (interleaved 1F1B);
-activation recompute as the run publishes it (ModelZoo Qwen3, DeepSeek-V3's recipe: selective, priced as meshplan's
-norms + MoE activations; the Bridge Qwen3 recipe: none), else as Megatron-Bridge's guidance orders it, the first
-that fits memory: none, selective, full. FP8 runs' GEMMs run on the FP8 peak with their operands cast in HBM
-(Options.gemm_dtype; attention stays BF16), gradients reduce-scattered in FP32 (Megatron's default; BF16 where the
-recipe says so) with the distributed optimizer, EP across nodes dispatched by DeepEP (once per destination node,
-Options.ep_dispatch: what Megatron's cross-node EP recipes on H100 use), routing force-balanced (Megatron-Bridge's
-benchmarks do). DeepSeek-V3 and Qwen3-235B-A22B are traced from their HF config.json (configs/hf/: MLA, wide-q
-GQA, q/k norms as released; DeepSeek-V3's MTP module left out); GPT-OSS-120B has no HF adapter and stays an
-approximating YAML (its header says how). Predicted TFLOP/s =
-the model's 3x forward FLOPs per step / step time / GPUs.
+activation recompute as the run publishes it (ModelZoo Qwen3: selective of norms + MoE activations; DeepSeek-V3's
+recipe: selective of MLA up-projections + dense MLPs; the Bridge Qwen3 recipe: none), else as Megatron-Bridge's
+guidance orders it, the first that fits memory: none, selective, full. FP8 runs' GEMMs run on the FP8 peak with
+their operands cast in HBM (Options.gemm_dtype; attention stays BF16), gradients reduce-scattered in FP32
+(Megatron's default; BF16 where the recipe says so) with the distributed optimizer, EP across nodes dispatched by
+DeepEP (once per destination node, Options.ep_dispatch: what Megatron's cross-node EP recipes on H100 use),
+routing force-balanced (Megatron-Bridge's benchmarks do). DeepSeek-V3 and Qwen3-235B-A22B are traced from their
+HF config.json (configs/hf/: MLA, wide-q GQA, q/k norms as released; DeepSeek-V3's MTP module left out);
+GPT-OSS-120B has no HF adapter and stays an approximating YAML (its header says how). Predicted TFLOP/s = the
+model's 3x forward FLOPs per step / step time / GPUs.
 
     python benchmarks/published.py
 """
@@ -67,6 +68,7 @@ class Run:
     vp: int = 1  # virtual pipeline stages per rank
     recompute: tuple[str, ...] = ("none", "selective", "full")  # granularities tried, the first that fits
     grad: str = "fp32"  # gradient reduction dtype (Megatron's default fp32 unless the recipe says bf16)
+    modules: tuple[str, ...] = ("layernorm", "moe_act")  # what selective recompute reruns (--recompute-modules)
 
 
 RUNS = [
@@ -76,8 +78,8 @@ RUNS = [
         "bf16", 0.0, "TP1 PP4 EP8"),
     Run("DeepSeek-V3 FP8, 1024 H100", DEEPSEEK_V3, BRIDGE.format(v="25.09") + DEEPSEEK_RECIPE, 338.0, 1024, 8192,
         1, 4096, 8, 64, "fp8", 0.5, "TP2 PP8 VP4 EP64, GBS 8192, MBS 1 (the recipe's DeepEP, moe a2a overlap, "
-        "selective recompute, BF16 gradient reduction)", "deepep", tp=2, vp=4, recompute=("selective",),
-        grad="bf16"),
+        "selective recompute of mla_up_proj and mlp, BF16 gradient reduction)", "deepep", tp=2, vp=4,
+        recompute=("selective",), grad="bf16", modules=("mla_up_proj", "mlp")),
     Run("Qwen3-235B-A22B FP8, 256 H100 (25.09)", QWEN3, BRIDGE.format(v="25.09") + QWEN3_RECIPE, 178.0,
         256, 2048, 1, 4096, 8, 32, "fp8", 0.5, "TP2 PP8 VP4 EP32, GBS 2048, MBS 1 (the recipe's NCCL all-to-all "
         "dispatcher, moe a2a overlap, no recompute, BF16 gradient reduction)", tp=2, vp=4, recompute=("none",),
@@ -113,7 +115,7 @@ def predict(run: Run, cluster) -> dict:
     priced = None
     for granularity in run.recompute:  # the first granularity that fits memory
         mc = MeshConfig(n, d, run.pp, b, m, granularity == "full", granularity == "selective", run.vp, run.tp,
-                        megatron=True)
+                        megatron=True, modules=run.modules)
         plan = folded_plan(graph, mc)
         for p in plan.ops.values():
             if "grad" in p.precision:

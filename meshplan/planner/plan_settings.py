@@ -30,8 +30,9 @@ from ..ir import graph as G
 from ..ir.graph import Op
 from ..ir.placement import Shard
 from . import cost_model as cm
+from . import memory as mem
 from .memory import ACT_BYTES
-from .options import MeshConfig
+from .options import DEFAULT_MODULES, MeshConfig
 
 NORM_CONSUMERS = (G.ATTENTION, G.MOE, G.FFN)
 
@@ -43,7 +44,7 @@ def sub_mesh(mc: MeshConfig) -> MeshConfig:
         raise ValueError(f"plan.meta.moe_folding.attention_width: {t} must divide mp={mc.n} and mp / {t} the "
                          f"micro-batch of {mc.b} sequences per replica")
     return MeshConfig(t, mc.d * mc.n // t, mc.pp, mc.b * t // mc.n, mc.m, mc.recompute, mc.selective, mc.vp, 0,
-                      mc.megatron)
+                      mc.megatron, mc.modules)
 
 
 def inflight(pp: int, k: int, m: int, vp: int) -> float:
@@ -58,20 +59,49 @@ def reads_norm(graph: G.Graph, op: Op) -> bool:
     return op.kind in NORM_CONSUMERS and bool(op.inputs) and graph.op(op.inputs[0]).kind == G.NORM
 
 
-def selective(graph: G.Graph, op: Op, cand: str, n: int, b: int, seq: int) -> tuple[float, float]:
-    """(activation bytes no longer kept, extra HBM bytes moved to rerun) per micro-batch under selective recompute
-    of norms and MoE activations, for one op under candidate `cand` on a model axis of n ranks."""
-    dropped = rerun = 0.0
-    if reads_norm(graph, op):  # its copy of the norm output: held as the candidate's input placement says
+def selective(graph: G.Graph, op: Op, cand: str, n: int, b: int, seq: int,
+              modules: tuple[str, ...] = DEFAULT_MODULES) -> tuple[float, float, float]:
+    """(activation bytes no longer kept, extra HBM bytes moved to rerun, extra fraction of the op's forward +
+    backward compute) per micro-batch under selective recompute of `modules` (Megatron's --recompute-modules), for
+    one op under candidate `cand` on a model axis of n ranks."""
+    dropped = rerun = frac = 0.0
+    if "layernorm" in modules and reads_norm(graph, op):  # its copy of the norm output, as its input placement says
         meta = op.input_metas[0]
         sharded = isinstance(cm.placements(op, cand)[0], Shard)
         dropped += ACT_BYTES * float(graph.evaluate(meta.numel, b, seq)) / (n if sharded else 1)
-    if op.kind == G.MOE:  # the w2 input k·t·f: rebuilt from the kept w1, w3 outputs (read 2, write 1)
+    if "moe_act" in modules and op.kind == G.MOE:  # the w2 input k·t·f: rebuilt from the kept w1, w3 outputs
         a = op.attrs
         act = ACT_BYTES * a["top_k"] * b * seq * a["ffn_dim"] / (1 if cand == "replicate" else n)
         dropped += act
-        rerun += 3 * act
-    return dropped, rerun
+        rerun += 3 * act  # read 2, write 1
+    if "mla_up_proj" in modules and op.kind == G.ATTENTION and op.attrs.get("mla"):
+        d, f = mla_up_proj(graph, op, cand, n, b, seq)
+        dropped, frac = dropped + d, frac + f
+    if "mlp" in modules and op.kind == G.FFN:  # the dense MLP keeps its input only and reruns its forward
+        a, t = op.attrs, b * seq
+        dropped += ACT_BYTES * 3 * t * a["hidden"] / n  # w1, w3 outputs and w2 input: 1/n per rank (tp or sharded)
+        frac += 1 / 3
+    return dropped, rerun, frac
+
+
+def mla_up_proj(graph: G.Graph, op: Op, cand: str, n: int, b: int, seq: int) -> tuple[float, float]:
+    """(bytes, compute fraction) of Megatron's `mla_up_proj` recompute on a multi-head latent attention: q, k, v
+    from the up-projections are not kept (memory.activation_bytes counts q and k, v at head_dim each) but the
+    latents are (q LoRA, kv LoRA + the shared rope key, whole under head-split TP); backward reruns the two
+    up-projection GEMMs, the fraction of the op's forward FLOPs they are (models/mla.py, ir/ops.py _mla_flops)."""
+    a, t = op.attrs, b * seq
+    split, sharded = mem.shape(op, cand)
+    per_rank = n if split in ("heads", "sequence", "batch") else 1
+    qr = a["q_lora_rank"] or 0  # without a q LoRA, q comes from the model dim directly: kept, not rerun
+    q = a["n_heads"] * a["head_dim"] if qr else 0
+    kv = 2 * a["n_kv_heads"] * a["head_dim"]
+    latents = qr + a["kv_lora_rank"] + a["qk_rope_head_dim"]
+    kept = ACT_BYTES * latents * (t / n if sharded else t)
+    dropped = max(ACT_BYTES * t * (q + kv) / per_rank - kept, 0.0)
+    qk, vd = a["qk_nope_head_dim"] + a["qk_rope_head_dim"], a["v_head_dim"]
+    up = 2 * t * a["n_heads"] * (qr * qk + a["kv_lora_rank"] * (a["qk_nope_head_dim"] + vd))
+    total = float(graph.evaluate(op.flops, b, seq))
+    return dropped, (up / total / 3 if total else 0.0)
 
 
 def megatron_experts(op: Op, cand: str, n: int, b: int, seq: int, fp8: bool, selective: bool) -> float:
@@ -96,7 +126,8 @@ def meta_settings(meta: dict) -> dict:
     fold = meta.get("moe_folding") or {}
     return {"selective": meta.get("activation_recompute") == "selective",
             "vp": int(pipe.get("virtual_stages", 1)), "fold": int(fold.get("attention_width", 0)),
-            "megatron": meta.get("executor") == "megatron-core"}
+            "megatron": meta.get("executor") == "megatron-core",
+            "modules": tuple(meta.get("recompute_modules", DEFAULT_MODULES))}
 
 
 def write_meta(meta: dict, mc: MeshConfig) -> dict:
@@ -109,4 +140,6 @@ def write_meta(meta: dict, mc: MeshConfig) -> dict:
         meta["moe_folding"] = {"attention_width": mc.fold}
     if mc.megatron:
         meta["executor"] = "megatron-core"
+    if mc.selective and mc.modules != DEFAULT_MODULES:
+        meta["recompute_modules"] = list(mc.modules)
     return meta

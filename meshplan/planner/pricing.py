@@ -141,7 +141,7 @@ class CostModel:
         self._links: dict[str, tuple] = {}
         self._vals: dict[tuple[str, int, int], list] = {}
         self._split: dict[tuple[str, int, int, str], dict] = {}
-        self._selective: dict[tuple[str, str, int, int], tuple[float, float]] = {}
+        self._selective: dict[tuple, tuple[float, float, float]] = {}
 
     def values(self, g: str, n: int, b: int) -> list:
         """Per candidate of group g (in gi.cands order): [compute s/mb, activations, split params, replicated
@@ -230,10 +230,11 @@ class CostModel:
         if mc.selective and not mc.recompute:  # plan_settings: drop norm outputs and SwiGLU outputs, rerun them
             compute, act = self.selective(g, cand, mc, compute, act)
         if mc.megatron and not mc.recompute:  # plan_settings: what Megatron-Core's experts do not keep
+            moe_act = mc.selective and "moe_act" in mc.modules
             act -= plan_settings.megatron_experts(gi.ops[0], cand, mc.n, mc.b, self.opt.seq,
-                                                  self.opt.gemm_dtype == "fp8", mc.selective)
-        ch = Choice(compute=compute * redo[0] * slow, act_mem=self.recompute_keeps(g, ckpt, act, mc) if mc.recompute
-                    else act)
+                                                  self.opt.gemm_dtype == "fp8", moe_act)
+        keep = self.recompute_keeps(g, ckpt, act, mc) if mc.recompute else act
+        ch = Choice(compute=compute * redo[0] * slow, act_mem=keep)
         for j, coll in enumerate(gi.terms[cand].colls):
             elems, rows = vals[5 + 2 * j], vals[6 + 2 * j]
             ch.colls[coll.name] = {dt: 2 * redo[1] * (self._coll_time(gi.ops[0], coll, cc.wire_bytes(elems, rows, dt),
@@ -272,16 +273,17 @@ class CostModel:
         """(compute, activations) of one op under selective recompute (plan_settings): a norm whose output is
         read by attention / MoE / FFN runs its forward again (1/3 of its forward + backward), the MoE rebuilds its
         SwiGLU output from HBM; their consumers no longer keep the dropped tensors."""
-        key = (g, cand, mc.n, mc.b)
+        key = (g, cand, mc.n, mc.b, mc.modules)
         if key not in self._selective:
             op = self.groups[g].ops[0]
-            self._selective[key] = plan_settings.selective(self.graph, op, cand, mc.n, mc.b, self.opt.seq)
-        dropped, rerun = self._selective[key]
+            self._selective[key] = plan_settings.selective(self.graph, op, cand, mc.n, mc.b, self.opt.seq,
+                                                           mc.modules)
+        dropped, rerun, frac = self._selective[key]
         op = self.groups[g].ops[0]
-        if op.kind == G.NORM and any(plan_settings.reads_norm(self.graph, self.graph.op(c))
-                                     for c in self._consumers[op.name]):
+        if "layernorm" in mc.modules and op.kind == G.NORM and any(
+                plan_settings.reads_norm(self.graph, self.graph.op(c)) for c in self._consumers[op.name]):
             compute *= RECOMPUTE[0]
-        return compute + rerun / self.cluster.hbm_bandwidth, act - dropped
+        return compute * (1 + frac) + rerun / self.cluster.hbm_bandwidth, act - dropped
 
     def group_mesh(self, g: str, mc: MeshConfig) -> MeshConfig:
         """The mesh group g runs on: under MoE parallel folding, the non-MoE ops' sub-mesh (plan_settings)."""
