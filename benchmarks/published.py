@@ -1,18 +1,22 @@
-"""Validation against published MoE training runs on DGX-H100: each run's model (configs/models/), its published
-parallel settings, priced by the one cost model on cluster h100; predicted vs published Model TFLOP/s per GPU.
+"""Validation against published MoE training runs on DGX-H100: each run's model (configs/models/ or an HF
+config.json in configs/hf/), its published parallel settings, priced by the one cost model on cluster h100;
+predicted vs published Model TFLOP/s per GPU.
 
-Every run is expressed as Megatron-Core runs it (docs/reference.md#published-runs, planner/plan_settings.py): the
-mesh is (pp, dp, mp) with mp = EP; MoE parallel folding (baselines.folded_plan): the MoE expert-parallel over mp,
-every other op on the run's TP-wide sub-axis of mp (Megatron's TP + SP; data parallel at TP1), the token dispatcher
+Every run is expressed as Megatron-Core runs it (docs/reference.md#published-runs, planner/plan_settings.py; its
+memory as Megatron-Core keeps activations, MeshConfig.megatron: docs/reference.md, "Memory"): the mesh is
+(pp, dp, mp) with mp = EP; MoE parallel folding (baselines.folded_plan): the MoE expert-parallel over mp, every
+other op on the run's TP-wide sub-axis of mp (Megatron's TP + SP; data parallel at TP1), the token dispatcher
 taking each rank's own tokens; micro-batch MBS sequences per GPU; VP virtual pipeline stages (interleaved 1F1B);
-activation recompute as the run publishes it (ModelZoo Qwen3, DeepSeek-V3's recipe: selective, priced as meshplan's
-norms + MoE activations; the Bridge Qwen3 recipe: none), else as Megatron-Bridge's guidance orders it, the first
-that fits memory: none, selective, full. FP8 runs' GEMMs run on the FP8 peak with their operands cast in HBM
-(Options.gemm_dtype; attention stays BF16), gradients reduce-scattered in FP32 (Megatron's default; BF16 where the
-recipe says so) with the distributed optimizer, EP across nodes dispatched by DeepEP (once per destination node,
-Options.ep_dispatch: what Megatron's cross-node EP recipes on H100 use), routing force-balanced (Megatron-Bridge's
-benchmarks do). The model configs approximate MLA and wide-q GQA (their YAML headers say how). Predicted TFLOP/s =
-the model's 3x forward FLOPs per step / step time / GPUs.
+activation recompute as the run publishes it (ModelZoo Qwen3: selective of norms + MoE activations; DeepSeek-V3's
+recipe: selective of MLA up-projections + dense MLPs; the Bridge Qwen3 recipe: none), else as Megatron-Bridge's
+guidance orders it, the first that fits memory: none, selective, full. FP8 runs' GEMMs run on the FP8 peak with
+their operands cast in HBM (Options.gemm_dtype; attention stays BF16), gradients reduce-scattered in FP32
+(Megatron's default; BF16 where the recipe says so) with the distributed optimizer, EP across nodes dispatched by
+DeepEP (once per destination node, Options.ep_dispatch: what Megatron's cross-node EP recipes on H100 use),
+routing force-balanced (Megatron-Bridge's benchmarks do). DeepSeek-V3 and Qwen3-235B-A22B are traced from their
+HF config.json (configs/hf/: MLA, wide-q GQA, q/k norms as released; DeepSeek-V3's MTP module left out);
+GPT-OSS-120B has no HF adapter and stays an approximating YAML (its header says how). Predicted TFLOP/s = the
+model's 3x forward FLOPs per step / step time / GPUs.
 
     python benchmarks/published.py
 """
@@ -27,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, print_table  # noqa: E402
 
+HF = str(Path(__file__).resolve().parents[1] / "meshplan" / "configs" / "hf") + "/"  # HF config.json files
+DEEPSEEK_V3, QWEN3 = HF + "deepseek-v3/config.json", HF + "qwen3-235b-a22b/config.json"
 BRIDGE = ("Megatron-Bridge performance summary, DGX-H100 table (docs/performance-summary.md, NeMo {v} container; "
           "docs.nvidia.com/nemo/megatron-bridge/latest/performance-summary.html)")
 
@@ -62,6 +68,7 @@ class Run:
     vp: int = 1  # virtual pipeline stages per rank
     recompute: tuple[str, ...] = ("none", "selective", "full")  # granularities tried, the first that fits
     grad: str = "fp32"  # gradient reduction dtype (Megatron's default fp32 unless the recipe says bf16)
+    modules: tuple[str, ...] = ("layernorm", "moe_act")  # what selective recompute reruns (--recompute-modules)
 
 
 RUNS = [
@@ -69,19 +76,19 @@ RUNS = [
         "Megatron-Core MoE README (megatron/core/transformer/moe/README.md, MCore v0.9): 468 TFLOPS/GPU; settings "
         "TP1 PP4 EP8 from its Mixtral example (assumed 64 GPUs, GBS 256, seq 4096)", 468.0, 64, 256, 1, 4096, 4, 8,
         "bf16", 0.0, "TP1 PP4 EP8"),
-    Run("DeepSeek-V3 FP8, 1024 H100", "deepseek-v3", BRIDGE.format(v="25.09") + DEEPSEEK_RECIPE, 338.0, 1024, 8192,
+    Run("DeepSeek-V3 FP8, 1024 H100", DEEPSEEK_V3, BRIDGE.format(v="25.09") + DEEPSEEK_RECIPE, 338.0, 1024, 8192,
         1, 4096, 8, 64, "fp8", 0.5, "TP2 PP8 VP4 EP64, GBS 8192, MBS 1 (the recipe's DeepEP, moe a2a overlap, "
-        "selective recompute, BF16 gradient reduction)", "deepep", tp=2, vp=4, recompute=("selective",),
-        grad="bf16"),
-    Run("Qwen3-235B-A22B FP8, 256 H100 (25.09)", "qwen3-235b-a22b", BRIDGE.format(v="25.09") + QWEN3_RECIPE, 178.0,
+        "selective recompute of mla_up_proj and mlp, BF16 gradient reduction)", "deepep", tp=2, vp=4,
+        recompute=("selective",), grad="bf16", modules=("mla_up_proj", "mlp")),
+    Run("Qwen3-235B-A22B FP8, 256 H100 (25.09)", QWEN3, BRIDGE.format(v="25.09") + QWEN3_RECIPE, 178.0,
         256, 2048, 1, 4096, 8, 32, "fp8", 0.5, "TP2 PP8 VP4 EP32, GBS 2048, MBS 1 (the recipe's NCCL all-to-all "
         "dispatcher, moe a2a overlap, no recompute, BF16 gradient reduction)", tp=2, vp=4, recompute=("none",),
         grad="bf16"),
-    Run("Qwen3-235B-A22B FP8, 256 H100 (25.11)", "qwen3-235b-a22b", BRIDGE.format(v="25.11") + QWEN3_RECIPE, 233.0,
+    Run("Qwen3-235B-A22B FP8, 256 H100 (25.11)", QWEN3, BRIDGE.format(v="25.11") + QWEN3_RECIPE, 233.0,
         256, 2048, 1, 4096, 8, 32, "fp8", 0.5, "TP2 PP8 VP4 EP32, MBS 1 (GBS missing in the table: 2048 as in 25.09; "
         "the recipe's all-to-all dispatcher, a2a overlap, no recompute, BF16 gradients)", tp=2, vp=4,
         recompute=("none",), grad="bf16"),
-    Run("Qwen3-235B-A22B BF16, 256 H100 (ModelZoo)", "qwen3-235b-a22b",
+    Run("Qwen3-235B-A22B BF16, 256 H100 (ModelZoo)", QWEN3,
         "Megatron-MoE-ModelZoo best_practice/Qwen3/readme.md (yanring/Megatron-MoE-ModelZoo), cross-node EP, DeepEP, "
         "no 1F1B overlap: 245 TFLOPS/GPU", 245.0, 256, 2048, 1, 4096, 8, 32, "bf16", 0.0,
         "TP2 PP8 VP4 EP32, GBS 2048, MBS 1, recompute norm+act", "deepep", tp=2, vp=4, recompute=("selective",)),
@@ -93,14 +100,13 @@ RUNS = [
 
 
 def predict(run: Run, cluster) -> dict:
-    from meshplan.ir import trace
     from meshplan.ir.plan import PlanError
-    from meshplan.models import build_model, load_config
+    from meshplan.loading import load_graph
     from meshplan.planner import MeshConfig, Options
     from meshplan.planner.baselines import folded_plan
     from meshplan.planner.plans import fits, model_flops, price_plan
 
-    graph = trace(build_model(load_config(run.model), device="meta"))
+    graph = load_graph(run.model)[0]
     n, b = run.ep, run.ep // run.tp * run.mbs  # MBS sequences per attention TP group, mp / TP groups per EP group
     d = run.gpus // (run.pp * n)
     m = run.gbs // (d * b)
@@ -108,7 +114,8 @@ def predict(run: Run, cluster) -> dict:
                    ep_dispatch=run.ep_dispatch)
     priced = None
     for granularity in run.recompute:  # the first granularity that fits memory
-        mc = MeshConfig(n, d, run.pp, b, m, granularity == "full", granularity == "selective", run.vp, run.tp)
+        mc = MeshConfig(n, d, run.pp, b, m, granularity == "full", granularity == "selective", run.vp, run.tp,
+                        megatron=True, modules=run.modules)
         plan = folded_plan(graph, mc)
         for p in plan.ops.values():
             if "grad" in p.precision:

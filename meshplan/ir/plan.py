@@ -335,6 +335,9 @@ def pricing_only_error(meta: dict) -> str | None:
     if meta.get("moe_folding"):
         return ("plan.meta.moe_folding: MoE parallel folding is priced only (meshplan simulate); meshplan's runtime "
                 "runs every op on the plan's one model axis (remove it)")
+    if meta.get("executor", "meshplan") != "meshplan":
+        return (f"plan.meta.executor: {meta['executor']!r} is priced only (meshplan simulate); meshplan's runtime "
+                "runs the plan as meshplan (remove it)")
     return None
 
 

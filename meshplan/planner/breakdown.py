@@ -23,7 +23,7 @@ def split(cmodel: CostModel, mc: MeshConfig, problem: Problem, a: Assignment, bd
         parts = cmodel.compute_split(g, a.strategy[g], gm.n, gm.b)
         for kind in KINDS:
             mb[kind] += c * parts[kind] * redo
-        if mc.granularity == "selective":  # norms and SwiGLU rerun (plan_settings)
+        if mc.granularity == "selective":  # the recompute modules rerun (plan_settings)
             base = sum(parts.values())
             rerun = cmodel.selective(g, a.strategy[g], gm, base, 0.0)[0] - base
             mb["selective rerun"] = mb.get("selective rerun", 0.0) + c * rerun

@@ -13,7 +13,9 @@ With full activation recomputation (pricing.MeshConfig.recompute) an op keeps on
 forward, collectives included, during backward.
 
 Activations are what backward needs, in BF16 (FP32 for router logits, norm statistics and the loss's logits),
-per micro-batch, for B sequences of S tokens per data-parallel replica. Symbols: B, S (graph.py) and n.
+per micro-batch, for B sequences of S tokens per data-parallel replica. Symbols: B, S (graph.py) and n. These are
+what meshplan's runtime keeps; plans priced as Megatron-Core runs them keep less (plan_settings.py,
+MeshConfig.megatron; docs/reference.md, "Memory").
 """
 from __future__ import annotations
 

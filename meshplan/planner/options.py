@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from ..ir.mesh import Mesh
 
 DEFAULT_ERROR_BUDGET = 0.2  # root-sum-square relative error over all collectives of one step (problem.py)
+# Megatron --recompute-modules that selective recompute prices (plan_settings.selective): meshplan's default is
+# norms + MoE activations; a published recipe may name others (mla_up_proj, mlp)
+DEFAULT_MODULES = ("layernorm", "moe_act")
+SELECTIVE_MODULES = ("layernorm", "moe_act", "mla_up_proj", "mlp")
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,14 @@ class MeshConfig:
     # Megatron-only settings (priced, not run by meshplan's runtime: Plan.validate refuses them; plan_settings.py):
     vp: int = 1  # virtual pipeline stages per rank (interleaved 1F1B)
     fold: int = 0  # MoE parallel folding: non-MoE ops on a `fold`-wide sub-axis of mp (0: off)
+    # Megatron-Core executes the plan: what its grouped experts and full recompute keep for backward (plan_settings)
+    megatron: bool = False
+    modules: tuple[str, ...] = DEFAULT_MODULES  # what selective recompute reruns (Megatron's --recompute-modules)
+
+    def __post_init__(self):
+        bad = [m for m in self.modules if m not in SELECTIVE_MODULES]
+        if bad:
+            raise ValueError(f"plan.meta.recompute_modules: {bad[0]!r} is not one of {', '.join(SELECTIVE_MODULES)}")
 
     @property
     def granularity(self) -> str:

@@ -130,13 +130,18 @@ class CostModel:
                     key = (self.group_of[src], self.group_of[op.name], idx)
                     self.edges.setdefault(key, []).append((graph.op(src), op))
         self._layer = {op.name: op.layer for op in self.ops}
+        firsts: dict = {}  # each layer's first op, whose input is the layer's (Megatron's full recompute keeps it)
+        for op in self.ops:
+            if op.layer is not None:
+                firsts.setdefault(op.layer, op.name)
+        self._layer_inputs = set(firsts.values())
         self._consumers = {op.name: graph.consumers(op.name) for op in self.ops}
         self._stages: dict[tuple[int, int], list[Stage]] = {}
         self._compositions: dict[int, list[Stage]] = {}
         self._links: dict[str, tuple] = {}
         self._vals: dict[tuple[str, int, int], list] = {}
         self._split: dict[tuple[str, int, int, str], dict] = {}
-        self._selective: dict[tuple[str, str, int, int], tuple[float, float]] = {}
+        self._selective: dict[tuple, tuple[float, float, float]] = {}
 
     def values(self, g: str, n: int, b: int) -> list:
         """Per candidate of group g (in gi.cands order): [compute s/mb, activations, split params, replicated
@@ -224,7 +229,12 @@ class CostModel:
         slow = cl.local_slowdown(min(mc.n * mc.d * mc.pp, cl.gpus_per_node))  # CPU ranks sharing cores; GPUs: 1
         if mc.selective and not mc.recompute:  # plan_settings: drop norm outputs and SwiGLU outputs, rerun them
             compute, act = self.selective(g, cand, mc, compute, act)
-        ch = Choice(compute=compute * redo[0] * slow, act_mem=ckpt if mc.recompute else act)
+        if mc.megatron and not mc.recompute:  # plan_settings: what Megatron-Core's experts do not keep
+            moe_act = mc.selective and "moe_act" in mc.modules
+            act -= plan_settings.megatron_experts(gi.ops[0], cand, mc.n, mc.b, self.opt.seq,
+                                                  self.opt.gemm_dtype == "fp8", moe_act)
+        keep = self.recompute_keeps(g, ckpt, act, mc) if mc.recompute else act
+        ch = Choice(compute=compute * redo[0] * slow, act_mem=keep)
         for j, coll in enumerate(gi.terms[cand].colls):
             elems, rows = vals[5 + 2 * j], vals[6 + 2 * j]
             ch.colls[coll.name] = {dt: 2 * redo[1] * (self._coll_time(gi.ops[0], coll, cc.wire_bytes(elems, rows, dt),
@@ -249,20 +259,31 @@ class CostModel:
                                     1 if loc["pp_inter"] else 2)  # interleaved: v times the stage boundaries
         return ch
 
+    def recompute_keeps(self, g: str, ckpt: float, act: float, mc: MeshConfig) -> float:
+        """Activation bytes one op keeps under full recompute: its inputs (meshplan's runtime); under Megatron-Core
+        (plan_settings) only a transformer layer's first op keeps its input, ops outside the layers all they keep."""
+        if not mc.megatron:
+            return ckpt
+        op = self.groups[g].ops[0]
+        if op.layer is None:
+            return act
+        return ckpt if op.name in self._layer_inputs else 0.0
+
     def selective(self, g: str, cand: str, mc: MeshConfig, compute: float, act: float) -> tuple[float, float]:
         """(compute, activations) of one op under selective recompute (plan_settings): a norm whose output is
         read by attention / MoE / FFN runs its forward again (1/3 of its forward + backward), the MoE rebuilds its
         SwiGLU output from HBM; their consumers no longer keep the dropped tensors."""
-        key = (g, cand, mc.n, mc.b)
+        key = (g, cand, mc.n, mc.b, mc.modules)
         if key not in self._selective:
             op = self.groups[g].ops[0]
-            self._selective[key] = plan_settings.selective(self.graph, op, cand, mc.n, mc.b, self.opt.seq)
-        dropped, rerun = self._selective[key]
+            self._selective[key] = plan_settings.selective(self.graph, op, cand, mc.n, mc.b, self.opt.seq,
+                                                           mc.modules)
+        dropped, rerun, frac = self._selective[key]
         op = self.groups[g].ops[0]
-        if op.kind == G.NORM and any(plan_settings.reads_norm(self.graph, self.graph.op(c))
-                                     for c in self._consumers[op.name]):
+        if "layernorm" in mc.modules and op.kind == G.NORM and any(
+                plan_settings.reads_norm(self.graph, self.graph.op(c)) for c in self._consumers[op.name]):
             compute *= RECOMPUTE[0]
-        return compute + rerun / self.cluster.hbm_bandwidth, act - dropped
+        return compute * (1 + frac) + rerun / self.cluster.hbm_bandwidth, act - dropped
 
     def group_mesh(self, g: str, mc: MeshConfig) -> MeshConfig:
         """The mesh group g runs on: under MoE parallel folding, the non-MoE ops' sub-mesh (plan_settings)."""

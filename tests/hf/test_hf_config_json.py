@@ -47,3 +47,21 @@ def test_cli_refuses_an_unsupported_attribute_in_one_line(tmp_path, capsys):
     assert main(["trace", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "sliding_window" in err
+
+
+def test_shipped_deepseek_v3_config_traces_mla_and_the_published_totals():
+    # benchmarks/published.py prices DeepSeek-V3 from this file: 671B parameters without the MTP module
+    # (arXiv 2412.19437, section 4.2), multi-head latent attention as released, 3 dense layers
+    from pathlib import Path
+
+    import meshplan
+    from meshplan.ir import graph as G
+
+    path = Path(meshplan.__file__).parent / "configs" / "hf" / "deepseek-v3" / "config.json"
+    graph, _ = trace_config(path, 4096)
+    assert round(graph.total_params / 1e9, 1) == 671.0
+    attn = [op for op in graph.ops() if op.kind == G.ATTENTION]
+    assert len(attn) == 61 and all(op.attrs.get("mla") for op in attn)
+    a = attn[0].attrs
+    assert (a["q_lora_rank"], a["kv_lora_rank"], a["qk_rope_head_dim"], a["v_head_dim"]) == (1536, 512, 64, 128)
+    assert sum(op.kind == G.MOE for op in graph.ops()) == 58

@@ -69,9 +69,10 @@ def test_selective_recompute_sits_between_none_and_full(model, h100):
     # the MoE drops exactly its SwiGLU output (k·t·f, 1/n of it per EP rank) and its copy of the norm output
     moe = next(op for op in model.ops() if op.kind == G.MOE)
     a = moe.attrs
-    dropped, rerun = selective(model, moe, "ep", 8, 8, SEQ)
+    dropped, rerun, frac = selective(model, moe, "ep", 8, 8, SEQ)
     act = 2 * a["top_k"] * 8 * SEQ * a["ffn_dim"] / 8
     assert dropped == pytest.approx(act + 2 * 8 * SEQ * a["dim"] / 8) and rerun == pytest.approx(3 * act)
+    assert frac == 0  # no GEMM reruns: norms and SwiGLU are memory-bound
 
 
 def test_folding_prices_no_resharding_around_the_experts(model, h100):
@@ -105,7 +106,7 @@ def test_selective_recompute_validates_like_full(model):
 
 
 @pytest.mark.parametrize("field, setting", [("pipeline.virtual_stages", dict(vp=2)),
-                                            ("moe_folding", dict(fold=1))])
+                                            ("moe_folding", dict(fold=1)), ("executor", dict(megatron=True))])
 def test_validate_refuses_pricing_only_settings(model, h100, field, setting):
     mc = MeshConfig(8, 1, 2, 8, 4, **setting)
     plan = folded_plan(model, mc) if "fold" in setting else ep_dp_plan(model, mc)
@@ -113,8 +114,8 @@ def test_validate_refuses_pricing_only_settings(model, h100, field, setting):
     with pytest.raises(PlanError, match=rf"^plan\.meta\.{field}: .* priced only"):
         again.validate(model, batch=8, seq=SEQ)
     priced = price_plan(model, h100, again, 32, OPTS)  # simulate still prices it
-    assert (priced.mesh.selective, priced.mesh.vp, priced.mesh.fold) == (
-        setting.get("selective", False), setting.get("vp", 1), setting.get("fold", 0))
+    assert (priced.mesh.selective, priced.mesh.vp, priced.mesh.fold, priced.mesh.megatron) == (
+        setting.get("selective", False), setting.get("vp", 1), setting.get("fold", 0), setting.get("megatron", False))
 
 
 def test_search_picks_selective_recompute_where_memory_asks(graph, h800):
