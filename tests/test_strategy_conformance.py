@@ -31,7 +31,7 @@ from meshplan.planner import cost_model as cm
 from meshplan.planner.memory import DP, param_split
 from meshplan.runtime import LocalWorld, ParallelModel
 from meshplan.runtime.comm_stats import BWD, FWD
-from meshplan.runtime.executor import IMPLEMENTATIONS
+from meshplan.runtime.implementations import IMPLEMENTATIONS
 
 PAIRS = [(kind, s) for kind, by_name in STRATEGIES.items() for s in by_name]
 KINDS = {"all_to_all", "all_gather", "reduce_scatter", "all_reduce"}

@@ -8,7 +8,7 @@ makes "every rank computes the same loss and calls backward" give each rank its 
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -22,46 +22,18 @@ from ..ir.placement import Placement, Replicate, Shard
 from ..ir.plan import Plan, PlanError, evaluate_shape
 from ..ir.tracer import trace
 from . import materialize, sharding
+from .batch_sizes import check_sizes, global_sizes
 from .collectives import seed_grad
 from .comm_stats import CommStats
 from .compile import CompiledOp, check_compilable, wants_compile
 from .data_parallel import GradEntry, GradReducer
 from .device_mesh import as_dtensor, device_mesh
-from .expert_parallel import moe_ep
-from .local_ops import module_forward, run_module
+from .implementations import IMPLEMENTATIONS, Impl
+from .local_ops import run_module
 from .loss_parallel import align_targets, cross_entropy
-from .moe_tensor_parallel import moe_ag_scatter, moe_local
 from .op_context import OpContext
 from .process_groups import MeshGroups, check_world_size
 from .redistribute import normalize, redistribute
-from .tensor_parallel import attention_tp, embedding_vocab, ffn_tp, linear_tp
-from .ulysses_attention import attention_sp
-
-Impl = Callable[[OpContext, torch.Tensor], torch.Tensor]
-
-IMPLEMENTATIONS: dict[tuple[str, str], Impl] = {
-    (G.ATTENTION, "sp"): attention_sp,
-    (G.ATTENTION, "tp"): attention_tp,
-    (G.ATTENTION, "replicate"): module_forward,
-    (G.MOE, "ep"): moe_ep,
-    (G.MOE, "tp"): moe_local,
-    (G.MOE, "ag_scatter"): moe_ag_scatter,
-    (G.MOE, "seq"): moe_local,
-    (G.MOE, "replicate"): moe_local,
-    (G.FFN, "tp"): ffn_tp,
-    (G.FFN, "seq"): module_forward,
-    (G.FFN, "replicate"): module_forward,
-    (G.EMBEDDING, "vocab"): embedding_vocab,
-    (G.EMBEDDING, "seq"): module_forward,
-    (G.EMBEDDING, "replicate"): module_forward,
-    (G.NORM, "seq"): module_forward,
-    (G.NORM, "replicate"): module_forward,
-    (G.LINEAR, "tp"): linear_tp,
-    (G.LINEAR, "seq"): module_forward,
-    (G.LINEAR, "replicate"): module_forward,
-    (G.LM_HEAD, "seq"): module_forward,
-    (G.LM_HEAD, "replicate"): module_forward,
-}
 
 
 class ParallelModel(nn.Module):
@@ -402,28 +374,9 @@ class ParallelModel(nn.Module):
         return tuple(Replicate() for _ in self.axes)
 
     def _validate_sizes(self, batch: int, seq: int) -> None:
-        if (batch, seq) in self._validated:
-            return
-        self.plan.validate(self.graph, batch=batch, seq=seq)
-        sizes = {0: batch, 1: seq}
-        for op in self._ops:
-            if op.kind == G.ATTENTION:
-                rope = self._buffers[op.name].get("rope_cos")
-                if rope is not None and seq > rope.shape[0]:
-                    raise PlanError(f"sequence length {seq} exceeds {op.name}'s max_seq_len {rope.shape[0]}")
-            if op.name not in self.plan.ops:
-                continue
-            p = self.plan.ops[op.name]
-            for placements in (p.input, p.output):
-                for dim, size in sizes.items():
-                    ways = 1
-                    for (axis, n), pl in zip(self.plan.mesh.axes, placements):
-                        ways *= n if pl == Shard(dim) else 1
-                    if size % ways:
-                        what = "batch size" if dim == 0 else "sequence length"
-                        raise PlanError(f"plan.ops[{op.name!r}]: {ways} shards of dim {dim} do not divide the "
-                                        f"{what} {size}")
-        self._validated.add((batch, seq))
+        if (batch, seq) not in self._validated:
+            check_sizes(self.plan, self.graph, self._ops, self._buffers, batch, seq)
+            self._validated.add((batch, seq))
 
     # ---- training utilities ----------------------------------------------------------------------------------
     def reduce_gradients(self) -> None:
@@ -468,12 +421,3 @@ class ParallelModel(nn.Module):
         for cname, p in self._local.items():
             out[cname] = self._full(cname, p.grad if p.grad is not None else torch.zeros_like(p))
         return out
-
-
-def global_sizes(shape, placement: tuple[Placement, ...], axes) -> tuple[int, int]:
-    """(B, S) of the global batch whose shard laid out as `placement` has `shape`."""
-    sizes = list(shape)
-    for g, p in zip(axes, placement):
-        if isinstance(p, Shard) and p.dim in (0, 1):
-            sizes[p.dim] *= g.size
-    return sizes[0], sizes[1]

@@ -30,9 +30,10 @@ from ..ir.pipeline import AXIS as PP_AXIS
 from ..ir.plan import Plan, PlanError
 from ..ir.tracer import trace
 from . import materialize
+from .batch_sizes import global_sizes
 from .collectives import Channel, all_reduce
 from .comm_stats import BWD, FWD
-from .executor import ParallelModel, global_sizes
+from .executor import ParallelModel
 from .loss_parallel import align_targets, cross_entropy
 from .process_groups import MeshGroups
 

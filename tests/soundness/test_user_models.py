@@ -23,7 +23,7 @@ from meshplan.ir import Mesh, Plan, trace  # noqa: E402
 from meshplan.ir.plan import PlanError  # noqa: E402
 from meshplan.ir.tracer import TraceError  # noqa: E402
 from meshplan.runtime import LocalWorld, ParallelModel  # noqa: E402
-from meshplan.runtime.executor import IMPLEMENTATIONS  # noqa: E402
+from meshplan.runtime.implementations import IMPLEMENTATIONS  # noqa: E402
 from meshplan.runtime.verify import PlanVerificationError, verify  # noqa: E402
 
 TOKENS = torch.zeros(4, 16, dtype=torch.long)
