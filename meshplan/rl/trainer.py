@@ -334,7 +334,9 @@ class Trainer:
             if self.step % tr.checkpoint_every == 0 or done():
                 self.save()
             bar.update(1)
-            bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=rec.get("eval_accuracy", "-"))
+            bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=f"{rec['accuracy']:.2f}",
+                            len=f"{rec['response_len']:.0f}", eval=rec.get("eval_accuracy", "-"),
+                            vloss=f"{rec['value_loss']:.3f}" if "value_loss" in rec else "-")
         bar.close()
         records = read_metrics(self.log_metrics.path) if self.rank == 0 else []
         if self.rank == 0 and tr.plot and not have("matplotlib"):
