@@ -40,7 +40,7 @@ def configure(cfg: RLConfig, seed: int, out: Path, args) -> RLConfig:
     cfg.train.checkpoint_every = cfg.train.steps  # the last step only: a checkpoint of this model costs ~0.1 s
     cfg.train.nproc, cfg.train.threads, cfg.train.plot = 1, 1, False
     cfg.train.out = str(out)
-    cfg.warmup.cache = str(Path(args.runs) / "warmup-cache")  # one warm-up per seed, shared by the algorithms
+    cfg.warmup.cache = args.warmup_cache or str(Path(args.runs) / "warmup-cache")  # one per seed, shared
     validate(cfg)
     return cfg
 
@@ -120,6 +120,7 @@ def parser(doc: str, samples: int) -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one process, one thread each)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--resume", action="store_true", help="skip finished runs")
+    p.add_argument("--warmup-cache", default="", help="the warm-ups' directory (default: RUNS/warmup-cache)")
     p.add_argument("--configs", default=str(ROOT / "configs" / "rl"), help="where the runs' YAML files are")
     return p
 
