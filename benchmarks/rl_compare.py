@@ -6,9 +6,10 @@ Writes benchmarks/results/rl_compare.{json,md,png}.
     python benchmarks/rl_compare.py --samples 512 --seeds 0 --jobs 1  # a reduced run
 
 Each run is `meshplan train configs/rl/<algo>-chain.yaml` with train.max_samples = --samples (RL rollouts generated,
-DAPO's discarded resamples included) and the seed overridden. The warm-up of each seed runs first, once, into a
-shared cache; every algorithm of that seed then loads the same weights (checked: same cache file, same held-out
-start). VAPO's value-pretraining rollouts come before RL and are reported apart (pretrain_samples). Runs go
+DAPO's discarded resamples included) and the seed overridden. The warm-up runs first, once, into a shared cache; every
+run then loads the same weights (checked: same cache file, same held-out start). By default one warm-up (seed 0)
+serves every seed, so the seeds differ in RL sampling only (a warm-up costs ~4 RL runs here); --warmup-seed -1
+gives each seed its own warm-up, still shared by the algorithms. VAPO's value-pretraining rollouts come before RL and are reported apart (pretrain_samples). Runs go
 --jobs at a time, one process and one torch thread each; --resume skips finished runs.
 """
 from __future__ import annotations
@@ -40,7 +41,8 @@ def configure(cfg: RLConfig, seed: int, out: Path, args) -> RLConfig:
     cfg.train.checkpoint_every = cfg.train.steps  # the last step only: a checkpoint of this model costs ~0.1 s
     cfg.train.nproc, cfg.train.threads, cfg.train.plot = 1, 1, False
     cfg.train.out = str(out)
-    cfg.warmup.cache = args.warmup_cache or str(Path(args.runs) / "warmup-cache")  # one per seed, shared
+    cfg.warmup.cache = args.warmup_cache or str(Path(args.runs) / "warmup-cache")  # shared by the algorithms
+    cfg.warmup.seed = args.warmup_seed
     validate(cfg)
     return cfg
 
@@ -65,7 +67,9 @@ def run_one(config: str, algo: str, seed: int, args) -> dict:
     configure(cfg, seed, out, args)
     metrics = out / "metrics.jsonl"
     finished = metrics.exists() and any(r.get("samples", 0) >= args.samples for r in read_metrics(metrics))
-    if not (args.resume and finished):
+    if args.report_only and not finished:
+        return None
+    if not ((args.resume or args.report_only) and finished):
         train(cfg)
     return summarize(algo, seed, out, cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt)
 
@@ -82,7 +86,8 @@ def warm_one(config: str, seed: int, args) -> float:
 
 def run_all(jobs: list[tuple[str, str, int]], args) -> list[dict]:
     """Warm-ups first (one per seed, in parallel), then the (config, algo, seed) runs, --jobs at a time."""
-    seeds = sorted({s for _, _, s in jobs})
+    # one warm-up per seed, or (--warmup-seed >= 0) one for all seeds
+    seeds = sorted({s for _, _, s in jobs})[: 1 if args.warmup_seed >= 0 else None] if not args.report_only else []
     pool = ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) if args.jobs > 1 else None
     mapper = pool.map if pool else map  # --jobs 1: in this process, one run after another
     try:
@@ -90,6 +95,8 @@ def run_all(jobs: list[tuple[str, str, int]], args) -> list[dict]:
             print(f"warm-up seed {seed}: {dt:.0f} s", flush=True)
         runs = []
         for r in mapper(run_one, *zip(*jobs), [args] * len(jobs)):
+            if r is None:  # --report-only: an unfinished run
+                continue
             runs.append(r)
             print(f"{r['algo']} seed {r['seed']}: held-out {r['start']:.3f} -> {r['final']:.3f} (best {r['best']:.3f})"
                   f" in {r['samples']} samples (+{r['pretrain_samples']} pretrain), {r['wall_s']:.0f} s", flush=True)
@@ -120,6 +127,9 @@ def parser(doc: str, samples: int) -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one process, one thread each)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--resume", action="store_true", help="skip finished runs")
+    p.add_argument("--report-only", action="store_true", help="report the finished runs, run nothing")
+    p.add_argument("--warmup-seed", type=int, default=0,
+                   help="the seed of the one warm-up every run starts from (-1: each seed warms up its own)")
     p.add_argument("--warmup-cache", default="", help="the warm-ups' directory (default: RUNS/warmup-cache)")
     p.add_argument("--configs", default=str(ROOT / "configs" / "rl"), help="where the runs' YAML files are")
     return p

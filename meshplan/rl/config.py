@@ -39,6 +39,7 @@ class WarmupConfig:
     batch_size: int = 64
     lr: float = 3e-3
     cache: str | None = None  # a .pt path: reuse the warmed-up weights if there, else write them there
+    seed: int = -1  # the warm-up's seed (init and batches); -1: the run's seed
 
 
 @dataclass
@@ -203,6 +204,7 @@ def validate(cfg: RLConfig) -> None:
     need(w.steps >= 0, "warmup.steps", "must be >= 0")
     need(w.batch_size > 0, "warmup.batch_size", "must be > 0")
     need(w.lr > 0, "warmup.lr", f"must be > 0, got {w.lr}")
+    need(w.seed >= -1, "warmup.seed", f"must be >= 0, or -1 for the run's seed, got {w.seed}")
     r = cfg.rollout
     need(r.prompts_per_step > 0, "rollout.prompts_per_step", "must be > 0")
     need(r.samples_per_prompt > 0, "rollout.samples_per_prompt", "must be > 0")

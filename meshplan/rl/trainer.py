@@ -101,11 +101,12 @@ class Trainer:
     # ---- warm-up ------------------------------------------------------------------------------------------
     def _warmed_up_weights(self) -> dict:
         cfg, wc = self.cfg, self.cfg.warmup
-        policy = build_model(self.model_cfg, "lm", seed=self.cfg.seed)
+        seed = cfg.seed if wc.seed < 0 else wc.seed
+        policy = build_model(self.model_cfg, "lm", seed=seed)
         if wc.steps == 0:
             return policy.state_dict()
         # the world size changes the data-parallel reduction order, hence the last bits of the weights
-        key = cache_key(self.model_cfg.to_dict(), vars(cfg.task), vars(wc), cfg.seed) + f"-w{self.world}"
+        key = cache_key(self.model_cfg.to_dict(), vars(cfg.task), vars(wc), seed) + f"-w{self.world}"
         cache = Path(wc.cache) / f"warmup-{key}.pt" if wc.cache else None
         if cache is not None and cache.exists():
             if self.rank == 0:
@@ -114,7 +115,7 @@ class Trainer:
         engine = build_engine(policy, wc.lr, cfg.optim.betas, 0.0, cfg.optim.grad_clip, self.world)
         t0 = time.time()
         with tqdm(total=wc.steps, desc="warm-up", disable=self.rank != 0, leave=False) as bar:
-            losses = warmup(engine, self.task, wc.steps, wc.batch_size, cfg.seed, bar)
+            losses = warmup(engine, self.task, wc.steps, wc.batch_size, seed, bar)
         weights = engine.full_state_dict()
         if self.rank == 0:
             self.log_metrics.log({"phase": "warmup", "step": 0, "warmup_steps": wc.steps, "loss": losses[-1],

@@ -38,7 +38,8 @@ def test_comparison_bookkeeping_on_a_two_step_budget(tmp_path):
         (tmp_path / f"{algo}-t.yaml").write_text(yaml.safe_dump(_config(algo)))
     out = tmp_path / "results"
     rl_compare.main(["--algos", "vapo,grpo", "--task", "t", "--seeds", "0,1", "--samples", "8", "--evals", "1",
-                     "--jobs", "1", "--configs", str(tmp_path), "--runs", str(tmp_path / "runs"), "--out", str(out)])
+                     "--jobs", "1", "--warmup-seed", "-1", "--configs", str(tmp_path), "--runs", str(tmp_path / "runs"),
+                     "--out", str(out)])
     runs = json.loads((out / "rl_compare.json").read_text())
     assert sorted((r["algo"], r["seed"]) for r in runs) == [("grpo", 0), ("grpo", 1), ("vapo", 0), ("vapo", 1)]
     for r in runs:
@@ -50,7 +51,7 @@ def test_comparison_bookkeeping_on_a_two_step_budget(tmp_path):
     for seed in (0, 1):  # every algorithm of a seed starts from the same warmed-up policy
         a, b = (r for r in runs if r["seed"] == seed)
         assert a["warmup"] == b["warmup"] and a["start"] == b["start"]
-    assert runs[0]["warmup"] != runs[2]["warmup"]  # one warm-up per seed
+    assert runs[0]["warmup"] != runs[2]["warmup"]  # --warmup-seed -1: one warm-up per seed
     md = (out / "rl_compare.md").read_text()
     assert "| vapo - grpo | 2 |" in md and (out / "rl_compare.png").stat().st_size > 0
     bad = [dict(runs[0], start=runs[0]["start"] + 0.5), runs[1]]
