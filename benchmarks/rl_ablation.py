@@ -27,7 +27,7 @@ COMPONENTS = ("value-pretrain", "decoupled-gae", "length-adaptive", "token-loss"
 
 
 def main(argv=None) -> int:
-    p = parser(__doc__, samples=2048)
+    p = parser(__doc__, samples=1024)
     p.add_argument("--components", default=",".join(COMPONENTS), help="which components to remove, one run each")
     p.add_argument("--runs", default=str(ROOT / "out" / "rl" / "compare"), help="where the runs' outputs go")
     args = p.parse_args(argv)

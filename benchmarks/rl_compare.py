@@ -123,8 +123,8 @@ def parser(doc: str, samples: int) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--samples", type=int, default=samples, help="RL sample budget per run")
-    p.add_argument("--evals", type=int, default=5, help="held-out evaluations per run (after the start)")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time (one process, one thread each)")
+    p.add_argument("--evals", type=int, default=4, help="held-out evaluations per run (after the start)")
+    p.add_argument("--jobs", type=int, default=3, help="runs at a time (one process, one thread each)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--resume", action="store_true", help="skip finished runs")
     p.add_argument("--report-only", action="store_true", help="report the finished runs, run nothing")
@@ -136,7 +136,7 @@ def parser(doc: str, samples: int) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    p = parser(__doc__, samples=2048)
+    p = parser(__doc__, samples=1024)
     p.add_argument("--algos", default="vapo,dapo,grpo,ppo")
     p.add_argument("--task", default="chain", help="configs/rl/<algo>-<task>.yaml")
     p.add_argument("--runs", default=str(ROOT / "out" / "rl" / "compare"), help="where the runs' outputs go")

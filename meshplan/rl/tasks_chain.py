@@ -1,12 +1,14 @@
 """A task whose written working grows with the problem: a Fibonacci walk mod 10, counted down step by step.
 
-    prompt   "38|05="                              start pair (3, 8), 5 steps
-    response "04:81,03:19,02:90,01:09,00:99>99"    each step "kk:xy": countdown kk, then the next pair
-                                                    (x, y) -> (y, (x + y) mod 10); ">" then the final pair
+    prompt   "a38|04="                          rule m = 1 ("a"), start pair (3, 8), 4 steps
+    response "04:38,03:81,02:19,01:90,00:09>09"   "kk:xy": countdown kk, then the pair; the first line copies the
+                                                   start, each next one is (x, y) -> (y, (m*y + x) mod 10);
+                                                   ">" then the final pair
 
-Every step depends only on the step before it (a fixed offset back), so a small model can learn the rule, but the
-chance of writing a whole chain without a slip falls with its length: with n steps the response has 6n + 3 tokens
-(EOS included), 21 at n = 3 and 201 at n = 33. n is drawn uniformly per problem, so every batch mixes short and
+Every step after the copy depends only on the step before it (a fixed offset back; measured: without the copy
+line, a warmed-up model's first slip sat in the first two steps, which read the prompt), so a small model can
+learn the rule, but the chance of writing a whole chain without a slip falls with its length: with n steps the
+response has 6n + 9 tokens (EOS included), 27 at n = 3 and 201 at n = 32. n is drawn uniformly per problem, so every batch mixes short and
 long responses (what VAPO's length-adaptive GAE is for). Only the answer after ">" is rewarded: 1 if it is the
 final pair, else 0 or -1 (docs/reference.md, "VAPO"); a guess is right 1 time in 100.
 
@@ -24,10 +26,10 @@ MULTIPLIERS = "abcdefghi"  # the rule's multiplier m = 1..9, one letter each so 
 
 
 def chain_working(m: int, a: int, b: int, steps: int) -> Problem:
-    """The worked walk (x, y) -> (y, (m*y + x) mod 10) from the pair (a, b) for `steps` steps."""
+    """The worked walk (x, y) -> (y, (m*y + x) mod 10) from the pair (a, b) for `steps` steps, after a copy of it."""
     if not (1 <= m <= 9 and 0 <= a <= 9 and 0 <= b <= 9 and 1 <= steps <= 99):
         raise ValueError(f"chain: need 1 <= m <= 9, digits a, b and 1 <= steps <= 99, got {m}, {a}, {b}, {steps}")
-    x, y, parts = a, b, []
+    x, y, parts = a, b, [f"{steps:02d}:{a}{b}"]
     for k in range(steps - 1, -1, -1):
         x, y = y, (m * y + x) % 10
         parts.append(f"{k:02d}:{x}{y}")
@@ -41,7 +43,7 @@ class ChainTask:
 
     alphabet = "0123456789:,|=>" + MULTIPLIERS
 
-    def __init__(self, min_steps: int = 3, max_steps: int = 33, rules: int = 9, eval_size: int = 256,
+    def __init__(self, min_steps: int = 3, max_steps: int = 32, rules: int = 9, eval_size: int = 256,
                  eval_seed: int = 12345):
         if not 1 <= min_steps <= max_steps <= 99:
             raise ValueError(f"task: need 1 <= min_steps <= max_steps <= 99, got {min_steps}, {max_steps}")
@@ -81,7 +83,7 @@ class ChainTask:
 
     @property
     def max_response_len(self) -> int:
-        return 6 * self.max_steps + 3  # n steps "kk:xy" joined by "," (6n - 1), ">" and the pair, EOS
+        return 6 * self.max_steps + 9  # n + 1 lines "kk:xy" joined by "," (6n + 5), ">" and the pair, EOS
 
     @staticmethod
     def extract_answer(response: str) -> str | None:

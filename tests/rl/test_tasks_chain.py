@@ -11,10 +11,10 @@ from meshplan.rl.tasks_chain import MULTIPLIERS, ChainTask, chain_working
 
 
 def test_worked_example():
-    p = chain_working(1, 3, 8, 5)  # Fibonacci mod 10 from (3, 8): 1, 9, 0, 9, 9
-    assert (p.prompt, p.working, p.answer) == ("a38|05=", "04:81,03:19,02:90,01:09,00:99>99", "99")
+    p = chain_working(1, 3, 8, 4)  # Fibonacci mod 10 from (3, 8): 1, 9, 0, 9
+    assert (p.prompt, p.working, p.answer) == ("a38|04=", "04:38,03:81,02:19,01:90,00:09>09", "09")
     p = chain_working(3, 2, 7, 2)  # (2, 7) -> (7, 3*7 + 2 = 23 -> 3) -> (3, 3*3 + 7 = 16 -> 6)
-    assert p.working == "01:73,00:36>36" and p.prompt == "c27|02="
+    assert p.working == "02:27,01:73,00:36>36" and p.prompt == "c27|02="
 
 
 @given(st.integers(1, 9), st.integers(0, 9), st.integers(0, 9), st.integers(1, 99))
@@ -23,8 +23,9 @@ def test_working_replays_the_rule(m, a, b, n):
     p = chain_working(m, a, b, n)
     assert p.prompt == f"{MULTIPLIERS[m - 1]}{a}{b}|{n:02d}="
     steps, answer = p.working.split(">")
-    steps = steps.split(",")
-    assert len(steps) == n and len(p.working) + 1 == 6 * n + 3  # + EOS
+    first, *steps = steps.split(",")
+    assert first == f"{n:02d}:{a}{b}"  # the copy of the start
+    assert len(steps) == n and len(p.working) + 1 == 6 * n + 9  # + EOS
     x, y = a, b
     for i, s in enumerate(steps):  # each step: the countdown, then the pair from the step before it
         assert s[:3] == f"{n - 1 - i:02d}:"
@@ -34,10 +35,10 @@ def test_working_replays_the_rule(m, a, b, n):
 
 
 def test_lengths_span_and_mix_within_a_batch():
-    task = ChainTask(3, 33, rules=9, eval_size=64)
+    task = ChainTask(3, 32, rules=9, eval_size=64)
     tok = task.tokenizer
     lens = [len(tok.encode(p.working, eos=True)) for p in PromptSampler(task, 0).draw(64)]
-    assert min(lens) >= 21 and max(lens) <= task.max_response_len == 201
+    assert min(lens) >= 27 and max(lens) <= task.max_response_len == 201
     assert max(lens) - min(lens) > 120 and np.std(lens) > 40  # one batch holds short and long responses
     for p in task.eval_problems:
         assert len(tok.encode(p.prompt, bos=True)) <= task.max_prompt_len
@@ -50,7 +51,7 @@ def test_eval_split_is_held_out_and_only_the_answer_is_rewarded():
     assert len(held_out) == 100 and not held_out & {p.prompt for p in PromptSampler(task, 0).draw(1000)}
     p = chain_working(1, 3, 8, 5)
     assert task.is_correct(p.working, p)
-    assert task.is_correct("garbage>99", p)  # the working is not checked: reward on the final answer only
+    assert task.is_correct("garbage>99", p) and p.answer == "99"  # the working is not checked: reward on the final answer only
     assert not task.is_correct(p.working[:-1] + "8", p) and not task.is_correct(p.working.split(">")[0], p)
 
 
