@@ -64,3 +64,5 @@ def test_config_builds_the_task_and_names_bad_fields():
                               ("max_steps", 100, "rl.task.min_steps"), ("eval_size", 5000, "rl.task.eval_size")]:
         with pytest.raises(RLConfigError, match=msg):
             config_from_dict({**d, "task": {**d["task"], field: value}})
+    with pytest.raises(RLConfigError, match="rl.warmup.seed"):
+        config_from_dict({**d, "warmup": {"seed": -2}})
