@@ -9,8 +9,9 @@ Each run is `meshplan train configs/rl/<algo>-chain.yaml` with train.max_samples
 DAPO's discarded resamples included) and the seed overridden. The warm-up runs first, once, into a shared cache; every
 run then loads the same weights (checked: same cache file, same held-out start). By default one warm-up (seed 0)
 serves every seed, so the seeds differ in RL sampling only (a warm-up costs ~4 RL runs here); --warmup-seed -1
-gives each seed its own warm-up, still shared by the algorithms. VAPO's value-pretraining rollouts come before RL and are reported apart (pretrain_samples). Runs go
---jobs at a time, one process and one torch thread each; --resume skips finished runs.
+gives each seed its own warm-up, still shared by the algorithms. VAPO's value-pretraining rollouts come before
+RL and are reported apart (pretrain_samples). Runs go --jobs at a time, one process and one torch thread each;
+--resume skips finished runs, --report-only summarises them.
 """
 from __future__ import annotations
 

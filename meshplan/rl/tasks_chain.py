@@ -1,4 +1,4 @@
-"""A task whose written working grows with the problem: a Fibonacci walk mod 10, counted down step by step.
+"""A task whose written working grows with the problem: a Fibonacci-like walk mod 10, counted down step by step.
 
     prompt   "a38|04="                          rule m = 1 ("a"), start pair (3, 8), 4 steps
     response "04:38,03:81,02:19,01:90,00:09>09"   "kk:xy": countdown kk, then the pair; the first line copies the
@@ -7,10 +7,11 @@
 
 Every step after the copy depends only on the step before it (a fixed offset back; measured: without the copy
 line, a warmed-up model's first slip sat in the first two steps, which read the prompt), so a small model can
-learn the rule, but the chance of writing a whole chain without a slip falls with its length: with n steps the
-response has 6n + 9 tokens (EOS included), 27 at n = 3 and 201 at n = 32. n is drawn uniformly per problem, so every batch mixes short and
-long responses (what VAPO's length-adaptive GAE is for). Only the answer after ">" is rewarded: 1 if it is the
-final pair, else 0 or -1 (docs/reference.md, "VAPO"); a guess is right 1 time in 100.
+learn the rule. With n steps the response has 6n + 9 tokens (EOS included), 27 at n = 3 and 201 at n = 32; n is
+drawn uniformly per problem, so every batch mixes short and long responses (what VAPO's length-adaptive GAE is
+for). Once the per-step slip rate is small, long chains fail more often than short ones; after 200 warm-up steps
+it is not small yet and accuracy is flat in n (benchmarks/README.md, rl_compare). Only the answer after ">" is
+rewarded: 1 if it is the final pair, else 0 or -1 (docs/reference.md, "VAPO"); a guess is right 1 time in 100.
 
 Same interface as tasks.ArithmeticTask: a tokenizer, a fixed held-out eval split excluded from training prompts,
 sample(), is_correct() and the prompt/response length bounds.
@@ -20,7 +21,6 @@ from __future__ import annotations
 import numpy as np
 
 from .tasks import CharTokenizer, Problem
-
 
 MULTIPLIERS = "abcdefghi"  # the rule's multiplier m = 1..9, one letter each so the model finds it by content
 

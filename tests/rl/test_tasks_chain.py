@@ -51,7 +51,7 @@ def test_eval_split_is_held_out_and_only_the_answer_is_rewarded():
     assert len(held_out) == 100 and not held_out & {p.prompt for p in PromptSampler(task, 0).draw(1000)}
     p = chain_working(1, 3, 8, 5)
     assert task.is_correct(p.working, p)
-    assert task.is_correct("garbage>99", p) and p.answer == "99"  # the working is not checked: reward on the final answer only
+    assert task.is_correct("garbage>99", p) and p.answer == "99"  # the working is not checked, only the answer
     assert not task.is_correct(p.working[:-1] + "8", p) and not task.is_correct(p.working.split(">")[0], p)
 
 
