@@ -1,135 +1,159 @@
-"""VAPO vs DAPO vs GRPO vs PPO on the tiny arithmetic task: same warmed-up start, same RL sample budget, several
-seeds. Writes benchmarks/results/rl_compare.{md,json,png}.
+"""VAPO vs DAPO vs GRPO vs PPO on the chain task (long, uneven responses): per seed one warmed-up policy that every
+algorithm starts from, the same RL sample budget per algorithm, several seeds, bootstrap CIs and paired differences.
+Writes benchmarks/results/rl_compare.{json,md,png}.
 
-    python benchmarks/rl_compare.py                                  # 4 algorithms x 3 seeds, 32768 samples each
-    python benchmarks/rl_compare.py --samples 4096 --seeds 0         # a reduced run
+    python benchmarks/rl_compare.py                                   # 4 algorithms x 5 seeds (the default budget)
+    python benchmarks/rl_compare.py --samples 512 --seeds 0 --jobs 1  # a reduced run
 
-Each run is `meshplan train configs/rl/<algo>-tiny.yaml` with train.max_samples = --samples (RL rollouts generated,
-DAPO's discarded resamples included) and the seed overridden. VAPO's value-pretraining rollouts come before RL
-and are reported separately (vp_samples). Runs are sequential (the CPUs are the bottleneck); an interrupted
-comparison continues with --resume.
+Each run is `meshplan train configs/rl/<algo>-chain.yaml` with train.max_samples = --samples (RL rollouts generated,
+DAPO's discarded resamples included) and the seed overridden. The warm-up runs first, once, into a shared cache; every
+run then loads the same weights (checked: same cache file, same held-out start). By default one warm-up (seed 0)
+serves every seed, so the seeds differ in RL sampling only (a warm-up costs ~4 RL runs here); --warmup-seed -1
+gives each seed its own warm-up, still shared by the algorithms. VAPO's value-pretraining rollouts come before
+RL and are reported apart (pretrain_samples). Runs go --jobs at a time, one process and one torch thread each;
+--resume skips finished runs, --report-only summarises them.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from meshplan.rl.config import load_rl_config, validate  # noqa: E402
+from benchmarks.rl_stats import check_same_start, paired_table, plot, summary_table  # noqa: E402
+from meshplan.rl.config import RLConfig, load_rl_config, validate  # noqa: E402
 from meshplan.rl.metrics import read_metrics  # noqa: E402
 from meshplan.rl.trainer import train  # noqa: E402
 
 
-def run_one(algo: str, seed: int, args) -> dict:
-    cfg = load_rl_config(ROOT / "configs" / "rl" / f"{algo}-tiny.yaml")
+def configure(cfg: RLConfig, seed: int, out: Path, args) -> RLConfig:
+    """The run's config: the seed, the sample budget (the budget, not the step count, ends a run), the evals."""
     per_step = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
     cfg.seed = seed
     cfg.train.max_samples = args.samples
-    cfg.train.steps = 10 * (args.samples // per_step + 1)  # the sample budget, not the step count, ends a run
+    cfg.train.steps = 10 * (args.samples // per_step + 1)
     cfg.train.eval_every = max(1, args.samples // per_step // args.evals)
-    cfg.train.checkpoint_every = max(1, args.samples // per_step // 4)
-    cfg.train.nproc = args.nproc
-    cfg.train.out = str(Path(args.runs) / f"{algo}-s{seed}")
-    cfg.warmup.cache = str(Path(args.runs) / "warmup-cache")  # one warm-up per seed, shared by the algorithms
+    cfg.train.checkpoint_every = cfg.train.steps  # the last step only: a checkpoint of this model costs ~0.1 s
+    cfg.train.nproc, cfg.train.threads, cfg.train.plot = 1, 1, False
+    cfg.train.out = str(out)
+    cfg.warmup.cache = args.warmup_cache or str(Path(args.runs) / "warmup-cache")  # shared by the algorithms
+    cfg.warmup.seed = args.warmup_seed
     validate(cfg)
-    metrics = Path(cfg.train.out) / "metrics.jsonl"
-    t0 = time.time()
-    finished = metrics.exists() and any(r.get("samples", 0) >= args.samples for r in read_metrics(metrics))
-    if not (args.resume and finished):
-        train(cfg, resume=args.resume)
-    records = read_metrics(metrics)
+    return cfg
+
+
+def summarize(algo: str, seed: int, out: Path, per_step: int) -> dict:
+    """One run's record for rl_compare.json, from its metrics.jsonl."""
+    records = read_metrics(out / "metrics.jsonl")
     rl = [r for r in records if r.get("phase") == "rl"]
-    evals = [(r["samples"], r["eval_accuracy"]) for r in rl if "eval_accuracy" in r]
+    evals = [[r["samples"], r["eval_accuracy"], r["eval_response_len"]] for r in rl if "eval_accuracy" in r]
+    warm = [r for r in records if r.get("phase") == "warmup"]
     vp = [r for r in records if r.get("phase") == "value_pretrain"]
-    return {"algo": algo, "seed": seed, "start_accuracy": evals[0][1], "final_accuracy": evals[-1][1],
-            "best_accuracy": max(a for _, a in evals), "samples": rl[-1]["samples"], "steps": rl[-1]["step"],
-            "vp_samples": len(vp) * per_step, "wall_s": rl[-1].get("time_s", 0.0), "cpu_s": rl[-1].get("cpu_s", 0.0),
-            "run_s": time.time() - t0,
-            "curve": evals}
+    return {"algo": algo, "seed": seed, "start": evals[0][1], "final": evals[-1][1],
+            "best": max(e[1] for e in evals), "samples": rl[-1]["samples"], "pretrain_samples": len(vp) * per_step,
+            "steps": rl[-1]["step"], "wall_s": rl[-1].get("time_s", 0.0), "cpu_s": rl[-1].get("cpu_s", 0.0),
+            "warmup": Path(warm[0].get("cached", "")).name if warm else "",
+            "curve": evals, "train_curve": [[r["samples"], r["response_len"], r["reward"]] for r in rl if r["step"]]}
 
 
-def table(results: list[dict], algos: list[str]) -> str:
-    lines = ["| algorithm | seeds | held-out acc. start | final (mean ± std) | gain final - start (mean ± std) | best "
-             "| RL samples | value-pretrain samples | wall time per run | CPU time per run |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for algo in algos:
-        rs = [r for r in results if r["algo"] == algo]
-        if not rs:
-            continue
-        f = np.array([r["final_accuracy"] for r in rs])
-        gain = f - np.array([r["start_accuracy"] for r in rs])  # seeds start from different warm-ups
-        lines.append(f"| {algo} | {len(rs)} | {np.mean([r['start_accuracy'] for r in rs]):.3f} | "
-                     f"{f.mean():.3f} ± {f.std():.3f} | {gain.mean():+.3f} ± {gain.std():.3f} | "
-                     f"{np.mean([r['best_accuracy'] for r in rs]):.3f} | "
-                     f"{rs[0]['samples']} | {rs[0]['vp_samples']} | {np.mean([r['wall_s'] for r in rs]):.0f} s | "
-                     f"{np.mean([r['cpu_s'] for r in rs]):.0f} s |")
-    return "\n".join(lines)
+def run_one(config: str, algo: str, seed: int, args) -> dict:
+    cfg = load_rl_config(config)
+    out = Path(args.runs) / f"{algo}-s{seed}"
+    configure(cfg, seed, out, args)
+    metrics = out / "metrics.jsonl"
+    finished = metrics.exists() and any(r.get("samples", 0) >= args.samples for r in read_metrics(metrics))
+    if args.report_only and not finished:
+        return None
+    if not ((args.resume or args.report_only) and finished):
+        train(cfg)
+    return summarize(algo, seed, out, cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt)
 
 
-def plot(results: list[dict], algos: list[str], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def warm_one(config: str, seed: int, args) -> float:
+    """Fill the seed's warm-up cache (a 0-step GRPO run: the warm-up and one held-out evaluation)."""
+    cfg = load_rl_config(config)
+    configure(cfg, seed, Path(args.runs) / f"warmup-s{seed}", args)
+    cfg.algo.critic, cfg.train.max_samples, cfg.train.steps = False, 0, 0
+    t0 = time.time()
+    train(cfg)
+    return time.time() - t0
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for algo in algos:
-        curves = [r["curve"] for r in results if r["algo"] == algo]
-        if not curves:
-            continue
-        n = min(len(c) for c in curves)  # runs share an eval schedule; DAPO's steps may end it at other counts
-        xs = np.array([[c[i][0] for i in range(n)] for c in curves]).mean(0)
-        ys = np.array([[c[i][1] - c[0][1] for i in range(n)] for c in curves])  # gain over each seed's start
-        line, = ax.plot(xs, ys.mean(0), label=f"{algo} ({len(curves)} seeds)")
-        ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("RL samples generated")
-    ax.set_ylabel("held-out accuracy - start (greedy)")
-    ax.set_title("tiny MoE, column addition: gain over the warm-up, mean and min-max over seeds", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+
+def run_all(jobs: list[tuple[str, str, int]], args) -> list[dict]:
+    """Warm-ups first (one per seed, in parallel), then the (config, algo, seed) runs, --jobs at a time."""
+    # one warm-up per seed, or (--warmup-seed >= 0) one for all seeds
+    seeds = sorted({s for _, _, s in jobs})[: 1 if args.warmup_seed >= 0 else None] if not args.report_only else []
+    pool = ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) if args.jobs > 1 else None
+    mapper = pool.map if pool else map  # --jobs 1: in this process, one run after another
+    try:
+        for seed, dt in zip(seeds, mapper(warm_one, [jobs[0][0]] * len(seeds), seeds, [args] * len(seeds))):
+            print(f"warm-up seed {seed}: {dt:.0f} s", flush=True)
+        runs = []
+        for r in mapper(run_one, *zip(*jobs), [args] * len(jobs)):
+            if r is None:  # --report-only: an unfinished run
+                continue
+            runs.append(r)
+            print(f"{r['algo']} seed {r['seed']}: held-out {r['start']:.3f} -> {r['final']:.3f} (best {r['best']:.3f})"
+                  f" in {r['samples']} samples (+{r['pretrain_samples']} pretrain), {r['wall_s']:.0f} s", flush=True)
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    check_same_start(runs)
+    return runs
+
+
+def report(runs: list[dict], algos: list[str], ref: str, command: str, wall_s: float, title: str) -> str:
+    return (f"# {title}\n\n`{command}` — {wall_s / 60:.0f} min wall on this machine\n\n"
+            f"Held-out accuracy: greedy exact-answer accuracy on the task's fixed 256-problem eval split. Every "
+            f"algorithm of a seed starts from the same warmed-up weights (checked); gain = final - start. CIs: 95% "
+            f"percentile bootstrap over seeds (10,000 resamples). RL samples: rollouts generated (DAPO's "
+            f"discarded resamples included); value-pretraining rollouts are counted apart.\n\n"
+            + summary_table(runs, algos) + "\n\nPaired per seed (same start, same prompts' seed):\n\n"
+            + paired_table(runs, algos, ref) + "\n\nPer run (held-out accuracy start -> final, best):\n\n"
+            + "\n".join(f"- {r['algo']} seed {r['seed']}: {r['start']:.3f} -> {r['final']:.3f} (best {r['best']:.3f}),"
+                        f" {r['samples']} + {r['pretrain_samples']} samples" for r in runs) + "\n")
+
+
+def parser(doc: str, samples: int) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--seeds", default="0,1,2,3,4")
+    p.add_argument("--samples", type=int, default=samples, help="RL sample budget per run")
+    p.add_argument("--evals", type=int, default=4, help="held-out evaluations per run (after the start)")
+    p.add_argument("--jobs", type=int, default=3, help="runs at a time (one process, one thread each)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--resume", action="store_true", help="skip finished runs")
+    p.add_argument("--report-only", action="store_true", help="report the finished runs, run nothing")
+    p.add_argument("--warmup-seed", type=int, default=0,
+                   help="the seed of the one warm-up every run starts from (-1: each seed warms up its own)")
+    p.add_argument("--warmup-cache", default="", help="the warm-ups' directory (default: RUNS/warmup-cache)")
+    p.add_argument("--configs", default=str(ROOT / "configs" / "rl"), help="where the runs' YAML files are")
+    return p
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__, samples=1024)
     p.add_argument("--algos", default="vapo,dapo,grpo,ppo")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--samples", type=int, default=32768, help="RL sample budget per run")
-    p.add_argument("--evals", type=int, default=8, help="held-out evaluations per run")
-    p.add_argument("--nproc", type=int, default=1)
+    p.add_argument("--task", default="chain", help="configs/rl/<algo>-<task>.yaml")
     p.add_argument("--runs", default=str(ROOT / "out" / "rl" / "compare"), help="where the runs' outputs go")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--resume", action="store_true", help="skip finished runs, resume unfinished ones")
     args = p.parse_args(argv)
     algos, seeds = args.algos.split(","), [int(s) for s in args.seeds.split(",")]
+    jobs = [(str(Path(args.configs) / f"{a}-{args.task}.yaml"), a, s) for s in seeds for a in algos]
+    t0 = time.time()
+    runs = run_all(jobs, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for seed in seeds:
-        for algo in algos:
-            r = run_one(algo, seed, args)
-            results.append(r)
-            print(f"{algo} seed {seed}: held-out {r['start_accuracy']:.3f} -> {r['final_accuracy']:.3f} "
-                  f"(best {r['best_accuracy']:.3f}) in {r['samples']} samples, {r['wall_s']:.0f} s", flush=True)
-    md = (f"# RL comparison (benchmarks/rl_compare.py)\n\n`python benchmarks/rl_compare.py --samples {args.samples} "
-          f"--seeds {args.seeds} --algos {args.algos}`\n\nHeld-out accuracy is greedy exact-answer accuracy on "
-          f"the task's 256-problem eval split; every run starts from the same warmed-up policy for its seed. "
-          f"Times cover value pretraining and RL (not the shared warm-up); wall time depends on what else ran on "
-          f"the machine, CPU time is the run's own.\n\n"
-          + table(results, algos) + "\n\nPer run (held-out accuracy start -> final, best):\n\n"
-          + "\n".join(f"- {r['algo']} seed {r['seed']}: {r['start_accuracy']:.3f} -> {r['final_accuracy']:.3f} "
-                      f"(best {r['best_accuracy']:.3f}), {r['samples']} samples" for r in results) + "\n")
+    command = "python benchmarks/rl_compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    md = report(runs, algos, "vapo", command, time.time() - t0, "RL comparison (benchmarks/rl_compare.py)")
     (out / "rl_compare.md").write_text(md)
-    (out / "rl_compare.json").write_text(json.dumps(results, indent=1))
-    plot(results, algos, out / "rl_compare.png")
+    (out / "rl_compare.json").write_text(json.dumps(runs, indent=1))
+    plot(runs, algos, out / "rl_compare.png", f"chain task, {len(seeds)} seeds, {args.samples} RL samples per run: "
+         "mean and 95% bootstrap band")
     print(md)
     return 0
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..inputs import MAX_INT, check_int, check_number, find_config, mapping, read_yaml
 from .algorithms import PRESETS, AlgoConfig
+from .tasks import TASKS
 
 
 class RLConfigError(ValueError):
@@ -20,10 +21,13 @@ class RLConfigError(ValueError):
 
 @dataclass
 class TaskConfig:
-    name: str = "arithmetic"
-    min_digits: int = 1
+    name: str = "arithmetic"  # or "chain" (tasks_chain.py: long, uneven responses)
+    min_digits: int = 1  # arithmetic: operand digits
     max_digits: int = 3
     ops: str = "+"  # "+", "-" or "+-"
+    min_steps: int = 3  # chain: steps of the walk, drawn uniformly per problem (response 6n + 3 tokens)
+    max_steps: int = 33
+    rules: int = 9  # chain: multipliers 1..rules of the step rule (x, y) -> (y, (m*y + x) mod 10)
     eval_size: int = 256
     eval_seed: int = 12345
     wrong_reward: float = 0.0  # reward of an incorrect answer: 0 or -1 (docs/reference.md, "VAPO")
@@ -35,6 +39,7 @@ class WarmupConfig:
     batch_size: int = 64
     lr: float = 3e-3
     cache: str | None = None  # a .pt path: reuse the warmed-up weights if there, else write them there
+    seed: int = -1  # the warm-up's seed (init and batches); -1: the run's seed
 
 
 @dataclass
@@ -196,7 +201,12 @@ def validate(cfg: RLConfig) -> None:
     need(isinstance(cfg.model, str) and bool(cfg.model.strip()), "model", "must name a model config")
     need(cfg.seed >= 0, "seed", "must be >= 0")
     t = cfg.task
-    need(t.name == "arithmetic", "task.name", f"only 'arithmetic' is implemented, got {t.name!r}")
+    need(t.name in TASKS, "task.name", f"one of {', '.join(TASKS)}, got {t.name!r}")
+    need(1 <= t.min_steps <= t.max_steps <= 99, "task.min_steps", "need 1 <= min_steps <= max_steps <= 99")
+    need(1 <= t.rules <= 9, "task.rules", f"must be in [1, 9], got {t.rules}")
+    if t.name == "chain":
+        space = 100 * t.rules * (t.max_steps - t.min_steps + 1)
+        need(t.eval_size <= space // 2, "task.eval_size", f"at most half of the {space} distinct chain problems")
     need(1 <= t.min_digits <= t.max_digits, "task.min_digits", "need 1 <= min_digits <= max_digits")
     need(t.max_digits <= 18, "task.max_digits", f"must be <= 18 (int64 sums), got {t.max_digits}")
     need(bool(t.ops) and not set(t.ops) - set("+-"), "task.ops", f"a string over '+-', got {t.ops!r}")
@@ -207,6 +217,7 @@ def validate(cfg: RLConfig) -> None:
     need(w.steps >= 0, "warmup.steps", "must be >= 0")
     need(w.batch_size > 0, "warmup.batch_size", "must be > 0")
     need(w.lr > 0, "warmup.lr", f"must be > 0, got {w.lr}")
+    need(w.seed >= -1, "warmup.seed", f"must be >= 0, or -1 for the run's seed, got {w.seed}")
     r = cfg.rollout
     need(r.prompts_per_step > 0, "rollout.prompts_per_step", "must be > 0")
     need(r.samples_per_prompt > 0, "rollout.samples_per_prompt", "must be > 0")

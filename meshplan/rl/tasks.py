@@ -147,8 +147,15 @@ def reward(correct: bool, wrong: float = 0.0) -> float:
     return 1.0 if correct else wrong
 
 
-def build_task(cfg) -> ArithmeticTask:
-    """cfg: rl.config.TaskConfig."""
+TASKS = ("arithmetic", "chain")
+
+
+def build_task(cfg):
+    """cfg: rl.config.TaskConfig. "arithmetic": column addition/subtraction (~10-40 tokens); "chain":
+    tasks_chain.ChainTask, walks whose working grows from ~20 to ~200 tokens with the problem."""
+    if cfg.name == "chain":
+        from .tasks_chain import ChainTask
+        return ChainTask(cfg.min_steps, cfg.max_steps, cfg.rules, cfg.eval_size, cfg.eval_seed)
     return ArithmeticTask(cfg.min_digits, cfg.max_digits, cfg.ops, cfg.eval_size, cfg.eval_seed)
 
 

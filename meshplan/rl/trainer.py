@@ -75,7 +75,8 @@ def warmup_cache_path(cfg: RLConfig, world: int) -> Path | None:
     the reduction order, hence the last bits of the weights, so they are part of the key."""
     if not cfg.warmup.cache:
         return None
-    key = cache_key(load_config(cfg.model).to_dict(), vars(cfg.task), vars(cfg.warmup), cfg.seed) + f"-w{world}"
+    seed = cfg.seed if cfg.warmup.seed < 0 else cfg.warmup.seed  # one warm-up may serve several RL seeds
+    key = cache_key(load_config(cfg.model).to_dict(), vars(cfg.task), vars(cfg.warmup), seed) + f"-w{world}"
     if vars(cfg.plan) != vars(type(cfg.plan)()):
         key += "-" + derived_seed(sorted(vars(cfg.plan).items())).to_bytes(8, "little").hex()[:8]
     return Path(cfg.warmup.cache) / f"warmup-{key}.pt"
@@ -135,7 +136,8 @@ class Trainer:
     # ---- warm-up ------------------------------------------------------------------------------------------
     def _warmed_up_weights(self) -> dict:
         cfg, wc = self.cfg, self.cfg.warmup
-        policy = build_model(self.model_cfg, "lm", seed=self.cfg.seed)
+        seed = cfg.seed if wc.seed < 0 else wc.seed
+        policy = build_model(self.model_cfg, "lm", seed=seed)
         if wc.steps == 0:
             return policy.state_dict()
         cache = warmup_cache_path(cfg, self.world)
@@ -147,7 +149,7 @@ class Trainer:
         engine = build_engine(policy, wc.lr, cfg.optim.betas, 0.0, cfg.optim.grad_clip, **self._plan(wc.batch_size))
         t0 = time.time()
         with tqdm(total=wc.steps, desc="warm-up", disable=self.rank != 0, leave=False) as bar:
-            losses = warmup(engine, self.task, wc.steps, wc.batch_size, cfg.seed, bar)
+            losses = warmup(engine, self.task, wc.steps, wc.batch_size, seed, bar)
         weights = engine.full_state_dict()
         if self.rank == 0:
             self.log_metrics.log({"phase": "warmup", "step": 0, "warmup_steps": wc.steps, "loss": losses[-1],

@@ -69,3 +69,29 @@ def test_dapo_overlong_shaping_and_dynamic_sampling_filter():
     assert overlong_penalty(torch.tensor([40]), 40, 0).tolist() == [0.0]
     correct = torch.tensor([1, 1, 0, 0, 0, 0, 1, 1, 1], dtype=torch.bool)  # groups of 3: mixed, all wrong, all right
     assert mixed_groups(correct, 3).tolist() == [True, False, False]
+
+
+ABLATED = {"value-pretrain": {"algo.value_pretrain_steps"}, "decoupled-gae": {"algo.decoupled_gae"},
+           "length-adaptive": {"algo.length_adaptive_gae"}, "token-loss": {"algo.token_level_loss"},
+           "clip-higher": {"algo.eps_high"}, "pos-lm": {"algo.pos_lm_coef"},
+           "group-sampling": {"rollout.prompts_per_step", "rollout.samples_per_prompt"}}
+
+
+def _flat(cfg) -> dict:
+    d = cfg.to_dict()
+    return {f"{k}.{kk}": vv for k, v in d.items() if isinstance(v, dict) for kk, vv in v.items()
+            if (k, kk) != ("train", "out")}
+
+
+def test_chain_configs_share_one_warm_up_and_ablations_drop_one_component():
+    """rl_compare/rl_ablation start every run from one warm-up: model, task, warm-up sections must be equal."""
+    base = load_rl_config(CONFIGS / "vapo-chain.yaml")
+    for algo in ("dapo", "grpo", "ppo"):
+        c = load_rl_config(CONFIGS / f"{algo}-chain.yaml")
+        assert c.algo.name == algo and (c.model, c.task, c.warmup, c.rollout) == (base.model, base.task,
+                                                                                   base.warmup, base.rollout)
+    for comp, keys in ABLATED.items():
+        c = load_rl_config(CONFIGS / f"vapo-chain-no-{comp}.yaml")
+        diff = {k for k, v in _flat(c).items() if _flat(base)[k] != v}
+        assert diff == keys, comp
+        assert c.rollout.prompts_per_step * c.rollout.samples_per_prompt == 64  # equal samples per step
