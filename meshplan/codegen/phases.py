@@ -27,14 +27,7 @@ from ..ir.strategies import (
     COMPUTE as COMPUTE_PHASE,
 )
 from ..ir.strategies import (
-    CORE,
-    EXPERTS,
-    OUT_PROJ,
     PRECISION_BYTES,
-    QKV,
-    ROUTE,
-    SHARED,
-    UNPERMUTE,
     strategy_of,
 )
 
@@ -167,65 +160,31 @@ def op_phases(v: OpView) -> list[Phase]:
     if strat is None or v.n == 1:
         return [_whole(v)]
     specs = strat.phases(v.op, v.model_io())
-    computes = [p.name for p in specs if not p.comm]
-    split_costs = _COMPUTE_COSTS.get((v.op.kind, v.p.strategy))
-    if split_costs is None and len(computes) > 1:
-        raise ValueError(f"codegen: {v.op.kind}/{v.p.strategy} has compute phases {computes}; say what each costs "
-                         f"in codegen/phases.py (_COMPUTE_COSTS)")
-    costs = split_costs(v) if split_costs else {computes[0]: _whole(v)}
+    computes = [p for p in specs if not p.comm]
+    if len(computes) > 1 and any(p.flops is None for p in computes):
+        raise ValueError(f"codegen: {v.op.kind}/{v.p.strategy} has compute phases {[p.name for p in computes]}; "
+                         f"state each one's cost (PhaseSpec flops/act/weights/gemm) in its strategy object")
     out = []
     for spec in specs:
         if spec.comm:
             elem = dtype_size(spec.dtype) if spec.dtype else v.comm_bytes(spec.name)
             out.append(Phase(spec.name, COMM, collective=spec.collective, nbytes=v.elements(spec.elements) * elem,
                              axes=(v.p.axis,), group=v.n, after=spec.after, grad=spec.dtype is None))
+        elif len(computes) == 1:
+            out.append(replace(_whole(v), name=spec.name, after=spec.after))
         else:
-            out.append(replace(costs[spec.name], name=spec.name, after=spec.after))
+            out.append(_share(v, spec))
     return out
+
+
+def _share(v: OpView, spec) -> Phase:
+    """A compute phase's share of the op as its strategy object states it, at this step's sizes."""
+    mem = v.elements(spec.act) * v.act + v.elements(spec.weights) * dtype_size(v.op.param_dtype)
+    return Phase(spec.name, COMPUTE, v.elements(spec.flops), mem, after=spec.after,
+                 gemm_dims=tuple(v.elements(x) for x in spec.gemm))
 
 
 def _whole(v: OpView) -> Phase:
     split, whole = param_split(v.op, v.p.strategy, v.n)
     weights = (split / v.n + whole) * dtype_size(v.op.param_dtype)
     return Phase(COMPUTE_PHASE, COMPUTE, v.flops() / v.div, v.io_bytes() + weights)
-
-
-def _ulysses_attention(v: OpView) -> dict[str, Phase]:
-    # Shapes from docs/reference.md, "Communication volumes": qkv [b, s/n, h(1+2/m)] -> all-to-all -> [b, s,
-    # h(1+2/m)/n]; core; out [b, s, h/n] -> all-to-all -> [b, s/n, h]. Per rank everything is 1/size of the
-    # global step (heads or sequence split).
-    a, t, r = v.op.attrs, v.tokens, v.plan.mesh.size
-    d, hd = a["dim"], a["head_dim"]
-    qkv_w, out_w = d * (a["n_heads"] + 2 * a["n_kv_heads"]) * hd, a["n_heads"] * hd * d
-    qkv_f, out_f = 2 * t * qkv_w, 2 * t * out_w
-    core_f = v.flops() - qkv_f - out_f  # the causal S² products: whatever ops.py counted beyond the projections
-    qkv_el, out_el = t * qkv_w // d, t * out_w // d  # q,k,v and attention-output elements of the whole step
-    pb, ab = dtype_size(v.op.param_dtype), v.act
-    return {
-        QKV: Phase(QKV, COMPUTE, qkv_f / r, (t * d + qkv_el) * ab / r + qkv_w * pb, gemm_dims=(t / r, d, qkv_w / d)),
-        CORE: Phase(CORE, COMPUTE, core_f / r, (qkv_el + out_el) * ab / r),
-        OUT_PROJ: Phase(OUT_PROJ, COMPUTE, out_f / r, (out_el + t * d) * ab / r + out_w * pb,
-                        gemm_dims=(t / r, out_w / d, d)),
-    }
-
-
-def _expert_parallel_moe(v: OpView) -> dict[str, Phase]:
-    a, t, r = v.op.attrs, v.tokens, v.plan.mesh.size
-    d, k, e, f, sh = a["dim"], a["top_k"], a["n_experts"], a["ffn_dim"], a["shared_hidden"]
-    pb, ab = dtype_size(v.op.param_dtype), v.act
-    return {
-        # router GEMM, then a copy of each token per chosen expert (the permute is memory-bound)
-        ROUTE: Phase(ROUTE, COMPUTE, 2 * t * d * e / r, t * d * (1 + k) * ab / r + d * e * pb,
-                     gemm_dims=(t / r, d, e)),
-        # rows per local expert: the group's k·t·n/r routed rows spread over e experts (uniform routing)
-        EXPERTS: Phase(EXPERTS, COMPUTE, k * 6 * t * d * f / r, 2 * k * t * d * ab / r + e // v.n * 3 * d * f * pb,
-                       gemm_dims=(k * t * v.n / (r * e), d, f)),
-        SHARED: Phase(SHARED, COMPUTE, 6 * t * d * sh / r, 2 * t * d * ab / r + 3 * d * sh * pb,
-                      gemm_dims=(t / r, d, sh)),
-        # the weighted sum of each token's k expert outputs (+ shared): elementwise, memory traffic only
-        UNPERMUTE: Phase(UNPERMUTE, COMPUTE, 0.0, t * d * (k + 2) * ab / r),
-    }
-
-
-# (kind, strategy) -> the FLOPs and bytes of each compute phase, where the strategy has more than one
-_COMPUTE_COSTS = {(G.ATTENTION, "sp"): _ulysses_attention, (G.MOE, "ep"): _expert_parallel_moe}

@@ -53,6 +53,7 @@ class Coll:
     kind: str
     elems: sympy.Expr
     rows: sympy.Expr
+    routed: bool = False  # the strategy's token-routed exchange (PhaseSpec.routed): imbalance and DeepEP apply
 
 
 @dataclass
@@ -148,7 +149,8 @@ def collectives(op: Op, cand: str, io) -> tuple[Coll, ...]:
     strat = strategy_of(op.kind, cand)
     if strat is None:
         return ()
-    return tuple(Coll(p.name, p.collective, p.elements, p.rows) for p in strat.comm_phases(op, io) if p.dtype is None)
+    return tuple(Coll(p.name, p.collective, p.elements, p.rows, p.routed)
+                 for p in strat.comm_phases(op, io) if p.dtype is None)
 
 
 def _attention(op: Op, cand: str, whole: bool):

@@ -178,13 +178,14 @@ class CostModel:
         return cc.comm_time(kind, cc.traffic(kind, nbytes, n, local), self.cluster, links=self._links[kind])
 
     def _coll_time(self, op, coll, nbytes, mc: MeshConfig, local: int) -> float:
-        """One op-internal collective. EP's dispatch/combine move the most loaded rank's rows (the mean bytes x
-        cost_model.imbalance_factor, unless routing is force-balanced); across nodes with Options.ep_dispatch
-        "deepep" they cross the NIC once per destination node (collectives_cost.dedup_dispatch_traffic)."""
+        """One op-internal collective. A routed exchange (EP's dispatch/combine: PhaseSpec.routed) moves the most
+        loaded rank's rows (the mean bytes x cost_model.imbalance_factor, unless routing is force-balanced);
+        across nodes with Options.ep_dispatch "deepep" it crosses the NIC once per destination node
+        (collectives_cost.dedup_dispatch_traffic)."""
         n = mc.n
-        if coll.name in ("dispatch", "combine") and not self.opt.balanced_routing:
+        if coll.routed and not self.opt.balanced_routing:
             nbytes = nbytes * cm.imbalance_factor(op.attrs["top_k"], mc.b * self.opt.seq, n)
-        if self.opt.ep_dispatch == "deepep" and coll.name in ("dispatch", "combine") and n > local:
+        if self.opt.ep_dispatch == "deepep" and coll.routed and n > local:
             a = op.attrs
             t = cc.dedup_dispatch_traffic(nbytes, n, local, a["n_experts"], a["top_k"])
             if coll.kind not in self._links:

@@ -22,12 +22,18 @@ def ulysses_phases(op: Op, io: IO) -> tuple[PhaseSpec, ...]:
     t, a = B * S, op.attrs
     q, kv = a["n_heads"] * a["head_dim"], 2 * a["n_kv_heads"] * a["head_dim"]
     kv_sent = kv * N / sympy.Min(N, a["n_kv_heads"])  # KV heads repeated up to n when fewer than ranks
+    # per rank: 1/n of the replica's work (S/n tokens in the projections, hq/n heads in the core)
+    d, qkv_w, out_w = a["dim"], a["dim"] * (q + kv), q * a["dim"]
+    qkv_f, out_f = 2 * t * qkv_w, 2 * t * out_w
+    qkv_el, out_el = t * qkv_w / d, t * out_w / d  # q, k, v and the attention output, elements
     return (
-        PhaseSpec(QKV),
+        PhaseSpec(QKV, flops=qkv_f / N, act=(t * d + qkv_el) / N, weights=qkv_w, gemm=(t / N, d, qkv_w / d)),
         PhaseSpec(QKV_A2A, "all_to_all", t * (q + kv_sent), 3 * t, after=(QKV,)),
-        PhaseSpec(CORE, after=(QKV_A2A,)),
+        # the causal S^2 products: whatever ops.py counts beyond the projections
+        PhaseSpec(CORE, after=(QKV_A2A,), flops=(op.flops - qkv_f - out_f) / N, act=(qkv_el + out_el) / N),
         PhaseSpec(OUT_A2A, "all_to_all", t * q, t, after=(CORE,)),
-        PhaseSpec(OUT_PROJ, after=(OUT_A2A,)),
+        PhaseSpec(OUT_PROJ, after=(OUT_A2A,), flops=out_f / N, act=(out_el + t * d) / N, weights=out_w,
+                  gemm=(t / N, out_w / d, d)),
     )
 
 

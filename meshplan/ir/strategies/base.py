@@ -53,6 +53,14 @@ class PhaseSpec:
     rows: sympy.Expr = sympy.Integer(0)
     after: tuple[str, ...] = ()  # phases of the same op it waits for; () means the op's inputs
     dtype: str | None = None  # a fixed wire dtype (token ids); None: the activations', a plan may choose its precision
+    routed: bool = False  # rows sent where the router sends them: the most loaded rank sets the time (EP's exchange)
+    # A compute phase's share of the op, per rank and forward, in B, S (per data-parallel replica) and n; required
+    # where a strategy has more than one compute phase (one compute phase is the whole op): FLOPs, activation
+    # elements read and written, parameter elements read, and its main GEMM (rows, inner, columns).
+    flops: sympy.Expr | None = None
+    act: sympy.Expr = sympy.Integer(0)
+    weights: sympy.Expr = sympy.Integer(0)
+    gemm: tuple[sympy.Expr, ...] = ()
 
     @property
     def comm(self) -> bool:

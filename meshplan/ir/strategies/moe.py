@@ -12,6 +12,8 @@ assignments of its own experts locally, Partial sum out; shared experts whole, r
 """
 from __future__ import annotations
 
+import sympy
+
 from ..graph import B, N, Op, S
 from .base import (
     COMBINE,
@@ -43,16 +45,24 @@ def expert_parallel_counts(op: Op, io: IO) -> tuple[PhaseSpec, ...]:
 
 def expert_parallel_phases(op: Op, io: IO) -> tuple[PhaseSpec, ...]:
     t, a = B * S, op.attrs
-    routed = a["top_k"] * t  # each token's k copies
+    d, k, e, f, sh = a["dim"], a["top_k"], a["n_experts"], a["ffn_dim"], a["shared_hidden"]
+    routed = k * t  # each token's k copies
     phases = (
-        PhaseSpec(ROUTE),
-        PhaseSpec(DISPATCH, "all_to_all", routed * a["dim"], routed, after=(ROUTE,)),
-        PhaseSpec(EXPERTS, after=(DISPATCH,)),
-        PhaseSpec(COMBINE, "all_to_all", routed * a["dim"], routed, after=(EXPERTS,)),
+        # router GEMM on this rank's T/n tokens, then a copy of each token per chosen expert (memory-bound)
+        PhaseSpec(ROUTE, flops=2 * t * d * e / N, act=t * d * (1 + k) / N, weights=d * e, gemm=(t / N, d, e)),
+        PhaseSpec(DISPATCH, "all_to_all", routed * d, routed, after=(ROUTE,), routed=True),
+        # e/n local experts; rows per expert: the group's k·T routed rows over e experts (uniform routing)
+        PhaseSpec(EXPERTS, after=(DISPATCH,), flops=6 * k * t * d * f / N, act=2 * k * t * d / N,
+                  weights=e / N * 3 * d * f, gemm=(k * t / e, d, f)),
+        PhaseSpec(COMBINE, "all_to_all", routed * d, routed, after=(EXPERTS,), routed=True),
     )
-    if a["shared_hidden"]:  # needs only the op's input: fills the compute stream while the all-to-alls run
-        return phases + (PhaseSpec(SHARED), PhaseSpec(UNPERMUTE, after=(COMBINE, SHARED)))
-    return phases + (PhaseSpec(UNPERMUTE, after=(COMBINE,)),)
+    # the weighted sum of each token's k expert outputs (+ shared): elementwise, memory traffic only
+    unpermute = dict(flops=sympy.Integer(0), act=t * d * (k + 2) / N)
+    if sh:  # needs only the op's input: fills the compute stream while the all-to-alls run
+        shared = PhaseSpec(SHARED, flops=6 * t * d * sh / N, act=2 * t * d / N, weights=3 * d * sh,
+                           gemm=(t / N, d, sh))
+        return phases + (shared, PhaseSpec(UNPERMUTE, after=(COMBINE, SHARED), **unpermute))
+    return phases + (PhaseSpec(UNPERMUTE, after=(COMBINE,), **unpermute),)
 
 
 MOE = {
