@@ -33,6 +33,7 @@ from .local_ops import run_module
 from .loss_parallel import align_targets, cross_entropy
 from .op_context import OpContext
 from .process_groups import MeshGroups, check_world_size
+from .recompute import recomputed_ops, run_recomputed
 from .redistribute import normalize, redistribute
 
 
@@ -101,6 +102,7 @@ class ParallelModel(nn.Module):
         if init is not None:  # each shard was allocated empty (_add_shard): fill it, one full parameter at a time
             materialize.fill(self, init)
         self._validated: set[tuple[int, int]] = set()
+        self._recompute = recomputed_ops(plan, self._ops)  # plan.meta.activation_recompute (recompute.py)
         self._reducer = GradReducer(self._grad_entries(), self.comm_stats, bucket_mb)
         # op name -> an implementation that replaces IMPLEMENTATIONS' for that op (same signature and result):
         # how runtime/overlap.py runs the emitted overlap code for the chunked ops.
@@ -285,7 +287,10 @@ class ParallelModel(nn.Module):
                 ins = [self._input(op, i, src, env, cache) for i, src in enumerate(op.inputs)]
                 ctx = OpContext(op, self.plan.ops[op.name], self._modules_of[op.name], self._op_params(op), self.axes,
                                 self.comm_stats, batch, seq, self.comm_stream)
-                env[op.name] = self._run(op, ctx, ins)
+                if op.name in self._recompute:
+                    env[op.name] = run_recomputed(lambda *xs, op=op, ctx=ctx: self._run(op, ctx, list(xs)), *ins)
+                else:
+                    env[op.name] = self._run(op, ctx, ins)
                 if self.record is not None:
                     self.record[op.name] = (env[op.name], self.plan.ops[op.name].output)
         if self._stage is not None:
