@@ -10,7 +10,7 @@ import torch
 
 from .distributed import all_gather_objects, rank_world, shard
 from .sampling import Rollout, generate, group_prompts
-from .tasks import ArithmeticTask, Problem, reward
+from .tasks import HeldOutTask, Problem, reward
 
 
 @dataclass
@@ -34,11 +34,11 @@ class ScoredBatch:
                            torch.cat([p.rewards for p in parts]), parts[0].group_size)
 
 
-def prompt_ids(task: ArithmeticTask, problems: list[Problem]) -> list[list[int]]:
+def prompt_ids(task: HeldOutTask, problems: list[Problem]) -> list[list[int]]:
     return [task.tokenizer.encode(p.prompt, bos=True) for p in problems]
 
 
-def score(task: ArithmeticTask, rollout: Rollout, problems: list[Problem], wrong_reward: float):
+def score(task: HeldOutTask, rollout: Rollout, problems: list[Problem], wrong_reward: float):
     texts = [task.tokenizer.decode(rollout.response_ids(i)) for i in range(len(rollout))]
     correct = torch.tensor([task.is_correct(t, p) for t, p in zip(texts, problems)], dtype=torch.bool)
     rewards = torch.tensor([reward(bool(c), wrong_reward) for c in correct])
@@ -46,7 +46,7 @@ def score(task: ArithmeticTask, rollout: Rollout, problems: list[Problem], wrong
 
 
 @torch.no_grad()
-def collect(model, task: ArithmeticTask, problems: list[Problem], samples_per_prompt: int, max_new_tokens: int,
+def collect(model, task: HeldOutTask, problems: list[Problem], samples_per_prompt: int, max_new_tokens: int,
             temperature: float, top_p: float, wrong_reward: float, generator: torch.Generator) -> ScoredBatch:
     """Sample K responses to each of this rank's share of `problems` (the global list, same on every rank) and
     return the global batch, in problem order, on every rank."""
@@ -61,7 +61,7 @@ def collect(model, task: ArithmeticTask, problems: list[Problem], samples_per_pr
 
 
 @torch.no_grad()
-def evaluate(model, task: ArithmeticTask, max_new_tokens: int, batch_size: int = 256) -> dict[str, float]:
+def evaluate(model, task: HeldOutTask, max_new_tokens: int, batch_size: int = 256) -> dict[str, float]:
     """Greedy held-out accuracy and mean response length over the whole eval split."""
     rank, world = rank_world()
     mine = shard(task.eval_problems, rank, world)

@@ -14,6 +14,7 @@ eval split is fixed by its own seed and excluded from training prompts.
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,10 +83,47 @@ def column_working(a: int, b: int, op: str) -> Problem:
     return Problem(prompt=f"{a}{op}{b}=", working=",".join(steps) + ":" + answer, answer=answer)
 
 
-class ArithmeticTask:
+class HeldOutTask(abc.ABC):
+    """What every task shares: a character tokenizer over `alphabet`, a held-out eval split of `eval_size`
+    distinct prompts drawn with its own seed and never sampled for training, and an answer after the last
+    `answer_mark`. A task defines _draw(rng) -> Problem and the prompt/response length bounds."""
+
+    alphabet: str
+    answer_mark: str
+
+    @abc.abstractmethod
+    def _draw(self, rng: np.random.Generator) -> Problem: ...
+
+    def _hold_out(self, eval_size: int, eval_seed: int) -> None:
+        self.tokenizer = CharTokenizer(self.alphabet)
+        rng = np.random.default_rng(eval_seed)
+        self.eval_problems, seen = [], set()
+        while len(self.eval_problems) < eval_size:
+            p = self._draw(rng)
+            if p.prompt not in seen:
+                seen.add(p.prompt)
+                self.eval_problems.append(p)
+        self._eval_prompts = frozenset(seen)
+
+    def sample(self, rng: np.random.Generator) -> Problem:
+        """A training problem: never one of the held-out eval prompts."""
+        while True:
+            p = self._draw(rng)
+            if p.prompt not in self._eval_prompts:
+                return p
+
+    def extract_answer(self, response: str) -> str | None:
+        """The text after the last answer mark, or None if the response never got to an answer."""
+        return response.rsplit(self.answer_mark, 1)[1] if self.answer_mark in response else None
+
+    def is_correct(self, response: str, problem: Problem) -> bool:
+        return self.extract_answer(response) == problem.answer
+
+
+class ArithmeticTask(HeldOutTask):
     """Column addition/subtraction of integers with min_digits..max_digits digits (each operand independently)."""
 
-    alphabet = "0123456789+-=,:"
+    alphabet, answer_mark = "0123456789+-=,:", ":"
 
     def __init__(self, min_digits: int = 1, max_digits: int = 3, ops: str = "+", eval_size: int = 256,
                  eval_seed: int = 12345):
@@ -94,16 +132,7 @@ class ArithmeticTask:
         if not ops or set(ops) - set("+-"):
             raise ValueError(f"task.ops: a non-empty string over '+-', got {ops!r}")
         self.min_digits, self.max_digits, self.ops = min_digits, max_digits, ops
-        self.tokenizer = CharTokenizer(self.alphabet)
-        rng = np.random.default_rng(eval_seed)
-        self.eval_problems = []
-        seen = set()
-        while len(self.eval_problems) < eval_size:
-            p = self._draw(rng)
-            if p.prompt not in seen:
-                seen.add(p.prompt)
-                self.eval_problems.append(p)
-        self._eval_prompts = frozenset(seen)
+        self._hold_out(eval_size, eval_seed)
 
     def _number(self, rng: np.random.Generator) -> int:
         digits = int(rng.integers(self.min_digits, self.max_digits + 1))
@@ -117,13 +146,6 @@ class ArithmeticTask:
             a, b = b, a
         return column_working(a, b, op)
 
-    def sample(self, rng: np.random.Generator) -> Problem:
-        """A training problem: never one of the held-out eval prompts."""
-        while True:
-            p = self._draw(rng)
-            if p.prompt not in self._eval_prompts:
-                return p
-
     @property
     def max_prompt_len(self) -> int:
         return 2 * self.max_digits + 2 + 1  # digits, op, "=", BOS
@@ -132,14 +154,6 @@ class ArithmeticTask:
     def max_response_len(self) -> int:
         # n columns of "x+y+c=cd" (8 each) joined by ",", then ":", an answer of up to n+1 digits, EOS: 10n+2
         return 10 * self.max_digits + 2
-
-    @staticmethod
-    def extract_answer(response: str) -> str | None:
-        """The text after the last ":", or None if the response never got to an answer."""
-        return response.rsplit(":", 1)[1] if ":" in response else None
-
-    def is_correct(self, response: str, problem: Problem) -> bool:
-        return self.extract_answer(response) == problem.answer
 
 
 def reward(correct: bool, wrong: float = 0.0) -> float:
@@ -162,7 +176,7 @@ def build_task(cfg):
 class PromptSampler:
     """The training-prompt stream. Its whole state is the numpy bit generator's, so a checkpoint can restore it."""
 
-    def __init__(self, task: ArithmeticTask, seed: int):
+    def __init__(self, task: HeldOutTask, seed: int):
         self.task = task
         self.rng = np.random.default_rng(seed)
 

@@ -13,14 +13,14 @@ for). Once the per-step slip rate is small, long chains fail more often than sho
 it is not small yet and accuracy is flat in n (benchmarks/README.md, rl_compare). Only the answer after ">" is
 rewarded: 1 if it is the final pair, else 0 or -1 (docs/reference.md, "VAPO"); a guess is right 1 time in 100.
 
-Same interface as tasks.ArithmeticTask: a tokenizer, a fixed held-out eval split excluded from training prompts,
+A tasks.HeldOutTask, as ArithmeticTask is: a tokenizer, a fixed held-out eval split excluded from training prompts,
 sample(), is_correct() and the prompt/response length bounds.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .tasks import CharTokenizer, Problem
+from .tasks import HeldOutTask, Problem
 
 MULTIPLIERS = "abcdefghi"  # the rule's multiplier m = 1..9, one letter each so the model finds it by content
 
@@ -38,10 +38,10 @@ def chain_working(m: int, a: int, b: int, steps: int) -> Problem:
                    answer=answer)
 
 
-class ChainTask:
+class ChainTask(HeldOutTask):
     """Fibonacci walks mod 10 of min_steps..max_steps steps from a random start pair."""
 
-    alphabet = "0123456789:,|=>" + MULTIPLIERS
+    alphabet, answer_mark = "0123456789:,|=>" + MULTIPLIERS, ">"
 
     def __init__(self, min_steps: int = 3, max_steps: int = 32, rules: int = 9, eval_size: int = 256,
                  eval_seed: int = 12345):
@@ -55,27 +55,12 @@ class ChainTask:
             raise ValueError(f"task.eval_size: {eval_size} exceeds half of the {space} distinct problems "
                              f"(training needs the rest)")
         self.min_steps, self.max_steps = min_steps, max_steps
-        self.tokenizer = CharTokenizer(self.alphabet)
-        rng = np.random.default_rng(eval_seed)
-        self.eval_problems, seen = [], set()
-        while len(self.eval_problems) < eval_size:
-            p = self._draw(rng)
-            if p.prompt not in seen:
-                seen.add(p.prompt)
-                self.eval_problems.append(p)
-        self._eval_prompts = frozenset(seen)
+        self._hold_out(eval_size, eval_seed)
 
     def _draw(self, rng: np.random.Generator) -> Problem:
         m = int(rng.integers(1, self.rules + 1))
         a, b = (int(v) for v in rng.integers(0, 10, size=2))
         return chain_working(m, a, b, int(rng.integers(self.min_steps, self.max_steps + 1)))
-
-    def sample(self, rng: np.random.Generator) -> Problem:
-        """A training problem: never one of the held-out eval prompts."""
-        while True:
-            p = self._draw(rng)
-            if p.prompt not in self._eval_prompts:
-                return p
 
     @property
     def max_prompt_len(self) -> int:
@@ -84,11 +69,3 @@ class ChainTask:
     @property
     def max_response_len(self) -> int:
         return 6 * self.max_steps + 9  # n + 1 lines "kk:xy" joined by "," (6n + 5), ">" and the pair, EOS
-
-    @staticmethod
-    def extract_answer(response: str) -> str | None:
-        """The text after the last ">", or None if the response never got to an answer."""
-        return response.rsplit(">", 1)[1] if ">" in response else None
-
-    def is_correct(self, response: str, problem: Problem) -> bool:
-        return self.extract_answer(response) == problem.answer

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 from .engine import Engine
-from .tasks import ArithmeticTask
+from .tasks import HeldOutTask
 
 
-def supervised_batch(task: ArithmeticTask, rng: np.random.Generator, batch_size: int):
+def supervised_batch(task: HeldOutTask, rng: np.random.Generator, batch_size: int):
     """tokens [B, T] (BOS prompt working EOS PAD...) and a [B, T-1] mask of the positions to learn (the response)."""
     tok = task.tokenizer
     problems = [task.sample(rng) for _ in range(batch_size)]
@@ -26,7 +26,7 @@ def supervised_batch(task: ArithmeticTask, rng: np.random.Generator, batch_size:
     return tokens, mask
 
 
-def warmup(engine: Engine, task: ArithmeticTask, steps: int, batch_size: int, seed: int, progress=None) -> list[float]:
+def warmup(engine: Engine, task: HeldOutTask, steps: int, batch_size: int, seed: int, progress=None) -> list[float]:
     """`steps` optimizer steps of response-token NLL. Returns the losses. Every rank draws the same batches
     (same seed), as the engine's forward takes the global batch."""
     rng = np.random.default_rng([seed, 0x5F7])  # a stream of its own, apart from RL's prompt sampler
