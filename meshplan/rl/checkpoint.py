@@ -139,7 +139,7 @@ def save_run(out: str | Path, step: int, engines: dict, trainer_state: dict) -> 
             shutil.rmtree(old)
         else:
             os.rename(tmp, final)
-        _fsync_dir(root)
+        dcp_io.fsync_dir(root)
         steps = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir())
         for p in steps[:-KEEP]:
             shutil.rmtree(p)
@@ -190,11 +190,3 @@ def remove_partial_steps(out: str | Path) -> list[Path]:
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     return gone
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

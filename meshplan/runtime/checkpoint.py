@@ -147,12 +147,13 @@ def save(pm: ParallelModel, opt: torch.optim.Optimizer | None, root: str | Path,
     dist.barrier()
     if rank == 0:
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     dist.barrier()
     return final
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (POSIX: the directory entry is written by fsync of the directory)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
