@@ -19,6 +19,22 @@ from .fp8_triton import block_h_for, e4m3_encode, looped_row_scale, row_scale
 
 
 @triton.jit
+def _store_copies(buf_ptr, row_id_ptr, tok, stride_buf, cols, out, mask, K: tl.constexpr):
+    """Write one block of a token's (encoded) row to each of its k destination rows."""
+    for j in tl.static_range(K):
+        dst = tl.load(row_id_ptr + tok * K + j).to(tl.int64)
+        tl.store(buf_ptr + dst * stride_buf + cols, out, mask=mask)
+
+
+@triton.jit
+def _store_scales(scale_ptr, row_id_ptr, tok, scale, K: tl.constexpr):
+    """Each destination row of the token gets the row's FP8 scale."""
+    for j in tl.static_range(K):
+        dst = tl.load(row_id_ptr + tok * K + j).to(tl.int64)
+        tl.store(scale_ptr + dst, scale)
+
+
+@triton.jit
 def _permute_kernel(x_ptr, row_id_ptr, buf_ptr, scale_ptr, H, stride_x, stride_buf,
                     K: tl.constexpr, QUANT: tl.constexpr,
                     BLOCK_H: tl.constexpr, ONE_PASS: tl.constexpr):
@@ -32,13 +48,10 @@ def _permute_kernel(x_ptr, row_id_ptr, buf_ptr, scale_ptr, H, stride_x, stride_b
             xf = x.to(tl.float32)
             scale = row_scale(tl.max(tl.abs(xf), axis=0))
             out = e4m3_encode(tl.math.div_rn(xf, scale))
+            _store_scales(scale_ptr, row_id_ptr, tok, scale, K)
         else:
             out = x
-        for j in tl.static_range(K):
-            dst = tl.load(row_id_ptr + tok * K + j).to(tl.int64)
-            tl.store(buf_ptr + dst * stride_buf + cols, out, mask=mask)
-            if QUANT:
-                tl.store(scale_ptr + dst, scale)
+        _store_copies(buf_ptr, row_id_ptr, tok, stride_buf, cols, out, mask, K)
     else:  # wide rows: the amax pass reads the row, the write pass re-reads it (from L2)
         if QUANT:
             scale = looped_row_scale(x_row, H, BLOCK_H)
@@ -50,13 +63,9 @@ def _permute_kernel(x_ptr, row_id_ptr, buf_ptr, scale_ptr, H, stride_x, stride_b
                 out = e4m3_encode(tl.math.div_rn(x.to(tl.float32), scale))
             else:
                 out = x
-            for j in tl.static_range(K):
-                dst = tl.load(row_id_ptr + tok * K + j).to(tl.int64)
-                tl.store(buf_ptr + dst * stride_buf + cols, out, mask=mask)
+            _store_copies(buf_ptr, row_id_ptr, tok, stride_buf, cols, out, mask, K)
         if QUANT:
-            for j in tl.static_range(K):
-                dst = tl.load(row_id_ptr + tok * K + j).to(tl.int64)
-                tl.store(scale_ptr + dst, scale)
+            _store_scales(scale_ptr, row_id_ptr, tok, scale, K)
 
 
 def permute_into(x: torch.Tensor, row_id_map: torch.Tensor, buf: torch.Tensor,
