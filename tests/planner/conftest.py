@@ -36,3 +36,8 @@ def custom_graph():
 @pytest.fixture(scope="session")
 def h800():
     return load_cluster("h800")
+
+
+@pytest.fixture(scope="session")
+def h100():
+    return load_cluster("h100")

@@ -14,11 +14,16 @@ from meshplan.resources import shipped
 PLANS = shipped("plans")
 
 
-def test_megatron_plan_is_tp_with_sequence_parallel(graph):
+def _valid_plan(graph, build):
+    """A baseline plan of the 2-layer internal-352b on (mp=8, dp=2), validated; (graph, plan, op name -> kind)."""
     g = graph("internal-352b", n_layers=2)
-    plan = megatron_plan(g, MeshConfig(8, 2, 1, 1, 4))
+    plan = build(g, MeshConfig(8, 2, 1, 1, 4))
     plan.validate(g, batch=2, seq=8192)
-    kinds = {op.name: op.kind for op in g.ops()}
+    return g, plan, {op.name: op.kind for op in g.ops()}
+
+
+def test_megatron_plan_is_tp_with_sequence_parallel(graph):
+    g, plan, kinds = _valid_plan(graph, megatron_plan)
     for name, p in plan.ops.items():
         want = {G.ATTENTION: "tp", G.MOE: "tp", G.EMBEDDING: "vocab", G.NORM: "seq"}.get(kinds[name])
         if want:
@@ -99,10 +104,7 @@ def test_megatron_is_priced_as_run_fp32_grads_and_exposed_tp(graph, h800):
 
 def test_megascale_plan_is_sp_attention_ep_moe_bf16_grads(graph):
     from meshplan.planner.baselines import megascale_plan
-    g = graph("internal-352b", n_layers=2)
-    plan = megascale_plan(g, MeshConfig(8, 2, 1, 1, 4))
-    plan.validate(g, batch=2, seq=8192)
-    kinds = {op.name: op.kind for op in g.ops()}
+    g, plan, kinds = _valid_plan(graph, megascale_plan)
     for name, p in plan.ops.items():
         want = {G.ATTENTION: "sp", G.MOE: "ep"}.get(kinds[name])
         if want:

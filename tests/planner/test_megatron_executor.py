@@ -18,12 +18,6 @@ def model(graph):
     return graph("mixtral-8x7b", n_layers=4)
 
 
-@pytest.fixture(scope="module")
-def h100():
-    from meshplan.planner import load_cluster
-    return load_cluster("h100")
-
-
 def _acts(g, cluster, mc, opts):
     """Priced plan and {op kind or name: activation bytes of its chosen strategy} for one op per group."""
     priced = price_plan(g, cluster, folded_plan(g, mc), mc.d * mc.b * mc.m, opts)

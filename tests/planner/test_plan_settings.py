@@ -27,12 +27,6 @@ def model(graph):
     return graph("mixtral-8x7b", n_layers=8)
 
 
-@pytest.fixture(scope="module")
-def h100():
-    from meshplan.planner import load_cluster
-    return load_cluster("h100")
-
-
 def test_interleaved_inflight_matches_megatron_warmup():
     # 1F1B: stage k holds pp - k micro-batches; interleaved, the first stage holds pp + (pp - 1)/v
     assert [inflight(4, k, 16, 1) for k in range(4)] == [4, 3, 2, 1]
