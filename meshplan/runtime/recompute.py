@@ -26,8 +26,6 @@ GRANULARITIES = ("none", "selective", "full")
 def recomputed_ops(plan: Plan, ops: list[Op]) -> frozenset[str]:
     """The ops whose forward is rerun in backward under the plan's granularity."""
     granularity = plan.meta.get("activation_recompute", "none") if plan.meta else "none"
-    if granularity is True or granularity is False:  # older plans wrote a boolean for full / none
-        granularity = "full" if granularity else "none"
     if granularity not in GRANULARITIES:
         raise PlanError(f"plan.meta.activation_recompute: {granularity!r} is not one of {', '.join(GRANULARITIES)}")
     if granularity == "none":
