@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from ..ir import graph as G
 from ..ir.mesh import Mesh
 from ..ir.strategies import CORE
 from .task_graph import BWD, Task
@@ -118,7 +119,7 @@ class PlannerDurations:
     def __call__(self, task: Task) -> float:
         if task.stream == "compute" and self.cluster.kernels is not None:
             return self._kernels.pass_seconds(task.flops, task.mem_bytes, task.gemm_dims, self.cluster,
-                                              task.direction == BWD, attention=task.kind == "attention"
+                                              task.direction == BWD, attention=task.kind == G.ATTENTION
                                               and task.phase == CORE)
         if task.stream == "compute":
             eff = math.prod(x / (x + self.cluster.gemm_half_size) for x in task.gemm_dims)

@@ -40,14 +40,20 @@ def gemm_seconds(count: float, m: float, k: float, n: float, kern, peak: float, 
     return best
 
 
-def gemm_train_seconds(count: float, m: float, k: float, n: float, kern, peak: float, ragged: bool = False) -> float:
-    """Forward, input-gradient and weight-gradient GEMMs of one [m, k] x [k, n] layer (the weight gradient
-    reduces over the ragged rows: its output k x n per expert is whole)."""
+def gemm_backward_seconds(count: float, m: float, k: float, n: float, kern, peak: float,
+                          ragged: bool = False) -> float:
+    """Input-gradient and weight-gradient GEMMs of one [m, k] x [k, n] layer (the weight gradient reduces over
+    the ragged rows: its output k x n per expert is whole)."""
     wgrad = math.ceil(count) * math.ceil(k / kern.tile[0]) * math.ceil(n / kern.tile[1])
     per_sm = peak * kern.gemm_efficiency / kern.sm_count
     w = math.ceil(wgrad / kern.sm_count) * 2 * kern.tile[0] * kern.tile[1] * m / per_sm if ragged else \
         gemm_seconds(count, k, m, n, kern, peak)
-    return gemm_seconds(count, m, k, n, kern, peak, ragged) + gemm_seconds(count, m, n, k, kern, peak, ragged) + w
+    return gemm_seconds(count, m, n, k, kern, peak, ragged) + w
+
+
+def gemm_train_seconds(count: float, m: float, k: float, n: float, kern, peak: float, ragged: bool = False) -> float:
+    """Forward, input-gradient and weight-gradient GEMMs of one [m, k] x [k, n] layer."""
+    return gemm_seconds(count, m, k, n, kern, peak, ragged) + gemm_backward_seconds(count, m, k, n, kern, peak, ragged)
 
 
 def split(parts):
@@ -94,8 +100,8 @@ def pass_seconds(flops: float, hbm_bytes: float, gemm: tuple, cluster, backward:
         m, k, n = gemm
         count = flops / (2 * m * k * n) / (2 if backward else 1)  # how many forward GEMMs of this shape
         gemm_flops = flops
-        gemm_time = (gemm_seconds(count, m, n, k, kern, peak) + gemm_seconds(count, k, m, n, kern, peak)
-                     if backward else gemm_seconds(count, m, k, n, kern, peak))
+        gemm_time = (gemm_backward_seconds(count, m, k, n, kern, peak) if backward
+                     else gemm_seconds(count, m, k, n, kern, peak))
     if attention:
         rest_eff = kern.attention_backward if backward else kern.attention_forward
     else:
