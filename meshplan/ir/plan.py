@@ -199,6 +199,7 @@ class Plan:
         the plan is only priced (meshplan simulate), so settings meshplan's runtime does not run are allowed."""
         if not pricing and (err := pricing_only_error(self.meta)):
             raise PlanError(err)
+        recompute_granularity(self.meta)
         ops = {op.name: op for op in graph.ops() if op.kind not in (G.INPUT, G.OUTPUT)}
         for name in self.ops:
             if name not in ops:
@@ -323,6 +324,17 @@ class Plan:
         parts = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
         mesh = f"(pp={self.pipeline.stages}, {str(self.mesh)[1:]}" if self.pipeline.enabled else str(self.mesh)
         return f"plan for {self.model} on mesh {mesh}: {len(self.ops)} ops ({parts})"
+
+
+RECOMPUTE = ("none", "selective", "full")  # plan.meta.activation_recompute: what the planner prices and runs
+
+
+def recompute_granularity(meta: dict | None) -> str:
+    """plan.meta.activation_recompute ("none" when absent), or PlanError naming the field."""
+    granularity = (meta or {}).get("activation_recompute", "none")
+    if granularity not in RECOMPUTE:
+        raise PlanError(f"plan.meta.activation_recompute: {granularity!r} is not one of {', '.join(RECOMPUTE)}")
+    return granularity
 
 
 def pricing_only_error(meta: dict) -> str | None:

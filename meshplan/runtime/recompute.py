@@ -18,16 +18,12 @@ from torch.utils.checkpoint import checkpoint
 
 from ..ir import graph as G
 from ..ir.graph import Op
-from ..ir.plan import Plan, PlanError
-
-GRANULARITIES = ("none", "selective", "full")
+from ..ir.plan import Plan, recompute_granularity
 
 
 def recomputed_ops(plan: Plan, ops: list[Op]) -> frozenset[str]:
     """The ops whose forward is rerun in backward under the plan's granularity."""
-    granularity = plan.meta.get("activation_recompute", "none") if plan.meta else "none"
-    if granularity not in GRANULARITIES:
-        raise PlanError(f"plan.meta.activation_recompute: {granularity!r} is not one of {', '.join(GRANULARITIES)}")
+    granularity = recompute_granularity(plan.meta)
     if granularity == "none":
         return frozenset()
     keep = (lambda op: True) if granularity == "full" else (lambda op: op.kind == G.NORM)
