@@ -43,8 +43,10 @@ from .schedule import Schedule, Slot
 from .scheduler import list_schedule
 from .task_graph import FWD, build_task_graph
 
-# The op kinds split into chunks: the two whose strategies have collectives inside them.
+# The op kinds split into chunks: the two whose strategies have collectives inside them; how many chunks by default
+# (runtime/overlap.enable_overlap's default too). The planner prices this schedule (planner/overlap.py).
 CHUNK_KINDS = {G.ATTENTION, G.MOE}
+CHUNKS = 2
 
 # phase -> (the statement producing it, with {c} the chunk and {in} the value of the phase it waits for); the
 # phase names are the strategies' (ir/strategies), which are also the runtime's channel tags
@@ -73,6 +75,13 @@ def _own_collectives(op: G.Op, strategy: str) -> tuple[str, ...]:
     return STRATEGIES[op.kind][strategy].precision_collectives(op)
 
 
+def overlapped(kind: str, strategy: str, precision: str) -> bool:
+    """Whether the emitted code runs a collective of this (kind, strategy) in `precision` asynchronously beside
+    another chunk's compute: only emitted strategies, and only in fp32 (a compressed wire format decodes inside the
+    runtime's synchronous collectives, so emit_schedule leaves such an op to the executor)."""
+    return (kind, strategy) in EMITTED and precision == "fp32"
+
+
 def _consumes(op: G.Op, strategy: str) -> dict[str, str]:
     """compute phase -> the comm phase whose result it consumes (the strategy's phase order)."""
     specs = STRATEGIES[op.kind][strategy].phases(op, STRATEGIES[op.kind][strategy].native)
@@ -80,7 +89,7 @@ def _consumes(op: G.Op, strategy: str) -> dict[str, str]:
     return {p.name: a for p in specs if not p.comm for a in p.after if a in comm}
 
 
-def emit_module(graph: Graph, plan: Plan, batch: int, seq: int, chunks: int = 2,
+def emit_module(graph: Graph, plan: Plan, batch: int, seq: int, chunks: int = CHUNKS,
                 durations: Durations | str = "local") -> str:
     """The module's source for `plan` at this global batch and sequence length, `chunks` chunks per rank."""
     if isinstance(durations, str):
@@ -117,7 +126,8 @@ def emit_schedule(graph: Graph, plan: Plan, sch: Schedule) -> str:
         if (op.kind, p.strategy) not in EMITTED or n == 1:
             skipped.append(f"{op.name} ({p.strategy}{'' if n > 1 else ', model axis of size 1'})")
             continue
-        compressed = sorted(t for t in _own_collectives(op, p.strategy) if p.precision.get(t, "fp32") != "fp32")
+        compressed = sorted(t for t in _own_collectives(op, p.strategy)
+                            if not overlapped(op.kind, p.strategy, p.precision.get(t, "fp32")))
         if compressed:
             # A compressed wire format decodes after the bytes arrive, inside the runtime's synchronous
             # collectives (and EP's fused FP8 permute): keep those ops on the executor's implementation.

@@ -6,12 +6,13 @@ megatron: Megatron-LM with sequence parallelism (docs/reference.md, "Hardware" a
     the experts and dense FFNs; norms and residual adds sequence-sharded; vocab-parallel embedding; PP across
     nodes; DP outermost. Activation collectives in BF16; gradients reduce-scattered in FP32 and BF16 parameters
     all-gathered (its distributed optimizer without --grad-reduce-in-bf16: Options.zero); TP all-gathers and
-    reduce-scatters exposed (no --tp-comm-overlap: plan.meta tp_comm_overlap false).
+    reduce-scatters exposed (no --tp-comm-overlap), the reduce-scatter and all-gather overlapped with backward /
+    forward in chunks of a virtual stage (overlap.MEGATRON, written to plan.meta in Megatron's flag names).
 megascale: MegaScale-MoE's fixed plan: Ulysses SP attention and EP experts over the node, PP=15, BF16 gradient
-    exchange, communication overlapped by its schedule (the planner's `overlap`).
+    exchange, its inter-operator chunked overlap and TP overlap (overlap.MEGASCALE).
 ep_dp: all-EP/DP: the MoE FFN expert-parallel over the node, every other op data parallel on every axis (one
     sequence per GPU per micro-batch), so the only model-axis communication is the EP all-to-all and the
-    batch <-> sequence all-to-all around it.
+    batch <-> sequence all-to-all around it; run by meshplan (overlap.MESHPLAN).
 Both pick the pipeline depth that fits memory fastest unless `pp` is given (docs/reference.md, "Hardware", quotes
 PP=15).
 """
@@ -24,13 +25,14 @@ from ..ir.strategies import STRATEGIES, collective_names, divisibility_error, na
 from . import cost_model as cm
 from .cluster import Cluster
 from .mesh_search import RECOMPUTE_CHOICES, PlannerError, divisors
+from .overlap import MEGASCALE, MEGATRON
 from .plan_settings import write_meta
 from .plans import MODEL_AXIS, Priced, fits, price_plan
 from .pricing import MeshConfig, Options, layers_per_stage
 
-MEGATRON = {G.ATTENTION: "tp", G.MOE: "tp", G.FFN: "tp", G.EMBEDDING: "vocab", G.NORM: "seq", G.LINEAR: "tp",
+MEGATRON_TP = {G.ATTENTION: "tp", G.MOE: "tp", G.FFN: "tp", G.EMBEDDING: "vocab", G.NORM: "seq", G.LINEAR: "tp",
             G.LM_HEAD: "seq", G.GENERIC: "seq"}
-MEGASCALE = {G.ATTENTION: "sp", G.MOE: "ep", G.FFN: "tp", G.EMBEDDING: "seq", G.NORM: "seq", G.LINEAR: "tp",
+MEGASCALE_SP = {G.ATTENTION: "sp", G.MOE: "ep", G.FFN: "tp", G.EMBEDDING: "seq", G.NORM: "seq", G.LINEAR: "tp",
              G.LM_HEAD: "seq", G.GENERIC: "seq"}
 BF16 = "bf16"
 LADDER = ("none", "selective", "full")  # recompute granularities, least recomputation first
@@ -56,17 +58,17 @@ def _plan(graph: Graph, mc: MeshConfig, pick, name: str) -> Plan:
 
 
 def megatron_plan(graph: Graph, mc: MeshConfig, tp_comm_overlap: bool = False) -> Plan:
-    plan = _plan(graph, mc, lambda op: MEGATRON[op.kind], "megatron")
+    plan = _plan(graph, mc, lambda op: MEGATRON_TP[op.kind], "megatron")
     for p in plan.ops.values():  # FP32 gradient reduction unless --grad-reduce-in-bf16
         if "grad" in p.precision:
             p.precision["grad"] = "fp32"
-    plan.meta["tp_comm_overlap"] = tp_comm_overlap
+    plan.meta.update(MEGATRON.to_meta(), tp_comm_overlap=tp_comm_overlap)
     return plan
 
 
 def megascale_plan(graph: Graph, mc: MeshConfig) -> Plan:
-    plan = _plan(graph, mc, lambda op: MEGASCALE[op.kind], "megascale")
-    plan.meta["tp_comm_overlap"] = True
+    plan = _plan(graph, mc, lambda op: MEGASCALE_SP[op.kind], "megascale")
+    plan.meta.update(MEGASCALE.to_meta())
     return plan
 
 
@@ -78,11 +80,12 @@ def folded_plan(graph: Graph, mc: MeshConfig) -> Plan:
     """Megatron-Core's MoE parallel folding (plan_settings; needs mc.fold): the MoE expert-parallel over the whole
     model axis, every other op Megatron's TP + SP on an mc.fold-wide sub-axis (data parallel when mc.fold is 1);
     activation collectives BF16, gradients reduced in FP32 (Megatron's default)."""
-    plan = _plan(graph, mc, lambda op: "ep" if op.kind == G.MOE else None if mc.fold == 1 else MEGATRON[op.kind],
+    plan = _plan(graph, mc, lambda op: "ep" if op.kind == G.MOE else None if mc.fold == 1 else MEGATRON_TP[op.kind],
                  "folded")
     for p in plan.ops.values():
         if "grad" in p.precision:
             p.precision["grad"] = "fp32"
+    plan.meta.update(MEGATRON.to_meta())
     return plan
 
 

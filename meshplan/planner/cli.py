@@ -22,7 +22,7 @@ def _options(args, cfg):
     if args.global_batch > 1 << 24:
         raise UsageError(f"--global-batch: {args.global_batch} sequences per step is more than 2**24")
     budget = None if args.error_budget is not None and args.error_budget < 0 else args.error_budget
-    opts = Options(seq=args.seq or cfg.max_seq_len, overlap=args.overlap, zero=not args.no_zero, dp_ops=args.dp_ops,
+    opts = Options(seq=args.seq or cfg.max_seq_len, zero=not args.no_zero, dp_ops=args.dp_ops,
                    recompute=args.recompute, pricing_only=args.pricing_only)
     if args.error_budget is not None:
         opts.error_budget = budget
@@ -42,8 +42,6 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="sequence length (default and maximum: the model's max_seq_len)")
     p.add_argument("--error-budget", type=number(), default=None,
                    help="root-sum-square relative error allowed over all collectives (default 0.2; <0: unlimited)")
-    p.add_argument("--overlap", type=number(0.0, 1.0), default=0.5,
-                   help="fraction of an op's communication that can hide behind compute (default 0.5: two chunks)")
     p.add_argument("--memory-gb", type=number(0.0, lo_open=True), default=None,
                    help="per-GPU memory limit (default: the cluster's)")
     p.add_argument("--no-zero", action="store_true", help="do not shard optimizer state over data-parallel ranks")

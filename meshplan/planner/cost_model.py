@@ -54,6 +54,12 @@ class Coll:
     elems: sympy.Expr
     rows: sympy.Expr
     routed: bool = False  # the strategy's token-routed exchange (PhaseSpec.routed): imbalance and DeepEP apply
+    # The compute beside it in a chunked schedule (planner/overlap.py): the strategy's compute phases it waits for
+    # (before) and that wait for it (after), as (FLOPs, elements read and written) per rank and forward, and the
+    # same over all the strategy's compute phases (whole): shares of the op's compute time. Zero: no such phases.
+    before: tuple = (sympy.Integer(0), sympy.Integer(0))
+    after: tuple = (sympy.Integer(0), sympy.Integer(0))
+    whole: tuple = (sympy.Integer(0), sympy.Integer(0))
 
 
 @dataclass
@@ -149,8 +155,14 @@ def collectives(op: Op, cand: str, io) -> tuple[Coll, ...]:
     strat = strategy_of(op.kind, cand)
     if strat is None:
         return ()
-    return tuple(Coll(p.name, p.collective, p.elements, p.rows, p.routed)
-                 for p in strat.comm_phases(op, io) if p.dtype is None)
+    specs = strat.phases(op, io)
+    computes = [p for p in specs if not p.comm and p.flops is not None]
+    work = lambda ps: (sum((p.flops for p in ps), sympy.Integer(0)),  # noqa: E731
+                       sum((p.act + p.weights for p in ps), sympy.Integer(0)))
+    return tuple(Coll(p.name, p.collective, p.elements, p.rows, p.routed,
+                      work([c for c in computes if c.name in p.after]),
+                      work([c for c in computes if p.name in c.after]), work(computes))
+                 for p in specs if p.comm and p.dtype is None)
 
 
 def _attention(op: Op, cand: str, whole: bool):

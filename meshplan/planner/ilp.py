@@ -9,7 +9,8 @@ Variables (pulp, solved by CBC):
   y[e,s,t]      continuous, = x[src,s]·x[dst,t], linearised by its marginals (sum_t y = x[src,s],
                 sum_s y = x[dst,t]); with x integral the transportation polytope has the product as only point
   z[e,s,t,dt]   binary, for strategy pairs whose edge communicates: sum_dt z = y[e,s,t]
-  E[k,g], GX[k] continuous: the exposed-communication maxima of problem.py, as two lower bounds each
+  GX[k], PX[k]  continuous: the exposed gradient-sync / parameter-gather maxima of problem.py, two lower bounds
+                each (exposed communication per micro-batch is linear: precomputed per choice, overlap.py)
   T, X          continuous: slowest stage per micro-batch, slowest stage's per-step tail
 Objective (m + pp - 1)·T + X (+ a 1e-6 tie-break on every stage's own time); constraints: memory per stage,
 squared-error sum <= budget². Times are in milliseconds and memory in GB so CBC's tolerances are meaningful.
@@ -17,7 +18,6 @@ squared-error sum <= budget². Times are in milliseconds and memory in GB so CBC
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
 
 from .problem import Assignment, Problem
 
@@ -96,7 +96,7 @@ class StepTimeILP:
     def add_group_collectives(self) -> None:
         """w[g,s,c,dt]: a precision per collective of the chosen strategy; each group's own, exposed-floor,
         gradient and parameter-gather times, and its squared-error terms."""
-        a, x = self.p.overlap, self.x
+        x = self.x
         for g, grp in self.p.groups.items():
             own, floor, grad = [], [], []
             for s, ch in grp.choices.items():
@@ -105,7 +105,7 @@ class StepTimeILP:
                     self.wvars[g, s, c] = w
                     (grad if c == "grad" else own).extend(times[dt] * MS * w[dt] for dt in w if times[dt])
                     if c != "grad":
-                        floor.extend(ch.floor(c, dt, a) * MS * w[dt] for dt in w if times[dt])
+                        floor.extend(ch.floor(c, dt) * MS * w[dt] for dt in w if ch.floor(c, dt))
                     self.err_terms += [grp.count * ch.err2[c][dt] * w[dt] for dt in w
                                        if ch.err2.get(c, {}).get(dt)]
             self.own_time[g], self.own_floor[g], self.grad_time[g] = _sum(own), _sum(floor), _sum(grad)
@@ -125,7 +125,6 @@ class StepTimeILP:
 
     def add_edge_pairs(self) -> None:
         """z[e,s,t,dt]: a precision per communicating strategy pair of each edge; the edge's times and errors."""
-        a = self.p.overlap
         for ei, e in enumerate(self.p.edges):
             y = self._edge_pair_vars(ei, e)
             terms, floor = [], []
@@ -135,7 +134,8 @@ class StepTimeILP:
                 z = self.per_dtype(f"z_{ei}_{s}_{t}", y[s, t], e.dtypes)
                 self.zvars[ei, s, t] = z
                 terms += [times[dt] * MS * z[dt] for dt in z if times[dt]]
-                floor += [(1 - e.hide.get((s, t), a)) * times[dt] * MS * z[dt] for dt in z if times[dt]]
+                exposed = e.floor.get((s, t), times)
+                floor += [exposed[dt] * MS * z[dt] for dt in z if exposed[dt]]
                 self.err_terms += [e.count * e.err2[s, t][dt] * z[dt] for dt in z
                                    if e.err2.get((s, t), {}).get(dt)]
             self.edge_time[ei], self.edge_floor[ei] = _sum(terms), _sum(floor)
@@ -143,21 +143,13 @@ class StepTimeILP:
     def _stage_time(self, k: int, st):
         """One stage's time per micro-batch: compute + exposed communication per group (E, two lower bounds) +
         pipeline sends. Returns (stage time, total compute)."""
-        pulp, p, x, lp = self.pulp, self.p, self.x, self.lp
-        comm, floors, compute = defaultdict(list), defaultdict(list), {}
+        pulp, p, x = self.pulp, self.p, self.x
+        compute, exposed = {}, []
         for g, c in st.groups.items():
             compute[g] = c * pulp.lpSum(ch.compute * MS * x[g, s] for s, ch in p.groups[g].choices.items())
-            comm[g].append(c * self.own_time[g])
-            floors[g].append(c * self.own_floor[g])
+            exposed.append(c * self.own_floor[g])
         for ei, c in st.edges.items():
-            comm[p.edges[ei].dst].append(c * self.edge_time[ei])
-            floors[p.edges[ei].dst].append(c * self.edge_floor[ei])
-        exposed = []
-        for g in st.groups:
-            E = _var(lp, f"E_{k}_{self.ids[g]}")
-            lp += E >= pulp.lpSum(floors[g])
-            lp += E >= pulp.lpSum(comm[g]) - compute[g]
-            exposed.append(E)
+            exposed.append(c * self.edge_floor[ei])
         p2p = [c * ch.p2p * MS * x[g, s] for g, c in st.sends.items() for s, ch in p.groups[g].choices.items()
                if ch.p2p]
         total_compute = pulp.lpSum(compute.values())
@@ -166,15 +158,15 @@ class StepTimeILP:
     def _stage_tail(self, k: int, st, total_compute):
         """The per-step tail after a stage's last micro-batch: exposed gradient reduction (GX), exposed parameter
         gathers (PX) and the optimizer step."""
-        pulp, p, x, lp, a = self.pulp, self.p, self.x, self.lp, self.p.overlap
+        pulp, p, x, lp = self.pulp, self.p, self.x, self.lp
+        chunks = p.dp_chunks(st)
         grad = pulp.lpSum(c * self.grad_time[g] for g, c in st.groups.items())
-        GX = _var(lp, f"GX_{k}")
-        lp += GX >= (1 - a) * grad
-        lp += GX >= grad - 2 / 3 * total_compute
         gather = pulp.lpSum(c * self.gather_time[g] for g, c in st.groups.items())
-        PX = _var(lp, f"PX_{k}")
-        lp += PX >= (1 - a) * gather
-        lp += PX >= gather - 1 / 3 * total_compute
+        GX, PX = _var(lp, f"GX_{k}"), _var(lp, f"PX_{k}")
+        for var, total, overlapped, share in ((GX, grad, p.grad_overlap, 2 / 3), (PX, gather, p.gather_overlap, 1 / 3)):
+            lp += var >= (total / chunks if overlapped else total)
+            if overlapped:
+                lp += var >= total - share * total_compute
         opt = _sum([c * ch.opt_time * MS * x[g, s] for g, c in st.groups.items()
                     for s, ch in p.groups[g].choices.items() if ch.opt_time])
         return GX + PX + opt

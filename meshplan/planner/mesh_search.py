@@ -101,7 +101,8 @@ class Bounds:
                 for c in cands[g]:
                     v = allv[gi.cands.index(c)]
                     ch = self.cm.choice(g, c, mc, v, light=True)
-                    own = sum(min(t.values()) for t in ch.colls.values())
+                    # exposed own communication (another micro-batch may hide EP's all-to-alls entirely)
+                    own = 0.0 if self.cm.opt.overlap.a2a else sum(min(t.values()) for t in ch.floors.values())
                     vals[g][c] = (ch.compute, own, ch.act_mem, tuple(v[2:4]))
             emin = {}
             for ek in self.cm.edges:
@@ -142,7 +143,8 @@ class Bounds:
         key = (mc.n, mc.b, mc.granularity, mc.pp, min(mc.m, mc.pp) if mc.vp == 1 else mc.m, mc.vp)
         if key not in self._stage_terms:
             vals, emin = self._per_group(mc)
-            a = self.cm.opt.overlap
+            # a resharding exposes all of it, or with tp_comm_overlap at least its first of n chunks
+            share = 1 / mc.n if self.cm.opt.overlap.tp else 1.0
             out = []
             for st in self._stage_list(mc):
                 into = {}
@@ -150,7 +152,7 @@ class Bounds:
                     into.setdefault(self._dst[ei], []).append((ei, c))
                 rows = []
                 for g, c in st.groups.items():
-                    rows.append((g, c, [(t, c * (comp + (1 - a) * own) + (1 - a) * sum(
+                    rows.append((g, c, [(t, c * (comp + own) + share * sum(
                         k * emin[ei][t] for ei, k in into.get(g, ())), c * comp) for t, (comp, own, _, _) in
                         vals[g].items()]))
                 out.append(rows)
@@ -160,16 +162,18 @@ class Bounds:
     def time(self, mc: MeshConfig) -> float:
         """A lower bound on the step time. For every stage k, step >= M·T_k + X_k (M = m + pp - 1), and both T_k
         and X_k's two lower bounds are sums over op groups of a function of the group's strategy, so the sum of
-        per-group minima bounds it: compute, (1 - overlap) of its own communication and of its input reshardings
-        from the producer strategy that suits it best, fp8 everywhere; gradients bf16 as problem.py exposes them."""
-        a, M = self.cm.opt.overlap, mc.m + (mc.pp - 1) / mc.vp
+        per-group minima bounds it: compute, the exposed part of its own communication and of its input reshardings
+        from the producer strategy that suits it best (overlap.py), fp8 everywhere; gradients bf16 as problem.py
+        exposes them (none of them where the schedule overlaps them: their last chunk is not counted here)."""
+        a = 0.0 if self.cm.opt.overlap.grad_reduce else 1.0
+        M = mc.m + (mc.pp - 1) / mc.vp
         grads = self._grads(mc)
         best = 0.0
         for rows in self._per_stage(mc):
             b1 = b2 = 0.0
             for g, c, terms in rows:
                 gr = grads[g]
-                b1 += min(M * per + (1 - a) * c * gr[t] for t, per, _ in terms)
+                b1 += min(M * per + a * c * gr[t] for t, per, _ in terms)
                 b2 += min(M * per + c * gr[t] - 2 / 3 * comp for t, per, comp in terms)
             best = max(best, b1, b2)
         return best

@@ -2,9 +2,10 @@
 recomputation) and the options of the model and the schedule being priced (Options)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..ir.mesh import Mesh
+from .overlap import MESHPLAN, Overlap
 
 DEFAULT_ERROR_BUDGET = 0.2  # root-sum-square relative error over all collectives of one step (problem.py)
 # Megatron --recompute-modules that selective recompute prices (plan_settings.selective): meshplan's default is
@@ -57,7 +58,9 @@ class MeshConfig:
 @dataclass
 class Options:
     seq: int = 8192
-    overlap: float = 0.5
+    # What the schedule running the plan overlaps, per collective (overlap.py): meshplan's codegen + runtime by
+    # default; a baseline plan's meta states its system's flags (plans.price_plan)
+    overlap: Overlap = field(default_factory=lambda: MESHPLAN)
     error_budget: float | None = DEFAULT_ERROR_BUDGET
     zero: bool = True
     mem_limit: float | None = None  # bytes; None: the cluster's
@@ -70,9 +73,6 @@ class Options:
     # The dtype activations are in (fp32 | bf16): collectives in another format pay an encode and a decode.
     # None: the cluster's activation_dtype. compile() passes the model's.
     activation_dtype: str | None = None
-    # TP communication overlap (Megatron --tp-comm-overlap): whether the all-gathers / reduce-scatters /
-    # all-reduces on the model axis can hide behind compute. meshplan's schedule chunks every op (True).
-    tp_comm_overlap: bool = True
     # The run forces an even token distribution over experts (Megatron-Bridge's benchmarks do): EP pays no
     # router imbalance (cost_model.ep_imbalance).
     balanced_routing: bool = False

@@ -117,9 +117,10 @@ def price_plan(graph: Graph, cluster: Cluster, plan: Plan, global_batch: int,
     options = options or Options()
     mc = mesh_config(plan, global_batch)
     plan.validate(graph, batch=mc.b * mc.d, seq=options.seq, pricing=True)
-    # report the error, don't constrain it; a plan's schedule settings (tp_comm_overlap) override the options'
-    sched = {k: bool(plan.meta[k]) for k in ("tp_comm_overlap",) if k in plan.meta}
-    priced_opts = Options(**{**options.__dict__, "error_budget": None, **sched})
+    # report the error, don't constrain it; the overlap flags a plan's meta states (its system's: overlap.py)
+    # override the options'
+    priced_opts = Options(**{**options.__dict__, "error_budget": None,
+                             "overlap": options.overlap.with_meta(plan.meta)})
     cmodel = CostModel(graph, cluster, priced_opts, plan=plan)
     problem = cmodel.problem(mc)
     a = Assignment({g: next(iter(grp.choices)) for g, grp in problem.groups.items()})  # dtypes: the plan's

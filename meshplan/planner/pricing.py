@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import sympy
 
+from ..codegen.emit import EMITTED
 from ..ir import graph as G
 from ..ir.graph import Graph, Op
 from ..ir.placement import Shard
@@ -17,12 +18,14 @@ from ..ir.strategies import PRECISIONS, STRATEGIES, allowed_precisions, collecti
 from . import collectives_cost as cc
 from . import cost_model as cm
 from . import grad_sync, memory, plan_settings
+from . import overlap as ov
 from .cluster import Cluster
 from .memory import DP, N
 from .options import DEFAULT_ERROR_BUDGET, MeshConfig, Options  # noqa: F401  (re-exported from here)
 from .problem import Choice, Edge, Group, Problem, Stage
 
 RECOMPUTE = (4 / 3, 3 / 2)
+COLL_VALS = 8  # numbers per own collective in values(): X, rows, and (FLOPs, elements) before / after / whole
 TP_KINDS = {"all_gather", "reduce_scatter", "all_reduce", "none", "slice"}  # tensor-parallel communication
 
 
@@ -117,7 +120,8 @@ class CostModel:
             for c in gi.cands:
                 t = gi.terms[c]
                 exprs.append([t.flops, t.hbm_bytes, t.activations, t.params_split, t.params_replicated, t.checkpoint]
-                             + [x for coll in t.colls for x in (coll.elems, coll.rows)] + list(t.gemm_dims)
+                             + [x for coll in t.colls for x in (coll.elems, coll.rows, *coll.before, *coll.after,
+                                                                 *coll.whole)] + list(t.gemm_dims)
                              + list(t.kernel))
             exprs.append([rep.output.numel, rep.output.shape[-1]])
             gi.fn = sympy.lambdify((G.B, G.S, N), exprs, modules="math", docstring_limit=0)
@@ -145,14 +149,15 @@ class CostModel:
 
     def values(self, g: str, n: int, b: int) -> list:
         """Per candidate of group g (in gi.cands order): [compute s/mb, activations, split params, replicated
-        params, checkpoint bytes, (X, rows) per own collective]; last entry: [output numel, its last dim]."""
+        params, checkpoint bytes, (X, rows, before, after, whole work: Coll) per own collective]; last entry:
+        [output numel, its last dim]."""
         key = (g, n, b)
         if key not in self._vals:
             gi = self.groups[g]
             raw = gi.fn(b, self.opt.seq, n)
             out = []
             for c, r in zip(gi.cands, raw):
-                k = 6 + 2 * len(gi.terms[c].colls)
+                k = 6 + COLL_VALS * len(gi.terms[c].colls)
                 nd = len(gi.terms[c].gemm_dims)
                 split = cm.compute_split(r[0], r[1], r[k:k + nd], self.cluster, r[k + nd:],
                                          self.opt.gemm_dtype == "fp8")
@@ -237,13 +242,14 @@ class CostModel:
         keep = self.recompute_keeps(g, ckpt, act, mc) if mc.recompute else act
         ch = Choice(compute=compute * redo[0] * slow, act_mem=keep)
         for j, coll in enumerate(gi.terms[cand].colls):
-            elems, rows = vals[5 + 2 * j], vals[6 + 2 * j]
+            elems, rows, *work = vals[5 + COLL_VALS * j: 5 + COLL_VALS * (j + 1)]
             ch.colls[coll.name] = {dt: 2 * redo[1] * (self._coll_time(gi.ops[0], coll, cc.wire_bytes(elems, rows, dt),
                                                                       mc, loc["mp"])
                                                        + self.codec_time(coll.kind, elems, rows, dt, mc.n))
                                    for dt in PRECISIONS}
             ch.err2[coll.name] = {dt: 2 * cc.relative_error(coll.kind, dt, mc.n) ** 2 for dt in PRECISIONS}
-            ch.hide[coll.name] = 0.0 if coll.kind in TP_KINDS and not self.opt.tp_comm_overlap else self.opt.overlap
+            ch.floors[coll.name] = self.own_floors(gi.ops[0].kind, cand, coll, ch.colls[coll.name], work,
+                                                   ch.compute, mc.n)
         if light:
             return ch
         if split or rep:
@@ -259,6 +265,14 @@ class CostModel:
         ch.p2p = mc.vp * self._time("p2p", memory.ACT_BYTES * out_elems / (mc.n if sharded else 1), 2,
                                     1 if loc["pp_inter"] else 2)  # interleaved: v times the stage boundaries
         return ch
+
+    def own_floors(self, kind: str, cand: str, coll, times: dict, work: list, compute: float, n: int) -> dict:
+        """Exposed seconds per precision of one own collective under the schedule's overlap (overlap.own_floors):
+        the compute phases beside it take their roofline share (overlap.work_seconds) of the op's compute."""
+        w = [ov.work_seconds(work[i:i + 2], self.cluster.peak_flops, self.cluster.hbm_bandwidth) for i in (0, 2, 4)]
+        before, after = (compute * w[0] / w[2], compute * w[1] / w[2]) if w[2] > 0 else (0.0, 0.0)
+        return ov.own_floors(times, coll.kind, (kind, cand) in EMITTED, before, after, compute, n, self.opt.overlap,
+                             TP_KINDS)
 
     def recompute_keeps(self, g: str, ckpt: float, act: float, mc: MeshConfig) -> float:
         """Activation bytes one op keeps under full recompute: its inputs (meshplan's runtime); under Megatron-Core
@@ -321,6 +335,8 @@ class CostModel:
             allv = self.values(g, gm.n, gm.b)
             choices = {c: self.choice(g, c, gm, allv[gi.cands.index(c)]) for c in cands}
             groups[g] = Group(g, choices, len(gi.ops), self.dtypes(g, cands), [op.name for op in gi.ops])
+        if self.opt.overlap.a2a:
+            ov.other_batch(self, groups, mc)
         edges = []  # in self.edges order, which Stage.edges indexes (_compose)
         for key, pairs in self.edges.items():
             gs, gd, idx = key
@@ -334,10 +350,12 @@ class CostModel:
             label = {st: "reshard " + "/".join(sorted(set(cm.edge_kinds(u, st[0], v, st[1])) - {"none", "slice"}))
                      for st in cost}
             edges.append(Edge(gs, gd, f"in{idx}", len(pairs), cost, err2, groups[gd].dtypes[f"in{idx}"],
-                              self.edge_hide(key, cost), label))
+                              self.edge_floors(key, cost, groups[gs], groups[gd], mc.n), label))
         stages = self.stages(mc.pp, mc.m, mc.vp)
         limit = self.opt.mem_limit if self.opt.mem_limit is not None else self.cluster.memory_limit
-        return Problem(groups, edges, stages, mc.m, mc.pp, self.opt.overlap, limit, self.opt.error_budget, mc.vp)
+        o = self.opt.overlap
+        return Problem(groups, edges, stages, mc.m, mc.pp, limit, self.opt.error_budget, mc.vp, o.grad_reduce,
+                       o.param_gather, o.dp_chunk)
 
     def edge_costs(self, key: tuple, src_cands: list[str], dst_cands: list[str], mc: MeshConfig, dtypes):
         """Resharding time (forward + backward) and squared error per (producer, consumer) strategy pair that
@@ -360,15 +378,15 @@ class CostModel:
                     err2[s, t][dt] = sum(cc.relative_error(k, dt, mc.n) ** 2 for k in kinds)
         return cost, err2
 
-    def edge_hide(self, key: tuple, cost: dict) -> dict[tuple[str, str], float]:
-        """Per communicating (producer, consumer) strategy pair, the fraction of the resharding that can overlap:
-        the schedule's `overlap`, except TP's all-gather / reduce-scatter / all-reduce when the plan does not
-        overlap TP communication (Megatron without --tp-comm-overlap exposes them)."""
+    def edge_floors(self, key: tuple, cost: dict, src, dst, n: int) -> dict[tuple[str, str], dict[str, float]]:
+        """Per communicating (producer, consumer) strategy pair, the exposed seconds of the resharding per
+        precision (overlap.edge_floors: TP's collectives behind their GEMMs with tp_comm_overlap, else exposed)."""
         u, v = self.edges[key][0]
         out = {}
-        for s, t in cost:
-            tp_like = set(cm.edge_kinds(u, s, v, t)) <= TP_KINDS
-            out[s, t] = 0.0 if tp_like and not self.opt.tp_comm_overlap else self.opt.overlap
+        for (s, t), times in cost.items():
+            kinds = set(cm.edge_kinds(u, s, v, t))
+            out[s, t] = ov.edge_floors(times, kinds <= TP_KINDS, src.choices[s].compute, dst.choices[t].compute,
+                                       "all_gather" in kinds, n, self.opt.overlap)
         return out
 
     def stages(self, pp: int, m: int, vp: int = 1) -> list[Stage]:
@@ -384,7 +402,7 @@ class CostModel:
                       tuple(sorted(st.sends.items())))
                 inflight = plan_settings.inflight(pp, st.index, m, vp)
                 if ck not in unique or unique[ck].inflight < inflight:
-                    unique[ck] = Stage(st.groups, st.edges, st.sends, inflight, st.index)
+                    unique[ck] = Stage(st.groups, st.edges, st.sends, inflight, st.index, st.layers)
             self._stages[key] = list(unique.values())
         return self._stages[key]
 
@@ -392,6 +410,8 @@ class CostModel:
         edge_index = {k: i for i, k in enumerate(self.edges)}  # the order problem() lists edges in
         stage = stage_of_ops(self.ops, pp, self._layer)
         comp = [Stage({}, {}, {}, 1, k) for k in range(pp)]
+        for k, count in enumerate(layers_per_stage(len({op.layer for op in self.ops if op.layer is not None}), pp)):
+            comp[k].layers = max(count, 1)
         for op in self.ops:
             st = comp[stage[op.name]]
             g = self.group_of[op.name]

@@ -9,16 +9,16 @@ Step-time model (all times in seconds):
   per micro-batch on stage k, for each group g with c instances there:
       compute_g = c · compute(s_g)
       comm_g    = c · sum of the op's own collectives + the reshardings on its input edges (forward + backward)
-      exposed_g = max(sum_c (1 - a_c) · comm_c, comm_g - compute_g)
-    Overlap is a property of each collective in the schedule: a fraction a_c of collective c can hide (Choice.hide,
-    Edge.hide; default `overlap`, 1 - 1/chunks = 0.5 for two chunks: one chunk's collective runs while another
-    computes; 0 for TP collectives that a plan does not overlap, Megatron without --tp-comm-overlap), never more
-    than the op's own compute.
+      exposed_g = c · sum of their exposed times (Choice.floors, Edge.floor)
+    Overlap is a property of each collective in the schedule (planner/overlap.py): what hides is the min of the
+    collective's time and the compute that really runs beside it (another chunk's phase, another micro-batch's
+    layer, the GEMM a TP collective feeds), precomputed per (op, strategy, precision), so the ILP stays linear.
       T_k = sum_g (compute_g + exposed_g) + point-to-point sends to neighbouring stages
   per step: gradient reduction G_k (once per step) hides behind the last micro-batch's backward (2/3 of its
-    compute) the same way, the distributed optimizer's parameter all-gather P_k behind the first micro-batch's
-    forward (1/3): X_k = max((1 - a) · G_k, G_k - 2/3 · compute_k) + max((1 - a) · P_k, P_k - 1/3 · compute_k)
-    + optimizer update time
+    compute) where the schedule overlaps it, except its last chunk (1/chunks_k: a layer's, or a virtual stage's);
+    the distributed optimizer's parameter all-gather P_k likewise behind the first micro-batch's forward (1/3):
+    X_k = max(G_k / chunks_k, G_k - 2/3 · compute_k) + max(P_k / chunks_k, P_k - 1/3 · compute_k) + optimizer
+    update time (G_k, P_k whole where the schedule does not overlap them)
   step = (m + (pp - 1)/v) · max_k T_k + max_k X_k  (1F1B: bubble fraction (pp-1)/(m+pp-1); v virtual stages
     per rank (interleaved, plan_settings) divide the bubble by v)
   memory_k = sum_g c · static(s_g) + inflight_k · sum_g c · activations(s_g) <= limit  (1F1B: stage k holds
@@ -42,12 +42,12 @@ class Choice:
     act_mem: float = 0.0  # bytes per in-flight micro-batch
     opt_time: float = 0.0  # s per step
     p2p: float = 0.0  # s per micro-batch to move this op's output between pipeline stages (one direction)
-    hide: dict[str, float] = field(default_factory=dict)  # own collective -> fraction that can overlap compute
+    floors: dict[str, dict[str, float]] = field(default_factory=dict)  # own collective -> dtype -> exposed s
     gather: float = 0.0  # s per step: the distributed optimizer's parameter all-gather (0 without it)
 
-    def floor(self, name: str, dt: str, overlap: float) -> float:
-        """The part of own collective `name` in `dt` that no schedule hides."""
-        return (1 - self.hide.get(name, overlap)) * self.colls[name][dt]
+    def floor(self, name: str, dt: str) -> float:
+        """The part of own collective `name` in `dt` that the schedule does not hide (all of it if unstated)."""
+        return self.floors.get(name, self.colls[name])[dt]
 
 
 @dataclass
@@ -69,7 +69,7 @@ class Edge:
     err2: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
     dtypes: tuple[str, ...] = ("fp32",)  # precisions the resharding may use (each consumer op has one edge per
     # input, so the precision is per edge: the in{i} of exactly the consumer ops this edge feeds)
-    hide: dict[tuple[str, str], float] = field(default_factory=dict)  # (src, dst choice) -> overlappable fraction
+    floor: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)  # (src, dst) -> dtype -> exposed s
     label: dict[tuple[str, str], str] = field(default_factory=dict)  # (src, dst choice) -> collective kinds
 
 
@@ -80,6 +80,7 @@ class Stage:
     sends: dict[str, int] = field(default_factory=dict)  # group -> outputs crossing a stage boundary here
     inflight: int = 1
     index: int = 0  # first pipeline stage this composition stands for
+    layers: int = 1  # transformer layers on the stage (the chunks a per-layer gradient reduction runs in)
 
 
 @dataclass
@@ -89,15 +90,21 @@ class Problem:
     stages: list[Stage]
     microbatches: int = 1
     pp: int = 1
-    overlap: float = 0.5
     mem_limit: float = math.inf
     error_budget: float | None = None  # None: unconstrained
     vp: int = 1  # virtual pipeline stages per rank (interleaved 1F1B: plan_settings)
+    grad_overlap: bool = True  # gradient reduction behind the backward (overlap.Overlap.grad_reduce)
+    gather_overlap: bool = False  # parameter all-gather behind the next forward (Overlap.param_gather)
+    dp_chunk: str = "layer"  # the last gradient / parameter chunk: a layer's, or a virtual stage's (Overlap)
 
     @property
     def bubble_slots(self) -> float:
         """Stage slots a step waits beyond its m micro-batches: pp - 1, divided by v when interleaved."""
         return (self.pp - 1) / self.vp
+
+    def dp_chunks(self, st: "Stage") -> int:
+        """Chunks stage st's gradient reduction (and parameter gather) run in: per layer, or per virtual stage."""
+        return st.layers if self.dp_chunk == "layer" or self.pp == 1 else self.vp
 
 
 @dataclass
@@ -145,7 +152,6 @@ def edge_time(ei: int, a: Assignment, p: Problem) -> tuple[float, float]:
 
 
 def evaluate(p: Problem, a: Assignment) -> Breakdown:
-    alpha = p.overlap
     t_stage, x_stage, mems, per_stage = [], [], [], []
     for st in p.stages:
         costs = {g: GroupCost() for g in st.groups}
@@ -155,18 +161,18 @@ def evaluate(p: Problem, a: Assignment) -> Breakdown:
             for name, t in ch.colls.items():
                 dt = a.dtype(g, name, p)
                 costs[g].comm += c * t[dt]
-                costs[g].floor += c * ch.floor(name, dt, alpha)
+                costs[g].floor += c * ch.floor(name, dt)
                 costs[g].by_coll[name] = costs[g].by_coll.get(name, 0.0) + c * t[dt]
         for ei, c in st.edges.items():
             e = p.edges[ei]
             t = c * edge_time(ei, a, p)[0]
             key = (a.strategy[e.src], a.strategy[e.dst])
             costs[e.dst].comm += t
-            costs[e.dst].floor += (1 - e.hide.get(key, alpha)) * t
+            costs[e.dst].floor += c * e.floor[key][a.edge_dtype(ei, p)] if key in e.floor else t
             name = e.label.get(key, e.coll)
             costs[e.dst].by_coll[name] = costs[e.dst].by_coll.get(name, 0.0) + t
         for gc in costs.values():
-            gc.exposed = max(gc.floor, gc.comm - gc.compute)
+            gc.exposed = gc.floor
         compute = sum(gc.compute for gc in costs.values())
         p2p = sum(c * p.groups[g].choices[a.strategy[g]].p2p for g, c in st.sends.items())
         t_stage.append(compute + sum(gc.exposed for gc in costs.values()) + p2p)
@@ -196,9 +202,10 @@ def evaluate(p: Problem, a: Assignment) -> Breakdown:
 
 
 def stage_tail(p: Problem, a: Assignment, st, compute: float) -> tuple[float, float, float]:
-    """(exposed gradient sync, exposed parameter gather, optimizer) of one stage, per step: the sync hides behind
-    the backward (2/3 of the compute), the gather behind the forward (1/3), neither more than the overlap allows."""
-    alpha = p.overlap
+    """(exposed gradient sync, exposed parameter gather, optimizer) of one stage, per step: where the schedule
+    overlaps them, the sync hides behind the backward (2/3 of the compute), the gather behind the forward (1/3),
+    all but their last chunk."""
+    k = p.dp_chunks(st)
     grad = gather = opt = 0.0
     for g, c in st.groups.items():
         ch = p.groups[g].choices[a.strategy[g]]
@@ -206,4 +213,6 @@ def stage_tail(p: Problem, a: Assignment, st, compute: float) -> tuple[float, fl
             grad += c * ch.grad[a.dtype(g, "grad", p)]
             gather += c * ch.gather
         opt += c * ch.opt_time
-    return (max((1 - alpha) * grad, grad - 2 / 3 * compute), max((1 - alpha) * gather, gather - compute / 3), opt)
+    gx = max(grad / k, grad - 2 / 3 * compute) if p.grad_overlap else grad
+    px = max(gather / k, gather - compute / 3) if p.gather_overlap else gather
+    return gx, px, opt

@@ -159,7 +159,10 @@ def test_distributed_optimizer_reduce_scatters_grads_and_gathers_bf16_params(gra
     bf16 = t("all_to_all", n * p * 2, n, n) + t("all_to_all", d * p / n * 2, d, 1) + 2 * p * (4 + 2) / (3.35e12 * 0.9)
     assert cmodel.grad_time(0, p, mc, "bf16") == pytest.approx(bf16)
     ch = cmodel.choice(cmodel.group_of[_op(g, G.ATTENTION).name], "sp", mc)
-    assert ch.gather > 0 and ch.hide == {"qkv_a2a": 0.5, "out_a2a": 0.5}
+    assert ch.gather > 0
+    for name in ("qkv_a2a", "out_a2a"):  # meshplan's runtime overlaps uncompressed all-to-alls only
+        assert 0 <= ch.floors[name]["fp32"] < ch.colls[name]["fp32"]
+        assert ch.floors[name]["bf16"] == ch.colls[name]["bf16"]
 
 
 def test_alpha_beta_time(h800):

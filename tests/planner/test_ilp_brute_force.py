@@ -1,5 +1,6 @@
 """The ILP's optimum equals brute force over every strategy and precision assignment (problem.evaluate), on
-random small problems: random costs, edges, stages, memory limits and error budgets."""
+random small problems: random costs, exposed parts, edges, stages, memory limits, error budgets and gradient /
+parameter-gather overlap."""
 import itertools
 import math
 
@@ -29,6 +30,7 @@ def problems(draw):
                 dts = draw(st.sampled_from([("fp32",), ("fp32", "bf16"), DTS]))
                 dtypes[c] = dts
                 ch.colls[c] = {dt: draw(ms) for dt in dts}
+                ch.floors[c] = {dt: t * draw(st.sampled_from([0.0, 0.5, 1.0])) for dt, t in ch.colls[c].items()}
                 ch.err2[c] = {dt: (0.0 if dt == "fp32" else draw(st.integers(1, 4)) * 1e-4) for dt in dts}
             if draw(st.booleans()):
                 dtypes["grad"] = ("fp32", "bf16")
@@ -47,17 +49,20 @@ def problems(draw):
                 if (src != dst or s == t) and draw(st.booleans()):
                     cost[s, t] = {dt: draw(ms) for dt in dts}
                     err2[s, t] = {dt: (0.0 if dt == "fp32" else draw(st.integers(1, 4)) * 1e-4) for dt in dts}
-        edges.append(Edge(src, dst, f"in{ei}", draw(st.integers(1, 3)), cost, err2, dts))
+        floor = {k: {dt: t * draw(st.sampled_from([0.0, 0.5, 1.0])) for dt, t in v.items()} for k, v in cost.items()}
+        edges.append(Edge(src, dst, f"in{ei}", draw(st.integers(1, 3)), cost, err2, dts, floor))
     stages = []
     for k in range(draw(st.integers(1, 2))):
         present = [g for g in names if draw(st.booleans())] or names[:1]
         stages.append(Stage({g: draw(st.integers(1, 3)) for g in present},
                             {ei: draw(st.integers(1, 2)) for ei, e in enumerate(edges) if e.dst in present},
-                            {g: 1 for g in present if draw(st.booleans())}, draw(st.integers(1, 3)), k))
+                            {g: 1 for g in present if draw(st.booleans())}, draw(st.integers(1, 3)), k,
+                            draw(st.integers(1, 4))))
     limit = draw(st.one_of(st.just(math.inf), st.integers(2, 20).map(lambda x: (x + 0.5) * 1e9)))
     budget = draw(st.one_of(st.none(), st.integers(0, 8).map(lambda x: math.sqrt((x + 0.5) * 1e-4))))
-    return Problem(groups, edges, stages, draw(st.integers(1, 4)), draw(st.integers(1, 3)),
-                   draw(st.sampled_from([0.0, 0.5, 1.0])), limit, budget)
+    return Problem(groups, edges, stages, draw(st.integers(1, 4)), draw(st.integers(1, 3)), limit, budget,
+                   draw(st.integers(1, 2)), draw(st.booleans()), draw(st.booleans()),
+                   draw(st.sampled_from(["layer", "virtual_stage"])))
 
 
 def brute_force(p: Problem):
