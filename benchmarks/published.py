@@ -42,6 +42,12 @@ QWEN3_RECIPE = ("; dispatcher and overlap from Megatron-Bridge scripts/performan
                 "GBS 2048, moe_token_dispatcher_type alltoall, moe_a2a_overlap True; recompute and gradients from "
                 "scripts/performance/configs/qwen3/qwen3_llm_pretrain.py: recompute_granularity None, "
                 "grad_reduce_in_fp32 False, tp_comm_overlap True")
+# The 25.09 container's H100 Qwen3 row is marked "tokendrop" (the 25.11 one dropless, force-balanced); the recipe of
+# that layout applies token drop and sets no moe_a2a_overlap
+QWEN3_RECIPE_2509 = ("; settings from the 25.09-era Megatron-Bridge scripts/performance/configs/qwen3/"
+                     "qwen3_235b_a22b_llm_pretrain.py, qwen3_235b_a22b_h100_fp8_config: TP2 PP8 VP4 EP32, GBS 2048, "
+                     "CommOverlapConfig(tp_comm_overlap=True), apply_moe_token_drop (capacity factor 1.0, expert "
+                     "inputs padded to capacity), recompute None, grad_reduce_in_fp32 False, no moe_a2a_overlap")
 DEEPSEEK_RECIPE = ("; recipe: Megatron-Bridge scripts/performance/configs/deepseek/deepseek_llm_pretrain.py, "
                    "deepseek_v3_h100_1024gpus_fp8_config: enable_deepep, set_moe_a2a_overlap_overrides, "
                    "recompute_granularity selective (mla_up_proj, mlp), grad_reduce_in_fp32 False, layout "
@@ -61,7 +67,7 @@ class Run:
     pp: int
     ep: int
     precision: str
-    overlap: float  # EP all-to-all overlap of the run's schedule (0: exposed)
+    overlap: dict  # the run's overlap flags beyond Megatron's DP overlap (planner/overlap.py: plan.meta names)
     settings: str
     ep_dispatch: str = "all_to_all"  # "deepep" where EP spans nodes (Options.ep_dispatch)
     tp: int = 1  # attention's tensor-parallel width (MoE parallel folding: a sub-axis of EP)
@@ -75,26 +81,27 @@ RUNS = [
     Run("Mixtral-8x7B BF16, 64 H100", "mixtral-8x7b",
         "Megatron-Core MoE README (megatron/core/transformer/moe/README.md, MCore v0.9): 468 TFLOPS/GPU; settings "
         "TP1 PP4 EP8 from its Mixtral example (assumed 64 GPUs, GBS 256, seq 4096)", 468.0, 64, 256, 1, 4096, 4, 8,
-        "bf16", 0.0, "TP1 PP4 EP8"),
+        "bf16", {}, "TP1 PP4 EP8"),
     Run("DeepSeek-V3 FP8, 1024 H100", DEEPSEEK_V3, BRIDGE.format(v="25.09") + DEEPSEEK_RECIPE, 338.0, 1024, 8192,
-        1, 4096, 8, 64, "fp8", 0.5, "TP2 PP8 VP4 EP64, GBS 8192, MBS 1 (the recipe's DeepEP, moe a2a overlap, "
-        "selective recompute of mla_up_proj and mlp, BF16 gradient reduction)", "deepep", tp=2, vp=4,
+        1, 4096, 8, 64, "fp8", {"moe_a2a_overlap": True}, "TP2 PP8 VP4 EP64, GBS 8192, MBS 1 (the recipe's DeepEP, "
+        "moe a2a overlap, selective recompute of mla_up_proj and mlp, BF16 gradient reduction)", "deepep", tp=2, vp=4,
         recompute=("selective",), grad="bf16", modules=("mla_up_proj", "mlp")),
-    Run("Qwen3-235B-A22B FP8, 256 H100 (25.09)", QWEN3, BRIDGE.format(v="25.09") + QWEN3_RECIPE, 178.0,
-        256, 2048, 1, 4096, 8, 32, "fp8", 0.5, "TP2 PP8 VP4 EP32, GBS 2048, MBS 1 (the recipe's NCCL all-to-all "
-        "dispatcher, moe a2a overlap, no recompute, BF16 gradient reduction)", tp=2, vp=4, recompute=("none",),
-        grad="bf16"),
+    Run("Qwen3-235B-A22B FP8, 256 H100 (25.09)", QWEN3, BRIDGE.format(v="25.09") + QWEN3_RECIPE_2509, 178.0,
+        256, 2048, 1, 4096, 8, 32, "fp8", {"tp_comm_overlap": True}, "TP2 PP8 VP4 EP32, GBS 2048, MBS 1 (the "
+        "25.09 recipe: token drop at capacity 1.0 padded, no moe a2a overlap, TP overlap, no recompute, BF16 "
+        "gradient reduction)", tp=2, vp=4, recompute=("none",), grad="bf16"),
     Run("Qwen3-235B-A22B FP8, 256 H100 (25.11)", QWEN3, BRIDGE.format(v="25.11") + QWEN3_RECIPE, 233.0,
-        256, 2048, 1, 4096, 8, 32, "fp8", 0.5, "TP2 PP8 VP4 EP32, MBS 1 (GBS missing in the table: 2048 as in 25.09; "
-        "the recipe's all-to-all dispatcher, a2a overlap, no recompute, BF16 gradients)", tp=2, vp=4,
+        256, 2048, 1, 4096, 8, 32, "fp8", {"moe_a2a_overlap": True, "tp_comm_overlap": True},
+        "TP2 PP8 VP4 EP32, GBS 2048, MBS 1 (the recipe's all-to-all dispatcher, moe a2a overlap, TP overlap, no "
+        "recompute, BF16 gradients)", tp=2, vp=4,
         recompute=("none",), grad="bf16"),
     Run("Qwen3-235B-A22B BF16, 256 H100 (ModelZoo)", QWEN3,
         "Megatron-MoE-ModelZoo best_practice/Qwen3/readme.md (yanring/Megatron-MoE-ModelZoo), cross-node EP, DeepEP, "
-        "no 1F1B overlap: 245 TFLOPS/GPU", 245.0, 256, 2048, 1, 4096, 8, 32, "bf16", 0.0,
+        "no 1F1B overlap: 245 TFLOPS/GPU", 245.0, 256, 2048, 1, 4096, 8, 32, "bf16", {},
         "TP2 PP8 VP4 EP32, GBS 2048, MBS 1, recompute norm+act", "deepep", tp=2, vp=4, recompute=("selective",)),
     Run("GPT-OSS-120B BF16, 64 H100", "gpt-oss-120b", BRIDGE.format(v="25.11") + "; gradients: Megatron-Bridge "
         "scripts/performance/configs/gpt_oss/gpt_oss_llm_pretrain.py set_gpt_oss_common_configs, grad_reduce_in_fp32 "
-        "False", 153.0, 64, 512, 4, 4096, 4, 8, "bf16", 0.0, "TP1 PP4 EP8, GBS 512, MBS 4 (BF16 gradient reduction)",
+        "False", 153.0, 64, 512, 4, 4096, 4, 8, "bf16", {}, "TP1 PP4 EP8, GBS 512, MBS 4 (BF16 gradient reduction)",
         grad="bf16"),
 ]
 
@@ -110,13 +117,14 @@ def predict(run: Run, cluster) -> dict:
     n, b = run.ep, run.ep // run.tp * run.mbs  # MBS sequences per attention TP group, mp / TP groups per EP group
     d = run.gpus // (run.pp * n)
     m = run.gbs // (d * b)
-    opts = Options(seq=run.seq, overlap=run.overlap, balanced_routing=True, gemm_dtype=run.precision,
+    opts = Options(seq=run.seq, balanced_routing=True, gemm_dtype=run.precision,
                    ep_dispatch=run.ep_dispatch)
     priced = None
     for granularity in run.recompute:  # the first granularity that fits memory
         mc = MeshConfig(n, d, run.pp, b, m, granularity == "full", granularity == "selective", run.vp, run.tp,
                         megatron=True, modules=run.modules)
-        plan = folded_plan(graph, mc)
+        plan = folded_plan(graph, mc)  # Megatron's overlap flags (overlap.MEGATRON), then the run's own
+        plan.meta.update(run.overlap)
         for p in plan.ops.values():
             if "grad" in p.precision:
                 p.precision["grad"] = run.grad

@@ -9,7 +9,9 @@ megatron: Megatron-LM with sequence parallelism (docs/reference.md, "Hardware" a
     reduce-scatters exposed (no --tp-comm-overlap), the reduce-scatter and all-gather overlapped with backward /
     forward in chunks of a virtual stage (overlap.MEGATRON, written to plan.meta in Megatron's flag names).
 megascale: MegaScale-MoE's fixed plan: Ulysses SP attention and EP experts over the node, PP=15, BF16 gradient
-    exchange, its inter-operator chunked overlap and TP overlap (overlap.MEGASCALE).
+    exchange, run on meshplan's schedule (overlap.MESHPLAN) so that the planner's free choice is compared like for
+    like (the issue's intent); MegaScale-MoE's own system overlaps more (overlap.MEGASCALE: compressed all-to-alls
+    chunked too, TP and the parameter gather overlapped), which `megascale_plan(..., own_system=True)` prices.
 ep_dp: all-EP/DP: the MoE FFN expert-parallel over the node, every other op data parallel on every axis (one
     sequence per GPU per micro-batch), so the only model-axis communication is the EP all-to-all and the
     batch <-> sequence all-to-all around it; run by meshplan (overlap.MESHPLAN).
@@ -66,9 +68,10 @@ def megatron_plan(graph: Graph, mc: MeshConfig, tp_comm_overlap: bool = False) -
     return plan
 
 
-def megascale_plan(graph: Graph, mc: MeshConfig) -> Plan:
+def megascale_plan(graph: Graph, mc: MeshConfig, own_system: bool = False) -> Plan:
     plan = _plan(graph, mc, lambda op: MEGASCALE_SP[op.kind], "megascale")
-    plan.meta.update(MEGASCALE.to_meta())
+    if own_system:
+        plan.meta.update(MEGASCALE.to_meta())
     return plan
 
 

@@ -31,6 +31,9 @@ META_KEYS = {"overlap_chunks": "chunks", "moe_a2a_overlap": "a2a", "tp_comm_over
              "overlap_grad_reduce": "grad_reduce", "overlap_param_gather": "param_gather",
              "overlap_native_only": "native_only", "overlap_dp_chunk": "dp_chunk"}
 DP_CHUNKS = ("layer", "virtual_stage")
+# SMs DeepEP's dispatch/combine kernels occupy while they run beside compute (DeepSeek-V3 report, section 3.2.2:
+# 20 of an H800's 132 SMs): the compute they overlap runs on the rest (docs/reference.md, "Overlap")
+DEEPEP_SMS = 20
 
 
 @dataclass(frozen=True)
@@ -137,8 +140,11 @@ def edge_floors(cost: dict, tp_like: bool, src_compute: float, dst_compute: floa
 def other_batch(cm, groups: dict, mc) -> None:
     """moe_a2a_overlap (overlap.other_batch_hidden): each MoE's routed all-to-alls hide behind another
     micro-batch's compute of its layer in the pipeline's steady state, shared over them by their exposed
-    times. The layer's compute takes each op's cheapest candidate (a plan has one)."""
+    times; with DeepEP, the compute beside them loses DEEPEP_SMS SMs. The layer's compute takes each op's
+    cheapest candidate (a plan has one)."""
     steady = steady_fraction(mc.pp, mc.m, mc.vp)
+    k = cm.cluster.kernels
+    stretch = DEEPEP_SMS / (k.sm_count - DEEPEP_SMS) if cm.opt.ep_dispatch == "deepep" and k else 0.0
     layer: dict[int, float] = {}
     for op in cm.ops:
         if op.layer is not None:
@@ -153,6 +159,7 @@ def other_batch(cm, groups: dict, mc) -> None:
             for dt in ch.floors[names[0]] if names else ():
                 total = sum(ch.floors[name][dt] for name in names)
                 if total > 0:
-                    keep = 1 - other_batch_hidden(total, layer[rep.layer], steady) / total
+                    hidden = other_batch_hidden(total, layer[rep.layer], steady)
+                    keep = 1 - hidden * (1 - stretch) / total  # the overlapped compute slowed by the SMs taken
                     for name in names:
                         ch.floors[name][dt] *= keep

@@ -79,3 +79,18 @@ def test_gradient_reduction_hides_up_to_the_backward_but_its_last_chunk():
     assert _tail(1.0, 0.3, overlap=False) == pytest.approx(1.0)  # reduced after the backward: all exposed
     assert _tail(1.0, 0.3, overlap=True) == pytest.approx(1.0 - 0.2)  # backward (2/3 of 0.3) hides 0.2
     assert _tail(1.0, 30.0, overlap=True) == pytest.approx(0.25)  # long backward: the last layer's chunk stays
+
+
+def test_deepep_beside_compute_takes_its_sms(graph, h800):
+    """DeepEP's kernels hold 20 of 132 SMs while they overlap compute: each hidden second costs 20/112 s."""
+    g = graph("internal-352b", n_layers=2)
+    mc = MeshConfig(8, 1, 1, 1, 4)
+    exposed = {}
+    for dispatch in ("all_to_all", "deepep"):
+        cm = CostModel(g, h800, Options(seq=8192, overlap=Overlap(chunks=0, a2a=True), ep_dispatch=dispatch))
+        ch = cm.problem(mc).groups[MOE].choices["ep"]
+        total = sum(ch.colls[n]["bf16"] for n in ("dispatch", "combine"))  # one node: the same bytes either way
+        exposed[dispatch] = sum(ch.floors[n]["bf16"] for n in ("dispatch", "combine"))
+    hidden = total - exposed["all_to_all"]
+    assert hidden > 0
+    assert exposed["deepep"] == pytest.approx(exposed["all_to_all"] + hidden * 20 / 112)
