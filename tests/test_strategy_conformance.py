@@ -106,6 +106,8 @@ def test_pair_has_implementation_cost_terms_and_phases(graphs, kind, strategy):
             if spec.comm:
                 elem = dtype_size(spec.dtype or op.output.dtype)
                 assert ph.nbytes == float(spec.elements.subs({G.B: BATCH, G.S: SEQ, N: 2})) * elem
+    # the planner prices chunked overlap for exactly the strategies codegen emits as chunks (Strategy.chunked)
+    assert strat.chunked == ((kind, strategy) in EMITTED)
     if (kind, strategy) in EMITTED:  # the emitted overlap code has a statement for every phase
         assert {p.name for p in strat.phases(op, io)} <= set(RECIPES[(kind, strategy)])
 

@@ -24,6 +24,7 @@ from ..ir import graph as G
 from ..ir.graph import Graph
 from ..ir.plan import Plan
 from ..ir.strategies import (
+    CHUNKS,
     COMBINE,
     CORE,
     DISPATCH,
@@ -36,6 +37,7 @@ from ..ir.strategies import (
     SHARED,
     STRATEGIES,
     UNPERMUTE,
+    runs_async,
 )
 from .durations import Durations, durations_for
 from .phases import COMM, COMPUTE
@@ -44,9 +46,9 @@ from .scheduler import list_schedule
 from .task_graph import FWD, build_task_graph
 
 # The op kinds split into chunks: the two whose strategies have collectives inside them; how many chunks by default
-# (runtime/overlap.enable_overlap's default too). The planner prices this schedule (planner/overlap.py).
+# (ir/strategies.CHUNKS, runtime/overlap.enable_overlap's default too). The planner prices this schedule
+# (planner/overlap.py) from the strategies' `chunked` flags, which EMITTED must match (test_strategy_conformance).
 CHUNK_KINDS = {G.ATTENTION, G.MOE}
-CHUNKS = 2
 
 # phase -> (the statement producing it, with {c} the chunk and {in} the value of the phase it waits for); the
 # phase names are the strategies' (ir/strategies), which are also the runtime's channel tags
@@ -77,9 +79,9 @@ def _own_collectives(op: G.Op, strategy: str) -> tuple[str, ...]:
 
 def overlapped(kind: str, strategy: str, precision: str) -> bool:
     """Whether the emitted code runs a collective of this (kind, strategy) in `precision` asynchronously beside
-    another chunk's compute: only emitted strategies, and only in fp32 (a compressed wire format decodes inside the
-    runtime's synchronous collectives, so emit_schedule leaves such an op to the executor)."""
-    return (kind, strategy) in EMITTED and precision == "fp32"
+    another chunk's compute: only emitted strategies, and only uncompressed (a compressed wire format decodes inside
+    the runtime's synchronous collectives, so emit_schedule leaves such an op to the executor)."""
+    return (kind, strategy) in EMITTED and runs_async(precision)
 
 
 def _consumes(op: G.Op, strategy: str) -> dict[str, str]:

@@ -7,9 +7,10 @@ plan.meta (Megatron's names: tp_comm_overlap, moe_a2a_overlap, overlap_grad_redu
 overlap_chunks), which plans.price_plan reads.
 
   * chunks (meshplan's codegen, MegaScale-MoE's inter-operator overlap): an op whose strategy has collectives inside
-    it (codegen.emit.EMITTED: Ulysses attention, EP MoE) runs in c micro-batch chunks; piece i of a collective runs
-    while chunk i+1 computes the phase before it or chunk i-1 the phase after it (chunked_hidden). meshplan's
-    runtime does this only for uncompressed collectives (codegen.emit.overlapped).
+    it (Strategy.chunked, which codegen.emit emits: Ulysses attention, EP MoE) runs in c micro-batch chunks; piece
+    i of a collective runs while chunk i+1 computes the phase before it or chunk i-1 the phase after it
+    (chunked_hidden). meshplan's
+    runtime does this only for uncompressed collectives (ir/strategies.runs_async, codegen.emit.overlapped).
   * moe_a2a_overlap (Megatron-Core's EP A2A overlap; DeepSeek-V3's dual micro-batch overlap): EP's dispatch and
     combine hide behind another micro-batch's compute of the same layer, in the pipeline's steady state only
     (other_batch_hidden).
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..codegen.emit import CHUNKS
+from ..ir.strategies import CHUNKS, runs_async
 
 META_KEYS = {"overlap_chunks": "chunks", "moe_a2a_overlap": "a2a", "tp_comm_overlap": "tp",
              "overlap_grad_reduce": "grad_reduce", "overlap_param_gather": "param_gather",
@@ -108,14 +109,14 @@ def work_seconds(work, peak: float, hbm: float, act_bytes: float = 2.0) -> float
 
 
 def own_floors(times: dict[str, float], kind: str, emitted: bool, before: float, after: float, compute: float,
-               n: int, ov: Overlap, tp_kinds) -> dict[str, float]:
+               n: int, ov: Overlap, tp_kinds) -> dict[str, float]:  # emitted: the strategy is `chunked`
     """Exposed seconds per wire precision of one op-internal collective priced `times` (forward + backward, per
     micro-batch). before / after: seconds (forward + backward) of the compute phases it waits for / that wait for it
     (0 where the strategy has no such phases); compute: the op's whole compute."""
     out = {}
     for dt, t in times.items():
         hidden = 0.0
-        if emitted and ov.chunks > 1 and (dt == "fp32" or not ov.native_only):
+        if emitted and ov.chunks > 1 and (runs_async(dt) or not ov.native_only):
             # each direction is half the time; forward compute 1/3 of forward + backward, backward 2/3, and the
             # backward's mirror collective waits for the `after` phase's backward and feeds the `before` one's
             hidden = (chunked_hidden(t / 2, before / 3, after / 3, ov.chunks)

@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 
 import sympy
 
-from ..codegen.emit import EMITTED
 from ..ir import graph as G
 from ..ir.graph import Graph, Op
 from ..ir.placement import Shard
-from ..ir.strategies import PRECISIONS, STRATEGIES, allowed_precisions, collective_names
+from ..ir.strategies import PRECISIONS, STRATEGIES, allowed_precisions, collective_names, strategy_of
 from . import collectives_cost as cc
 from . import cost_model as cm
 from . import grad_sync, memory, plan_settings
@@ -271,8 +270,9 @@ class CostModel:
         the compute phases beside it take their roofline share (overlap.work_seconds) of the op's compute."""
         w = [ov.work_seconds(work[i:i + 2], self.cluster.peak_flops, self.cluster.hbm_bandwidth) for i in (0, 2, 4)]
         before, after = (compute * w[0] / w[2], compute * w[1] / w[2]) if w[2] > 0 else (0.0, 0.0)
-        return ov.own_floors(times, coll.kind, (kind, cand) in EMITTED, before, after, compute, n, self.opt.overlap,
-                             TP_KINDS)
+        strat = strategy_of(kind, cand)
+        return ov.own_floors(times, coll.kind, strat is not None and strat.chunked, before, after, compute, n,
+                             self.opt.overlap, TP_KINDS)
 
     def recompute_keeps(self, g: str, ckpt: float, act: float, mc: MeshConfig) -> float:
         """Activation bytes one op keeps under full recompute: its inputs (meshplan's runtime); under Megatron-Core

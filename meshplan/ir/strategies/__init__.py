@@ -2,6 +2,7 @@
 strategy) (base.py; one file per op kind), the registry (registry.py) and the checks on pairs (checks.py)."""
 from .base import (
     BATCH,
+    CHUNKS,
     COMBINE,
     COMPUTE,
     CORE,
@@ -22,6 +23,7 @@ from .base import (
     UNPERMUTE,
     PhaseSpec,
     Strategy,
+    runs_async,
 )
 from .checks import (
     allowed_precisions,
@@ -36,7 +38,8 @@ from .checks import (
 )
 from .registry import DEFAULT_STRATEGY, STRATEGIES, strategy_of
 
-__all__ = ["BATCH", "COMBINE", "COMPUTE", "CORE", "COUNTS", "DISPATCH", "EXPERTS", "GRAD", "IDS", "OUT_A2A",
+__all__ = ["BATCH", "CHUNKS", "COMBINE", "COMPUTE", "CORE", "COUNTS", "DISPATCH", "EXPERTS", "GRAD", "IDS",
+           "OUT_A2A", "runs_async",
            "OUT_PROJ", "PRECISION_BYTES", "PRECISIONS", "QKV", "QKV_A2A", "ROUTE", "SEQ", "SHARED", "UNPERMUTE",
            "PhaseSpec", "Strategy", "allowed_precisions", "batch_parallel_error", "collective_names",
            "default_strategy", "divisibility_error", "layout_error", "native_io", "offered_error", "transition",

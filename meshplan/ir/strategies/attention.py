@@ -40,7 +40,8 @@ def ulysses_phases(op: Op, io: IO) -> tuple[PhaseSpec, ...]:
 ATTENTION = {
     "sp": Strategy("sp", SEQ_IO, "sequence",
                    "Ulysses: all-to-all q/k/v from sequence- to head-sharded, attention, all-to-all back",
-                   required=("wo.weight",), divides=_HEADS, splits_kv_heads=True, phases=ulysses_phases),
+                   required=("wo.weight",), divides=_HEADS, splits_kv_heads=True, phases=ulysses_phases,
+                   chunked=True),
     "tp": Strategy("tp", TP_IO, "heads", "Megatron TP: heads split, wq/wk/wv column- and wo row-parallel",
                    params={"wq.weight": 0, "wk.weight": 0, "wv.weight": 0, "wo.weight": 1,
                            "wq.bias": 0, "wk.bias": 0, "wv.bias": 0,

@@ -29,6 +29,16 @@ SEQ, BATCH = Shard(1), Shard(0)
 PRECISIONS = ("fp32", "bf16", "fp8")
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}  # bytes per element on the wire (fp8 scales counted apart)
 GRAD = "grad"  # the data-parallel gradient reduction of an op's parameters
+# codegen's overlap schedule (codegen/emit.py; priced by planner/overlap.py): an op whose strategy is `chunked` runs
+# in CHUNKS micro-batch chunks, each of its collectives beside another chunk's compute phases (PhaseSpec.after
+# order) -- when the collective runs asynchronously, which meshplan's runtime does for uncompressed ones only
+CHUNKS = 2
+
+
+def runs_async(precision: str) -> bool:
+    """Whether meshplan's runtime issues a collective in this wire precision asynchronously (a compressed one
+    decodes inside its synchronous collectives: runtime/async_collectives.py)."""
+    return precision == "fp32"
 
 # Phase names: the runtime's channel tags, codegen's task names and the emitted code's variables. Spelled here only.
 COMPUTE = "compute"  # the one phase of an op without an internal collective
@@ -92,6 +102,9 @@ class Strategy:
     # collectives of a few integers run synchronously inside a compute phase (EP's row counts inside route): not
     # phases of their own, not priced (a fixed dtype), but counted at run time under their name
     inline: Callable[[Op, IO], tuple[PhaseSpec, ...]] = lambda op, io: ()
+    # codegen emits this strategy's op as CHUNKS interleaved micro-batch chunks (its collectives overlap the other
+    # chunk's compute): what planner/overlap.py prices for meshplan's own plans
+    chunked: bool = False
 
     @property
     def native(self) -> IO:

@@ -69,7 +69,7 @@ MOE = {
     "ep": Strategy("ep", SEQ_IO, "experts",
                    "expert parallel: all-to-all dispatch of routed tokens, local experts, all-to-all combine",
                    params=_EXPERTS, required=_REQUIRED, divides=_N_EXPERTS, phases=expert_parallel_phases,
-                   inline=expert_parallel_counts),
+                   inline=expert_parallel_counts, chunked=True),
     "tp": Strategy("tp", TP_IO, "ffn", "every expert's hidden dimension split (w1/w3 column, w2 row)",
                    params={"experts.w1": 1, "experts.w3": 1, "experts.w2": 2,
                            "shared.w1.weight": 0, "shared.w3.weight": 0, "shared.w2.weight": 1},
