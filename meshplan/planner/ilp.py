@@ -105,11 +105,25 @@ class StepTimeILP:
                     self.wvars[g, s, c] = w
                     (grad if c == "grad" else own).extend(times[dt] * MS * w[dt] for dt in w if times[dt])
                     if c != "grad":
-                        floor.extend(ch.floor(c, dt) * MS * w[dt] for dt in w if ch.floor(c, dt))
+                        # a `together` collective in a non-async precision: all exposed (the others are then too)
+                        exposed = {dt: times[dt] if c in ch.together and dt not in ch.async_dtypes
+                                   else ch.floor(c, dt) for dt in w}
+                        floor.extend(exposed[dt] * MS * w[dt] for dt in w if exposed[dt])
                     self.err_terms += [grp.count * ch.err2[c][dt] * w[dt] for dt in w
                                        if ch.err2.get(c, {}).get(dt)]
+                self.async_together(g, s, ch)
             self.own_time[g], self.own_floor[g], self.grad_time[g] = _sum(own), _sum(floor), _sum(grad)
             self.gather_time[g] = _sum([ch.gather * MS * x[g, s] for s, ch in grp.choices.items() if ch.gather])
+
+    def async_together(self, g: str, s: str, ch) -> None:
+        """Choice.together: its collectives are all in an async precision or none is (equal async indicators), so
+        their floors hold exactly where the ILP prices them."""
+        ind = []
+        for c in ch.together:
+            w = self.wvars[g, s, c]
+            ind.append(self.pulp.lpSum(w[dt] for dt in w if dt in ch.async_dtypes))
+        for a, b in zip(ind, ind[1:]):
+            self.lp += a == b
 
     def _edge_pair_vars(self, ei: int, e) -> dict:
         """y[e,s,t] = x[src,s]·x[dst,t], linearised by its marginals (a self-edge pairs a strategy with itself)."""

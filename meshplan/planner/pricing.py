@@ -13,7 +13,14 @@ import sympy
 from ..ir import graph as G
 from ..ir.graph import Graph, Op
 from ..ir.placement import Shard
-from ..ir.strategies import PRECISIONS, STRATEGIES, allowed_precisions, collective_names, strategy_of
+from ..ir.strategies import (
+    PRECISIONS,
+    STRATEGIES,
+    allowed_precisions,
+    collective_names,
+    runs_async,
+    strategy_of,
+)
 from . import collectives_cost as cc
 from . import cost_model as cm
 from . import grad_sync, memory, plan_settings
@@ -34,6 +41,12 @@ TP_KINDS = {"all_gather", "reduce_scatter", "all_reduce", "none", "slice"}  # te
 # p2p: X out, X in.
 CODEC_SHARE = {"all_to_all": lambda n: 2 / n, "all_gather": lambda n: 1 + 1 / n,
                "reduce_scatter": lambda n: 2 - 1 / n, "all_reduce": lambda n: 3.0, "p2p": lambda n: 2.0}
+
+
+def strat_chunked(kind: str, cand: str) -> bool:
+    """Whether codegen runs this (kind, strategy) in interleaved chunks (Strategy.chunked)."""
+    strat = strategy_of(kind, cand)
+    return strat is not None and strat.chunked
 
 
 def group_key(op: Op, spec=None) -> tuple:
@@ -249,6 +262,9 @@ class CostModel:
             ch.err2[coll.name] = {dt: 2 * cc.relative_error(coll.kind, dt, mc.n) ** 2 for dt in PRECISIONS}
             ch.floors[coll.name] = self.own_floors(gi.ops[0].kind, cand, coll, ch.colls[coll.name], work,
                                                    ch.compute, mc.n)
+        if strat_chunked(gi.ops[0].kind, cand) and self.opt.overlap.chunks > 1 and self.opt.overlap.native_only:
+            ch.together = tuple(ch.colls)  # the runtime chunks the op only if none of them is compressed
+            ch.async_dtypes = tuple(dt for dt in PRECISIONS if runs_async(dt))
         if light:
             return ch
         if split or rep:
@@ -270,8 +286,7 @@ class CostModel:
         the compute phases beside it take their roofline share (overlap.work_seconds) of the op's compute."""
         w = [ov.work_seconds(work[i:i + 2], self.cluster.peak_flops, self.cluster.hbm_bandwidth) for i in (0, 2, 4)]
         before, after = (compute * w[0] / w[2], compute * w[1] / w[2]) if w[2] > 0 else (0.0, 0.0)
-        strat = strategy_of(kind, cand)
-        return ov.own_floors(times, coll.kind, strat is not None and strat.chunked, before, after, compute, n,
+        return ov.own_floors(times, coll.kind, strat_chunked(kind, cand), before, after, compute, n,
                              self.opt.overlap, TP_KINDS)
 
     def recompute_keeps(self, g: str, ckpt: float, act: float, mc: MeshConfig) -> float:

@@ -44,10 +44,21 @@ class Choice:
     p2p: float = 0.0  # s per micro-batch to move this op's output between pipeline stages (one direction)
     floors: dict[str, dict[str, float]] = field(default_factory=dict)  # own collective -> dtype -> exposed s
     gather: float = 0.0  # s per step: the distributed optimizer's parameter all-gather (0 without it)
+    # Own collectives whose floors hold only while every one of them is in an async precision (meshplan's runtime
+    # chunks an op only if none of its collectives is compressed): otherwise all of them are exposed. The ILP
+    # keeps them all async or none (ilp.add_group_collectives).
+    together: tuple[str, ...] = ()
+    async_dtypes: tuple[str, ...] = ("fp32",)
 
     def floor(self, name: str, dt: str) -> float:
         """The part of own collective `name` in `dt` that the schedule does not hide (all of it if unstated)."""
         return self.floors.get(name, self.colls[name])[dt]
+
+    def exposed(self, name: str, dt: str, dtype_of) -> float:
+        """floor(), unless `name` is one of `together` and one of them is not async (dtype_of: collective -> dt)."""
+        if name in self.together and any(dtype_of(c) not in self.async_dtypes for c in self.together):
+            return self.colls[name][dt]
+        return self.floor(name, dt)
 
 
 @dataclass
@@ -161,7 +172,7 @@ def evaluate(p: Problem, a: Assignment) -> Breakdown:
             for name, t in ch.colls.items():
                 dt = a.dtype(g, name, p)
                 costs[g].comm += c * t[dt]
-                costs[g].floor += c * ch.floor(name, dt)
+                costs[g].floor += c * ch.exposed(name, dt, lambda n, g=g: a.dtype(g, n, p))
                 costs[g].by_coll[name] = costs[g].by_coll.get(name, 0.0) + c * t[dt]
         for ei, c in st.edges.items():
             e = p.edges[ei]

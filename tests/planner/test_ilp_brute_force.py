@@ -25,13 +25,14 @@ def problems(draw):
         for ci in range(draw(st.integers(1, 3))):
             ch = Choice(compute=draw(ms), static_mem=draw(st.integers(0, 4)) * 1e9,
                         act_mem=draw(st.integers(0, 3)) * 1e9, opt_time=draw(ms) / 10, p2p=draw(ms) / 4)
-            if draw(st.booleans()):
-                c = f"c{ci}"
+            for c in [f"c{ci}{j}" for j in range(draw(st.integers(0, 2)))]:
                 dts = draw(st.sampled_from([("fp32",), ("fp32", "bf16"), DTS]))
                 dtypes[c] = dts
                 ch.colls[c] = {dt: draw(ms) for dt in dts}
                 ch.floors[c] = {dt: t * draw(st.sampled_from([0.0, 0.5, 1.0])) for dt, t in ch.colls[c].items()}
                 ch.err2[c] = {dt: (0.0 if dt == "fp32" else draw(st.integers(1, 4)) * 1e-4) for dt in dts}
+            if draw(st.booleans()):  # chunked: floors only while all of them are fp32
+                ch.together = tuple(ch.colls)
             if draw(st.booleans()):
                 dtypes["grad"] = ("fp32", "bf16")
                 ch.grad = {"fp32": draw(ms), "bf16": draw(ms)}
@@ -65,6 +66,11 @@ def problems(draw):
                    draw(st.sampled_from(["layer", "virtual_stage"])))
 
 
+def _mixed(ch, dtype_of) -> bool:
+    kinds = {dtype_of(c) in ch.async_dtypes for c in ch.together}
+    return len(kinds) > 1
+
+
 def brute_force(p: Problem):
     best = None
     names = list(p.groups)
@@ -86,6 +92,8 @@ def brute_force(p: Problem):
                     a.precision[key[1], key[2]] = dt
                 else:
                     a.edge_precision[key[1]] = dt
+            if any(_mixed(p.groups[g].choices[strategy[g]], lambda c, g=g: a.dtype(g, c, p)) for g in names):
+                continue  # the ILP keeps a choice's `together` collectives all async or none
             bd = evaluate(p, a)
             if bd.feasible and (best is None or bd.step < best):
                 best = bd.step

@@ -94,3 +94,26 @@ def test_deepep_beside_compute_takes_its_sms(graph, h800):
     hidden = total - exposed["all_to_all"]
     assert hidden > 0
     assert exposed["deepep"] == pytest.approx(exposed["all_to_all"] + hidden * 20 / 112)
+
+
+def test_a_compressed_collective_unchunks_the_whole_op(graph, h800):
+    """meshplan's runtime chunks an sp/ep op only if none of its collectives is compressed (codegen.emit): with
+    qkv_a2a in fp32 and out_a2a in bf16 both are exposed, with both fp32 both hide."""
+    from meshplan.planner.problem import evaluate
+    g = graph("internal-352b", n_layers=2)
+    cm = CostModel(g, h800, Options(seq=8192))
+    mc = MeshConfig(8, 1, 1, 1, 4)
+    p = cm.problem(mc)
+    att = "layers.*.attention"
+    ch = p.groups[att].choices["sp"]
+    assert set(ch.together) == {"qkv_a2a", "out_a2a"}
+    strategy = {gr: ("sp" if gr == att else next(iter(grp.choices))) for gr, grp in p.groups.items()}
+
+    def exposed(out_dt):
+        a = Assignment(strategy, {(att, "qkv_a2a"): "fp32", (att, "out_a2a"): out_dt})
+        return evaluate(p, a).groups[0][att].exposed / p.stages[0].groups[att]  # per instance (no input edge)
+
+    both = ch.floors["qkv_a2a"]["fp32"] + ch.floors["out_a2a"]["fp32"]
+    mixed = ch.colls["qkv_a2a"]["fp32"] + ch.colls["out_a2a"]["bf16"]
+    assert exposed("fp32") == pytest.approx(both) and exposed("bf16") == pytest.approx(mixed)
+    assert both < mixed
