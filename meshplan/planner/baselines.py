@@ -7,7 +7,7 @@ megatron: Megatron-LM with sequence parallelism (docs/reference.md, "Hardware" a
     nodes; DP outermost. Activation collectives in BF16; gradients reduce-scattered in FP32 and BF16 parameters
     all-gathered (its distributed optimizer without --grad-reduce-in-bf16: Options.zero); TP all-gathers and
     reduce-scatters exposed (no --tp-comm-overlap), the reduce-scatter and all-gather overlapped with backward /
-    forward in chunks of a virtual stage (overlap.MEGATRON, written to plan.meta in Megatron's flag names).
+    forward but for one layer's chunk (overlap.MEGATRON, written to plan.meta in Megatron's flag names).
 megascale: MegaScale-MoE's fixed plan: Ulysses SP attention and EP experts over the node, PP=15, BF16 gradient
     exchange, run on meshplan's schedule (overlap.MESHPLAN) so that the planner's free choice is compared like for
     like (the issue's intent); MegaScale-MoE's own system overlaps more (overlap.MEGASCALE: compressed all-to-alls

@@ -63,9 +63,10 @@ class Overlap:
 # reduction after its backward (codegen.task_graph), no TP or parameter-gather overlap (the executor's reshardings
 # and runtime/zero.py's gather are synchronous)
 MESHPLAN = Overlap()
-# Megatron-LM / Megatron-Bridge as configured for DP > 1 (NeMo's communication-overlap guide): DP reduce-scatter and
-# all-gather overlapped in chunks of a virtual stage's layers; TP and EP overlap only where a recipe sets them
-MEGATRON = Overlap(chunks=0, native_only=False, grad_reduce=True, param_gather=True, dp_chunk="virtual_stage")
+# Megatron-LM / Megatron-Bridge with the distributed optimizer's overlap flags on: DP reduce-scatter and all-gather
+# in buckets (>= 40M parameters: about a layer or less here) as their layers' gradients / first use come; TP and EP
+# overlap only where a recipe sets them
+MEGATRON = Overlap(chunks=0, native_only=False, grad_reduce=True, param_gather=True, dp_chunk="layer")
 # MegaScale-MoE: inter-operator chunked overlap (what meshplan's codegen copies) in any wire format, TP overlapped
 # inside its operators, DP communication as Megatron's
 MEGASCALE = replace(MEGATRON, chunks=CHUNKS, tp=True, dp_chunk="layer")
