@@ -26,12 +26,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..ir.strategies import CHUNKS, runs_async
+from ..ir.strategies import CHUNKS, PRECISIONS, runs_async, strategy_of
+from . import cost_model as cm_
 
 META_KEYS = {"overlap_chunks": "chunks", "moe_a2a_overlap": "a2a", "tp_comm_overlap": "tp",
              "overlap_grad_reduce": "grad_reduce", "overlap_param_gather": "param_gather",
              "overlap_native_only": "native_only", "overlap_dp_chunk": "dp_chunk"}
 DP_CHUNKS = ("layer", "virtual_stage")
+TP_KINDS = {"all_gather", "reduce_scatter", "all_reduce", "none", "slice"}  # tensor-parallel communication
 # SMs DeepEP's dispatch/combine kernels occupy while they run beside compute (DeepSeek-V3 report, section 3.2.2:
 # 20 of an H800's 132 SMs): the compute they overlap runs on the rest (docs/reference.md, "Overlap")
 DEEPEP_SMS = 20
@@ -165,3 +167,39 @@ def other_batch(cm, groups: dict, mc) -> None:
                     keep = 1 - hidden * (1 - stretch) / total  # the overlapped compute slowed by the SMs taken
                     for name in names:
                         ch.floors[name][dt] *= keep
+
+
+def chunked_strategy(kind: str, cand: str) -> bool:
+    """Whether codegen runs this (kind, strategy) in interleaved chunks (Strategy.chunked)."""
+    strat = strategy_of(kind, cand)
+    return strat is not None and strat.chunked
+
+
+def collective_floors(cm, kind: str, cand: str, coll, times: dict, work: list, compute: float, n: int) -> dict:
+    """Exposed seconds per precision of one own collective of a CostModel's op (own_floors): the compute phases
+    beside it take their roofline share (work_seconds) of the op's compute."""
+    w = [work_seconds(work[i:i + 2], cm.cluster.peak_flops, cm.cluster.hbm_bandwidth) for i in (0, 2, 4)]
+    before, after = (compute * w[0] / w[2], compute * w[1] / w[2]) if w[2] > 0 else (0.0, 0.0)
+    return own_floors(times, coll.kind, chunked_strategy(kind, cand), before, after, compute, n, cm.opt.overlap,
+                      TP_KINDS)
+
+
+def mark_together(ch, kind: str, cand: str, ov: Overlap) -> None:
+    """A chunked op on a native-only schedule: the runtime chunks it only if none of its collectives is compressed
+    (Choice.together)."""
+    if chunked_strategy(kind, cand) and ov.chunks > 1 and ov.native_only:
+        ch.together = tuple(ch.colls)
+        ch.async_dtypes = tuple(dt for dt in PRECISIONS if runs_async(dt))
+
+
+def resharding_floors(cm, key: tuple, cost: dict, src, dst, n: int) -> dict[tuple[str, str], dict[str, float]]:
+    """Per communicating (producer, consumer) strategy pair of a CostModel's edge, the exposed seconds of the
+    resharding per precision (edge_floors: TP's collectives behind their GEMMs with tp_comm_overlap, else
+    exposed)."""
+    u, v = cm.edges[key][0]
+    out = {}
+    for (s, t), times in cost.items():
+        kinds = set(cm_.edge_kinds(u, s, v, t))
+        out[s, t] = edge_floors(times, kinds <= TP_KINDS, src.choices[s].compute, dst.choices[t].compute,
+                                "all_gather" in kinds, n, cm.opt.overlap)
+    return out

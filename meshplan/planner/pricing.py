@@ -13,14 +13,7 @@ import sympy
 from ..ir import graph as G
 from ..ir.graph import Graph, Op
 from ..ir.placement import Shard
-from ..ir.strategies import (
-    PRECISIONS,
-    STRATEGIES,
-    allowed_precisions,
-    collective_names,
-    runs_async,
-    strategy_of,
-)
+from ..ir.strategies import PRECISIONS, STRATEGIES, allowed_precisions, collective_names
 from . import collectives_cost as cc
 from . import cost_model as cm
 from . import grad_sync, memory, plan_settings
@@ -32,7 +25,7 @@ from .problem import Choice, Edge, Group, Problem, Stage
 
 RECOMPUTE = (4 / 3, 3 / 2)
 COLL_VALS = 8  # numbers per own collective in values(): X, rows, and (FLOPs, elements) before / after / whole
-TP_KINDS = {"all_gather", "reduce_scatter", "all_reduce", "none", "slice"}  # tensor-parallel communication
+TP_KINDS = ov.TP_KINDS
 
 
 # Per collective kind over n ranks: elements one rank encodes plus decodes, as a multiple of the tensor X of
@@ -41,12 +34,6 @@ TP_KINDS = {"all_gather", "reduce_scatter", "all_reduce", "none", "slice"}  # te
 # p2p: X out, X in.
 CODEC_SHARE = {"all_to_all": lambda n: 2 / n, "all_gather": lambda n: 1 + 1 / n,
                "reduce_scatter": lambda n: 2 - 1 / n, "all_reduce": lambda n: 3.0, "p2p": lambda n: 2.0}
-
-
-def strat_chunked(kind: str, cand: str) -> bool:
-    """Whether codegen runs this (kind, strategy) in interleaved chunks (Strategy.chunked)."""
-    strat = strategy_of(kind, cand)
-    return strat is not None and strat.chunked
 
 
 def group_key(op: Op, spec=None) -> tuple:
@@ -260,11 +247,9 @@ class CostModel:
                                                        + self.codec_time(coll.kind, elems, rows, dt, mc.n))
                                    for dt in PRECISIONS}
             ch.err2[coll.name] = {dt: 2 * cc.relative_error(coll.kind, dt, mc.n) ** 2 for dt in PRECISIONS}
-            ch.floors[coll.name] = self.own_floors(gi.ops[0].kind, cand, coll, ch.colls[coll.name], work,
+            ch.floors[coll.name] = ov.collective_floors(self, gi.ops[0].kind, cand, coll, ch.colls[coll.name], work,
                                                    ch.compute, mc.n)
-        if strat_chunked(gi.ops[0].kind, cand) and self.opt.overlap.chunks > 1 and self.opt.overlap.native_only:
-            ch.together = tuple(ch.colls)  # the runtime chunks the op only if none of them is compressed
-            ch.async_dtypes = tuple(dt for dt in PRECISIONS if runs_async(dt))
+        ov.mark_together(ch, gi.ops[0].kind, cand, self.opt.overlap)
         if light:
             return ch
         if split or rep:
@@ -280,14 +265,6 @@ class CostModel:
         ch.p2p = mc.vp * self._time("p2p", memory.ACT_BYTES * out_elems / (mc.n if sharded else 1), 2,
                                     1 if loc["pp_inter"] else 2)  # interleaved: v times the stage boundaries
         return ch
-
-    def own_floors(self, kind: str, cand: str, coll, times: dict, work: list, compute: float, n: int) -> dict:
-        """Exposed seconds per precision of one own collective under the schedule's overlap (overlap.own_floors):
-        the compute phases beside it take their roofline share (overlap.work_seconds) of the op's compute."""
-        w = [ov.work_seconds(work[i:i + 2], self.cluster.peak_flops, self.cluster.hbm_bandwidth) for i in (0, 2, 4)]
-        before, after = (compute * w[0] / w[2], compute * w[1] / w[2]) if w[2] > 0 else (0.0, 0.0)
-        return ov.own_floors(times, coll.kind, strat_chunked(kind, cand), before, after, compute, n,
-                             self.opt.overlap, TP_KINDS)
 
     def recompute_keeps(self, g: str, ckpt: float, act: float, mc: MeshConfig) -> float:
         """Activation bytes one op keeps under full recompute: its inputs (meshplan's runtime); under Megatron-Core
@@ -365,7 +342,7 @@ class CostModel:
             label = {st: "reshard " + "/".join(sorted(set(cm.edge_kinds(u, st[0], v, st[1])) - {"none", "slice"}))
                      for st in cost}
             edges.append(Edge(gs, gd, f"in{idx}", len(pairs), cost, err2, groups[gd].dtypes[f"in{idx}"],
-                              self.edge_floors(key, cost, groups[gs], groups[gd], mc.n), label))
+                              ov.resharding_floors(self, key, cost, groups[gs], groups[gd], mc.n), label))
         stages = self.stages(mc.pp, mc.m, mc.vp)
         limit = self.opt.mem_limit if self.opt.mem_limit is not None else self.cluster.memory_limit
         o = self.opt.overlap
@@ -392,17 +369,6 @@ class CostModel:
                     cost[s, t][dt] = sum(each) + (each[0] if mc.recompute else 0.0)
                     err2[s, t][dt] = sum(cc.relative_error(k, dt, mc.n) ** 2 for k in kinds)
         return cost, err2
-
-    def edge_floors(self, key: tuple, cost: dict, src, dst, n: int) -> dict[tuple[str, str], dict[str, float]]:
-        """Per communicating (producer, consumer) strategy pair, the exposed seconds of the resharding per
-        precision (overlap.edge_floors: TP's collectives behind their GEMMs with tp_comm_overlap, else exposed)."""
-        u, v = self.edges[key][0]
-        out = {}
-        for (s, t), times in cost.items():
-            kinds = set(cm.edge_kinds(u, s, v, t))
-            out[s, t] = ov.edge_floors(times, kinds <= TP_KINDS, src.choices[s].compute, dst.choices[t].compute,
-                                       "all_gather" in kinds, n, self.opt.overlap)
-        return out
 
     def stages(self, pp: int, m: int, vp: int = 1) -> list[Stage]:
         """The distinct stage compositions (1F1B: stage k holds min(pp - k, m) micro-batches, interleaved:
