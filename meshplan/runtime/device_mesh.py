@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import Partial as TPartial
+from torch.distributed.tensor import Replicate as TReplicate
 
 from ..ir.placement import Placement
 from .process_groups import MeshGroups
@@ -54,3 +56,26 @@ def as_dtensor(local: torch.Tensor, dm: DeviceMesh, groups: MeshGroups, placemen
     full = torch.empty(shape, device="meta")
     return DTensor.from_local(local, dm, dtensor_placements(groups, placements, len(shape)), run_check=False,
                               shape=full.shape, stride=full.stride())
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds of `t`: a DTensor's local shard, the very object (not a view: ZeRO re-points
+    its storage, zero.py), or `t` itself (a one-rank world's plain tensors)."""
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def laid_out_as(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """`local`, this rank's shard of a tensor laid out as `param` (its gradient, an optimizer state), as a
+    DTensor with param's mesh, placements and global shape; `local` itself when param is a plain tensor."""
+    if not isinstance(param, DTensor):
+        return local
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())
+
+
+def grad_placements(groups: MeshGroups, placements: tuple[Placement, ...], ndim: int):
+    """The layout of the gradient an op produces for a parameter laid out as `placements`: Shard where it is
+    sharded, Partial(sum) on every axis it is replicated on (the ranks that share it saw different tokens, or
+    computed redundantly from a Partial output gradient, sharding.py), until reduce_gradients sums them."""
+    return tuple(TPartial() if isinstance(p, TReplicate) else p
+                 for p in dtensor_placements(groups, placements, ndim))
