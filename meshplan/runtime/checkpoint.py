@@ -24,13 +24,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import weakref
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate as TReplicate
 from torch.distributed.tensor import Shard as TShard
@@ -40,12 +39,10 @@ from ..ir.plan import PlanError
 from .checkpoint_reader import SafeReader, read_metadata
 from .device_mesh import local_tensor
 from .executor import ParallelModel
-from .pipeline import full_mesh
 from .zero import ZeroAdamW, init_adam_state
 
 _STEP = re.compile(r"^step_(\d{6,})$")
 _TMP_PREFIX = ".tmp_step_"
-_MESHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ParallelModel -> its DeviceMesh
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -61,19 +58,14 @@ def latest(root: str | Path) -> Path | None:
 
 
 def device_mesh(pm: ParallelModel) -> DeviceMesh:
-    """torch's DeviceMesh for pm's plan mesh (named axes, ranks laid out as Mesh.groups): a collective the first
-    time, cached per model. A pipeline stage's: the sub-mesh of its pp coordinate in the pp x dp x mp mesh."""
-    if pm not in _MESHES:
-        if not dist.is_initialized():
-            raise RuntimeError("checkpoint: DCP needs torch.distributed's default process group (run under "
-                               "torchrun, `meshplan run` or local_spawn.spawn; in-process LocalWorld ranks have none)")
-        mesh = full_mesh(pm.plan) if pm.plan.pipeline.enabled else pm.plan.mesh
-        dm = init_device_mesh(pm.groups.device.type, mesh.shape, mesh_dim_names=mesh.names)
-        if pm.plan.pipeline.enabled:  # a stage's shards live on its pp coordinate's dp x mp sub-mesh
-            names = pm.plan.mesh.names
-            dm = dm[names if len(names) > 1 else names[0]]
-        _MESHES[pm] = dm
-    return _MESHES[pm]
+    """torch's DeviceMesh of pm's plan mesh, every axis (the process world's init_device_mesh, process_groups.py).
+    A pipeline stage's: the sub-mesh of its pp coordinate in the pp x dp x mp mesh."""
+    dm = pm.groups.world_mesh
+    if dm is None or not dist.is_initialized():
+        raise RuntimeError("checkpoint: DCP needs torch.distributed's default process group and its DeviceMesh (run "
+                           "under torchrun, `meshplan run` or local_spawn.spawn; in-process LocalWorld ranks have none)")
+    names = pm.plan.mesh.names
+    return dm[names if len(names) > 1 else names[0]] if pm.plan.pipeline.enabled else dm
 
 
 def _torch_placements(name: str, placement) -> list:

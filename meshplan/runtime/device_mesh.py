@@ -1,8 +1,9 @@
 """torch's DeviceMesh over a plan's process groups, and this rank's shards as DTensors.
 
-`device_mesh(groups)` names its dimensions after the plan's mesh axes and reuses the axis groups MeshGroups built
-(no new groups: `dist.new_group`'s under torchrun, the registered in-process gloo groups in a LocalWorld), so it
-works in both kinds of world. Axes of size 1 are left out: they hold every tensor whole, and leaving them out
+`device_mesh(groups)` names its dimensions after the plan's mesh axes and uses the axis groups MeshGroups holds (no
+new groups), so it works in both kinds of world: in a process world (torchrun, `meshplan run`) it is a slice of the
+`init_device_mesh` MeshGroups.from_world built and took its groups from; in an in-process world (LocalWorld, no
+default group for init_device_mesh) it is built over the registered gloo groups. Axes of size 1 are left out: they hold every tensor whole, and leaving them out
 spares a group per rank; `dtensor_placements` drops their placements to match. The layout is DTensor's: a dim
 sharded on several axes is split by the outer axis first, as ParallelModel cuts its shards
 (tests/runtime/test_device_mesh.py checks it for every shard layout of a 2 x 2 mesh).
@@ -25,6 +26,9 @@ def device_mesh(groups: MeshGroups) -> DeviceMesh | None:
     axes = [g for g in groups.ordered() if g.size > 1]
     if not axes:
         return None
+    if groups.world_mesh is not None:  # a process world's init_device_mesh: its sub-mesh of these axes
+        names = tuple(g.name for g in axes)
+        return groups.world_mesh[names if len(names) > 1 else names[0]]
     grid = torch.arange(groups.mesh.size).view(*(g.size for g in groups.ordered()))
     for i in reversed(range(grid.dim())):
         if grid.shape[i] == 1:
