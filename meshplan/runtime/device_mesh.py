@@ -10,9 +10,12 @@ sharded on several axes is split by the outer axis first, as ParallelModel cuts 
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.distributed.tensor import Partial as TPartial
 from torch.distributed.tensor import Replicate as TReplicate
 
@@ -70,11 +73,43 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def laid_out_as(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     """`local`, this rank's shard of a tensor laid out as `param` (its gradient, an optimizer state), as a
-    DTensor with param's mesh, placements and global shape; `local` itself when param is a plain tensor."""
+    DTensor with param's mesh, placements and global shape; `local` itself when param is a plain tensor. A copy
+    of param's DTensorSpec, not DTensor.from_local's new one (10x cheaper, once per parameter and step)."""
     if not isinstance(param, DTensor):
         return local
-    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
-                              stride=param.stride())
+    return DTensor(local.contiguous(), copy.copy(param._spec), requires_grad=False)
+
+
+def grad_spec(param: DTensor, placements) -> DTensorSpec:
+    """The DTensorSpec of the gradient an op produces for `param` (placements: grad_placements'), built once."""
+    return DTensorSpec(param.device_mesh, tuple(placements),
+                       tensor_meta=TensorMeta(param.shape, param.stride(), param.dtype))
+
+
+class _LocalShard(torch.autograd.Function):
+    """DTensor.to_local(grad_placements=...) with the gradient's DTensorSpec made once per parameter: torch's
+    backward (_ToTorchTensor) derives two new specs on every call, which made a parameter's to_local + backward
+    cost ~250 us against ~60 us for a plain tensor (tests/runtime step times +20%); with the spec given, ~100 us."""
+
+    @staticmethod
+    def forward(ctx, param: DTensor, spec: DTensorSpec) -> torch.Tensor:
+        ctx.spec = spec
+        ctx.set_materialize_grads(False)
+        local = param._local_tensor
+        return local.view_as(local)  # a fresh tensor object: autograd writes its metadata into it
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor | None):
+        if grad is None:
+            return None, None
+        # contiguous: the layout AccumulateGrad gives a plain parameter's gradient (and the spec's stride)
+        return DTensor(grad.contiguous(), copy.copy(ctx.spec), requires_grad=False), None
+
+
+def local_view(param: DTensor, spec: DTensorSpec) -> torch.Tensor:
+    """This rank's shard of `param` for an op to compute with: differentiable, its gradient arriving on `param`
+    as a DTensor laid out as `spec` (grad_spec)."""
+    return _LocalShard.apply(param, spec)
 
 
 def grad_placements(groups: MeshGroups, placements: tuple[Placement, ...], ndim: int):

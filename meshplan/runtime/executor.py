@@ -28,7 +28,7 @@ from .collectives import seed_grad
 from .comm_stats import CommStats
 from .compile import CompiledOp, check_compilable, wants_compile
 from .data_parallel import GradEntry, GradReducer
-from .device_mesh import as_dtensor, device_mesh, grad_placements
+from .device_mesh import as_dtensor, device_mesh, grad_placements, grad_spec, local_view
 from .implementations import IMPLEMENTATIONS, Impl
 from .local_ops import run_module
 from .loss_parallel import align_targets, cross_entropy
@@ -151,7 +151,7 @@ class ParallelModel(nn.Module):
         self._owner: dict[str, str] = {}
         self._full_shapes: dict[str, tuple[int, ...]] = {}
         self._params: dict[str, nn.Parameter] = {}  # DTensors (plain tensors on a one-rank mesh)
-        self._grad_placements: dict[str, tuple] = {}  # the layout of an op's gradient of each (to_local's hint)
+        self._grad_specs: dict[str, object] = {}  # the layout of an op's gradient of each (to_local's grad_placements)
         self._locals: dict[str, torch.Tensor] = {}  # this forward's to_local() of each parameter (_param_local)
         self._uses: dict[str, dict[str, tuple[str, tuple[Placement, ...]]]] = {}
         self._buffers: dict[str, dict[str, torch.Tensor]] = {}
@@ -192,7 +192,7 @@ class ParallelModel(nn.Module):
             else local.clone().to(self.groups.device)
         if self._device_mesh is not None:
             value = as_dtensor(value, self._device_mesh, self.groups, placement, tuple(param.shape))
-            self._grad_placements[cname] = grad_placements(self.groups, placement, param.dim())
+            self._grad_specs[cname] = grad_spec(value, grad_placements(self.groups, placement, param.dim()))
         shard = nn.Parameter(value, requires_grad=param.requires_grad)
         self._params[cname] = shard
         self.shards[cname.replace(".", "/")] = shard
@@ -238,13 +238,13 @@ class ParallelModel(nn.Module):
         return out
 
     def _param_local(self, cname: str) -> torch.Tensor:
-        """This rank's shard of parameter `cname`, differentiable back to the DTensor parameter: one to_local()
-        per forward, shared by every op that reads it, so its gradients add up locally before the one DTensor
-        accumulation."""
+        """This rank's shard of parameter `cname`, differentiable back to the DTensor parameter (to_local with
+        grad_placements, device_mesh.local_view): one per forward, shared by every op that reads it, so its
+        gradients add up locally before the one DTensor accumulation."""
         t = self._locals.get(cname)
         if t is None:
             p = self._params[cname]
-            t = p.to_local(grad_placements=self._grad_placements[cname]) if isinstance(p, DTensor) else p
+            t = local_view(p, self._grad_specs[cname]) if isinstance(p, DTensor) else p
             self._locals[cname] = t
         return t
 
