@@ -7,8 +7,9 @@
 
 Each shard is handed to DCP as a DTensor: pm's parameters and torch AdamW's states of them are DTensors already;
 ZeroAdamW's per-parameter states (local shards) are laid out as their parameters; a one-rank world's plain
-tensors are wrapped on an init_device_mesh of the plan's Mesh. The checkpoint's metadata records every shard's
-global offset and the loader reads the slices the loading plan needs, whatever the saving plan was. Replicated shards are written once.
+tensors are wrapped on the world's init_device_mesh (MeshGroups.world_mesh). The checkpoint's metadata records every shard's
+global offset and the loader reads the slices the loading plan needs, whatever the saving plan was. Replicated
+shards are written once.
 A save goes into a hidden temporary directory that rank 0 renames to step_NNNNNN/ after every rank has finished
 writing and DCP has written its .metadata: a step directory is complete or absent (docs/reference.md,
 "Distributed checkpoints").
@@ -62,8 +63,9 @@ def device_mesh(pm: ParallelModel) -> DeviceMesh:
     A pipeline stage's: the sub-mesh of its pp coordinate in the pp x dp x mp mesh."""
     dm = pm.groups.world_mesh
     if dm is None or not dist.is_initialized():
-        raise RuntimeError("checkpoint: DCP needs torch.distributed's default process group and its DeviceMesh (run "
-                           "under torchrun, `meshplan run` or local_spawn.spawn; in-process LocalWorld ranks have none)")
+        raise RuntimeError("checkpoint: DCP needs torch.distributed's default process group and its DeviceMesh "
+                           "(run under torchrun, `meshplan run` or local_spawn.spawn; in-process LocalWorld ranks "
+                           "have none)")
     names = pm.plan.mesh.names
     return dm[names if len(names) > 1 else names[0]] if pm.plan.pipeline.enabled else dm
 

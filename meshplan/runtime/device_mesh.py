@@ -3,8 +3,9 @@
 `device_mesh(groups)` names its dimensions after the plan's mesh axes and uses the axis groups MeshGroups holds (no
 new groups), so it works in both kinds of world: in a process world (torchrun, `meshplan run`) it is a slice of the
 `init_device_mesh` MeshGroups.from_world built and took its groups from; in an in-process world (LocalWorld, no
-default group for init_device_mesh) it is built over the registered gloo groups. Axes of size 1 are left out: they hold every tensor whole, and leaving them out
-spares a group per rank; `dtensor_placements` drops their placements to match. The layout is DTensor's: a dim
+default group for init_device_mesh) it is built over the registered gloo groups. Axes of size 1 are left out:
+they hold every tensor whole, and leaving them out spares a group per rank; `dtensor_placements` drops their
+placements to match. The layout is DTensor's: a dim
 sharded on several axes is split by the outer axis first, as ParallelModel cuts its shards
 (tests/runtime/test_device_mesh.py checks it for every shard layout of a 2 x 2 mesh).
 """
@@ -15,9 +16,9 @@ import copy
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.distributed.tensor import Partial as TPartial
 from torch.distributed.tensor import Replicate as TReplicate
+from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
 from ..ir.placement import Placement
 from .process_groups import MeshGroups

@@ -5,8 +5,9 @@ Two ways to build them. `MeshGroups.from_world` runs after `torch.distributed.in
 torchtitan's ParallelDims does), each dimension's groups with an explicit timeout so that a dead rank turns into
 an error instead of a hang; it checks that the mesh lays ranks out as `Mesh.groups` does (one clear error
 otherwise) and takes the axis groups from it (`dm.get_group(axis)`): one set of groups, used by the collectives,
-the DTensor parameters and the checkpoints alike. `MeshGroups.in_process` builds the same groups for one rank of a world whose ranks
-are threads of a single process (gloo groups over a shared HashStore): the fast path tests use to run many plans.
+the DTensor parameters and the checkpoints alike. `MeshGroups.in_process` builds the same groups for one rank of a
+world whose ranks are threads of a single process (gloo groups over a shared HashStore): the fast path tests use to
+run many plans.
 Collectives are torch's functional collectives (`torch.distributed._functional_collectives`, collectives.py),
 which find a group by its registered name (`AxisGroup.group_name`): `dist.new_group` registers its groups; an
 in-process group is a `ProcessGroup` with a gloo backend, registered under a name unique to its rank and
@@ -131,14 +132,8 @@ def world_device_mesh(mesh: Mesh, device_type: str, backend: str, timeout: datet
     """init_device_mesh over `mesh` (a collective of the default group's ranks), its dimensions named after the
     axes, each group with `timeout`; refused in one line unless every axis's groups hold the ranks Mesh.groups
     lists (the row-major layout both use; a change in either would silently mis-route every collective)."""
-    options = {"gloo": dist.ProcessGroupGloo._Options}.get(backend)
-    if options is None and backend == "nccl":
-        options = dist.ProcessGroupNCCL.Options
-    override = None
-    if options is not None:
-        opts = options()
-        opts._timeout = timeout
-        override = {name: (backend, opts) for name in mesh.names}
+    opts = _timeout_options(backend, timeout)
+    override = {name: (backend, opts) for name in mesh.names} if opts is not None else None
     dm = init_device_mesh(device_type, mesh.shape, mesh_dim_names=mesh.names, backend_override=override)
     rank = dist.get_rank()
     for name, size in mesh.axes:
@@ -148,6 +143,19 @@ def world_device_mesh(mesh: Mesh, device_type: str, backend: str, timeout: datet
             raise RuntimeError(f"plan.mesh {mesh}: init_device_mesh put rank {rank} on axis {name!r} with ranks "
                                f"{list(got)}, but Mesh.groups({name!r}) lists {list(want)}")
     return dm
+
+
+def _timeout_options(backend: str, timeout: datetime.timedelta):
+    """Backend options carrying `timeout` (init_device_mesh takes no timeout of its own); None for a backend
+    string it cannot be given to (a per-device "cpu:gloo,cuda:nccl"), whose groups get torch's default."""
+    if backend == "gloo":
+        opts = dist.ProcessGroupGloo._Options()
+    elif backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+    else:
+        return None
+    opts._timeout = timeout
+    return opts
 
 
 def _gloo_group(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta) -> dist.ProcessGroup:
