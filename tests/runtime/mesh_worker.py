@@ -3,6 +3,8 @@ MeshGroups.from_world builds and a step of a dp2 x mp2 plan's DTensor parameters
 so the spawned processes can import it; a failed assertion fails the spawn."""
 from __future__ import annotations
 
+import datetime
+
 import torch
 import torch.distributed as dist
 from rt_harness import batch_for, loss_of, make_model, tiny_config, uniform_plan
@@ -22,12 +24,14 @@ class Transposed(Mesh):
 
 def worker(rank: int, world: int) -> None:
     mesh = Mesh.of(dp=2, mp=2)
-    groups = MeshGroups.from_world(mesh, timeout_s=60)
+    groups = MeshGroups.from_world(mesh, timeout_s=45)
     dm = groups.world_mesh
     assert dm.mesh_dim_names == ("dp", "mp") and dm.mesh.tolist() == [[0, 1], [2, 3]]
     for name in mesh.names:  # one set of groups: the axis groups are the DeviceMesh's
         g = groups.axes[name]
         assert g.pg is dm.get_group(name) and list(g.ranks) == dist.get_process_group_ranks(g.pg), name
+        # the collective timeout reaches the mesh's groups (init_device_mesh's own default is 30 minutes)
+        assert g.pg._get_backend(torch.device("cpu")).options._timeout == datetime.timedelta(seconds=45), name
 
     cfg = tiny_config(n_shared_experts=1)
     graph = trace(make_model(cfg))
