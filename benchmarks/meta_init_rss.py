@@ -70,6 +70,7 @@ def rank_worker(rank: int, world: int, cfg_name: str, steps: int, batch: int, se
     from meshplan.ir import Mesh, Plan, trace
     from meshplan.models import build_model, load_config
     from meshplan.runtime import ParallelModel
+    from meshplan.runtime.device_mesh import local_tensor
     from meshplan.runtime.materialize import seeded_init
 
     torch.set_num_threads(1)
@@ -92,7 +93,7 @@ def rank_worker(rank: int, world: int, cfg_name: str, steps: int, batch: int, se
         losses.append(loss.item())
     Path(outdir, f"rank{rank}.json").write_text(json.dumps({
         "peak_rss_mb": _peak_mb(), "rss_after_import_mb": base, "peak_after_init_mb": after_init, "losses": losses,
-        "local_params": sum(p.numel() for p in pm.parameters()), "seconds": time.perf_counter() - start}))
+        "local_params": sum(local_tensor(p).numel() for p in pm.parameters()), "seconds": time.perf_counter() - start}))
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ from meshplan.planner import cost_model as cm
 from meshplan.planner.memory import DP, param_split
 from meshplan.runtime import LocalWorld, ParallelModel
 from meshplan.runtime.comm_stats import BWD, FWD
+from meshplan.runtime.device_mesh import local_tensor
 from meshplan.runtime.implementations import IMPLEMENTATIONS
 
 PAIRS = [(kind, s) for kind, by_name in STRATEGIES.items() for s in by_name]
@@ -133,7 +134,7 @@ def test_planner_counts_what_each_rank_holds(graphs, name, n):
 
         def held(r, plan=plan):
             pm = ParallelModel(_build(name), plan, graph=graph, groups=groups[r])
-            return {k: p.numel() for k, p in pm.named_parameters()}
+            return {k: local_tensor(p).numel() for k, p in pm.named_parameters()}
 
         per_rank = world.run(held)
         for op in graph.ops():
@@ -223,7 +224,7 @@ def test_a_new_pair_is_its_object_and_an_implementation(graphs, monkeypatch):
 
     def run(r):
         pm = ParallelModel(build_model(cfg), plan, graph=graph, groups=groups[r])
-        held = sum(p.numel() for k, p in pm.named_parameters() if k.startswith(op.name + "."))
+        held = sum(local_tensor(p).numel() for k, p in pm.named_parameters() if k.startswith(op.name + "."))
         return pm(tokens).detach(), held
 
     want = int(sympy.sympify(new.params_split + new.params_replicated).subs(N, 2))

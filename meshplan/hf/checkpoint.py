@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..runtime.device_mesh import local_tensor
+
 _EXPERTS = re.compile(r"^(?P<layer>model\.layers\.\d+)\.mlp\.experts\.(?P<kind>gate_up_proj|down_proj)$")
 
 
@@ -128,7 +130,8 @@ def load_shards(pm, front: nn.Module, path: str | Path) -> None:
     hf = front.hf_model
     model_type = hf.config.model_type
     full_shapes = {n: p.shape for n, p in front.named_parameters()}
-    for name, shard in pm.named_parameters():
+    for name, param in pm.named_parameters():
+        shard = local_tensor(param)  # this rank's part of the DTensor parameter
         where = local_slices(pm, name, full_shapes[name])
         t = _read(ck, model_type, front.hf_names[name], full_shapes[name], where)
         if tuple(t.shape) != tuple(shard.shape):

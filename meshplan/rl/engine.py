@@ -22,6 +22,7 @@ import math
 import torch
 import torch.nn as nn
 
+from meshplan.runtime.device_mesh import local_tensor
 from meshplan.runtime.grad_clip import clip_grad_norm_, grad_pieces
 
 
@@ -128,7 +129,7 @@ class CompiledEngine(Engine):
     @torch.no_grad()
     def _share_replicated(self) -> set[str]:
         """Point every replicated parameter of self.model at the compiled model's shard (same storage)."""
-        shards = dict(self.pm.named_parameters())
+        shards = {n: local_tensor(p) for n, p in self.pm.named_parameters()}  # DTensors' local tensors
         shared = set()
         for name, p in self.model.named_parameters():
             shard = shards.get(name)
@@ -142,7 +143,7 @@ class CompiledEngine(Engine):
     def rollout_model(self) -> nn.Module:
         """The plain module holding the current weights (a collective when the plan shards a parameter)."""
         if self._synced != self._version:
-            shards = dict(self.pm.named_parameters())
+            shards = {n: local_tensor(p) for n, p in self.pm.named_parameters()}
             for name, p in self.model.named_parameters():
                 if name not in self._shared and name in shards:
                     p.copy_(self.pm.gathered(shards[name], self.pm.placement_of(name)))

@@ -5,9 +5,11 @@
     step = load(pm, opt, latest("ckpt"))  # any plan, any world size: DCP reshards on load
     export("ckpt/step_000010", "full.pt")  # one torch.save file of full tensors (as dcp_to_torch_save)
 
-Each shard is handed to DCP as a DTensor (DTensor.from_local on an init_device_mesh laid out as the plan's Mesh,
-with the parameter's placements), so the checkpoint's metadata records every shard's global offset and the
-loader reads the slices the loading plan needs, whatever the saving plan was. Replicated shards are written once.
+Each shard is handed to DCP as a DTensor: pm's parameters and torch AdamW's states of them are DTensors already;
+ZeroAdamW's per-parameter states (local shards) are laid out as their parameters; a one-rank world's plain
+tensors are wrapped on the world's init_device_mesh (MeshGroups.world_mesh). The checkpoint's metadata records every shard's
+global offset and the loader reads the slices the loading plan needs, whatever the saving plan was. Replicated
+shards are written once.
 A save goes into a hidden temporary directory that rank 0 renames to step_NNNNNN/ after every rank has finished
 writing and DCP has written its .metadata: a step directory is complete or absent (docs/reference.md,
 "Distributed checkpoints").
@@ -23,13 +25,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import weakref
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate as TReplicate
 from torch.distributed.tensor import Shard as TShard
@@ -37,13 +38,12 @@ from torch.distributed.tensor import Shard as TShard
 from ..ir.placement import Replicate, Shard
 from ..ir.plan import PlanError
 from .checkpoint_reader import SafeReader, read_metadata
+from .device_mesh import local_tensor
 from .executor import ParallelModel
-from .pipeline import full_mesh
 from .zero import ZeroAdamW, init_adam_state
 
 _STEP = re.compile(r"^step_(\d{6,})$")
 _TMP_PREFIX = ".tmp_step_"
-_MESHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ParallelModel -> its DeviceMesh
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -59,19 +59,15 @@ def latest(root: str | Path) -> Path | None:
 
 
 def device_mesh(pm: ParallelModel) -> DeviceMesh:
-    """torch's DeviceMesh for pm's plan mesh (named axes, ranks laid out as Mesh.groups): a collective the first
-    time, cached per model. A pipeline stage's: the sub-mesh of its pp coordinate in the pp x dp x mp mesh."""
-    if pm not in _MESHES:
-        if not dist.is_initialized():
-            raise RuntimeError("checkpoint: DCP needs torch.distributed's default process group (run under "
-                               "torchrun, `meshplan run` or local_spawn.spawn; in-process LocalWorld ranks have none)")
-        mesh = full_mesh(pm.plan) if pm.plan.pipeline.enabled else pm.plan.mesh
-        dm = init_device_mesh(pm.groups.device.type, mesh.shape, mesh_dim_names=mesh.names)
-        if pm.plan.pipeline.enabled:  # a stage's shards live on its pp coordinate's dp x mp sub-mesh
-            names = pm.plan.mesh.names
-            dm = dm[names if len(names) > 1 else names[0]]
-        _MESHES[pm] = dm
-    return _MESHES[pm]
+    """torch's DeviceMesh of pm's plan mesh, every axis (the process world's init_device_mesh, process_groups.py).
+    A pipeline stage's: the sub-mesh of its pp coordinate in the pp x dp x mp mesh."""
+    dm = pm.groups.world_mesh
+    if dm is None or not dist.is_initialized():
+        raise RuntimeError("checkpoint: DCP needs torch.distributed's default process group and its DeviceMesh "
+                           "(run under torchrun, `meshplan run` or local_spawn.spawn; in-process LocalWorld ranks "
+                           "have none)")
+    names = pm.plan.mesh.names
+    return dm[names if len(names) > 1 else names[0]] if pm.plan.pipeline.enabled else dm
 
 
 def _torch_placements(name: str, placement) -> list:
@@ -88,7 +84,12 @@ def _torch_placements(name: str, placement) -> list:
 
 
 def _dtensor(pm: ParallelModel, name: str, local: torch.Tensor) -> DTensor:
-    mesh = device_mesh(pm)
+    """`local` (a DTensor, or this rank's shard of one laid out as parameter `name`) as a DTensor."""
+    if isinstance(local, DTensor):
+        return local
+    if pm.device_mesh is not None:
+        return pm.dtensor(name, local)
+    mesh = device_mesh(pm)  # a one-rank world: plain tensors
     placements = _torch_placements(name, pm.placement_of(name))
     shape = list(local.shape)
     for (axis, size), p in zip(pm.plan.mesh.axes, placements):
@@ -99,9 +100,9 @@ def _dtensor(pm: ParallelModel, name: str, local: torch.Tensor) -> DTensor:
 
 
 def state_dict(pm: ParallelModel, opt: torch.optim.Optimizer | ZeroAdamW | None = None, step: int = 0) -> dict:
-    """What save() writes and load() fills in place: the shards as DTensors (views of pm's parameters and of the
-    optimizer's state tensors, no copies; under ZeroAdamW, of its state gathered to the local shards' shapes), the
-    optimizer's step counts, and the training step."""
+    """What save() writes and load() fills in place: the parameters and optimizer states as DTensors (pm's
+    parameters and the optimizer's state tensors, or views of them, no copies; under ZeroAdamW, its state gathered
+    to the local shards' shapes), the optimizer's step counts, and the training step."""
     sd: dict = {"step": torch.tensor(step, dtype=torch.int64)}
     params = dict(pm.named_parameters())
     sd["model"] = {n: _dtensor(pm, n, p.detach()) for n, p in params.items()}
@@ -109,7 +110,8 @@ def state_dict(pm: ParallelModel, opt: torch.optim.Optimizer | ZeroAdamW | None 
         optim = {}
         for n, state in param_states(pm, opt).items():
             for key, value in state.items():
-                same = torch.is_tensor(value) and value.shape == params[n].shape and value.dim() > 0
+                same = isinstance(value, DTensor) or (torch.is_tensor(value) and value.dim() > 0 and
+                                                      value.shape == local_tensor(params[n]).shape)
                 optim[f"{n}.{key}"] = _dtensor(pm, n, value) if same else value
         sd["optim"] = optim
     return sd
@@ -194,10 +196,7 @@ def _check_shapes(pm: ParallelModel, path: Path) -> None:
         entry = meta.get(f"model.{name}")
         if entry is None:
             raise KeyError(f"checkpoint {path}: no parameter {name!r}")
-        full = list(p.shape)
-        for (axis, size), pl in zip(pm.plan.mesh.axes, pm.placement_of(name)):
-            if isinstance(pl, Shard):
-                full[pl.dim] *= size
+        full = list(pm.full_shape(name))
         if list(entry.size) != full:
             raise ValueError(f"checkpoint {path}: parameter {name!r} has shape {tuple(entry.size)}, the model's is "
                              f"{tuple(full)}")

@@ -1,7 +1,9 @@
 """Data-parallel gradient reduction: sum each parameter's gradient over the ranks that replicate it.
 
 A local parameter shard is replicated on every mesh axis its op does not split it on, and there its gradient is a
-Partial sum (collectives.py's convention), so the reduction is an all-reduce over exactly those axes. Gradients
+Partial sum (collectives.py's convention; a DTensor parameter's gradient says so in its placements,
+device_mesh.grad_placements), so the reduction is an all-reduce over exactly those axes. It works on the local
+tensors of the gradients and leaves each a DTensor laid out as its parameter (device_mesh.laid_out_as). Gradients
 with the same set of axes and wire precision are flattened into buckets (fewer, larger collectives). Over two or
 more axes the reduction is hierarchical (docs/reference.md, "Communication volumes"): reduce on the innermost axis
 (intra-node) first, then on
@@ -26,16 +28,31 @@ import torch
 
 from .collectives import Channel, _a2a_raw, _ag_raw, all_gather, all_reduce, reduce_scatter
 from .comm_stats import GRAD, CommStats, Key
+from .device_mesh import laid_out_as, local_tensor
 from .process_groups import AxisGroup
 
 
 @dataclass
 class GradEntry:
     name: str
-    param: torch.Tensor
+    param: torch.Tensor  # the parameter: a DTensor (a plain tensor on a one-rank mesh)
     axes: tuple[AxisGroup, ...]  # the axes (size > 1) the shard is replicated on, mesh order
     precision: str  # "fp32" | "bf16"
     op: str  # the op that owns the parameter, for accounting
+
+    @property
+    def local(self) -> torch.Tensor:
+        """This rank's shard of the parameter."""
+        return local_tensor(self.param)
+
+    def local_grad(self) -> torch.Tensor:
+        """This rank's shard of the gradient (zeros when there is none)."""
+        g = self.param.grad
+        return local_tensor(g) if g is not None else torch.zeros_like(self.local)
+
+    def set_grad(self, local: torch.Tensor) -> None:
+        """Make `local` (this rank's shard) the parameter's gradient, laid out as the parameter."""
+        self.param.grad = laid_out_as(self.param, local)
 
 
 def _pad_to(x: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
@@ -89,7 +106,7 @@ class GradReducer:
         for group in groups.values():
             bucket, size = [], 0
             for e in group:
-                nbytes = e.param.numel() * e.param.element_size()
+                nbytes = e.local.numel() * e.local.element_size()
                 if bucket and size + nbytes > cap:
                     self.buckets.append(bucket)
                     bucket, size = [], 0
@@ -101,7 +118,7 @@ class GradReducer:
     @torch.no_grad()
     def reduce(self) -> None:
         for bucket in self.buckets:
-            grads = [e.param.grad if e.param.grad is not None else torch.zeros_like(e.param) for e in bucket]
+            grads = [e.local_grad() for e in bucket]
             flat = torch.cat([g.reshape(-1) for g in grads])
             local = CommStats()
             out = reduce_flat(flat, bucket[0].axes, bucket[0].precision, local)
@@ -109,14 +126,14 @@ class GradReducer:
             offset = 0
             for e, g in zip(bucket, grads):
                 k = g.numel()
-                e.param.grad = out[offset:offset + k].view_as(e.param).to(e.param.dtype).clone()
+                e.set_grad(out[offset:offset + k].view_as(e.local).to(e.local.dtype).clone())
                 offset += k
 
     def account(self, bucket: list[GradEntry], local: CommStats) -> None:
         """Split a bucket's bytes among the ops whose parameters it carries, by element count."""
         sizes: dict[str, int] = {}
         for e in bucket:
-            sizes[e.op] = sizes.get(e.op, 0) + e.param.numel()
+            sizes[e.op] = sizes.get(e.op, 0) + e.local.numel()
         total = sum(sizes.values())
         for key, nbytes in local.bytes.items():
             left = nbytes

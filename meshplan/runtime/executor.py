@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from ..ir import graph as G
@@ -27,7 +28,7 @@ from .collectives import seed_grad
 from .comm_stats import CommStats
 from .compile import CompiledOp, check_compilable, wants_compile
 from .data_parallel import GradEntry, GradReducer
-from .device_mesh import as_dtensor, device_mesh
+from .device_mesh import as_dtensor, device_mesh, grad_placements, grad_spec, local_view
 from .implementations import IMPLEMENTATIONS, Impl
 from .local_ops import run_module
 from .loss_parallel import align_targets, cross_entropy
@@ -53,9 +54,14 @@ class ParallelModel(nn.Module):
     compile: run each op's implementation through torch.compile(fullgraph=True) (compile.py: which ops stay eager
         and why); the numerics are eager's, within float tolerance.
 
-    parameters() are the local shards (optimizers work on them); pm(tokens) takes the global [B, S] batch on every
-    rank and returns the full output on every rank; after loss.backward() on every rank and reduce_gradients(),
-    every shard holds its true gradient.
+    parameters() are DTensors, as torchtitan's parallelize makes them: each an nn.Parameter holding a DTensor on
+    device_mesh(groups) with the plan's placements, whose global shape is the model's and whose local tensor is
+    this rank's shard (torch's optimizers step them as they are). On a one-rank mesh there is no DeviceMesh and
+    they are plain tensors, the whole parameters. The ops get the local shards (`to_local()`); the gradient of a
+    parameter replicated on some axes arrives there as a Partial sum (device_mesh.grad_placements), and
+    reduce_gradients() sums it, leaving `p.grad` a DTensor with the parameter's own placements.
+    pm(tokens) takes the global [B, S] batch on every rank and returns the full output on every rank; after
+    loss.backward() on every rank and reduce_gradients(), every parameter holds its true gradient.
     """
 
     def __init__(self, model: nn.Module, plan: Plan, graph: Graph | None = None, *, groups: MeshGroups | None = None,
@@ -144,7 +150,9 @@ class ParallelModel(nn.Module):
         self._placement: dict[str, tuple[Placement, ...]] = {}
         self._owner: dict[str, str] = {}
         self._full_shapes: dict[str, tuple[int, ...]] = {}
-        self._local: dict[str, nn.Parameter] = {}
+        self._params: dict[str, nn.Parameter] = {}  # DTensors (plain tensors on a one-rank mesh)
+        self._grad_specs: dict[str, object] = {}  # the layout of an op's gradient of each (to_local's grad_placements)
+        self._locals: dict[str, torch.Tensor] = {}  # this forward's to_local() of each parameter (_param_local)
         self._uses: dict[str, dict[str, tuple[str, tuple[Placement, ...]]]] = {}
         self._buffers: dict[str, dict[str, torch.Tensor]] = {}
         self.shards = nn.ParameterDict()
@@ -169,7 +177,7 @@ class ParallelModel(nn.Module):
             self._add_shard(cname, param, self._replicated(), "")  # replicated, gradient zero
 
     def _add_shard(self, cname: str, param: torch.Tensor, placement: tuple[Placement, ...], op: str) -> None:
-        if cname in self._local:
+        if cname in self._params:
             return
         self._placement[cname], self._owner[cname] = placement, op
         local = param.detach()
@@ -182,13 +190,16 @@ class ParallelModel(nn.Module):
         self._full_shapes[cname] = tuple(param.shape)
         value = torch.empty(local.shape, dtype=local.dtype, device=self.groups.device) if local.is_meta \
             else local.clone().to(self.groups.device)
+        if self._device_mesh is not None:
+            value = as_dtensor(value, self._device_mesh, self.groups, placement, tuple(param.shape))
+            self._grad_specs[cname] = grad_spec(value, grad_placements(self.groups, placement, param.dim()))
         shard = nn.Parameter(value, requires_grad=param.requires_grad)
-        self._local[cname] = shard
+        self._params[cname] = shard
         self.shards[cname.replace(".", "/")] = shard
 
     def _grad_entries(self) -> list[GradEntry]:
         out = []
-        for cname, param in self._local.items():
+        for cname, param in self._params.items():
             placement = self._placement[cname]
             axes = tuple(g for g, pl in zip(self.axes, placement) if g.size > 1 and not isinstance(pl, Shard))
             owner = self.plan.ops.get(self._owner[cname])
@@ -199,9 +210,18 @@ class ParallelModel(nn.Module):
     # ---- parameters ------------------------------------------------------------------------------------------
     def named_parameters(self, prefix: str = "", recurse: bool = True,
                          remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
-        """This rank's shards, named like the model's parameters."""
-        for name, p in self._local.items():
+        """The parameters this rank holds (DTensors; a pipeline stage's only), named like the model's."""
+        for name, p in self._params.items():
             yield prefix + name, p
+
+    @property
+    def device_mesh(self) -> DeviceMesh | None:
+        """torch's DeviceMesh the parameters are DTensors on (None on a one-rank mesh: plain tensors)."""
+        return self._device_mesh
+
+    def full_shape(self, name: str) -> tuple[int, ...]:
+        """The model's shape of parameter `name` (the DTensor's global shape)."""
+        return self._full_shapes[self._aliases.get(name, name)]
 
     def placement_of(self, name: str) -> tuple[Placement, ...]:
         """How parameter `name` is laid out over the mesh (one placement per axis)."""
@@ -210,12 +230,23 @@ class ParallelModel(nn.Module):
     def _op_params(self, op: Op) -> dict[str, torch.Tensor]:
         out = dict(self._buffers.get(op.name, {}))
         for pname, (cname, placement) in self._uses.get(op.name, {}).items():
-            t = self._local[cname]
+            t = self._param_local(cname)
             if placement != self._placement[cname]:  # a tied weight laid out differently by this op
                 t = redistribute(t, self._placement[cname], placement, self.axes, op=op.name, tag="param",
                                  stats=self.comm_stats)
             out[pname] = t
         return out
+
+    def _param_local(self, cname: str) -> torch.Tensor:
+        """This rank's shard of parameter `cname`, differentiable back to the DTensor parameter (to_local with
+        grad_placements, device_mesh.local_view): one per forward, shared by every op that reads it, so its
+        gradients add up locally before the one DTensor accumulation."""
+        t = self._locals.get(cname)
+        if t is None:
+            p = self._params[cname]
+            t = local_view(p, self._grad_specs[cname]) if isinstance(p, DTensor) else p
+            self._locals[cname] = t
+        return t
 
     # ---- forward ---------------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -272,6 +303,7 @@ class ParallelModel(nn.Module):
         self._validate_sizes(batch, seq)
         self._sizes = (batch, seq)
         tokens = tokens.to(self.groups.device)
+        self._locals = {}
         env = dict(env or {})
         cache: dict[tuple, torch.Tensor] = {}
         for op in self._ops:
@@ -369,7 +401,7 @@ class ParallelModel(nn.Module):
     def _fetch_attr(self, op: Op) -> torch.Tensor:
         target = op.attrs["param"]
         if target in self._aliases:
-            return self._local[self._aliases[target]]
+            return self._param_local(self._aliases[target])
         obj = self._model
         for part in target.split("."):
             obj = getattr(obj, part)
@@ -398,16 +430,19 @@ class ParallelModel(nn.Module):
             return redistribute(t.detach(), placement, self._replicated(), self.axes).clone()
 
     def dtensor(self, name: str, value: torch.Tensor | None = None) -> DTensor | torch.Tensor:
-        """Parameter `name` (or `value`, a tensor laid out like it, e.g. its gradient) as a DTensor on
-        device_mesh(): this rank's shard with the plan's placements. A 1-rank mesh has no DeviceMesh: the tensor."""
+        """Parameter `name` detached (a DTensor on device_mesh()), or `value` laid out like it: a DTensor as is,
+        a local shard (e.g. of an optimizer state) as a DTensor with the parameter's placements. A 1-rank mesh has no
+        DeviceMesh: the tensor."""
         cname = self._aliases.get(name, name)
-        local = (self._local[cname] if value is None else value).detach()
-        if self._device_mesh is None:
-            return local
-        return as_dtensor(local, self._device_mesh, self.groups, self._placement[cname], self._full_shapes[cname])
+        t = (self._params[cname] if value is None else value).detach()
+        if self._device_mesh is None or isinstance(t, DTensor):
+            return t
+        return as_dtensor(t, self._device_mesh, self.groups, self._placement[cname], self._full_shapes[cname])
 
-    def _full(self, cname: str, value: torch.Tensor | None = None) -> torch.Tensor:
-        t = self.dtensor(cname, value)
+    def full_tensor(self, name: str, value: torch.Tensor | None = None) -> torch.Tensor:
+        """Parameter `name` (or `value`, laid out like it: its gradient, an optimizer state) in full, on the CPU,
+        on every rank: DTensor.full_tensor() (a collective over the axes it is sharded or Partial on)."""
+        t = self.dtensor(name, value)
         with torch.no_grad():
             full = t.full_tensor() if isinstance(t, DTensor) else t
         return full.clone().cpu()  # never an alias of a replicated shard
@@ -417,12 +452,12 @@ class ParallelModel(nn.Module):
         out = {}
         for key, value in self._model.state_dict().items():
             cname = self._aliases.get(key)
-            out[key] = self._full(cname) if cname else value.clone()
+            out[key] = self.full_tensor(cname) if cname else value.clone()
         return out
 
     def full_grads(self) -> dict[str, torch.Tensor]:
         """Full gradients on every rank, keyed like model.named_parameters() (call after reduce_gradients)."""
         out = {}
-        for cname, p in self._local.items():
-            out[cname] = self._full(cname, p.grad if p.grad is not None else torch.zeros_like(p))
+        for cname, p in self._params.items():
+            out[cname] = self.full_tensor(cname, p.grad if p.grad is not None else torch.zeros_like(p))
         return out

@@ -20,6 +20,7 @@ import torch
 
 from .collectives import Channel, all_reduce
 from .comm_stats import GRAD, CommStats
+from .device_mesh import local_tensor
 from .executor import ParallelModel
 from .process_groups import AxisGroup
 from .zero import GradPiece
@@ -28,8 +29,9 @@ EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
 
 
 def grad_pieces(pm: ParallelModel) -> list[GradPiece]:
-    """pm's shard gradients after pm.reduce_gradients(), each with the axes it is replicated on."""
-    return [GradPiece(e.param.grad, e.axes) for e in pm.grad_entries() if e.param.grad is not None]
+    """pm's gradients after pm.reduce_gradients() (their local shards, which clipping scales in place, so the
+    DTensor gradients are scaled), each with the axes it is replicated on."""
+    return [GradPiece(local_tensor(e.param.grad), e.axes) for e in pm.grad_entries() if e.param.grad is not None]
 
 
 @torch.no_grad()

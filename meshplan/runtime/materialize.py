@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..ir.placement import Shard
+from .device_mesh import local_tensor
 
 WeightSource = Callable[[], Iterator[tuple[str, torch.Tensor]]] | str | Path
 
@@ -65,7 +66,8 @@ def local_slice(full: torch.Tensor, placement, axes) -> torch.Tensor:
 
 @torch.no_grad()
 def fill(pm, source: WeightSource) -> None:
-    """Fill pm's shards (allocated, uninitialised) from `source`. Every shard must be written exactly once."""
+    """Fill pm's shards (allocated, uninitialised: the DTensor parameters' local tensors) from `source`. Every
+    shard must be written exactly once."""
     if isinstance(source, str | Path):
         from .checkpoint import load
 
@@ -77,10 +79,10 @@ def fill(pm, source: WeightSource) -> None:
         cname = pm._aliases.get(name, name)
         if cname not in local or cname in written:
             continue  # a parameter of another pipeline stage, or a tied weight's second name
-        if tuple(full.shape) != tuple(pm._full_shapes[cname]):
+        if tuple(full.shape) != pm.full_shape(cname):
             raise ValueError(f"init: parameter {name!r} has shape {tuple(full.shape)}, the model's is "
-                             f"{tuple(pm._full_shapes[cname])}")
-        local[cname].copy_(local_slice(full, pm.placement_of(cname), pm.axes))
+                             f"{pm.full_shape(cname)}")
+        local_tensor(local[cname]).copy_(local_slice(full, pm.placement_of(cname), pm.axes))
         written.add(cname)
     missing = sorted(set(local) - written)
     if missing:

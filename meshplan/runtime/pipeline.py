@@ -106,7 +106,7 @@ class PipelineRunner:
         self.plan, self.pp = plan, groups.axes[PP_AXIS]
         self.stage, self.stages = self.pp.index, plan.pipeline.stages
         inner = MeshGroups(plan.mesh, groups.rank, {n: groups.axes[n] for n in plan.mesh.names}, groups.device,
-                           groups.backend)
+                           groups.backend, groups.world_mesh)
         self.model = ParallelModel(model, plan, graph, groups=inner, stage=ops[self.stage], init=init)
         self.comm_stats = self.model.comm_stats
         self.trace: list[tuple[str, int, float, float]] = []  # (F|B, micro-batch, start, end) on this rank

@@ -1,9 +1,13 @@
 """Process groups for a plan's mesh: one group per axis slice (the ranks `Mesh.groups(axis)` lists).
 
 Two ways to build them. `MeshGroups.from_world` runs after `torch.distributed.init_process_group` (torchrun or
-`meshplan run`) and makes one `dist.new_group` per slice, with an explicit timeout so that a dead rank turns into
-an error instead of a hang. `MeshGroups.in_process` builds the same groups for one rank of a world whose ranks
-are threads of a single process (gloo groups over a shared HashStore): the fast path tests use to run many plans.
+`meshplan run`) and builds torch's DeviceMesh, `init_device_mesh` with the plan's axes as its named dimensions (as
+torchtitan's ParallelDims does), each dimension's groups with an explicit timeout so that a dead rank turns into
+an error instead of a hang; it checks that the mesh lays ranks out as `Mesh.groups` does (one clear error
+otherwise) and takes the axis groups from it (`dm.get_group(axis)`): one set of groups, used by the collectives,
+the DTensor parameters and the checkpoints alike. `MeshGroups.in_process` builds the same groups for one rank of a
+world whose ranks are threads of a single process (gloo groups over a shared HashStore): the fast path tests use to
+run many plans.
 Collectives are torch's functional collectives (`torch.distributed._functional_collectives`, collectives.py),
 which find a group by its registered name (`AxisGroup.group_name`): `dist.new_group` registers its groups; an
 in-process group is a `ProcessGroup` with a gloo backend, registered under a name unique to its rank and
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch._C import _distributed_c10d as _c10d
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ..ir.mesh import Mesh
 from ..ir.plan import PlanError
@@ -51,6 +56,9 @@ class MeshGroups:
     axes: dict[str, AxisGroup]
     device: torch.device
     backend: str
+    # torch's init_device_mesh over the world's whole mesh (a pipeline's pp axis included) in a process world;
+    # None in an in-process or one-rank world (device_mesh.py builds one over the axis groups there)
+    world_mesh: DeviceMesh | None = None
 
     def axis(self, name: str) -> AxisGroup:
         return self.axes[name]
@@ -78,17 +86,14 @@ class MeshGroups:
         world, rank = dist.get_world_size(), dist.get_rank()
         check_world_size(mesh, world)
         backend = dist.get_backend()
-        timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
+        device = torch.device(device) if device else _device_for(backend)
+        dm = world_device_mesh(mesh, device.type, backend, datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S))
         axes = {}
         for name, size in mesh.axes:
-            mine = None
-            for ranks in mesh.groups(name):
-                # every rank creates every group, in the same order (new_group's contract)
-                pg = dist.new_group(ranks, timeout=timeout) if size > 1 else None
-                if rank in ranks:
-                    mine = AxisGroup(name, size, ranks.index(rank), tuple(ranks), pg, pg.group_name if pg else "")
-            axes[name] = mine
-        return cls(mesh, rank, axes, torch.device(device) if device else _device_for(backend), backend)
+            ranks = next(r for r in mesh.groups(name) if rank in r)
+            pg = dm.get_group(name) if size > 1 else None
+            axes[name] = AxisGroup(name, size, ranks.index(rank), tuple(ranks), pg, pg.group_name if pg else "")
+        return cls(mesh, rank, axes, device, backend, dm)
 
     @classmethod
     def in_process(cls, mesh: Mesh, rank: int, store: dist.Store, timeout_s: float = 60.0,
@@ -121,6 +126,36 @@ class MeshGroups:
         check_world_size(mesh, 1)
         axes = {n: AxisGroup(n, 1, 0, (0,), None) for n in mesh.names}
         return cls(mesh, 0, axes, torch.device(device), "none")
+
+
+def world_device_mesh(mesh: Mesh, device_type: str, backend: str, timeout: datetime.timedelta) -> DeviceMesh:
+    """init_device_mesh over `mesh` (a collective of the default group's ranks), its dimensions named after the
+    axes, each group with `timeout`; refused in one line unless every axis's groups hold the ranks Mesh.groups
+    lists (the row-major layout both use; a change in either would silently mis-route every collective)."""
+    opts = _timeout_options(backend, timeout)
+    override = {name: (backend, opts) for name in mesh.names} if opts is not None else None
+    dm = init_device_mesh(device_type, mesh.shape, mesh_dim_names=mesh.names, backend_override=override)
+    rank = dist.get_rank()
+    for name, size in mesh.axes:
+        want = next(r for r in mesh.groups(name) if rank in r)
+        got = dist.get_process_group_ranks(dm.get_group(name)) if size > 1 else [rank]
+        if list(got) != list(want):
+            raise RuntimeError(f"plan.mesh {mesh}: init_device_mesh put rank {rank} on axis {name!r} with ranks "
+                               f"{list(got)}, but Mesh.groups({name!r}) lists {list(want)}")
+    return dm
+
+
+def _timeout_options(backend: str, timeout: datetime.timedelta):
+    """Backend options carrying `timeout` (init_device_mesh takes no timeout of its own); None for a backend
+    string it cannot be given to (a per-device "cpu:gloo,cuda:nccl"), whose groups get torch's default."""
+    if backend == "gloo":
+        opts = dist.ProcessGroupGloo._Options()
+    elif backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+    else:
+        return None
+    opts._timeout = timeout
+    return opts
 
 
 def _gloo_group(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta) -> dist.ProcessGroup:

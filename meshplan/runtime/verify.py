@@ -22,6 +22,7 @@ from ..ir import graph as G
 from ..ir.placement import Replicate, Shard
 from ..ir.plan import PlanError
 from ..ir.strategies import layout_error
+from .device_mesh import local_tensor
 from .redistribute import redistribute
 
 # Relative tolerance by the narrowest format a plan moves or computes in (see the module docstring).
@@ -149,7 +150,7 @@ def _local_errors(pm, ref_grads: dict) -> dict[str, float]:
         ref = ref_grads[name].to(p.device)
         scale = ref.abs().max().clamp_min(1e-12).item() if ref.numel() else 1.0
         ref = redistribute(ref, tuple(Replicate() for _ in pm.axes), pm.placement_of(name), pm.axes)  # a slice
-        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        grad = local_tensor(p.grad) if p.grad is not None else torch.zeros_like(local_tensor(p))
         errs[name] = (grad.double() - ref.double()).abs().max().item() / scale if ref.numel() else 0.0
     return errs
 

@@ -1,6 +1,6 @@
 """ZeRO-1 over each parameter's replica group: a Megatron-style distributed AdamW.
 
-    opt = ZeroAdamW(pm, lr=1e-3)      # pm's replicated shards become views of flat buckets
+    opt = ZeroAdamW(pm, lr=1e-3)      # pm's replicated shards (DTensors' local tensors) become views of flat buckets
     loss.backward(); opt.reduce_gradients(); clip_grad_norm_(opt.grad_pieces(), 1.0, pm.axes); opt.step()
 
 What the planner prices (planner/memory.py, docs/reference.md "Distributed optimizer"): the AdamW state of a
@@ -16,6 +16,11 @@ two mesh axes here; it assigns whole parameters to ranks (uneven, a 1/D bound on
 it all-reduces gradients first (twice the gradient bytes of a reduce-scatter); and its state dict is consolidated
 on one rank rather than saved per rank. Parameters that are sharded on every axis of size > 1 have no replica:
 a plain AdamW steps them locally.
+
+pm's parameters stay DTensors: a bucket re-points the storage of each one's local tensor into its flat buffer
+(the DTensor's own `_local_tensor`, the object to_local() views, so the memory is the buffer's alone), reads the
+local gradients, and leaves the parameters' `grad` None after its reduce-scatter: the bucket slice is the only
+gradient (grad_pieces). The unreplicated parameters are stepped as DTensors by the plain AdamW, as torchtitan's.
 
 Checkpoints (checkpoint.py) keep the per-parameter layout: param_states() gathers each bucket's state into tensors
 shaped like the local shards for the save, load_param_states() keeps this rank's slice, so a checkpoint saved with
@@ -33,6 +38,7 @@ import torch.nn as nn
 from .collectives import Channel, all_gather, reduce_scatter
 from .comm_stats import GRAD, CommStats
 from .data_parallel import GradEntry, GradReducer
+from .device_mesh import laid_out_as, local_tensor
 from .executor import ParallelModel
 from .process_groups import AxisGroup
 
@@ -53,30 +59,30 @@ class _Bucket:
 
     def __init__(self, entries: list[GradEntry]):
         self.entries, self.axes, self.precision = entries, entries[0].axes, entries[0].precision
-        dtypes = {e.param.dtype for e in entries}
+        dtypes = {e.local.dtype for e in entries}
         if len(dtypes) > 1:
             raise TypeError(f"ZeRO: parameters {[e.name for e in entries]} share replica axes but have dtypes "
                             f"{sorted(map(str, dtypes))}; one bucket holds one dtype")
         d = math.prod(g.size for g in self.axes)
-        n = sum(e.param.numel() for e in entries)
-        p0 = entries[0].param
+        n = sum(e.local.numel() for e in entries)
+        p0 = entries[0].local
         self.flat = torch.zeros(n + (-n) % d, dtype=p0.dtype, device=p0.device)
         offset = 0
-        for e in entries:  # the parameters become views of the flat buffer (same values)
-            k = e.param.numel()
-            self.flat[offset:offset + k].copy_(e.param.detach().reshape(-1))
-            e.param.data = self.flat[offset:offset + k].view_as(e.param)
+        for e in entries:  # the parameters' local tensors become views of the flat buffer (same values)
+            local = e.local
+            k = local.numel()
+            self.flat[offset:offset + k].copy_(local.detach().reshape(-1))
+            local.data = self.flat[offset:offset + k].view_as(local)
             offset += k
         self.lo, size = 0, self.flat.numel()
         for g in reversed(self.axes):  # reduce-scatter order: innermost axis first
             size //= g.size
             self.lo += g.index * size
         self.hi = self.lo + size
-        self.shard = nn.Parameter(self.flat[self.lo:self.hi], requires_grad=p0.requires_grad)
+        self.shard = nn.Parameter(self.flat[self.lo:self.hi], requires_grad=entries[0].param.requires_grad)
 
     def reduce_scatter(self, stats: CommStats) -> None:
-        grads = [e.param.grad if e.param.grad is not None else torch.zeros_like(e.param) for e in self.entries]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = torch.cat([e.local_grad().reshape(-1) for e in self.entries])
         flat = torch.cat([flat, flat.new_zeros(self.flat.numel() - flat.numel())])
         for g in reversed(self.axes):
             flat = reduce_scatter(flat, 0, Channel(g, "", GRAD, self.precision, stats), GRAD)
@@ -93,8 +99,8 @@ class _Bucket:
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         out, offset = {}, 0
         for e in self.entries:
-            k = e.param.numel()
-            out[e.name] = flat[offset:offset + k].view_as(e.param)
+            k = e.local.numel()
+            out[e.name] = flat[offset:offset + k].view_as(e.local)
             offset += k
         return out
 
@@ -146,7 +152,8 @@ class ZeroAdamW:
     def grad_pieces(self) -> list[GradPiece]:
         """Every gradient this rank holds after reduce_gradients(), for grad_clip.clip_grad_norm_: the bucket
         slices (disjoint over the replica group) and the unreplicated parameters' gradients."""
-        grads = [b.shard.grad for b in self.buckets] + [e.param.grad for e in self.local]
+        grads = [b.shard.grad for b in self.buckets] + [local_tensor(e.param.grad) for e in self.local
+                                                         if e.param.grad is not None]
         return [GradPiece(g) for g in grads if g is not None]
 
     def state_bytes(self) -> int:
@@ -181,7 +188,8 @@ class ZeroAdamW:
                                  f"different AdamW steps {sorted(steps)}; ZeRO steps them together")
             state["step"] = states[bucket.entries[0].name]["step"].clone()
         for e in self.local:
-            self.optimizer.state[e.param] = {k: v for k, v in states[e.name].items()}
+            self.optimizer.state[e.param] = {k: laid_out_as(e.param, local_tensor(v)) if v.dim() else v
+                                             for k, v in states[e.name].items()}
 
 
 def init_adam_state(opt: torch.optim.Optimizer, p: torch.Tensor) -> dict:
@@ -202,5 +210,7 @@ def init_adam_state(opt: torch.optim.Optimizer, p: torch.Tensor) -> dict:
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of the tensors in an optimizer's state (AdamW: exp_avg, exp_avg_sq and the step counts)."""
-    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    """Bytes of the tensors in an optimizer's state this rank holds (AdamW: exp_avg, exp_avg_sq and the step
+    counts; of a DTensor state, its local shard)."""
+    return sum(local_tensor(v).numel() * v.element_size() for s in opt.state.values() for v in s.values()
+               if torch.is_tensor(v))

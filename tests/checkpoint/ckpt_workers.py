@@ -39,7 +39,7 @@ def full_optim(pm: ParallelModel, opt: torch.optim.Optimizer) -> dict[str, torch
     out = {}
     for name, p in pm.named_parameters():
         for key in ("exp_avg", "exp_avg_sq"):
-            out[f"{name}.{key}"] = pm.gathered(opt.state[p][key], pm.placement_of(name)).cpu()
+            out[f"{name}.{key}"] = pm.full_tensor(name, opt.state[p][key])
         out[f"{name}.step"] = opt.state[p]["step"].clone()
     return out
 

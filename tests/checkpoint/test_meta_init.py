@@ -28,7 +28,7 @@ def test_meta_model_equals_materialised(strategies):
     def rank(r):
         meta = build_model(cfg, device="meta")
         lazy = ParallelModel(meta, plan, groups=groups[r], init=seeded_init(meta, seed=5))
-        sizes = {n: p.numel() for n, p in lazy.named_parameters()}
+        sizes = {n: p.to_local().numel() for n, p in lazy.named_parameters()}
         eager = ParallelModel(build_model(cfg, seed=5), plan, groups=groups[r])
         return sizes, _step(lazy), _step(eager)
 

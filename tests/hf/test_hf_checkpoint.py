@@ -11,6 +11,7 @@ from hf_models import batch, hf_model, hf_reference, loss_of  # noqa: E402
 from meshplan.hf.checkpoint import empty_model, load_shards  # noqa: E402
 from meshplan.ir import Mesh, Plan, trace  # noqa: E402
 from meshplan.runtime import LocalWorld, ParallelModel  # noqa: E402
+from meshplan.runtime.device_mesh import local_tensor  # noqa: E402
 
 
 @pytest.mark.parametrize("family, strategies, mesh", [
@@ -36,7 +37,7 @@ def test_checkpoint_loads_into_shards_equal_hf(tmp_path, family, strategies, mes
         loss = loss_of(pm(tokens), targets)
         loss.backward()
         pm.reduce_gradients()
-        held = sum(p.numel() for p in pm.parameters())
+        held = sum(local_tensor(p).numel() for p in pm.parameters())
         return loss.item(), {fronts[r].hf_names[n]: g for n, g in pm.full_grads().items()}, held
 
     for loss, grads, held in world.run(rank):

@@ -27,7 +27,8 @@ def test_parameters_as_dtensors_on_a_2x2_mesh():
             d = pm.dtensor(name)
             assert isinstance(d, DTensor) and d.placements == dtensor_placements(groups[r], pm.placement_of(name),
                                                                                   p.dim())
-            assert torch.equal(d.to_local(), pm._local[name]) and torch.equal(d.full_tensor(), p.detach()), name
+            assert torch.equal(d.to_local(), pm._params[name].to_local()), name
+            assert torch.equal(d.full_tensor(), p.detach()), name
             sharded += any(isinstance(q, Shard) for q in d.placements)
         return sharded
 

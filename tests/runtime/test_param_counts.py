@@ -38,7 +38,7 @@ def test_planner_counts_what_each_rank_holds(shared):
 
         def held(r, plan=plan):
             pm = ParallelModel(build_model(cfg), plan, graph=graph, groups=groups[r])
-            return {name: p.numel() for name, p in pm.named_parameters()}
+            return {name: p.to_local().numel() for name, p in pm.named_parameters()}
 
         per_rank = world.run(held)
         for op in graph.ops():

@@ -64,7 +64,7 @@ def test_bytes_per_rank_match_closed_forms(tiny, n, attention, moe):
             # the logits gathered to every rank ([B, S/n, V] from each) and the backward's reduce-scatter
             assert parts["other"] == (n - 1) * B * (S // n) * cfg.vocab_size * 4
         # gradient reduction: one fp32 all-reduce over the model axis of every replicated parameter
-        replicated = sum(p.numel() for name, p in pm.named_parameters()
+        replicated = sum(p.to_local().numel() for name, p in pm.named_parameters()
                          if all(str(pl) == "R" for pl in pm.placement_of(name)))
         assert split_bytes(stats)["grads"] == pytest.approx(2 * (n - 1) / n * replicated * 4, abs=8)
 
@@ -111,8 +111,8 @@ def test_hierarchical_bucketed_gradient_reduction(tiny, bucket_mb):
         pm(tokens).pow(2).mean().backward()
         pm.reduce_gradients()
         layouts = {name: tuple(str(pl) for pl in pm.placement_of(name)) for name, _ in pm.named_parameters()}
-        both = sum(p.numel() * 4 for name, p in pm.named_parameters() if layouts[name] == ("R", "R"))
-        dp_only = sum(p.numel() * 4 for name, p in pm.named_parameters() if layouts[name] != ("R", "R"))
+        both = sum(p.to_local().numel() * 4 for name, p in pm.named_parameters() if layouts[name] == ("R", "R"))
+        dp_only = sum(p.to_local().numel() * 4 for name, p in pm.named_parameters() if layouts[name] != ("R", "R"))
         return pm.comm_stats, both, dp_only, pm.full_grads()
 
     results = world.run(rank)

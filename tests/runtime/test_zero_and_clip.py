@@ -58,7 +58,7 @@ def test_zero_adamw_with_clipping_matches_one_device(strategies):
             opt.step()
             losses.append(loss.item())
         # what the planner prices: 8 B of AdamW moments per element over its replica group (+ padding, steps)
-        priced = sum(8 * e.param.numel() / math.prod(g.size for g in e.axes) for e in pm.grad_entries())
+        priced = sum(8 * e.local.numel() / math.prod(g.size for g in e.axes) for e in pm.grad_entries())
         return losses, norms, pm.full_state_dict(), opt.state_bytes(), priced, opt
 
     expected = ref.state_dict()
@@ -149,7 +149,7 @@ def test_pipeline_stages_with_zero_and_clipping_match_one_device():
             norms.append(clip_grad_norm_(opt.grad_pieces(), MAX_NORM, [runner.pp, *runner.model.axes]).item())
             opt.step()
         pm = runner.model  # this stage's parameters, gathered over its dp axis
-        return norms, {n: pm.gathered(p, pm.placement_of(n)) for n, p in pm.named_parameters()}
+        return norms, {n: p.full_tensor() for n, p in pm.named_parameters()}
 
     expected, owned = dict(ref.named_parameters()), set()
     for norms, state in world.run(rank):
