@@ -58,7 +58,7 @@ class _Bookings:
     """A compiled call's CommStats: each booking (key, bytes) in order, to add to the real CommStats after it."""
 
     def __init__(self) -> None:
-        self.enabled, self.log = True, []
+        self.log: list[tuple[Key, int]] = []
 
     def add(self, key: Key, nbytes: int) -> None:
         self.log.append((key, nbytes))

@@ -7,6 +7,8 @@ experts on what arrived, the results travel back the reverse way (combine), and 
 sum in token order. Dropless by default; with a capacity factor the single-device choice of dropped tokens is
 reproduced exactly (moe_routing.capacity_keep). Bytes each rank sends: (rows it dispatches to other ranks) · D in
 each direction, k/n·b·s/n·D·(n-1) expected under uniform routing (docs/reference.md, "Communication volumes").
+Under torch.compile the split sizes are unbacked SymInts (moe_routing.split_sizes, compile.py): one graph for
+every routing, and the bytes booked are the ones this call's graph computed.
 
 FP8 dispatch (plan precision["dispatch"] == "fp8"; docs/reference.md, "Communication compression"): each token is
 quantised once with a per-token scale, its k copies made by codegen's fused `permute(..., quantize=True)` (the

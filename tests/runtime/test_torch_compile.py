@@ -9,7 +9,9 @@ from torch._dynamo.utils import counters
 from meshplan.ir import graph as G
 from meshplan.ir import trace
 from meshplan.ir.plan import PlanError
-from meshplan.runtime import LocalWorld, ParallelModel
+from meshplan.kernels import triton_available
+from meshplan.runtime import LocalWorld, ParallelModel, moe_kernels
+from meshplan.runtime.moe_routing import run_experts
 
 # (strategies, mesh, config overrides): SP attention + EP MoE (uneven all-to-alls with SymInt splits), TP
 # everywhere (every expert split on its hidden dim), ag_scatter (a data-dependent mask of each rank's assignments),
@@ -76,3 +78,24 @@ def test_compile_refuses_a_compressed_channel():
     with pytest.raises(PlanError, match=r"precision \{'in0': 'bf16'\}: compile=True supports fp32"):
         ParallelModel(make_model(cfg), plan, graph=graph, compile=True)
     ParallelModel(make_model(cfg), plan, graph=graph)  # eager runs it
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_compiled_experts_trace_torch_where_eager_runs_triton(monkeypatch):
+    """Under MESHPLAN_KERNELS=triton (the path CUDA takes) eager run_experts launches the grouped Triton kernels;
+    a compiled one traces the torch per-expert GEMMs (with an empty expert) and gives the same rows and gradients."""
+    monkeypatch.setenv("MESHPLAN_KERNELS", "triton")
+    g = torch.Generator().manual_seed(0)
+    w1, w3 = (torch.randn(3, 24, 16, generator=g, requires_grad=True) for _ in range(2))
+    w2 = torch.randn(3, 16, 24, generator=g, requires_grad=True)
+    x = torch.randn(11, 16, generator=g, requires_grad=True)
+    expert = torch.tensor([2, 0, 2, 2, 0, 0, 2, 0, 2, 2, 0])  # expert 1 gets no rows
+    assert moe_kernels.use_triton(x, "run_experts")
+    gy = torch.randn(11, 16, generator=g)
+    eager = run_experts(w1, w3, w2, expert, x)
+    with torch._dynamo.config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True):
+        traced = torch.compile(run_experts, fullgraph=True, backend="aot_eager")(w1, w3, w2, expert, x)
+    torch.testing.assert_close(traced, eager, rtol=1e-4, atol=1e-4)  # float32, other summation orders
+    for got, want in zip(torch.autograd.grad(traced, [x, w1, w3, w2], gy),
+                         torch.autograd.grad(eager, [x, w1, w3, w2], gy)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
