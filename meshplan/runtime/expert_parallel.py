@@ -7,6 +7,8 @@ experts on what arrived, the results travel back the reverse way (combine), and 
 sum in token order. Dropless by default; with a capacity factor the single-device choice of dropped tokens is
 reproduced exactly (moe_routing.capacity_keep). Bytes each rank sends: (rows it dispatches to other ranks) · D in
 each direction, k/n·b·s/n·D·(n-1) expected under uniform routing (docs/reference.md, "Communication volumes").
+Under torch.compile the split sizes are unbacked SymInts (moe_routing.split_sizes, compile.py): one graph for
+every routing, and the bytes booked are the ones this call's graph computed.
 
 FP8 dispatch (plan precision["dispatch"] == "fp8"; docs/reference.md, "Communication compression"): each token is
 quantised once with a per-token scale, its k copies made by codegen's fused `permute(..., quantize=True)` (the
@@ -23,7 +25,17 @@ from ..ir.strategies import COMBINE, COUNTS, DISPATCH
 from ..kernels import dequantize_fp8, permute, quantize_fp8
 from .collectives import Channel, _a2a_single_raw, all_to_all_single, exchange_rows
 from .comm_stats import BWD, FWD
-from .moe_routing import assignments, capacity_keep, combine, experts, route_tokens, run_experts, shared_out
+from .moe_routing import (
+    assignments,
+    capacity_keep,
+    combine,
+    expert_counts,
+    experts,
+    route_tokens,
+    run_experts,
+    shared_out,
+    split_sizes,
+)
 from .op_context import OpContext
 
 
@@ -37,10 +49,10 @@ def moe_ep(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
     order = torch.argsort(expert, stable=True)  # grouped by destination rank, then by expert
     tok, slot, expert = tok[order], slot[order], expert[order]
 
-    counts = torch.bincount(expert, minlength=n_experts).view(n, per_rank)  # rows for each rank's experts
+    counts = expert_counts(expert, n_experts).view(n, per_rank)  # rows for each rank's experts
     recv_counts = all_to_all_single(counts, [1] * n, [1] * n, ctx.channel(COUNTS)).view(n, per_rank)
-    send = counts.sum(1).tolist()
-    recv = recv_counts.sum(1).tolist()
+    send = split_sizes(counts.sum(1), tok.shape[0])
+    recv = split_sizes(recv_counts.sum(1))
 
     dispatch = ctx.channel(DISPATCH)
     if dispatch.precision == "fp8" and n > 1:
@@ -48,7 +60,8 @@ def moe_ep(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
         rows = _Fp8Dispatch.apply(xt, tok, idx if dropless else None, per_rank, recv, send, dispatch)
     else:
         rows = exchange_rows(xt[tok], recv, send, dispatch)  # by source rank, then by local expert
-    local_expert = torch.arange(per_rank, device=x.device).repeat(n).repeat_interleave(recv_counts.reshape(-1))
+    local_expert = torch.arange(per_rank, device=x.device).repeat(n).repeat_interleave(
+        recv_counts.reshape(-1), output_size=rows.shape[0])
     y = run_experts(*experts(ctx), local_expert, rows)
     y = exchange_rows(y, send, recv, ctx.channel(COMBINE))  # back in the order this rank sent
 

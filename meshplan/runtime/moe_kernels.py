@@ -3,7 +3,7 @@ un-permute + top-k weighted combine, made differentiable.
 
 moe_routing.run_experts and moe_routing.combine call these when the kernels' backend resolves to Triton (CUDA
 tensors, or any tensor under MESHPLAN_KERNELS=triton with TRITON_INTERPRET=1, which is how the CPU tests run this
-path); otherwise they run their torch code. Forward is the Triton kernel. Backward is torch: the expert FFN
+path) outside a torch.compile trace; otherwise they run their torch code. Forward is the Triton kernel. Backward is torch: the expert FFN
 recomputes its forward through the kernels' differentiable torch reference (activation recompute: nothing but
 the inputs is saved) and differentiates that; the combine's backward is two gathers. Both always return a
 gradient for the rows, zeros if need be, so that the all-to-all backward behind them runs on every rank.
@@ -17,7 +17,9 @@ from ..kernels import expert_ffn, resolve_backend, unpermute
 
 
 def use_triton(x: torch.Tensor, op: str) -> bool:
-    return resolve_backend("auto", x, op) == "triton"
+    """Eager only: inside a torch.compile trace (compile.py) the torch code is traced and inductor writes the
+    kernels; these Functions' data-dependent launches (grids from the rows per expert) are not checked there."""
+    return not torch.compiler.is_compiling() and resolve_backend("auto", x, op) == "triton"
 
 
 class _ExpertFFN(Function):

@@ -10,7 +10,7 @@ each rank keeps its own rows: the same tokens are dropped as on one device, unde
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,12 +39,12 @@ def route_tokens(ctx: OpContext, xt: torch.Tensor) -> tuple[torch.Tensor, torch.
     return route_variant(router_logits(xt, p["gate.weight"], a.get("router_fp32", False)), a, p.get("score_bias"))
 
 
-def capacity_keep(ctx: OpContext, idx: torch.Tensor, local_shape: tuple[int, int]) -> torch.Tensor:
-    """[T, k] bool: which of this rank's assignments the single-device model keeps."""
+def capacity_keep(ctx: OpContext, idx: torch.Tensor, local_shape: tuple[int, int]) -> torch.Tensor | None:
+    """[T, k] bool: which of this rank's assignments the single-device model keeps; None when dropless (all)."""
     a = ctx.attrs
     cap = expert_capacity(ctx.batch * ctx.seq, a["top_k"], a["n_experts"], a["capacity_factor"])
     if cap is None:
-        return torch.ones_like(idx, dtype=torch.bool)
+        return None
     b, s = local_shape
     placement, full = ctx.plan.input, ctx.replicated()
     with torch.no_grad():
@@ -53,34 +53,63 @@ def capacity_keep(ctx: OpContext, idx: torch.Tensor, local_shape: tuple[int, int
         return ctx.redistribute(keep, full, placement, "capacity").reshape(idx.shape)
 
 
-def assignments(idx: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kept (token, slot) pairs in token order, and their experts."""
+def assignments(idx: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kept (token, slot) pairs in token order, and their experts. Dropless (keep None) they are every pair,
+    in an order known without reading the routing: static shapes under torch.compile, where `nonzero` would make
+    the row count data-dependent."""
+    if keep is None:
+        t, k = idx.shape
+        tok = torch.arange(t, device=idx.device).repeat_interleave(k)
+        return tok, torch.arange(k, device=idx.device).repeat(t), idx.reshape(-1)
     tok, slot = keep.nonzero(as_tuple=True)
     return tok, slot, idx[tok, slot]
+
+
+def expert_counts(expert: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """[n_experts] int64: rows per expert (a bincount whose length does not depend on the largest id)."""
+    return torch.zeros(n_experts, dtype=torch.int64, device=expert.device).index_add_(
+        0, expert, torch.ones_like(expert))
+
+
+def split_sizes(counts: torch.Tensor, total: int | None = None) -> list[int]:
+    """counts [n] as split sizes: Python ints in eager, unbacked SymInts under torch.compile (dynamo's
+    capture_scalar_outputs, compile.py), which the checks declare to be sizes (and to sum to `total`)."""
+    sizes = counts.tolist()
+    for c in sizes:
+        torch._check(c >= 0)
+    if total is not None:
+        torch._check(sum(sizes) == total)
+    return sizes
+
+
+class _Weights(NamedTuple):
+    """What GroupedExperts.expert reads from its module (a NamedTuple: dynamo traces it, not a SimpleNamespace)."""
+
+    w1: torch.Tensor
+    w3: torch.Tensor
+    w2: torch.Tensor
 
 
 def run_experts(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, expert: torch.Tensor,
                 x: torch.Tensor) -> torch.Tensor:
     """Row i of x through expert expert[i] of the stacked (local) weights: sort rows by expert, one GEMM group
     per expert (the reference's GroupedExperts.expert, or the grouped Triton kernel), and put the rows back in
-    their order."""
+    their order.
+
+    Every expert runs, on its split of the sorted rows (an empty one is a GEMM of zero rows: no Python branch on
+    the routing, so one compiled graph serves every routing, and every weight and the rows keep an autograd path,
+    so the backward of every collective around this call runs on every rank). Not torch._grouped_mm: in torch
+    2.13 on CPU it runs float32 eagerly (equal to these GEMMs) but has no float64, and its fake-tensor rule takes
+    bf16 only, so torch.compile refuses a float32 model."""
     order = torch.argsort(expert, stable=True)
     xs = x[order]
-    counts = torch.bincount(expert, minlength=w1.shape[0])
+    counts = expert_counts(expert, w1.shape[0])
     if use_triton(x, "run_experts"):  # grouped GEMMs, SwiGLU fused (codegen's kernel; moe_kernels.py)
         return expert_ffn_sorted(w1, w3, w2, counts, xs)[torch.argsort(order)]
-    counts = counts.tolist()
-    weights = SimpleNamespace(w1=w1, w2=w2, w3=w3)
-    outs, start = [], 0
-    for e, c in enumerate(counts):
-        if c:
-            outs.append(GroupedExperts.expert(weights, e, xs[start:start + c]))
-            start += c
-    if not outs:
-        # No rows: still an autograd path from x and the weights, so that the backward of every collective around
-        # this call runs on this rank as on the others (a missing path would skip one and deadlock its peers).
-        return GroupedExperts.expert(weights, 0, xs)
-    return torch.cat(outs)[torch.argsort(order)]
+    weights = _Weights(w1, w3, w2)
+    parts = xs.split(split_sizes(counts, xs.shape[0]))
+    y = torch.cat([GroupedExperts.expert(weights, e, part) for e, part in enumerate(parts)])
+    return y[torch.argsort(order)]
 
 
 def combine(n_tokens: int, tok: torch.Tensor, slot: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,

@@ -45,8 +45,15 @@ def moe_ag_scatter(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
     y = run_experts(w1, w3, w2, expert, xt[tok])
     out = combine(xt.shape[0], tok, slot, y, weights, x.dtype)
     if ctx.module.shared is not None:
-        rows = torch.arange(xt.shape[0], device=x.device).tensor_split(ctx.n)[ctx.index]
-        lo, hi = (int(rows[0]), int(rows[-1]) + 1) if rows.numel() else (0, 0)
+        lo, hi = token_slice(xt.shape[0], ctx.n, ctx.index)
         part = shared_out(ctx, xt[lo:hi])
         out = out + torch.cat([part.new_zeros(lo, d), part, part.new_zeros(xt.shape[0] - hi, d)])
     return out.view(b, s, d)
+
+
+def token_slice(n_tokens: int, n: int, index: int) -> tuple[int, int]:
+    """Rank `index`'s rows [lo, hi) of n_tokens split as tensor_split splits them (the first n_tokens % n ranks
+    take one more), from the sizes alone: no tensor read, so it traces as constants."""
+    base, extra = divmod(n_tokens, n)
+    lo = index * base + min(index, extra)
+    return lo, lo + base + int(index < extra)

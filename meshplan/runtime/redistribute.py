@@ -66,7 +66,7 @@ def plan_steps(src, dst, sizes) -> list[Step]:
             p = _PRIORITY[transition(cur[i], dst[i])]
             return p, (-i if p == 0 else i)
 
-        i = min(valid, key=order)
+        i = min([(order(i), i) for i in valid])[1]  # not min(key=): dynamo cannot trace that (compile.py)
         steps.append((i, cur[i], dst[i]))
         cur[i] = dst[i]
 

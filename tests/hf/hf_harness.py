@@ -29,17 +29,17 @@ def auto_plan(family: str, world: int = 2, cluster: str = "local", shape: tuple[
     return cm.graph, cm.plan
 
 
-def run_threads(family: str, graph, plan: Plan, overlap_chunks: int = 0, **over) -> list[str]:
+def run_threads(family: str, graph, plan: Plan, overlap_chunks: int = 0, compile: bool = False, **over) -> list[str]:
     """Every rank's loss and full gradients (by HF name) against HF's own model on one process. overlap_chunks:
-    run the emitted overlap code (codegen) with that many micro-batch chunks."""
+    run the emitted overlap code (codegen) with that many micro-batch chunks; compile: ParallelModel(compile=True)."""
     tokens, targets = batch()
     ref_loss, ref_grads = hf_reference(family, tokens, targets, **over)
     fronts = [adapt(hf_model(family, **over)) for _ in range(plan.mesh.size)]
-    world = LocalWorld(plan.mesh.size, timeout_s=60)
+    world = LocalWorld(plan.mesh.size, timeout_s=300 if compile else 60)
     groups = world.groups(plan.mesh)
 
     def rank(r):
-        pm = ParallelModel(fronts[r], plan, graph=graph, groups=groups[r])
+        pm = ParallelModel(fronts[r], plan, graph=graph, groups=groups[r], compile=compile)
         if overlap_chunks:
             from meshplan.runtime.overlap import enable_overlap
 
