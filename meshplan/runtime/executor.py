@@ -8,6 +8,7 @@ makes "every rank computes the same loss and calls backward" give each rank its 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterator
 
 import torch
@@ -29,6 +30,7 @@ from .comm_stats import CommStats
 from .compile import CompiledOp, check_compilable, wants_compile
 from .data_parallel import GradEntry, GradReducer
 from .device_mesh import as_dtensor, device_mesh, grad_placements, grad_spec, local_view
+from .grad_overlap import BucketLauncher, launch_list
 from .implementations import IMPLEMENTATIONS, Impl
 from .local_ops import run_module
 from .loss_parallel import align_targets, cross_entropy
@@ -48,6 +50,8 @@ class ParallelModel(nn.Module):
     groups: the mesh's process groups (default: built from the initialised default group; a 1-rank mesh needs
         none); LocalWorld.groups(mesh) gives them for in-process worlds.
     bucket_mb: gradient bucket size of reduce_gradients; timeout_s: collective timeout of the groups it builds.
+    overlap_grad_reduce: issue each gradient bucket's reduction from the backward, as soon as its last gradient
+        has accumulated (grad_overlap.py); reduce_gradients() then waits. Results are bit-identical either way.
     init: where the weights come from when `model` was built on the meta device (materialize.py): a function
         yielding (name, full tensor) such as materialize.seeded_init(model, seed), or a DCP checkpoint directory;
         each rank then allocates and fills only its shards.
@@ -66,7 +70,8 @@ class ParallelModel(nn.Module):
 
     def __init__(self, model: nn.Module, plan: Plan, graph: Graph | None = None, *, groups: MeshGroups | None = None,
                  bucket_mb: float = 25.0, timeout_s: float | None = None, stage: set[str] | None = None,
-                 init: materialize.WeightSource | None = None, compile: bool = False):
+                 init: materialize.WeightSource | None = None, compile: bool = False,
+                 overlap_grad_reduce: bool = False):
         super().__init__()
         if init is None and materialize.is_meta(model):
             raise PlanError("model: its parameters are on the meta device; pass init= (a weight source: "
@@ -110,6 +115,9 @@ class ParallelModel(nn.Module):
         self._validated: set[tuple[int, int]] = set()
         self._recompute = recomputed_ops(plan, self._ops)  # plan.meta.activation_recompute (recompute.py)
         self._reducer = GradReducer(self._grad_entries(), self.comm_stats, bucket_mb)
+        self.grad_launcher: BucketLauncher | None = None  # the hooks of overlap_grad_reduce (zero.py installs its own)
+        if overlap_grad_reduce:
+            self.grad_launcher = BucketLauncher(launch_list(self._reducer.buckets), self._reducer.bucket_steps)
         # op name -> an implementation that replaces IMPLEMENTATIONS' for that op (same signature and result):
         # how runtime/overlap.py runs the emitted overlap code for the chunked ops.
         self.op_overrides: dict[str, Impl] = {}
@@ -417,8 +425,24 @@ class ParallelModel(nn.Module):
 
     # ---- training utilities ----------------------------------------------------------------------------------
     def reduce_gradients(self) -> None:
-        """Sum the gradients of replicated shards over the ranks that share them (after backward)."""
-        self._reducer.reduce()
+        """Sum the gradients of replicated shards over the ranks that share them (after backward; with
+        overlap_grad_reduce, wait for the reductions the backward issued)."""
+        if self.grad_launcher is not None:
+            self.grad_launcher.finish()
+        else:
+            self._reducer.reduce()
+
+    @contextmanager
+    def no_grad_sync(self):
+        """Backward inside accumulates gradients without issuing their reduction (earlier micro-batches)."""
+        launcher, armed = self.grad_launcher, self.grad_launcher is not None and self.grad_launcher.armed
+        if launcher is not None:
+            launcher.armed = False
+        try:
+            yield
+        finally:
+            if launcher is not None:
+                launcher.armed = armed
 
     def grad_entries(self) -> list[GradEntry]:
         """Every local shard with the axes it is replicated on (what reduce_gradients sums over; zero.py)."""
