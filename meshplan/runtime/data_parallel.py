@@ -26,7 +26,6 @@ from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
-
 import torch.distributed._functional_collectives as funcol
 
 from .collectives import Channel, _ag_raw, _nbytes, _wait, all_gather, all_reduce, issue_a2a
