@@ -168,11 +168,16 @@ class ShardedParameters:
         return full.clone().cpu()  # never an alias of a replicated shard
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full tensors on every rank, keyed like model.state_dict() (DTensor.full_tensor of each shard)."""
+        """Full tensors on every rank, keyed like model.state_dict() (DTensor.full_tensor of each shard). A
+        pipeline stage holds only its own parameters: it returns those (and the model's buffers), and the stages'
+        dicts together are the model's (a collective within the stage's mesh)."""
         out = {}
         for key, value in self._model.state_dict().items():
             cname = self._aliases.get(key)
-            out[key] = self.full_tensor(cname) if cname else value.clone()
+            if cname is None:
+                out[key] = value.clone()
+            elif cname in self._params:
+                out[key] = self.full_tensor(cname)
         return out
 
     def full_grads(self) -> dict[str, torch.Tensor]:

@@ -109,3 +109,4 @@ def test_first_bucket_is_issued_during_backward():
         assert embed and issued and waited
         assert any(issued[0] < i < waited[0] for i in embed)  # the armed backward's embedding gradient
         assert [events[i][1] for i in issued[:n_buckets]] == list(range(n_buckets))  # in bucket order
+
