@@ -22,13 +22,16 @@ unsummed bf16 pieces, would send n times the bytes over the slow link (measure/e
 from __future__ import annotations
 
 import math
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
+import torch.distributed._functional_collectives as funcol
 
-from .collectives import Channel, _a2a_raw, _ag_raw, all_gather, all_reduce, reduce_scatter
+from .collectives import Channel, _ag_raw, _nbytes, _wait, all_gather, all_reduce, issue_a2a
 from .comm_stats import GRAD, CommStats, Key
 from .device_mesh import laid_out_as, local_tensor
+from .grad_overlap import drive
 from .process_groups import AxisGroup
 
 
@@ -60,38 +63,62 @@ def _pad_to(x: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
     return (torch.cat([x, x.new_zeros(pad)]) if pad else x), pad
 
 
-def _reduce_fp32(x: torch.Tensor, axes: tuple[AxisGroup, ...], stats: CommStats) -> torch.Tensor:
+def _issue_all_reduce(x: torch.Tensor, ch: Channel) -> torch.Tensor:
+    """collectives.all_reduce's fp32 path, issued without waiting (an AsyncCollectiveTensor in eager)."""
+    ch.record("all_reduce", GRAD, 2 * _nbytes(x) * (ch.n - 1) / ch.n)
+    return funcol.all_reduce(x.contiguous(), "sum", ch.group.group_name) if x.numel() else x.clone()
+
+
+def _issue_reduce_scatter(x: torch.Tensor, ch: Channel) -> torch.Tensor:
+    """collectives.reduce_scatter's fp32 path over dim 0 of a flat buffer, issued without waiting."""
+    ch.record("reduce_scatter", GRAD, _nbytes(x) * (ch.n - 1) / ch.n)
+    if not x.numel():
+        return x.chunk(ch.n, 0)[0].clone()
+    return funcol.reduce_scatter_single(x.contiguous(), "sum", 0, ch.group.group_name)
+
+
+Steps = Generator[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _reduce_fp32(x: torch.Tensor, axes: tuple[AxisGroup, ...], stats: CommStats) -> Steps:
     ch = lambda g: Channel(g, "", GRAD, "fp32", stats)  # noqa: E731
     if len(axes) == 1:
-        return all_reduce(x, ch(axes[0]), GRAD)
+        return (yield _issue_all_reduce(x, ch(axes[0])))
     intra = axes[-1]
     flat, _ = _pad_to(x, intra.size)
-    shard = reduce_scatter(flat, 0, ch(intra), GRAD)
+    shard = yield _issue_reduce_scatter(flat, ch(intra))
     for g in axes[:-1]:
         shard = all_reduce(shard, ch(g), GRAD)
     return all_gather(shard, 0, ch(intra), GRAD)[: x.numel()]
 
 
-def _reduce_bf16(x: torch.Tensor, axes: tuple[AxisGroup, ...], stats: CommStats) -> torch.Tensor:
+def _reduce_bf16(x: torch.Tensor, axes: tuple[AxisGroup, ...], stats: CommStats) -> Steps:
     """All-to-all of bf16 shards + float32 local sums, innermost axis first; bf16 all-gathers back."""
     flat, _ = _pad_to(x.float(), math.prod(g.size for g in axes))
     wire = flat.to(torch.bfloat16)  # the one cast of the float32-accumulated local gradient
-    for g in reversed(axes):  # innermost first: each hop leaves 1/size of the buffer for the next, slower one
-        recv = _a2a_raw(wire.view(g.size, -1), Channel(g, "", GRAD, "bf16", stats), GRAD)
+    for i, g in enumerate(reversed(axes)):  # innermost first: each hop leaves 1/size of the buffer for the next
+        issued = issue_a2a(wire.view(g.size, -1), Channel(g, "", GRAD, "bf16", stats), GRAD)
+        recv = (yield issued) if i == 0 else _wait(issued)  # only the first hop is left in flight (overlap.py)
         wire = recv.float().sum(0).to(torch.bfloat16)  # fp32 sum of the pieces; rounded once for the next trip
     for g in axes:  # outermost first: the exact inverse of the scatter order above
         wire = _ag_raw(wire, Channel(g, "", GRAD, "bf16", stats), GRAD).view(-1)
     return wire.float()[: x.numel()].to(x.dtype)
 
 
-def reduce_flat(x: torch.Tensor, axes: tuple[AxisGroup, ...], precision: str, stats: CommStats) -> torch.Tensor:
-    """Sum a flat buffer over the product of `axes` (hierarchically when there are several)."""
+def reduce_flat_steps(x: torch.Tensor, axes: tuple[AxisGroup, ...], precision: str, stats: CommStats) -> Steps:
+    """reduce_flat as steps: the generator issues the first collective and yields it (in flight); sent its
+    waited result, it finishes the reduction synchronously and returns the sum (grad_overlap.drive)."""
     if precision == "fp32" or not x.is_floating_point():
-        return _reduce_fp32(x, axes, stats)
+        return (yield from _reduce_fp32(x, axes, stats))
     if precision != "bf16":
         raise ValueError(f"gradient precision {precision!r}: gradients are exchanged in fp32 or bf16 "
                          f"(docs/reference.md, 'Communication compression': FP8 is for activations)")
-    return _reduce_bf16(x, axes, stats)
+    return (yield from _reduce_bf16(x, axes, stats))
+
+
+def reduce_flat(x: torch.Tensor, axes: tuple[AxisGroup, ...], precision: str, stats: CommStats) -> torch.Tensor:
+    """Sum a flat buffer over the product of `axes` (hierarchically when there are several)."""
+    return drive(reduce_flat_steps(x, axes, precision, stats))
 
 
 class GradReducer:
@@ -117,17 +144,24 @@ class GradReducer:
 
     @torch.no_grad()
     def reduce(self) -> None:
-        for bucket in self.buckets:
-            grads = [e.local_grad() for e in bucket]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            local = CommStats()
-            out = reduce_flat(flat, bucket[0].axes, bucket[0].precision, local)
-            self.account(bucket, local)
-            offset = 0
-            for e, g in zip(bucket, grads):
-                k = g.numel()
-                e.set_grad(out[offset:offset + k].view_as(e.local).to(e.local.dtype).clone())
-                offset += k
+        """Reduce every bucket now (after backward), in bucket order."""
+        for i in range(len(self.buckets)):
+            drive(self.bucket_steps(i))
+
+    def bucket_steps(self, i: int) -> Steps:
+        """Bucket i's reduction as steps (grad_overlap.BucketLauncher issues it from a gradient hook): flatten
+        the gradients as they are now, reduce, and write the sums back as the parameters' gradients."""
+        bucket = self.buckets[i]
+        grads = [e.local_grad() for e in bucket]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        local = CommStats()
+        out = yield from reduce_flat_steps(flat, bucket[0].axes, bucket[0].precision, local)
+        self.account(bucket, local)
+        offset = 0
+        for e, g in zip(bucket, grads):
+            k = g.numel()
+            e.set_grad(out[offset:offset + k].view_as(e.local).to(e.local.dtype).clone())
+            offset += k
 
     def account(self, bucket: list[GradEntry], local: CommStats) -> None:
         """Split a bucket's bytes among the ops whose parameters it carries, by element count."""

@@ -61,6 +61,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "after the last step)")
     p.add_argument("--compile", action="store_true", help="run each op through torch.compile(fullgraph=True) "
                    "(runtime/compile.py; not for pipeline plans)")
+    p.add_argument("--no-overlap-grad-reduce", action="store_true", help="reduce the gradients after the whole "
+                   "backward (default: each bucket's reduction is issued from the backward as soon as its last "
+                   "gradient has accumulated, as the planner prices it; bit-identical results; pipeline plans "
+                   "always reduce after their micro-batches)")
+    p.add_argument("--grad-bucket-mb", type=number(1e-3, 1e6), default=25.0, metavar="MB", help="gradient bucket "
+                   "size: each bucket is one reduction (default 25, torch DDP's; smaller buckets are issued earlier "
+                   "in the backward)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint DIR "
                    "(saved under any plan and world size) up to --steps in all")
 
@@ -90,7 +97,8 @@ class Optimizer:
 
     def __init__(self, pm: ParallelModel, args: argparse.Namespace, extra_axes: tuple[AxisGroup, ...] = ()):
         self.pm, self.max_norm, self.axes = pm, getattr(args, "clip_grad", 0.0), [*extra_axes, *pm.axes]
-        self.zero = None if getattr(args, "no_zero", False) else ZeroAdamW(pm, lr=args.lr)
+        self.zero = None if getattr(args, "no_zero", False) else \
+            ZeroAdamW(pm, lr=args.lr, bucket_mb=getattr(args, "grad_bucket_mb", 25.0))
         # foreach: one DTensor dispatch per AdamW op for all the parameters, instead of one per parameter (torch's
         # default on CPU; 6x slower over DTensors, docs/runtime.md)
         self.opt = self.zero or torch.optim.AdamW(pm.parameters(), lr=args.lr, foreach=True)  # checkpoint.py saves it
@@ -153,7 +161,9 @@ def train(args: argparse.Namespace) -> list[float]:
         pm = runner.model
     else:
         pm = ParallelModel(model, plan, graph, timeout_s=args.timeout, init=init,
-                           compile=getattr(args, "compile", False))
+                           compile=getattr(args, "compile", False),
+                           overlap_grad_reduce=not getattr(args, "no_overlap_grad_reduce", False),
+                           bucket_mb=getattr(args, "grad_bucket_mb", 25.0))
         if getattr(args, "verify", False):
             report = verify(pm, model, graph, verify_tokens(graph, torch.zeros(args.batch, args.seq).long()))
             if rank == 0:
@@ -170,7 +180,9 @@ def train(args: argparse.Namespace) -> list[float]:
             if runner and not args.microbatches and m != plan.pipeline.microbatches else ""
         pipe = f", {plan.pipeline.stages} stages x {m} micro-batches ({plan.pipeline.schedule}{lowered})" \
             if runner else ""
-        print(f"meshplan run: {cfg.name} on {world} ranks ({pm.groups.backend}), {plan.summary()}{pipe}; data: "
+        sync = "overlapped with backward" if pm.grad_launcher is not None else "after backward"
+        print(f"meshplan run: {cfg.name} on {world} ranks ({pm.groups.backend}), {plan.summary()}{pipe}; gradient "
+              f"reduction {sync}; data: "
               f"{stream.name}, each rank reads {tuple(loader.rows)} x {tuple(loader.cols)} of [{args.batch}, "
               f"{args.seq}]", flush=True)
     losses = []

@@ -37,9 +37,10 @@ import torch.nn as nn
 
 from .collectives import Channel, all_gather, reduce_scatter
 from .comm_stats import GRAD, CommStats
-from .data_parallel import GradEntry, GradReducer
+from .data_parallel import GradEntry, GradReducer, _issue_reduce_scatter
 from .device_mesh import laid_out_as, local_tensor
 from .executor import ParallelModel
+from .grad_overlap import BucketLauncher, drive, launch_list
 from .process_groups import AxisGroup
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -81,11 +82,17 @@ class _Bucket:
         self.hi = self.lo + size
         self.shard = nn.Parameter(self.flat[self.lo:self.hi], requires_grad=entries[0].param.requires_grad)
 
-    def reduce_scatter(self, stats: CommStats) -> None:
+    def reduce_scatter(self, stats: CommStats):
+        """The reduce-scatter of the bucket's gradients as steps (grad_overlap.drive): the first (innermost)
+        fp32 hop is yielded in flight; a bf16 one runs synchronously (its decode follows the wait)."""
         flat = torch.cat([e.local_grad().reshape(-1) for e in self.entries])
         flat = torch.cat([flat, flat.new_zeros(self.flat.numel() - flat.numel())])
-        for g in reversed(self.axes):
-            flat = reduce_scatter(flat, 0, Channel(g, "", GRAD, self.precision, stats), GRAD)
+        for i, g in enumerate(reversed(self.axes)):
+            ch = Channel(g, "", GRAD, self.precision, stats)
+            if i == 0 and (self.precision == "fp32" or not flat.is_floating_point()):
+                flat = yield _issue_reduce_scatter(flat, ch)
+            else:
+                flat = reduce_scatter(flat, 0, ch, GRAD)
         self.shard.grad = flat.to(self.flat.dtype)
         for e in self.entries:  # only the reduced slice is a true gradient now: nobody may read the partial sums
             e.param.grad = None
@@ -120,6 +127,10 @@ class ZeroAdamW:
         self.pm, self.stats = pm, pm.comm_stats
         self._reducer = GradReducer([e for e in entries if e.axes], self.stats, bucket_mb)
         self.buckets = [_Bucket(b) for b in self._reducer.buckets]
+        self._launcher = None
+        if pm.grad_launcher is not None:  # overlap_grad_reduce: the hooks issue these buckets' reduce-scatters
+            pm.grad_launcher.remove()
+            self._launcher = pm.grad_launcher = BucketLauncher(launch_list(self._reducer.buckets), self._steps)
         self.local = [e for e in entries if not e.axes]  # sharded on every axis of size > 1: no replica
         params = [b.shard for b in self.buckets] + [e.param for e in self.local]
         self.optimizer = torch.optim.AdamW(params, lr=lr, **adamw)
@@ -135,11 +146,18 @@ class ZeroAdamW:
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
-        """Reduce-scatter each bucket's gradients over its replica axes (after backward on every rank)."""
-        for bucket in self.buckets:
-            local = CommStats()
-            bucket.reduce_scatter(local)
-            self._reducer.account(bucket.entries, local)
+        """Reduce-scatter each bucket's gradients over its replica axes (after backward on every rank; with
+        overlap_grad_reduce, wait for the ones the backward issued)."""
+        if self._launcher is not None:
+            self._launcher.finish()
+            return
+        for i in range(len(self.buckets)):
+            drive(self._steps(i))
+
+    def _steps(self, i: int):
+        local = CommStats()
+        yield from self.buckets[i].reduce_scatter(local)
+        self._reducer.account(self.buckets[i].entries, local)
 
     @torch.no_grad()
     def step(self) -> None:
