@@ -6,8 +6,8 @@
     export("ckpt/step_000010", "full.pt")  # one torch.save file of full tensors (as dcp_to_torch_save)
 
 Each shard is handed to DCP as a DTensor: pm's parameters and torch AdamW's states of them are DTensors already;
-ZeroAdamW's per-parameter states (local shards) are laid out as their parameters; a one-rank world's plain
-tensors are wrapped on the world's init_device_mesh (MeshGroups.world_mesh). The checkpoint's metadata records every shard's
+ZeroAdamW's per-parameter states (local shards) are laid out as their parameters; a one-rank world's plain tensors
+are wrapped on the world's init_device_mesh (MeshGroups.world_mesh). The checkpoint's metadata records every shard's
 global offset and the loader reads the slices the loading plan needs, whatever the saving plan was. Replicated
 shards are written once.
 A save goes into a hidden temporary directory that rank 0 renames to step_NNNNNN/ after every rank has finished

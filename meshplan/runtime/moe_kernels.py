@@ -3,10 +3,11 @@ un-permute + top-k weighted combine, made differentiable.
 
 moe_routing.run_experts and moe_routing.combine call these when the kernels' backend resolves to Triton (CUDA
 tensors, or any tensor under MESHPLAN_KERNELS=triton with TRITON_INTERPRET=1, which is how the CPU tests run this
-path) outside a torch.compile trace; otherwise they run their torch code. Forward is the Triton kernel. Backward is torch: the expert FFN
-recomputes its forward through the kernels' differentiable torch reference (activation recompute: nothing but
-the inputs is saved) and differentiates that; the combine's backward is two gathers. Both always return a
-gradient for the rows, zeros if need be, so that the all-to-all backward behind them runs on every rank.
+path) outside a torch.compile trace; otherwise they run their torch code. Forward is the Triton kernel. Backward is
+torch: the expert FFN recomputes its forward through the kernels' differentiable torch reference (activation
+recompute: nothing but the inputs is saved) and differentiates that; the combine's backward is two gathers. Both
+always return a gradient for the rows, zeros if need be, so that the all-to-all backward behind them runs on every
+rank.
 """
 from __future__ import annotations
 
