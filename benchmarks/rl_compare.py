@@ -16,6 +16,7 @@ RL and are reported apart (pretrain_samples). Runs go --jobs at a time, one proc
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import multiprocessing as mp
 import sys
@@ -23,17 +24,42 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.rl_stats import check_same_start, paired_table, plot, summary_table  # noqa: E402
-from meshplan.rl.config import RLConfig, load_rl_config, validate  # noqa: E402
+from meshplan.rl.config import RLConfig, RLConfigError, fill, load_rl_config, validate  # noqa: E402
 from meshplan.rl.metrics import read_metrics  # noqa: E402
 from meshplan.rl.trainer import train  # noqa: E402
 
 
+def override(cfg: RLConfig, assignments: list[str]) -> RLConfig:
+    """Apply --set SECTION.FIELD=VALUE (VALUE read as YAML), the same to every algorithm's config, with the config
+    loader's field and type checks: a pilot changes a knob for all algorithms at once."""
+    for a in assignments:
+        key, sep, value = a.partition("=")
+        if not sep or not key:
+            raise RLConfigError(f"--set {a!r}: expected SECTION.FIELD=VALUE, e.g. optim.actor_lr=3e-4")
+        section, _, name = key.rpartition(".")
+        target = getattr(cfg, section, None) if section else cfg
+        if not hasattr(target, "__dataclass_fields__"):
+            raise RLConfigError(f"--set {a!r}: rl.{section} is not a config section")
+        v = yaml.safe_load(value)
+        if isinstance(v, str) and isinstance(getattr(target, name, None), float):
+            try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+                v = float(v)
+            except ValueError:
+                pass
+        fill(target, {name: v}, f"rl.{section}" if section else "rl")
+    return cfg
+
+
 def configure(cfg: RLConfig, seed: int, out: Path, args) -> RLConfig:
-    """The run's config: the seed, the sample budget (the budget, not the step count, ends a run), the evals."""
+    """The run's config: the --set overrides, the seed, the sample budget (the budget, not the step count, ends a
+    run), the evals."""
+    override(cfg, args.set)
     per_step = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
     cfg.seed = seed
     cfg.train.max_samples = args.samples
@@ -52,7 +78,9 @@ def summarize(algo: str, seed: int, out: Path, per_step: int) -> dict:
     """One run's record for rl_compare.json, from its metrics.jsonl."""
     records = read_metrics(out / "metrics.jsonl")
     rl = [r for r in records if r.get("phase") == "rl"]
-    evals = [[r["samples"], r["eval_accuracy"], r["eval_response_len"]] for r in rl if "eval_accuracy" in r]
+    # [samples, held-out accuracy, response length, accuracy on the shorter / longer half of the split]
+    evals = [[r["samples"], r["eval_accuracy"], r["eval_response_len"], r.get("eval_accuracy_short"),
+              r.get("eval_accuracy_long")] for r in rl if "eval_accuracy" in r]
     warm = [r for r in records if r.get("phase") == "warmup"]
     vp = [r for r in records if r.get("phase") == "value_pretrain"]
     return {"algo": algo, "seed": seed, "start": evals[0][1], "final": evals[-1][1],
@@ -133,7 +161,29 @@ def parser(doc: str, samples: int) -> argparse.ArgumentParser:
                    help="the seed of the one warm-up every run starts from (-1: each seed warms up its own)")
     p.add_argument("--warmup-cache", default="", help="the warm-ups' directory (default: RUNS/warmup-cache)")
     p.add_argument("--configs", default=str(ROOT / "configs" / "rl"), help="where the runs' YAML files are")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config field for every run, e.g. --set optim.actor_lr=3e-4 (repeatable)")
+    p.add_argument("--pilot", default="", help="append this run's settings and per-run results under this name "
+                   "to benchmarks/results/rl_pilots.json (the record of the regime search) instead of writing "
+                   "rl_compare.*")
     return p
+
+
+def log_pilot(name: str, runs: list[dict], args, wall_s: float, path: Path) -> None:
+    """One entry of the pilot record: the settings (--set, budget, seeds) and each run's start/final/best."""
+    with open(path.with_suffix(".lock"), "w") as lock:  # pilots run side by side: one writer at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        entries = json.loads(path.read_text()) if path.exists() else []
+        entries.append(pilot_entry(name, runs, args, wall_s))
+        path.write_text(json.dumps(entries, indent=1))
+
+
+def pilot_entry(name: str, runs: list[dict], args, wall_s: float) -> dict:
+    keep = ("algo", "seed", "start", "final", "best", "samples", "pretrain_samples", "wall_s", "curve")
+    return {"name": name, "set": args.set, "samples": args.samples, "seeds": args.seeds,
+            "warmup_seed": args.warmup_seed, "wall_s": round(wall_s),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "runs": [{k: r[k] for k in keep if k in r} for r in runs]}
 
 
 def main(argv=None) -> int:
@@ -148,6 +198,10 @@ def main(argv=None) -> int:
     runs = run_all(jobs, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.pilot:
+        log_pilot(args.pilot, runs, args, time.time() - t0, out / "rl_pilots.json")
+        print(summary_table(runs, algos))
+        return 0
     command = "python benchmarks/rl_compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
     md = report(runs, algos, "vapo", command, time.time() - t0, "RL comparison (benchmarks/rl_compare.py)")
     (out / "rl_compare.md").write_text(md)
