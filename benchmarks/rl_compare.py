@@ -2,13 +2,15 @@
 algorithm starts from, the same RL sample budget per algorithm, several seeds, bootstrap CIs and paired differences.
 Writes benchmarks/results/rl_compare.{json,md,png}.
 
-    python benchmarks/rl_compare.py                                   # 4 algorithms x 5 seeds (the default budget)
+    python benchmarks/rl_compare.py                                   # 4 algorithms x 5 seeds x 4096 RL samples
     python benchmarks/rl_compare.py --samples 512 --seeds 0 --jobs 1  # a reduced run
+    python benchmarks/rl_compare.py --seeds 0 --algos grpo --set optim.actor_lr=3e-4 --pilot lr3e-4
+                                      # a pilot: the knob changed for every run, recorded in results/rl_pilots.json
 
 Each run is `meshplan train configs/rl/<algo>-chain.yaml` with train.max_samples = --samples (RL rollouts generated,
 DAPO's discarded resamples included) and the seed overridden. The warm-up runs first, once, into a shared cache; every
 run then loads the same weights (checked: same cache file, same held-out start). By default one warm-up (seed 0)
-serves every seed, so the seeds differ in RL sampling only (a warm-up costs ~4 RL runs here); --warmup-seed -1
+serves every seed, so the seeds differ in RL sampling only (a warm-up costs about one RL run); --warmup-seed -1
 gives each seed its own warm-up, still shared by the algorithms. VAPO's value-pretraining rollouts come before
 RL and are reported apart (pretrain_samples). Runs go --jobs at a time, one process and one torch thread each;
 --resume skips finished runs, --report-only summarises them.
@@ -19,6 +21,7 @@ import argparse
 import fcntl
 import json
 import multiprocessing as mp
+import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -153,7 +156,8 @@ def parser(doc: str, samples: int) -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--samples", type=int, default=samples, help="RL sample budget per run")
     p.add_argument("--evals", type=int, default=4, help="held-out evaluations per run (after the start)")
-    p.add_argument("--jobs", type=int, default=3, help="runs at a time (one process, one thread each)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="runs at a time (one process, one thread each; default: one per core)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--resume", action="store_true", help="skip finished runs")
     p.add_argument("--report-only", action="store_true", help="report the finished runs, run nothing")
@@ -171,11 +175,15 @@ def parser(doc: str, samples: int) -> argparse.ArgumentParser:
 
 def log_pilot(name: str, runs: list[dict], args, wall_s: float, path: Path) -> None:
     """One entry of the pilot record: the settings (--set, budget, seeds) and each run's start/final/best."""
-    with open(path.with_suffix(".lock"), "w") as lock:  # pilots run side by side: one writer at a time
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        entries = json.loads(path.read_text()) if path.exists() else []
+    with open(path, "a+") as f:  # pilots run side by side: one writer at a time
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        text = f.read()
+        entries = json.loads(text) if text.strip() else []
         entries.append(pilot_entry(name, runs, args, wall_s))
-        path.write_text(json.dumps(entries, indent=1))
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(entries, indent=1))
 
 
 def pilot_entry(name: str, runs: list[dict], args, wall_s: float) -> dict:
@@ -187,7 +195,7 @@ def pilot_entry(name: str, runs: list[dict], args, wall_s: float) -> dict:
 
 
 def main(argv=None) -> int:
-    p = parser(__doc__, samples=1024)
+    p = parser(__doc__, samples=4096)
     p.add_argument("--algos", default="vapo,dapo,grpo,ppo")
     p.add_argument("--task", default="chain", help="configs/rl/<algo>-<task>.yaml")
     p.add_argument("--runs", default=str(ROOT / "out" / "rl" / "compare"), help="where the runs' outputs go")
