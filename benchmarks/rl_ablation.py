@@ -2,7 +2,7 @@
 per seed shared by every variant, equal RL samples, bootstrap CIs, paired differences full VAPO - variant).
 Writes benchmarks/results/rl_ablation.{json,md,png}.
 
-    python benchmarks/rl_ablation.py                          # 8 variants x 5 seeds (~2x the comparison's time)
+    python benchmarks/rl_ablation.py                          # 8 variants x 5 seeds x 4096 RL samples
     python benchmarks/rl_ablation.py --seeds 0,1,2 --resume   # fewer seeds; reuses rl_compare.py's VAPO runs
 
 The variants are configs/rl/vapo-chain-no-<component>.yaml: value pretraining, decoupled GAE, length-adaptive GAE,
@@ -27,7 +27,7 @@ COMPONENTS = ("value-pretrain", "decoupled-gae", "length-adaptive", "token-loss"
 
 
 def main(argv=None) -> int:
-    p = parser(__doc__, samples=1024)
+    p = parser(__doc__, samples=4096)
     p.add_argument("--components", default=",".join(COMPONENTS), help="which components to remove, one run each")
     p.add_argument("--runs", default=str(ROOT / "out" / "rl" / "compare"), help="where the runs' outputs go")
     args = p.parse_args(argv)

@@ -2,13 +2,15 @@
 algorithm starts from, the same RL sample budget per algorithm, several seeds, bootstrap CIs and paired differences.
 Writes benchmarks/results/rl_compare.{json,md,png}.
 
-    python benchmarks/rl_compare.py                                   # 4 algorithms x 5 seeds (the default budget)
+    python benchmarks/rl_compare.py                                   # 4 algorithms x 5 seeds x 4096 RL samples
     python benchmarks/rl_compare.py --samples 512 --seeds 0 --jobs 1  # a reduced run
+    python benchmarks/rl_compare.py --seeds 0 --algos grpo --set optim.actor_lr=3e-4 --pilot lr3e-4
+                                      # a pilot: the knob changed for every run, recorded in results/rl_pilots.json
 
 Each run is `meshplan train configs/rl/<algo>-chain.yaml` with train.max_samples = --samples (RL rollouts generated,
 DAPO's discarded resamples included) and the seed overridden. The warm-up runs first, once, into a shared cache; every
 run then loads the same weights (checked: same cache file, same held-out start). By default one warm-up (seed 0)
-serves every seed, so the seeds differ in RL sampling only (a warm-up costs ~4 RL runs here); --warmup-seed -1
+serves every seed, so the seeds differ in RL sampling only (a warm-up costs about one RL run); --warmup-seed -1
 gives each seed its own warm-up, still shared by the algorithms. VAPO's value-pretraining rollouts come before
 RL and are reported apart (pretrain_samples). Runs go --jobs at a time, one process and one torch thread each;
 --resume skips finished runs, --report-only summarises them.
@@ -16,24 +18,51 @@ RL and are reported apart (pretrain_samples). Runs go --jobs at a time, one proc
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import multiprocessing as mp
+import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.rl_stats import check_same_start, paired_table, plot, summary_table  # noqa: E402
-from meshplan.rl.config import RLConfig, load_rl_config, validate  # noqa: E402
+from meshplan.rl.config import RLConfig, RLConfigError, fill, load_rl_config, validate  # noqa: E402
 from meshplan.rl.metrics import read_metrics  # noqa: E402
 from meshplan.rl.trainer import train  # noqa: E402
 
 
+def override(cfg: RLConfig, assignments: list[str]) -> RLConfig:
+    """Apply --set SECTION.FIELD=VALUE (VALUE read as YAML), the same to every algorithm's config, with the config
+    loader's field and type checks: a pilot changes a knob for all algorithms at once."""
+    for a in assignments:
+        key, sep, value = a.partition("=")
+        if not sep or not key:
+            raise RLConfigError(f"--set {a!r}: expected SECTION.FIELD=VALUE, e.g. optim.actor_lr=3e-4")
+        section, _, name = key.rpartition(".")
+        target = getattr(cfg, section, None) if section else cfg
+        if not hasattr(target, "__dataclass_fields__"):
+            raise RLConfigError(f"--set {a!r}: rl.{section} is not a config section")
+        v = yaml.safe_load(value)
+        if isinstance(v, str) and isinstance(getattr(target, name, None), float):
+            try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+                v = float(v)
+            except ValueError:
+                pass
+        fill(target, {name: v}, f"rl.{section}" if section else "rl")
+    return cfg
+
+
 def configure(cfg: RLConfig, seed: int, out: Path, args) -> RLConfig:
-    """The run's config: the seed, the sample budget (the budget, not the step count, ends a run), the evals."""
+    """The run's config: the --set overrides, the seed, the sample budget (the budget, not the step count, ends a
+    run), the evals."""
+    override(cfg, args.set)
     per_step = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
     cfg.seed = seed
     cfg.train.max_samples = args.samples
@@ -52,7 +81,9 @@ def summarize(algo: str, seed: int, out: Path, per_step: int) -> dict:
     """One run's record for rl_compare.json, from its metrics.jsonl."""
     records = read_metrics(out / "metrics.jsonl")
     rl = [r for r in records if r.get("phase") == "rl"]
-    evals = [[r["samples"], r["eval_accuracy"], r["eval_response_len"]] for r in rl if "eval_accuracy" in r]
+    # [samples, held-out accuracy, response length, accuracy on the shorter / longer half of the split]
+    evals = [[r["samples"], r["eval_accuracy"], r["eval_response_len"], r.get("eval_accuracy_short"),
+              r.get("eval_accuracy_long")] for r in rl if "eval_accuracy" in r]
     warm = [r for r in records if r.get("phase") == "warmup"]
     vp = [r for r in records if r.get("phase") == "value_pretrain"]
     return {"algo": algo, "seed": seed, "start": evals[0][1], "final": evals[-1][1],
@@ -125,7 +156,8 @@ def parser(doc: str, samples: int) -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--samples", type=int, default=samples, help="RL sample budget per run")
     p.add_argument("--evals", type=int, default=4, help="held-out evaluations per run (after the start)")
-    p.add_argument("--jobs", type=int, default=3, help="runs at a time (one process, one thread each)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="runs at a time (one process, one thread each; default: one per core)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--resume", action="store_true", help="skip finished runs")
     p.add_argument("--report-only", action="store_true", help="report the finished runs, run nothing")
@@ -133,11 +165,37 @@ def parser(doc: str, samples: int) -> argparse.ArgumentParser:
                    help="the seed of the one warm-up every run starts from (-1: each seed warms up its own)")
     p.add_argument("--warmup-cache", default="", help="the warm-ups' directory (default: RUNS/warmup-cache)")
     p.add_argument("--configs", default=str(ROOT / "configs" / "rl"), help="where the runs' YAML files are")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config field for every run, e.g. --set optim.actor_lr=3e-4 (repeatable)")
+    p.add_argument("--pilot", default="", help="append this run's settings and per-run results under this name "
+                   "to benchmarks/results/rl_pilots.json (the record of the regime search) instead of writing "
+                   "rl_compare.*")
     return p
 
 
+def log_pilot(name: str, runs: list[dict], args, wall_s: float, path: Path) -> None:
+    """One entry of the pilot record: the settings (--set, budget, seeds) and each run's start/final/best."""
+    with open(path, "a+") as f:  # pilots run side by side: one writer at a time
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        text = f.read()
+        entries = json.loads(text) if text.strip() else []
+        entries.append(pilot_entry(name, runs, args, wall_s))
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(entries, indent=1))
+
+
+def pilot_entry(name: str, runs: list[dict], args, wall_s: float) -> dict:
+    keep = ("algo", "seed", "start", "final", "best", "samples", "pretrain_samples", "wall_s", "curve")
+    return {"name": name, "set": args.set, "samples": args.samples, "seeds": args.seeds,
+            "warmup_seed": args.warmup_seed, "wall_s": round(wall_s),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "runs": [{k: r[k] for k in keep if k in r} for r in runs]}
+
+
 def main(argv=None) -> int:
-    p = parser(__doc__, samples=1024)
+    p = parser(__doc__, samples=4096)
     p.add_argument("--algos", default="vapo,dapo,grpo,ppo")
     p.add_argument("--task", default="chain", help="configs/rl/<algo>-<task>.yaml")
     p.add_argument("--runs", default=str(ROOT / "out" / "rl" / "compare"), help="where the runs' outputs go")
@@ -148,6 +206,10 @@ def main(argv=None) -> int:
     runs = run_all(jobs, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.pilot:
+        log_pilot(args.pilot, runs, args, time.time() - t0, out / "rl_pilots.json")
+        print(summary_table(runs, algos))
+        return 0
     command = "python benchmarks/rl_compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
     md = report(runs, algos, "vapo", command, time.time() - t0, "RL comparison (benchmarks/rl_compare.py)")
     (out / "rl_compare.md").write_text(md)

@@ -62,17 +62,22 @@ def collect(model, task: HeldOutTask, problems: list[Problem], samples_per_promp
 
 @torch.no_grad()
 def evaluate(model, task: HeldOutTask, max_new_tokens: int, batch_size: int = 256) -> dict[str, float]:
-    """Greedy held-out accuracy and mean response length over the whole eval split."""
+    """Greedy held-out accuracy and mean response length over the whole eval split, and the accuracy on its
+    shorter and longer half (by the worked solution's length, split at the median): whether long chains fail
+    more is what the chain task is for."""
     rank, world = rank_world()
     mine = shard(task.eval_problems, rank, world)
-    n_correct, n_tokens = 0, 0
+    median = sorted(len(p.working) for p in task.eval_problems)[len(task.eval_problems) // 2]
+    counts = torch.zeros(5, dtype=torch.long)  # correct, tokens, long problems, correct long ones, correct short
     for i in range(0, len(mine), batch_size):
         chunk = mine[i : i + batch_size]
         r = generate(model, prompt_ids(task, chunk), max_new_tokens, task.tokenizer.EOS, task.tokenizer.PAD,
                      temperature=0.0)
         correct, _ = score(task, r, chunk, 0.0)
-        n_correct += int(correct.sum())
-        n_tokens += int(r.response_lens.sum())
-    totals = all_gather_objects((n_correct, n_tokens))
+        long = torch.tensor([len(p.working) >= median for p in chunk])
+        counts += torch.stack([correct.sum(), r.response_lens.sum(), long.sum(), (correct & long).sum(),
+                               (correct & ~long).sum()])
+    c, tokens, n_long, c_long, c_short = (int(v) for v in sum(all_gather_objects(counts)))
     n = len(task.eval_problems)
-    return {"eval_accuracy": sum(c for c, _ in totals) / n, "eval_response_len": sum(t for _, t in totals) / n}
+    return {"eval_accuracy": c / n, "eval_response_len": tokens / n,
+            "eval_accuracy_long": c_long / max(n_long, 1), "eval_accuracy_short": c_short / max(n - n_long, 1)}

@@ -75,13 +75,13 @@ def _cached_attention(attn, x: torch.Tensor, pos: int, cache_k: torch.Tensor, ca
     cache_k[:, pos : pos + s] = k
     cache_v[:, pos : pos + s] = v
     keys, vals = cache_k[:, : pos + s], cache_v[:, : pos + s]
-    rep = attn.n_heads // attn.n_kv_heads
-    if rep > 1:
-        keys, vals = keys.repeat_interleave(rep, dim=2), vals.repeat_interleave(rep, dim=2)
-    # query i sits at absolute position pos+i and may see keys 0..pos+i
+    # query i sits at absolute position pos+i and may see keys 0..pos+i. enable_gqa: each group of
+    # n_heads / n_kv_heads query heads reads its KV head in place (repeating the whole cache every token cost
+    # 16% of a rollout, benchmarks/README.md)
     allowed = torch.arange(pos + s)[None, :] <= (pos + torch.arange(s))[:, None]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2),
-                                         attn_mask=None if s == 1 else allowed)
+                                         attn_mask=None if s == 1 else allowed,
+                                         enable_gqa=attn.n_heads != attn.n_kv_heads)
     return attn.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -136,19 +136,27 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
     start = int(plens.min())
     logits = forward_cached(model, tokens[:, :start], 0, cache)[:, -1]
+    rows = torch.arange(n)  # the rows still in the decoding batch (finished ones are dropped, see below)
     end = total
-    for t in range(start, total):  # logits predict tokens[:, t]
+    for t in range(start, total):  # logits predict tokens[rows, t]
         tok, lp = sample_next(logits, temperature, top_p, generator)
-        gen = (t >= plens) & ~done
-        tokens[:, t] = torch.where(gen, tok, torch.where(done, pad_id, tokens[:, t]))
-        logprobs[:, t - 1] = torch.where(gen, lp, 0.0)
-        mask[:, t - 1] = gen
-        rlens += gen.long()
-        done |= gen & ((tok == eos_id) | (rlens >= max_new_tokens))
+        was_done = done[rows]
+        gen = (t >= plens[rows]) & ~was_done
+        tokens[rows, t] = torch.where(gen, tok, torch.where(was_done, pad_id, tokens[rows, t]))
+        logprobs[rows, t - 1] = torch.where(gen, lp, 0.0)
+        mask[rows, t - 1] = gen
+        rlens[rows] += gen.long()
+        done[rows] = was_done | (gen & ((tok == eos_id) | (rlens[rows] >= max_new_tokens)))
         if bool(done.all()):
             end = t + 1
             break
-        logits = forward_cached(model, tokens[:, t : t + 1], t, cache)[:, -1]
+        live = ~done[rows]
+        if 4 * int(live.sum()) <= 3 * len(rows):
+            # a quarter of the batch has finished: decode only the live rows from here (the chain task's
+            # responses run 27..201 tokens, so this saves ~40% of the decoding; profile in benchmarks/README.md)
+            keep = live.nonzero().squeeze(-1)
+            rows, cache = rows[keep], [(k[keep], v[keep]) for k, v in cache]
+        logits = forward_cached(model, tokens[rows, t : t + 1], t, cache)[:, -1]
     truncated = tokens[torch.arange(n), (plens + rlens - 1).clamp(max=end - 1)] != eos_id
     return Rollout(tokens[:, :end], plens, rlens, logprobs[:, : end - 1], mask[:, : end - 1], truncated)
 

@@ -46,6 +46,9 @@ def warmup(engine: Engine, task: HeldOutTask, steps: int, batch_size: int, seed:
 
 def cache_key(model_cfg: dict, task_cfg: dict, warmup_cfg: dict, seed: int) -> str:
     """What the warmed-up weights depend on; a cache file from another setting is not reused."""
+    # the reward of a wrong answer never reaches the warm-up (supervised on worked solutions): runs that differ
+    # only in it share one warm-up
+    task_cfg = {k: v for k, v in task_cfg.items() if k != "wrong_reward"}
     d = {"model": model_cfg, "task": task_cfg, "warmup": {k: v for k, v in warmup_cfg.items() if k != "cache"},
          "seed": seed}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -58,3 +58,15 @@ def test_comparison_bookkeeping_on_a_two_step_budget(tmp_path):
     with pytest.raises(AssertionError, match="different policies"):
         check_same_start(bad)
     assert "no ppo runs" in paired_table(runs, ["vapo", "grpo"], "ppo")
+
+
+def test_set_overrides_every_run_with_the_loaders_checks():
+    from meshplan.rl.config import RLConfigError, load_rl_config
+    cfg = rl_compare.override(load_rl_config("configs/rl/grpo-chain.yaml"),
+                              ["optim.actor_lr=3e-4", "task.wrong_reward=-1", "warmup.steps=300", "seed=4"])
+    assert (cfg.optim.actor_lr, cfg.task.wrong_reward, cfg.warmup.steps, cfg.seed) == (3e-4, -1.0, 300, 4)
+    for bad, msg in (("optim.actor_lrr=1", "rl.optim.actor_lrr: unknown field"),
+                     ("optim.actor_lr=fast", "rl.optim.actor_lr: expected a number"),
+                     ("nope.x=1", "rl.nope is not a config section"), ("optim.actor_lr", "expected SECTION.FIELD")):
+        with pytest.raises(RLConfigError, match=msg):
+            rl_compare.override(load_rl_config("configs/rl/grpo-chain.yaml"), [bad])

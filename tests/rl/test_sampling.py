@@ -55,6 +55,26 @@ def test_eos_stops_a_row_and_truncation_is_flagged():
     assert r.response_lens.tolist() == [5] and r.truncated.all()
 
 
+def test_rows_that_finish_leave_the_batch_without_changing_the_others():
+    """generate drops finished rows from the decoding batch (and their KV cache): the recorded log-probs still
+    equal the full forward's, and a greedy row decodes the same in a batch as alone."""
+    model = _with_eos_logit(_model(4), 2.0)  # EOS likely but not certain: rows end at different steps
+    prompts = [[1] + list(range(5, 5 + k % 4)) for k in range(12)]
+    r = generate(model, prompts, 40, EOS, PAD, generator=torch.Generator().manual_seed(0))
+    assert len(set(r.response_lens.tolist())) > 3  # the batch shrank several times
+    logp = model(r.tokens)[:, :-1].log_softmax(-1).gather(-1, r.tokens[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(logp * r.mask, r.logprobs, atol=1e-5, rtol=1e-5)
+    for i, p in enumerate(prompts):
+        n = int(r.response_lens[i])
+        assert (r.tokens[i, len(p) + n :] == PAD).all() and r.mask[i].sum() == n
+    model = _with_eos_logit(_model(5), 0.0)  # greedy: 3 of 12 rows stop at 12 tokens
+    batch = generate(model, prompts, 40, EOS, PAD, temperature=0.0)
+    assert len(set(batch.response_lens.tolist())) > 1
+    for i, p in enumerate(prompts):
+        alone = generate(model, [p], 40, EOS, PAD, temperature=0.0)
+        assert batch.response_ids(i) == alone.response_ids(0)
+
+
 def test_greedy_and_top_p():
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 2.5]])
     tok, lp = sample_next(logits, 0.0, 1.0, None)
