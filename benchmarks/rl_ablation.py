@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.rl_compare import parser, report, run_all  # noqa: E402
+from benchmarks.rl_compare import eval_size, parser, report, run_all  # noqa: E402
 from benchmarks.rl_stats import plot  # noqa: E402
 
 COMPONENTS = ("value-pretrain", "decoupled-gae", "length-adaptive", "token-loss", "clip-higher", "pos-lm",
@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/rl_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv)
     md = report(runs, list(variants), "vapo", command, time.time() - t0,
-                "VAPO ablation (benchmarks/rl_ablation.py): -X is VAPO without component X")
+                "VAPO ablation (benchmarks/rl_ablation.py): -X is VAPO without component X",
+                eval_size(jobs[0][0], args))
     (out / "rl_ablation.md").write_text(md)
     (out / "rl_ablation.json").write_text(json.dumps(runs, indent=1))
     plot(runs, list(variants), out / "rl_ablation.png", f"VAPO ablation on the chain task, {len(seeds)} seeds, "

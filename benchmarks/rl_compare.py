@@ -139,9 +139,17 @@ def run_all(jobs: list[tuple[str, str, int]], args) -> list[dict]:
     return runs
 
 
-def report(runs: list[dict], algos: list[str], ref: str, command: str, wall_s: float, title: str) -> str:
+def eval_size(config: str, args) -> int:
+    """The held-out split's size the runs of `config` evaluate on (after the --set overrides)."""
+    cfg = load_rl_config(config)
+    override(cfg, args.set)
+    return cfg.task.eval_size
+
+
+def report(runs: list[dict], algos: list[str], ref: str, command: str, wall_s: float, title: str,
+           n_eval: int) -> str:
     return (f"# {title}\n\n`{command}` — {wall_s / 60:.0f} min wall on this machine\n\n"
-            f"Held-out accuracy: greedy exact-answer accuracy on the task's fixed 256-problem eval split. Every "
+            f"Held-out accuracy: greedy exact-answer accuracy on the task's fixed {n_eval}-problem eval split. Every "
             f"algorithm of a seed starts from the same warmed-up weights (checked); gain = final - start. CIs: 95% "
             f"percentile bootstrap over seeds (10,000 resamples). RL samples: rollouts generated (DAPO's "
             f"discarded resamples included); value-pretraining rollouts are counted apart.\n\n"
@@ -211,7 +219,8 @@ def main(argv=None) -> int:
         print(summary_table(runs, algos))
         return 0
     command = "python benchmarks/rl_compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    md = report(runs, algos, "vapo", command, time.time() - t0, "RL comparison (benchmarks/rl_compare.py)")
+    md = report(runs, algos, "vapo", command, time.time() - t0, "RL comparison (benchmarks/rl_compare.py)",
+                eval_size(jobs[0][0], args))
     (out / "rl_compare.md").write_text(md)
     (out / "rl_compare.json").write_text(json.dumps(runs, indent=1))
     plot(runs, algos, out / "rl_compare.png", f"chain task, {len(seeds)} seeds, {args.samples} RL samples per run: "
