@@ -136,7 +136,7 @@ def test_compiled_model_loss_is_the_single_device_loss_on_local_shards():
     ref_loss = F.cross_entropy(ref(tokens).flatten(0, 1), targets.flatten())
     ref_loss.backward()
     plan = Plan.build(trace(tiny()), Mesh.of(dp=2, mp=2), {"attention": "sp", "moe": "ep"})
-    world = LocalWorld(4, timeout_s=30)
+    world = LocalWorld(4, timeout_s=300)
     groups = world.groups(plan.mesh)
 
     def rank(r):
