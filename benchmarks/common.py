@@ -64,6 +64,28 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: 
     return {n: {"median_s": median(s), "min_s": min(s), "samples_s": s} for n, s in samples.items()}
 
 
+def timed_step(pm, tokens, targets, time_forward: bool = True) -> tuple[float | None, float, float]:
+    """One training step of a ParallelModel on every rank, timed between barriers: (forward seconds, whole step
+    seconds, loss). Gradients are cleared first and reduced at the end, as a training loop does. time_forward=False
+    leaves out the barrier after the forward (forward seconds None), so nothing but the step is synchronised."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    for p in pm.parameters():
+        p.grad = None
+    dist.barrier()
+    t0 = time.perf_counter()
+    loss = F.cross_entropy(pm(tokens).flatten(0, 1), targets.flatten())
+    forward = None
+    if time_forward:
+        dist.barrier()
+        forward = time.perf_counter() - t0
+    loss.backward()
+    pm.reduce_gradients()
+    dist.barrier()
+    return forward, time.perf_counter() - t0, loss.item()
+
+
 def rankdata(x) -> np.ndarray:
     """Ranks 1..n, ties get the average of the ranks they span (as scipy.stats.rankdata's default)."""
     x = np.asarray(x, dtype=float)

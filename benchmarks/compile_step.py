@@ -21,17 +21,15 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
+from benchmarks.common import timed_step  # noqa: E402
 from meshplan.ir import Mesh, Plan, trace  # noqa: E402
 from meshplan.models import build_model, load_config  # noqa: E402
 from meshplan.runtime import ParallelModel  # noqa: E402
@@ -58,16 +56,8 @@ def worker(rank: int, world: int, plan_yaml: str, out_dir: str) -> None:
                for i in range(1 + WARMUP + REPEATS)]
 
     def step(pm: ParallelModel, data: torch.Tensor) -> tuple[float, float]:
-        tokens, targets = data[:, :-1], data[:, 1:]
-        for p in pm.parameters():
-            p.grad = None
-        dist.barrier()
-        t0 = time.perf_counter()
-        loss = F.cross_entropy(pm(tokens).flatten(0, 1), targets.flatten())
-        loss.backward()
-        pm.reduce_gradients()
-        dist.barrier()
-        return time.perf_counter() - t0, loss.item()
+        _, seconds, loss = timed_step(pm, data[:, :-1], data[:, 1:], time_forward=False)
+        return seconds, loss
 
     compile_s, _ = step(models[True], batches[0])  # traces and compiles every op
     graphs = counters["stats"]["unique_graphs"]

@@ -19,16 +19,14 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.common import timed_step  # noqa: E402
 from meshplan.ir import Mesh, Plan, trace  # noqa: E402
 from meshplan.models import build_model, load_config  # noqa: E402
 from meshplan.runtime import ParallelModel  # noqa: E402
@@ -62,17 +60,7 @@ def worker(rank: int, world: int, plan_yaml: str, out_dir: str) -> None:
     def step(name: str) -> tuple[float, float, float]:
         pm.op_overrides.clear()
         pm.op_overrides.update(programs[name])
-        for p in pm.parameters():
-            p.grad = None
-        dist.barrier()
-        t0 = time.perf_counter()
-        loss = F.cross_entropy(pm(tokens).flatten(0, 1), targets.flatten())
-        dist.barrier()
-        t1 = time.perf_counter()
-        loss.backward()
-        pm.reduce_gradients()
-        dist.barrier()
-        return t1 - t0, time.perf_counter() - t0, loss.item()
+        return timed_step(pm, tokens, targets)
 
     times: dict[str, dict[str, list[float]]] = {n: {"fwd": [], "step": [], "loss": []} for n in programs}
     for i in range(WARMUP + REPEATS):
