@@ -272,6 +272,7 @@ FLAG_CASES = [
 RUN_FLAGS = [
     (["--nproc", "0"], "--nproc"), (["--nproc", "3"], "--nproc is 3"), (["--steps", "0"], "--steps"),
     (["--lr", "nan"], "--lr"), (["--lr", "-1"], "--lr"), (["--timeout", "0"], "--timeout"),
+    (["--grad-bucket-mb", "0"], "--grad-bucket-mb"), (["--grad-bucket-mb", "nan"], "--grad-bucket-mb"),
     (["--timeout", "inf"], "--timeout"), (["--seed", "-1"], "--seed"), (["--batch", "0"], "--batch"),
     (["--seq", "200"], "--seq"), (["--seq", "15"], "sequence length 15"), (["--batch", "3"], "batch size 3"),
     (["--backend", "mpi"], "--backend"), (["--metrics", "/nonexistent/dir/m.jsonl"], "--metrics"),
